@@ -1,0 +1,56 @@
+"""Command line: BiaPy's five flags, a few of ours, and trailing KEY VALUE config overrides."""
+import argparse
+import logging
+import sys
+
+from biapy.errors import BiapyError
+
+EXIT_INTERRUPTED = 130
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="biapy",
+        description="Self-supervised pretraining (crappify, masking) and fine-tuning for 2D/3D "
+                    "microscopy images. Trailing KEY VALUE pairs override the YAML, e.g. TRAIN.EPOCHS 3.",
+    )
+    parser.add_argument("--config", required=True, help="YAML file that overrides the defaults (biapy/config/defaults.py)")
+    parser.add_argument("--result_dir", required=True, help="folder under which the job folder NAME is created")
+    parser.add_argument("--name", required=True, help="job name: results go to RESULT_DIR/NAME/")
+    parser.add_argument("--run_id", type=int, default=None,
+                        help="run number within the job (NAME_ID); omitted = the next free one, printed at start")
+    parser.add_argument("--gpu", default=None,
+                        help="GPU index or comma-separated indices (one per process under torchrun); "
+                             "omitted or no GPU present = run on the CPU")
+    parser.add_argument("--dist_backend", default=None, choices=["nccl", "gloo"],
+                        help="torch.distributed backend under torchrun; default nccl on GPU, gloo on CPU")
+    parser.add_argument("--verbose", "--debug", dest="verbose", action="store_true",
+                        help="more log lines, and a full traceback on errors")
+    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="KEY VALUE pairs, e.g. TRAIN.EPOCHS 3")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from biapy.runner import BiaPy
+    try:
+        BiaPy(args.config, result_dir=args.result_dir, name=args.name, run_id=args.run_id, gpu=args.gpu,
+              dist_backend=args.dist_backend, overrides=args.overrides, verbose=args.verbose).run_job()
+    except BiapyError as err:
+        if args.verbose:
+            logging.getLogger("biapy").exception("stopped")
+        print(f"ERROR: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("Interrupted: the last checkpoint is saved; run the same command again to resume.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def main_entry():
+    """Console-script entry point (`biapy ...` behaves like `python main.py ...`)."""
+    sys.exit(main())

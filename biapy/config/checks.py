@@ -1,0 +1,301 @@
+"""Check a merged config and fill in its derived values, before any work is done.
+
+Each problem stops the run with one ConfigError line that names the key, the value and what
+was expected. `finalize` is the one place where "-1 = automatic" and paths are resolved.
+"""
+import os
+from pathlib import Path
+
+from biapy.errors import ConfigError
+
+ARCHITECTURES = {
+    ("SELF_SUPERVISED", "crappify"): ("unet", "resunet"),
+    ("SELF_SUPERVISED", "masking"): ("unet", "resunet", "mae"),
+    ("SEMANTIC_SEG", None): ("unet", "resunet", "unetr"),
+}
+LOSSES = {
+    "SELF_SUPERVISED": ("MAE", "MSE", "SSIM", "W_MAE_SSIM", "W_MSE_SSIM"),
+    "SEMANTIC_SEG": ("CE", "DICE", "CE_DICE"),
+}
+METRICS = {
+    "SELF_SUPERVISED": ("psnr", "ssim", "mae", "mse"),
+    "SEMANTIC_SEG": ("iou", "dice"),
+}
+DEFAULT_LOSS = {"SELF_SUPERVISED": "MAE", "SEMANTIC_SEG": "CE"}
+# Training metrics are cheap ones; SSIM is left to the test phase by default.
+DEFAULT_TRAIN_METRICS = {"SELF_SUPERVISED": ["psnr"], "SEMANTIC_SEG": ["iou"]}
+
+
+def _one_of(key, value, choices):
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not valid; expected one of {', '.join(map(str, choices))}")
+
+
+def _at_least(key, value, low):
+    if value < low:
+        raise ConfigError(f"{key}: {value} is out of range; expected at least {low}")
+
+
+def _in_open_range(key, value, low, high, include_low=False):
+    ok = (low <= value < high) if include_low else (low < value < high)
+    if not ok:
+        bracket = "[" if include_low else "("
+        raise ConfigError(f"{key}: {value} is out of range; expected a value in {bracket}{low}, {high})")
+
+
+def ndim_of(cfg) -> int:
+    return 3 if cfg.PROBLEM.NDIM == "3D" else 2
+
+
+def _check_problem(cfg):
+    _one_of("PROBLEM.TYPE", cfg.PROBLEM.TYPE, ("SELF_SUPERVISED", "SEMANTIC_SEG"))
+    _one_of("PROBLEM.NDIM", cfg.PROBLEM.NDIM, ("2D", "3D"))
+    ssl = cfg.PROBLEM.SELF_SUPERVISED
+    _one_of("PROBLEM.SELF_SUPERVISED.PRETEXT_TASK", ssl.PRETEXT_TASK, ("crappify", "masking"))
+    _one_of("PROBLEM.SELF_SUPERVISED.RESIZING_FACTOR", ssl.RESIZING_FACTOR, (2, 4, 6))
+    if not 0 <= ssl.NOISE <= 1:
+        raise ConfigError(f"PROBLEM.SELF_SUPERVISED.NOISE: {ssl.NOISE} is out of range; expected a value in [0, 1]")
+    _at_least("PROBLEM.SELF_SUPERVISED.MASK_BLOCK_SIZE", ssl.MASK_BLOCK_SIZE, 1)
+
+
+def _check_patch(cfg):
+    ndim = ndim_of(cfg)
+    patch = cfg.DATA.PATCH_SIZE
+    want = ndim + 1
+    if len(patch) != want:
+        layout = "(y, x, channels)" if ndim == 2 else "(z, y, x, channels)"
+        raise ConfigError(f"DATA.PATCH_SIZE: {tuple(patch)} has {len(patch)} values but PROBLEM.NDIM is "
+                          f"{cfg.PROBLEM.NDIM}; expected {want} values {layout}")
+    for value in patch:
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"DATA.PATCH_SIZE: {tuple(patch)} must hold positive integers")
+    spatial = tuple(patch[:-1])
+    for split in ("TRAIN", "VAL", "TEST"):
+        node = cfg.DATA[split]
+        for name in ("OVERLAP", "PADDING"):
+            value = tuple(node[name])
+            key = f"DATA.{split}.{name}"
+            if len(value) != ndim:
+                raise ConfigError(f"{key}: {value} has {len(value)} values; expected one per spatial axis ({ndim})")
+            if name == "OVERLAP":
+                for v in value:
+                    _in_open_range(key, v, 0, 1, include_low=True)
+            else:
+                for v, p in zip(value, spatial):
+                    if not 0 <= v < p / 2 or int(v) != v:
+                        raise ConfigError(f"{key}: {value} must be whole pixels below half the patch {spatial}")
+
+
+def _check_data(cfg):
+    norm = cfg.DATA.NORMALIZATION
+    _one_of("DATA.NORMALIZATION.TYPE", norm.TYPE, ("zero_mean_unit_variance", "div", "scale_range", "custom"))
+    clip = norm.PERC_CLIP
+    if clip.ENABLE:
+        for name in ("LOWER_PERC", "UPPER_PERC"):
+            v = clip[name]
+            if v != -1 and not 0 <= v <= 100:
+                raise ConfigError(f"DATA.NORMALIZATION.PERC_CLIP.{name}: {v} is out of range; expected -1 or 0..100")
+        if clip.LOWER_PERC != -1 and clip.UPPER_PERC != -1 and clip.LOWER_PERC >= clip.UPPER_PERC:
+            raise ConfigError("DATA.NORMALIZATION.PERC_CLIP: LOWER_PERC must be below UPPER_PERC")
+    _in_open_range("DATA.VAL.SPLIT_TRAIN", cfg.DATA.VAL.SPLIT_TRAIN, 0, 1)
+    ppi = cfg.DATA.TRAIN.PATCHES_PER_IMAGE
+    if ppi != -1 and ppi < 1:
+        raise ConfigError(f"DATA.TRAIN.PATCHES_PER_IMAGE: {ppi} is out of range; expected -1 or at least 1")
+
+
+def _check_folder(key, path):
+    if not path:
+        raise ConfigError(f"{key} is empty; expected the folder that holds the images")
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{key}: folder {path} does not exist")
+    if not (p.is_dir() or p.suffix.lower() in (".zarr", ".h5", ".hdf5")):
+        raise ConfigError(f"{key}: {path} is not a folder")
+
+
+def _check_folders(cfg):
+    seg = cfg.PROBLEM.TYPE == "SEMANTIC_SEG"
+    if cfg.TRAIN.ENABLE:
+        _check_folder("DATA.TRAIN.PATH", cfg.DATA.TRAIN.PATH)
+        if seg:
+            _check_folder("DATA.TRAIN.GT_PATH", cfg.DATA.TRAIN.GT_PATH)
+        if not cfg.DATA.VAL.FROM_TRAIN:
+            _check_folder("DATA.VAL.PATH", cfg.DATA.VAL.PATH)
+            if seg:
+                _check_folder("DATA.VAL.GT_PATH", cfg.DATA.VAL.GT_PATH)
+    if cfg.TEST.ENABLE:
+        _check_folder("DATA.TEST.PATH", cfg.DATA.TEST.PATH)
+        if seg and cfg.DATA.TEST.LOAD_GT:
+            _check_folder("DATA.TEST.GT_PATH", cfg.DATA.TEST.GT_PATH)
+
+
+def _check_model(cfg):
+    m = cfg.MODEL
+    task = cfg.PROBLEM.SELF_SUPERVISED.PRETEXT_TASK if cfg.PROBLEM.TYPE == "SELF_SUPERVISED" else None
+    allowed = ARCHITECTURES[(cfg.PROBLEM.TYPE, task)]
+    what = f"{cfg.PROBLEM.TYPE}" + (f" with PRETEXT_TASK {task}" if task else "")
+    if m.ARCHITECTURE not in allowed:
+        raise ConfigError(f"MODEL.ARCHITECTURE: {m.ARCHITECTURE!r} is not available for {what}; "
+                          f"expected one of {', '.join(allowed)}")
+    levels = len(m.FEATURE_MAPS)
+    _at_least("MODEL.FEATURE_MAPS (number of levels)", levels, 2)
+    if len(m.DROPOUT_VALUES) != levels:
+        raise ConfigError(f"MODEL.DROPOUT_VALUES: {list(m.DROPOUT_VALUES)} must have one value per "
+                          f"MODEL.FEATURE_MAPS level ({levels})")
+    if cfg.PROBLEM.NDIM == "3D" and len(m.Z_DOWN) != levels - 1:
+        raise ConfigError(f"MODEL.Z_DOWN: {list(m.Z_DOWN)} must have {levels - 1} values "
+                          f"(one per down-sampling of MODEL.FEATURE_MAPS)")
+    for z in m.Z_DOWN:
+        _one_of("MODEL.Z_DOWN values", z, (0, 1, 2))
+    _one_of("MODEL.NORMALIZATION", m.NORMALIZATION, ("bn", "in", "gn", "none"))
+    _one_of("MODEL.ACTIVATION", m.ACTIVATION, ("elu", "relu", "leaky_relu", "gelu", "silu"))
+    _one_of("MODEL.MAE_MASK_TYPE", m.MAE_MASK_TYPE, ("random", "grid"))
+    _in_open_range("MODEL.MAE_MASK_RATIO", m.MAE_MASK_RATIO, 0, 1, include_low=True)
+    _one_of("MODEL.LOAD_CHECKPOINT_EPOCH", m.LOAD_CHECKPOINT_EPOCH, ("best_on_val", "last_on_train"))
+    _at_least("MODEL.FREEZE_ENCODER_EPOCHS", m.FREEZE_ENCODER_EPOCHS, 0)
+    if cfg.PROBLEM.TYPE == "SEMANTIC_SEG":
+        _at_least("MODEL.N_CLASSES", m.N_CLASSES, 2)
+    if m.ARCHITECTURE in ("mae", "unetr"):
+        _check_vit(cfg)
+
+
+def _check_vit(cfg):
+    m = cfg.MODEL
+    spatial = tuple(cfg.DATA.PATCH_SIZE[:-1])
+    _at_least("MODEL.VIT_TOKEN_SIZE", m.VIT_TOKEN_SIZE, 1)
+    if any(s % m.VIT_TOKEN_SIZE for s in spatial):
+        raise ConfigError(f"DATA.PATCH_SIZE: spatial size {spatial} is not divisible by "
+                          f"MODEL.VIT_TOKEN_SIZE {m.VIT_TOKEN_SIZE}")
+    for width, heads in (("VIT_EMBED_DIM", "VIT_NUM_HEADS"), ("MAE_DEC_HIDDEN_SIZE", "MAE_DEC_NUM_HEADS")):
+        _at_least(f"MODEL.{heads}", m[heads], 1)
+        if m[width] % m[heads]:
+            raise ConfigError(f"MODEL.{width}: {m[width]} is not divisible by MODEL.{heads} {m[heads]}")
+    for key in ("VIT_NUM_LAYERS", "MAE_DEC_NUM_LAYERS", "MAE_DEC_MLP_DIMS"):
+        _at_least(f"MODEL.{key}", m[key], 1)
+
+
+def _check_train(cfg):
+    t = cfg.TRAIN
+    _one_of("TRAIN.OPTIMIZER", t.OPTIMIZER, ("SGD", "ADAM", "ADAMW"))
+    if t.LR <= 0:
+        raise ConfigError(f"TRAIN.LR: {t.LR} is out of range; expected a positive number")
+    _at_least("TRAIN.W_DECAY", t.W_DECAY, 0)
+    if len(t.OPT_BETAS) != 2 or not all(0 <= b < 1 for b in t.OPT_BETAS):
+        raise ConfigError(f"TRAIN.OPT_BETAS: {tuple(t.OPT_BETAS)} must be two values in [0, 1)")
+    _at_least("TRAIN.BATCH_SIZE", t.BATCH_SIZE, 1)
+    _at_least("TRAIN.ACCUM_ITER", t.ACCUM_ITER, 1)
+    _at_least("TRAIN.EPOCHS", t.EPOCHS, 1)
+    if t.PATIENCE != -1:
+        _at_least("TRAIN.PATIENCE", t.PATIENCE, 1)
+    _at_least("TRAIN.GRADIENT_CLIP_NORM", t.GRADIENT_CLIP_NORM, 0)
+    _one_of("TRAIN.AMP", t.AMP, ("auto", "bf16", "fp16", "off"))
+    s = t.LR_SCHEDULER
+    _one_of("TRAIN.LR_SCHEDULER.NAME", s.NAME, ("", "warmupcosine", "reduceonplateau", "onecycle"))
+    if s.NAME == "warmupcosine" and s.WARMUP_COSINE_DECAY_EPOCHS >= t.EPOCHS:
+        raise ConfigError(f"TRAIN.LR_SCHEDULER.WARMUP_COSINE_DECAY_EPOCHS: {s.WARMUP_COSINE_DECAY_EPOCHS} "
+                          f"must be below TRAIN.EPOCHS ({t.EPOCHS})")
+    if not 0 < s.REDUCEONPLATEAU_FACTOR < 1:
+        raise ConfigError(f"TRAIN.LR_SCHEDULER.REDUCEONPLATEAU_FACTOR: {s.REDUCEONPLATEAU_FACTOR} is out of range; "
+                          "expected a value in (0, 1)")
+    if cfg.MODEL.SAVE_CKPT_FREQ != -1:
+        _at_least("MODEL.SAVE_CKPT_FREQ", cfg.MODEL.SAVE_CKPT_FREQ, 1)
+
+
+def _check_loss_and_metrics(cfg):
+    problem = cfg.PROBLEM.TYPE
+    if cfg.LOSS.TYPE:
+        masking = problem == "SELF_SUPERVISED" and cfg.PROBLEM.SELF_SUPERVISED.PRETEXT_TASK == "masking"
+        _one_of("LOSS.TYPE", cfg.LOSS.TYPE, ("MAE", "MSE") if masking else LOSSES[problem])
+    if cfg.LOSS.WEIGHTS and len(cfg.LOSS.WEIGHTS) != 2:
+        raise ConfigError(f"LOSS.WEIGHTS: {list(cfg.LOSS.WEIGHTS)} must hold two weights (or be empty)")
+    for key in ("TRAIN.METRICS", "TEST.METRICS"):
+        section, name = key.split(".")
+        for metric in cfg[section][name]:
+            _one_of(f"{key} entry", str(metric).lower(), METRICS[problem])
+    if cfg.TEST.BATCH_SIZE != -1:
+        _at_least("TEST.BATCH_SIZE", cfg.TEST.BATCH_SIZE, 1)
+    if cfg.TEST.FULL_IMG and cfg.MODEL.ARCHITECTURE in ("mae", "unetr"):
+        raise ConfigError("TEST.FULL_IMG: a ViT (MODEL.ARCHITECTURE mae/unetr) needs patches; set it to False")
+
+
+def _check_log(cfg):
+    _at_least("LOG.CHART_CREATION_FREQ", cfg.LOG.CHART_CREATION_FREQ, 1)
+    if cfg.LOG.RECONSTRUCTION_FREQ != -1:
+        _at_least("LOG.RECONSTRUCTION_FREQ", cfg.LOG.RECONSTRUCTION_FREQ, 1)
+    _at_least("LOG.RECONSTRUCTION_NUM_SAMPLES", cfg.LOG.RECONSTRUCTION_NUM_SAMPLES, 0)
+    _at_least("AUGMENTOR.AUG_NUM_SAMPLES", cfg.AUGMENTOR.AUG_NUM_SAMPLES, 0)
+    if not 0 <= cfg.AUGMENTOR.DA_PROB <= 1:
+        raise ConfigError(f"AUGMENTOR.DA_PROB: {cfg.AUGMENTOR.DA_PROB} is out of range; expected a value in [0, 1]")
+
+
+def _fix_axis_tuples(cfg):
+    """BiaPy's defaults are 2D pairs; a 3D YAML that leaves them alone means zeros on every axis."""
+    ndim = ndim_of(cfg)
+    for split in ("TRAIN", "VAL", "TEST"):
+        for name in ("OVERLAP", "PADDING"):
+            value = tuple(cfg.DATA[split][name])
+            if ndim == 3 and len(value) == 2 and not any(value):
+                cfg.DATA[split][name] = (0, 0, 0)
+    if ndim == 3 and len(cfg.MODEL.Z_DOWN) == 4 and len(cfg.MODEL.FEATURE_MAPS) != 5 and not any(cfg.MODEL.Z_DOWN):
+        cfg.MODEL.Z_DOWN = [0] * (len(cfg.MODEL.FEATURE_MAPS) - 1)
+
+
+def check_config(cfg, check_paths=True):
+    """Raise ConfigError on the first problem found, in the order a user would fix them."""
+    _check_problem(cfg)
+    _fix_axis_tuples(cfg)
+    _check_patch(cfg)
+    _check_data(cfg)
+    _check_model(cfg)
+    _check_train(cfg)
+    _check_loss_and_metrics(cfg)
+    _check_log(cfg)
+    # Late import: models depend on torch, the cheap checks above do not.
+    from biapy.models import check_patch_fits
+    check_patch_fits(cfg)
+    if check_paths:
+        _check_folders(cfg)
+
+
+def _ssl_source_default(path):
+    p = Path(path)
+    return str(p.parent / f"{p.name}_ssl_source") if path else ""
+
+
+def finalize(cfg, job):
+    """Fill in derived values: paths of the results tree, automatic counts, default metrics."""
+    cfg.defrost()
+    cpus = os.cpu_count() or 1
+    if cfg.SYSTEM.NUM_CPUS == -1 or cfg.SYSTEM.NUM_CPUS > cpus:
+        cfg.SYSTEM.NUM_CPUS = cpus
+    if cfg.SYSTEM.NUM_WORKERS == -1:
+        # On a 1-2 core machine worker processes only compete with the model for the cores.
+        cfg.SYSTEM.NUM_WORKERS = 0 if cfg.SYSTEM.NUM_CPUS <= 2 else min(cfg.SYSTEM.NUM_CPUS - 1, 4)
+    problem = cfg.PROBLEM.TYPE
+    if not cfg.LOSS.TYPE:
+        masking = problem == "SELF_SUPERVISED" and cfg.PROBLEM.SELF_SUPERVISED.PRETEXT_TASK == "masking"
+        cfg.LOSS.TYPE = "MSE" if masking else DEFAULT_LOSS[problem]  # MSE as in the MAE paper
+    if not cfg.LOSS.WEIGHTS:
+        cfg.LOSS.WEIGHTS = [0.5, 0.5]
+    cfg.TRAIN.METRICS = [m.lower() for m in cfg.TRAIN.METRICS] or list(DEFAULT_TRAIN_METRICS[problem])
+    cfg.TEST.METRICS = [m.lower() for m in cfg.TEST.METRICS] or list(METRICS[problem])
+    if cfg.TEST.BATCH_SIZE == -1:
+        cfg.TEST.BATCH_SIZE = cfg.TRAIN.BATCH_SIZE
+    if problem == "SELF_SUPERVISED" and cfg.PROBLEM.SELF_SUPERVISED.PRETEXT_TASK == "crappify":
+        d = cfg.DATA
+        d.TRAIN.SSL_SOURCE_DIR = d.TRAIN.SSL_SOURCE_DIR or _ssl_source_default(d.TRAIN.PATH)
+        val_src = d.TRAIN.SSL_SOURCE_DIR if d.VAL.FROM_TRAIN else _ssl_source_default(d.VAL.PATH)
+        d.VAL.SSL_SOURCE_DIR = d.VAL.SSL_SOURCE_DIR or val_src
+        d.TEST.SSL_SOURCE_DIR = d.TEST.SSL_SOURCE_DIR or _ssl_source_default(d.TEST.PATH)
+    p = cfg.PATHS
+    p.CHECKPOINT = str(job.checkpoint_dir)
+    p.RESULT_DIR = str(job.results)
+    p.PER_IMAGE = str(job.per_image)
+    p.CHARTS = str(job.charts)
+    p.DA_SAMPLES = str(job.aug)
+    p.MAE_OUT_DIR = str(job.mae_checks)
+    p.TRAIN_LOGS = str(job.train_logs)
+    p.TEST_METRICS_FILE = str(job.metrics_csv)
+    cfg.LOG.TENSORBOARD_LOG_DIR = str(job.tensorboard)
+    cfg.freeze()
+    return cfg

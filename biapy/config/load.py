@@ -1,0 +1,171 @@
+"""Read a YAML file and `KEY VALUE` overrides into the default config, with clear errors.
+
+BiaPy compatibility: keys of BiaPy 3.7.1 that this tool does not use are accepted with a
+warning (so a BiaPy YAML runs unchanged); a few BiaPy keys that moved are read at their new
+place (ALIASES); BiaPy's one-element list forms (`OPTIMIZER: [ADAMW]`) are unwrapped.
+Anything else unknown is an error that suggests the closest valid key.
+"""
+import ast
+import difflib
+import logging
+from pathlib import Path
+
+import yaml
+from yacs.config import CfgNode as CN
+
+from biapy.config.defaults import get_defaults
+from biapy.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# BiaPy key (any version) -> the key this tool reads for the same meaning.
+ALIASES = {
+    "DATA.EXTRACT_RANDOM_PATCH": "DATA.TRAIN.EXTRACT_RANDOM_PATCH",
+    "DATA.N_CLASSES": "MODEL.N_CLASSES",
+    "TRAIN.LR_SCHEDULER.WARMUP_EPOCHS": "TRAIN.LR_SCHEDULER.WARMUP_COSINE_DECAY_EPOCHS",
+}
+
+_BIAPY_KEYS_FILE = Path(__file__).with_name("biapy_3_7_1_keys.txt")
+
+
+def _biapy_keys():
+    return set(_BIAPY_KEYS_FILE.read_text().split())
+
+
+def _flatten(tree, prefix=""):
+    """Nested dict -> {'A.B.C': value}."""
+    flat = {}
+    for key, value in tree.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict):
+            if not value:
+                continue
+            flat.update(_flatten(value, full + "."))
+        else:
+            flat[full] = value
+    return flat
+
+
+def _leaf_keys(node, prefix=""):
+    keys = []
+    for key, value in node.items():
+        if isinstance(value, CN):
+            keys.extend(_leaf_keys(value, f"{prefix}{key}."))
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def _decode(value):
+    """Strings such as '(64, 64, 1)' or '1e-4' become Python values, as YACS does."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value
+
+
+def _type_name(value):
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            tuple: "a list", list: "a list"}.get(type(value), type(value).__name__)
+
+
+def coerce(key, value, default):
+    """Return `value` in the type of `default`, or raise ConfigError naming the key."""
+    value = _decode(value)
+    # BiaPy 3.7 wraps single values in lists (OPTIMIZER: [ADAMW], OPT_BETAS: [[0.9, 0.999]]).
+    if isinstance(value, (list, tuple)) and len(value) == 1 and not isinstance(default, (list, tuple)):
+        value = value[0]
+    if (isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)) and len(value) == 1
+            and isinstance(value[0], (list, tuple))
+            and default and not isinstance(default[0], (list, tuple))):
+        value = value[0]
+    expected = _type_name(default)
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(default, str):
+        if isinstance(value, str):
+            return value
+    elif isinstance(default, (list, tuple)):
+        if isinstance(value, (list, tuple)):
+            return type(default)(value)
+        if not isinstance(value, (bool, str)) and isinstance(value, (int, float)) and default == []:
+            return [value]
+    raise ConfigError(f"{key}: expected {expected}, got {value!r} ({_type_name(value)})")
+
+
+def _suggest(key, valid):
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if not close:
+        # A misspelt last part under a right section: compare the last parts only.
+        section, _, leaf = key.rpartition(".")
+        same_section = [v for v in valid if v.rpartition(".")[0] == section]
+        leaves = difflib.get_close_matches(leaf, [v.rpartition(".")[2] for v in same_section], n=1, cutoff=0.5)
+        close = [f"{section}.{leaves[0]}"] if leaves else []
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def merge_values(cfg, values: dict, source: str):
+    """Merge a flat {'A.B': value} mapping into cfg, checking each key and type."""
+    valid = _leaf_keys(cfg)
+    valid_set = set(valid)
+    biapy_keys = None
+    for key, value in values.items():
+        target = ALIASES.get(key, key)
+        if target not in valid_set:
+            biapy_keys = biapy_keys if biapy_keys is not None else _biapy_keys()
+            if key in biapy_keys:
+                log.warning("%s: %s is a BiaPy option this tool does not use; ignored", source, key)
+                continue
+            raise ConfigError(f"{source}: unknown key {key}{_suggest(key, valid)}")
+        node = cfg
+        *parents, leaf = target.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = coerce(target, value, node[leaf])
+
+
+def read_yaml(path) -> dict:
+    """The YAML file as a flat {'A.B': value} mapping (safe loader: no code is run)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: file {path} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"--config: {path} is not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--config: cannot read {path}: {err}") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"--config: {path} must hold sections such as TRAIN: and DATA:, not a {type(tree).__name__}")
+    return _flatten(tree)
+
+
+def parse_overrides(pairs) -> dict:
+    """['TRAIN.EPOCHS', '3', ...] -> {'TRAIN.EPOCHS': '3'}."""
+    if len(pairs) % 2:
+        raise ConfigError(f"command-line overrides must come as KEY VALUE pairs; {pairs[-1]!r} has no value")
+    return dict(zip(pairs[::2], pairs[1::2]))
+
+
+def load_config(config=None, overrides=()):
+    """Defaults <- YAML file (path) or mapping <- KEY VALUE overrides. Not yet checked."""
+    cfg = get_defaults()
+    if isinstance(config, dict):
+        merge_values(cfg, _flatten(config), "config")
+    elif config is not None:
+        merge_values(cfg, read_yaml(config), str(config))
+    merge_values(cfg, parse_overrides(list(overrides)), "command line")
+    return cfg

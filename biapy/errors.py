@@ -1,0 +1,34 @@
+"""Errors the user can act on. `main.py` prints them as one line and exits with `exit_code`.
+
+Anything else that escapes is a bug: it is shown with a traceback.
+"""
+
+
+class BiapyError(Exception):
+    """A problem with the user's input or environment, explained in one line."""
+
+    exit_code = 1
+
+
+class ConfigError(BiapyError):
+    """The configuration is wrong: a key, a type, a value or a path it names."""
+
+    exit_code = 2
+
+
+class DataError(BiapyError):
+    """An image or label file cannot be used as it is."""
+
+    exit_code = 3
+
+
+class CheckpointError(BiapyError):
+    """A checkpoint is missing, corrupt or does not fit the model."""
+
+    exit_code = 4
+
+
+class TrainingError(BiapyError):
+    """Training cannot go on (non-finite loss, ...); the last good checkpoint is kept."""
+
+    exit_code = 5

@@ -1,0 +1,179 @@
+"""One job from start to end: config, devices, the results tree, then the workflow.
+
+`BiaPy(config, result_dir=..., name=..., run_id=...).run_job()` is the notebook API and what
+`main.py` calls.
+"""
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from biapy.config import check_config, finalize, load_config
+from biapy.errors import ConfigError
+from biapy.job import Job
+from biapy.utils.files import atomic_write_text
+
+log = logging.getLogger("biapy")
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+def setup_logging(is_main=True, verbose=False):
+    level = logging.DEBUG if verbose else (logging.INFO if is_main else logging.WARNING)
+    root = logging.getLogger("biapy")
+    root.handlers.clear()
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", datefmt="%H:%M:%S"))
+    root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False
+
+
+def check_name(name):
+    if not name or name in (".", "..") or not _SAFE_NAME.match(name) or ".." in name:
+        raise ConfigError(f"--name: {name!r} must be a plain folder name (letters, digits, '.', '_', '-', '+'; "
+                          "no path separators or '..')")
+
+
+def next_run_id(result_dir, name) -> int:
+    """The next free ID of job NAME: one more than the highest results/NAME_<id> folder."""
+    results = Path(result_dir) / name / "results"
+    ids = [int(m.group(1)) for p in results.glob(f"{name}_*")
+           if (m := re.fullmatch(re.escape(name) + r"_(\d+)", p.name))]
+    return max(ids, default=0) + 1
+
+
+def resolve_device(gpu, local_rank=0):
+    """'0', '0,1' or None -> a torch.device; a missing GPU index is an error, no GPU at all means CPU."""
+    if gpu is None or str(gpu).strip() in ("", "cpu"):
+        return torch.device("cpu"), "CPU (no --gpu given)"
+    try:
+        ids = [int(g) for g in str(gpu).split(",") if g.strip() != ""]
+    except ValueError:
+        raise ConfigError(f"--gpu: {gpu!r} must be a GPU index or comma-separated indices such as 0,1") from None
+    if not torch.cuda.is_available():
+        return torch.device("cpu"), f"CPU (--gpu {gpu} given but no GPU is visible)"
+    count = torch.cuda.device_count()
+    for i in ids:
+        if not 0 <= i < count:
+            raise ConfigError(f"--gpu: device {i} does not exist; this machine has {count} GPU(s) "
+                              f"(indices 0..{count - 1})")
+    index = ids[local_rank % len(ids)]
+    return torch.device(f"cuda:{index}"), f"GPU {index} ({torch.cuda.get_device_name(index)})"
+
+
+def _check_writable(result_dir):
+    path = Path(result_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".biapy_write_test_{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"--result_dir: {result_dir} is not writable ({err.strerror or err})") from None
+
+
+class BiaPy:
+    """A configured job. `config` is a YAML path or a nested dict of overrides."""
+
+    def __init__(self, config, result_dir, name, run_id=None, gpu=None, dist_backend=None, overrides=(),
+                 verbose=False):
+        self.config_source = config
+        self.result_dir = Path(result_dir).resolve()
+        self.name = name
+        self.run_id = run_id
+        self.gpu = gpu
+        self.dist_backend = dist_backend
+        self.overrides = list(overrides)
+        self.verbose = verbose
+        self.cfg = None
+        self.job = None
+
+    def _prepare(self):
+        check_name(self.name)
+        if self.run_id is not None and self.run_id < 0:
+            raise ConfigError(f"--run_id: {self.run_id} must be a non-negative integer")
+        cfg = load_config(self.config_source, self.overrides)
+        check_config(cfg)
+        return cfg
+
+    def run_job(self):
+        from biapy.engine.distributed import cleanup, init_distributed
+
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        is_main_env = int(os.environ.get("RANK", 0)) == 0
+        setup_logging(is_main_env, self.verbose)
+        cfg = self._prepare()  # every rank checks, so a bad config stops all of them alike
+        device, device_text = resolve_device(self.gpu, local_rank)
+        backend = self.dist_backend or ("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist = init_distributed(backend)
+        try:
+            if dist.is_main:
+                _check_writable(self.result_dir)
+            run_id = self.run_id if self.run_id is not None else _agree(dist, next_run_id(self.result_dir, self.name))
+            self.job = Job(self.result_dir, self.name, run_id)
+            self.cfg = finalize(cfg, self.job)
+            self.cfg.defrost()
+            self.cfg.SYSTEM.DEVICE = str(device)
+            self.cfg.freeze()
+            torch.set_num_threads(max(1, self.cfg.SYSTEM.NUM_CPUS // max(1, dist.world_size)))
+            if dist.is_main:
+                log.info("Job %s (run %d) -> %s", self.name, run_id, self.job.results)
+                log.info("Device: %s%s", device_text,
+                         f", {dist.world_size} processes ({backend})" if dist.world_size > 1 else "")
+                self._write_configs()
+            from biapy.workflows import get_workflow
+            workflow = get_workflow(self.cfg)(self.cfg, self.job, dist, device)
+            workflow.run()
+        finally:
+            cleanup()
+        return self.job
+
+    def _write_configs(self):
+        job = self.job
+        job.config_files.mkdir(parents=True, exist_ok=True)
+        job.results.mkdir(parents=True, exist_ok=True)
+        if isinstance(self.config_source, (str, Path)):
+            src = Path(self.config_source)
+            dst = job.config_files / src.name
+            if src.resolve() != dst.resolve():
+                tmp = dst.with_name(dst.name + ".tmp")
+                shutil.copyfile(src, tmp)
+                os.replace(tmp, dst)
+        else:
+            atomic_write_text(job.config_files / f"{self.name}.yaml",
+                              yaml.safe_dump(self.config_source, sort_keys=False))
+        atomic_write_text(job.resolved_config, self.cfg.dump())
+
+
+def _agree(dist, value):
+    """All ranks take rank 0's value (run IDs must match across processes)."""
+    if dist.world_size == 1:
+        return value
+    import torch.distributed as tdist
+    box = [value]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def record_derived_model(checkpoint_file, job):
+    """Append this run to the pretrained run's derived_models.log (lineage of fine-tuned runs)."""
+    ckpt = Path(checkpoint_file).resolve()
+    if ckpt.parent.name != "checkpoints":
+        return
+    source_job_dir = ckpt.parent.parent
+    if source_job_dir.resolve() == job.job_dir.resolve():
+        return
+    line = f"{time.strftime('%Y-%m-%d %H:%M:%S')}\t{job.results}\tfrom {ckpt.name}\n"
+    try:
+        with open(source_job_dir / "derived_models.log", "a") as fh:
+            fh.write(line)
+    except OSError as err:
+        log.warning("Could not record this run in %s/derived_models.log: %s", source_job_dir, err)

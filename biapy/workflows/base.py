@@ -1,0 +1,194 @@
+"""The workflow base: what every problem shares (data splits, loaders, training, whole-image test).
+
+A subclass says what the network sees and learns (`input_target_files`, `compute_loss`,
+`predict_patches`) and how a whole prediction is turned into a saved file and scores
+(`finish_prediction`). The training loop itself lives in `biapy.engine.trainer`.
+"""
+import logging
+from abc import ABC, abstractmethod
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from biapy.config import ndim_of
+from biapy.data.augmentation import Augmentor
+from biapy.data.datasets import PatchDataset, split_train_val
+from biapy.data.io import check_consistent_channels, list_images, read_image, write_image
+from biapy.data.normalization import Normalizer
+from biapy.data.patches import predict_whole
+from biapy.engine.loaders import make_loader
+from biapy.errors import DataError
+from biapy.models import build_model
+from biapy.workflows.report import gather_rows, print_metrics_table, write_metrics_csv
+
+log = logging.getLogger(__name__)
+
+
+class Workflow(ABC):
+    target_mode = "image"  # PatchDataset target: 'image', 'same' or 'label'
+    table_groups = None  # rows of the printed test table: {label: column prefix}
+
+    def __init__(self, cfg, job, dist, device):
+        self.cfg, self.job, self.dist, self.device = cfg, job, dist, device
+        self.ndim = ndim_of(cfg)
+        self.patch = tuple(cfg.DATA.PATCH_SIZE[:-1])
+        self.channels = cfg.DATA.PATCH_SIZE[-1]
+        self.normalizer = Normalizer.from_cfg(cfg)
+        torch.manual_seed(cfg.SYSTEM.SEED)  # the model starts identical on every rank
+        self.model = build_model(cfg).to(device)
+        self.train_loader = self.val_loader = None
+        self.train_dataset = self.val_dataset = None
+
+    # ---------------------------------------------------------------- data
+    def input_target_files(self, split):
+        """(inputs, targets) file lists of 'train', 'val' (when not from train) or 'test'."""
+        key = f"DATA.{split.upper()}.PATH"
+        files = list_images(self.cfg.DATA[split.upper()].PATH, key)
+        return files, files
+
+    def _check_channels(self, files, key):
+        check_consistent_channels(files, self.ndim, key)
+        from biapy.data.io import image_shape
+        found = image_shape(files[0], self.ndim)[-1]
+        if found != self.channels:
+            raise DataError(f"{files[0]}: has {found} channel(s) but DATA.PATCH_SIZE {tuple(self.cfg.DATA.PATCH_SIZE)} "
+                            f"asks for {self.channels}; set its last value to {found}")
+
+    def _dataset(self, inputs, targets, split, augment):
+        d = self.cfg.DATA
+        node = d.TRAIN if split == "train" else d.VAL
+        random_patches = d.TRAIN.EXTRACT_RANDOM_PATCH if split == "train" else False
+        return PatchDataset(
+            inputs, targets, self.ndim, self.patch, self.normalizer, self.target_mode,
+            in_memory=node.IN_MEMORY, random_patches=random_patches,
+            patches_per_image=d.TRAIN.PATCHES_PER_IMAGE if split == "train" else -1,
+            overlap=tuple(node.OVERLAP), padding=tuple(node.PADDING),
+            augmentor=Augmentor(self.cfg.AUGMENTOR, self.ndim) if augment else None,
+            seed=self.cfg.SYSTEM.SEED + self.dist.rank, reflect_to_complete=d.REFLECT_TO_COMPLETE_SHAPE)
+
+    def prepare_training(self):
+        cfg = self.cfg
+        inputs, targets = self.input_target_files("train")
+        self._check_channels(inputs, "DATA.TRAIN.PATH")
+        if cfg.DATA.VAL.FROM_TRAIN:
+            order = split_train_val(list(range(len(inputs))), cfg.DATA.VAL.SPLIT_TRAIN, cfg.DATA.VAL.RANDOM,
+                                    cfg.SYSTEM.SEED)
+            (train_idx, val_idx) = order
+            val_inputs, val_targets = [inputs[i] for i in val_idx], [targets[i] for i in val_idx]
+            inputs, targets = [inputs[i] for i in train_idx], [targets[i] for i in train_idx]
+        else:
+            val_inputs, val_targets = self.input_target_files("val")
+            self._check_channels(val_inputs, "DATA.VAL.PATH")
+        if cfg.DATA.NORMALIZATION.TYPE == "custom":
+            self._fit_custom_normalization(targets if self.target_mode == "image" else inputs)
+        self.train_dataset = self._dataset(inputs, targets, "train", cfg.AUGMENTOR.ENABLE)
+        self.val_dataset = self._dataset(val_inputs, val_targets, "val", False)
+        n_train = len(self.train_dataset)
+        if n_train < cfg.TRAIN.BATCH_SIZE * self.dist.world_size:
+            raise DataError(f"TRAIN.BATCH_SIZE: {cfg.TRAIN.BATCH_SIZE} is larger than the {n_train} training "
+                            f"patches per epoch ({len(inputs)} image(s)); lower it or add images")
+        workers = cfg.SYSTEM.NUM_WORKERS
+        self.train_loader = make_loader(self.train_dataset, cfg.TRAIN.BATCH_SIZE, shuffle=True, dist=self.dist,
+                                        num_workers=workers, seed=cfg.SYSTEM.SEED, drop_last=True)
+        self.val_loader = make_loader(self.val_dataset, cfg.TRAIN.BATCH_SIZE, shuffle=False, dist=self.dist,
+                                      num_workers=workers, seed=cfg.SYSTEM.SEED, drop_last=False)
+        log.info("Data: %d training image(s), %d patches/epoch; %d validation image(s), %d patches",
+                 len(inputs), n_train, len(val_inputs), len(self.val_dataset))
+        if self.dist.is_main and cfg.AUGMENTOR.ENABLE and cfg.AUGMENTOR.AUG_SAMPLES:
+            self._write_aug_samples()
+
+    def _fit_custom_normalization(self, files):
+        """Dataset mean/std from the training images; saved beside the checkpoints for test time."""
+        self.normalizer.fit(read_image(f, self.ndim) for f in files)
+        if self.dist.is_main:
+            self.normalizer.save(self.job.checkpoint_dir)
+
+    def _write_aug_samples(self):
+        ds = self.train_dataset
+        count = min(self.cfg.AUGMENTOR.AUG_NUM_SAMPLES, len(ds))
+        ds.set_epoch(0)
+        for i in range(count):
+            x, y = ds[i]
+            write_image(self.job.aug / f"aug_{i:03d}_x.tif", _channel_last(x), self.ndim)
+            if self.target_mode != "same":
+                y = y[None] if y.ndim == self.ndim else y
+                write_image(self.job.aug / f"aug_{i:03d}_y.tif", _channel_last(y), self.ndim)
+
+    # ---------------------------------------------------------------- training hooks
+    def to_device(self, batch):
+        x, y = batch
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    @abstractmethod
+    def compute_loss(self, batch, train):
+        """(loss, outputs) of one batch; the trainer sets train/eval mode and autocast."""
+
+    def batch_metrics(self, batch, outputs):
+        return {}
+
+    def on_epoch_end(self, epoch, tb):
+        """Extra per-epoch outputs (rank 0); nothing by default."""
+
+    def checkpoint_extras(self):
+        return {"normalization": self.normalizer.state() if hasattr(self.normalizer, "state") else {}}
+
+    # ---------------------------------------------------------------- run
+    def run(self):
+        from biapy.engine.trainer import Trainer, load_for_test
+
+        if self.cfg.TRAIN.ENABLE:
+            self.prepare_training()
+            Trainer(self).fit()
+        if self.cfg.TEST.ENABLE:
+            load_for_test(self)
+            if self.cfg.DATA.NORMALIZATION.TYPE == "custom" and not self.cfg.TRAIN.ENABLE:
+                self.normalizer.load(self.job.checkpoint_dir)
+            self.test()
+
+    # ---------------------------------------------------------------- test
+    @torch.no_grad()
+    def predict_image(self, image_norm):
+        """Whole normalized image (spatial..., C) -> network output (C_out, spatial...) by stitched patches."""
+        x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(image_norm, -1, 0))).to(self.device)
+        self.model.eval()
+        t = self.cfg.DATA.TEST
+        return predict_whole(x, self.predict_patches, self.patch, tuple(t.OVERLAP), tuple(t.PADDING),
+                             self.cfg.TEST.BATCH_SIZE)
+
+    def predict_patches(self, batch):
+        return self.model(batch)
+
+    def test(self):
+        cfg = self.cfg
+        sources, inputs = self.input_target_files("test")
+        self._check_channels(inputs, "DATA.TEST.PATH")
+        mine = list(range(self.dist.rank, len(sources), self.dist.world_size))
+        rows = []
+        bar = tqdm(mine, desc="Test", unit="image", disable=not self.dist.is_main, leave=False)
+        for i in bar:
+            image = read_image(inputs[i], self.ndim)
+            stats = self.normalizer.stats(image)
+            output = self.predict_image(self.normalizer.normalize(image, stats))
+            row = self.finish_prediction(sources[i], image, stats, output)
+            if row is not None:
+                rows.append(row)
+        rows = gather_rows(rows, self.dist)
+        if self.dist.is_main and rows:
+            rows.sort(key=lambda r: r["file"])
+            write_metrics_csv(self.job.metrics_csv, rows)
+            print_metrics_table(rows, self.metric_table_title(), self.table_groups)
+        log.info("Test outputs in %s", self.job.per_image)
+
+    def metric_table_title(self):
+        return "Test metrics (mean over images)"
+
+    @abstractmethod
+    def finish_prediction(self, source, image, stats, output):
+        """Save the prediction of `source` and return its metrics row (or None)."""
+
+
+def _channel_last(t):
+    a = t.detach().cpu().numpy() if torch.is_tensor(t) else np.asarray(t)
+    return np.moveaxis(a, 0, -1)
+

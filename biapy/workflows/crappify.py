@@ -1,0 +1,61 @@
+"""Crappify pretext task: learn to restore images degraded by noise and down/up-sampling."""
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from biapy.data.crappify import prepare_ssl_source
+from biapy.data.io import list_images, read_image, write_image
+from biapy.engine.distributed import main_first
+from biapy.engine.losses import build_loss
+from biapy.workflows.base import Workflow
+from biapy.workflows.scoring import image_scores
+
+log = logging.getLogger(__name__)
+
+
+class CrappifyWorkflow(Workflow):
+    target_mode = "image"
+    # The degraded input is scored too, so users see what the model gained.
+    table_groups = {"restored": "", "degraded input": "input_"}
+
+    def __init__(self, cfg, job, dist, device):
+        super().__init__(cfg, job, dist, device)
+        self.loss_fn = build_loss(cfg)
+
+    def input_target_files(self, split):
+        """Degraded copies (built once, rebuilt when parameters or sources change) and the originals."""
+        node = self.cfg.DATA[split.upper()]
+        originals = list_images(node.PATH, f"DATA.{split.upper()}.PATH")
+        ssl = self.cfg.PROBLEM.SELF_SUPERVISED
+        with main_first(self.dist):
+            degraded = prepare_ssl_source(originals, Path(node.SSL_SOURCE_DIR), ssl.NOISE, ssl.RESIZING_FACTOR,
+                                          self.ndim, self.cfg.SYSTEM.SEED)
+        if split == "test":
+            return originals, degraded
+        return degraded, originals
+
+    def compute_loss(self, batch, train):
+        x, y = self.to_device(batch)
+        pred = self.model(x)
+        return self.loss_fn(pred, y), (pred, y)
+
+    def batch_metrics(self, batch, outputs):
+        from biapy.workflows.scoring import batch_image_metrics
+        pred, y = outputs
+        return batch_image_metrics(pred, y, self.cfg.TRAIN.METRICS)
+
+    def finish_prediction(self, source, degraded, stats, output):
+        restored = self.normalizer.denormalize(np.moveaxis(output.float().cpu().numpy(), 0, -1), stats)
+        write_image(self.job.per_image / Path(source).name, restored.astype(np.float32), self.ndim)
+        if not self.cfg.DATA.TEST.LOAD_GT:
+            return None
+        original = read_image(source, self.ndim).astype(np.float32)
+        row = {"file": Path(source).name}
+        row.update(image_scores(restored, original, self.cfg.TEST.METRICS, self.ndim))
+        row.update(image_scores(degraded.astype(np.float32), original, self.cfg.TEST.METRICS, self.ndim,
+                                prefix="input_"))
+        return row
+
+    def metric_table_title(self):
+        return "Test metrics against the original images (mean)"

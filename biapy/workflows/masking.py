@@ -1,0 +1,122 @@
+"""Masking pretext task: hide part of the input and learn to reconstruct it.
+
+Two families share this workflow: the ViT masked autoencoder (`mae`, which masks tokens
+itself) and masked CNNs (`unet`/`resunet`, whose input blocks are zeroed here). Both produce
+a reconstruction and a mask with the one convention of `biapy.models.masking`: 1 = hidden.
+"""
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from biapy.data.io import list_images, read_image, write_image
+from biapy.engine.losses import masked_reconstruction_loss
+from biapy.models.masking import block_mask
+from biapy.workflows.base import Workflow
+from biapy.workflows.scoring import batch_image_metrics, image_scores
+
+log = logging.getLogger(__name__)
+
+
+class MaskingWorkflow(Workflow):
+    target_mode = "same"
+    table_groups = {"all pixels": "", "hidden pixels": "hidden_"}
+
+    def __init__(self, cfg, job, dist, device):
+        super().__init__(cfg, job, dist, device)
+        self.is_vit = cfg.MODEL.ARCHITECTURE == "mae"
+        ssl = cfg.PROBLEM.SELF_SUPERVISED
+        self.token_size = cfg.MODEL.VIT_TOKEN_SIZE if self.is_vit else ssl.MASK_BLOCK_SIZE
+        self.ratio = cfg.MODEL.MAE_MASK_RATIO
+
+    def input_target_files(self, split):
+        files = list_images(self.cfg.DATA[split.upper()].PATH, f"DATA.{split.upper()}.PATH")
+        return files, files
+
+    def masked_forward(self, x, generator=None):
+        """(reconstruction, mask) of a normalized batch; mask is (B, 1, *spatial), 1 = hidden."""
+        if self.is_vit:
+            return self.model(x, generator=generator)
+        mask = block_mask(x.shape[0], tuple(x.shape[2:]), self.token_size, self.ratio, generator, x.device)
+        return self.model(x * (1 - mask)), mask
+
+    def compute_loss(self, batch, train):
+        x, _ = self.to_device(batch)
+        pred, mask = self.masked_forward(x)
+        ssl = self.cfg.PROBLEM.SELF_SUPERVISED
+        loss = masked_reconstruction_loss(pred, x, mask, self.token_size, ssl.NORM_PIX_LOSS,
+                                          ssl.LOSS_ON_MASKED_ONLY, kind=self._loss_kind())
+        return loss, (pred, x, mask)
+
+    def _loss_kind(self):
+        return "mae" if self.cfg.LOSS.TYPE == "MAE" else "mse"
+
+    def batch_metrics(self, batch, outputs):
+        pred, x, mask = outputs
+        # Hidden pixels are what the network had to invent; score them (visible ones are near-copies).
+        hidden = mask.expand_as(pred) > 0.5
+        out = batch_image_metrics(pred, x, self.cfg.TRAIN.METRICS)
+        diff = (pred.detach().float() - x.float())[hidden]
+        if diff.numel():
+            out["hidden_mse"] = (float((diff ** 2).mean()) * x.shape[0], x.shape[0])
+        return out
+
+    # ------------------------------------------------------------ whole images
+    def predict_patches(self, batch):
+        # A fixed generator per call keeps test masks reproducible for a seed.
+        gen = torch.Generator(device=batch.device).manual_seed(self.cfg.SYSTEM.SEED)
+        pred, mask = self.masked_forward(batch, gen)
+        return torch.cat([pred.float(), mask.float()], dim=1)
+
+    def split_output(self, output, stats):
+        """Stitched (C+1, spatial...) -> reconstruction in input units and hidden mask, channel-last."""
+        out = np.moveaxis(output.float().cpu().numpy(), 0, -1)
+        recon = self.normalizer.denormalize(out[..., : self.channels], stats).astype(np.float32)
+        hidden = (out[..., self.channels:] > 0.5).astype(np.float32)
+        return recon, hidden
+
+    def finish_prediction(self, source, image, stats, output):
+        recon, hidden = self.split_output(output, stats)
+        write_image(self.job.per_image / Path(source).name, recon, self.ndim)
+        if not self.cfg.DATA.TEST.LOAD_GT:
+            return None
+        original = image.astype(np.float32)  # the ground truth of a reconstruction is the image itself
+        row = {"file": Path(source).name}
+        row.update(image_scores(recon, original, self.cfg.TEST.METRICS, self.ndim))
+        row.update(image_scores(recon, original, self.cfg.TEST.METRICS, self.ndim, prefix="hidden_", mask=hidden))
+        return row
+
+    def metric_table_title(self):
+        return "Test reconstruction against the original images (mean)"
+
+    # ------------------------------------------------------------ MAE_checks
+    def on_epoch_end(self, epoch, tb, final=False):
+        freq = self.cfg.LOG.RECONSTRUCTION_FREQ
+        due = final or (freq != -1 and (epoch + 1) % freq == 0)
+        if not due or self.val_dataset is None or self.cfg.LOG.RECONSTRUCTION_NUM_SAMPLES == 0:
+            return
+        self.write_mae_checks(epoch, tb)
+
+    def write_mae_checks(self, epoch, tb):
+        """Original, masked, reconstruction and reconstruction+visible for a fixed set of images."""
+        sources = self.val_dataset.sources[: self.cfg.LOG.RECONSTRUCTION_NUM_SAMPLES]
+        was_training = self.model.training
+        for src in sources:
+            path = Path(src.path)
+            image = read_image(path, self.ndim)
+            stats = self.normalizer.stats(image)
+            recon, hidden = self.split_output(self.predict_image(self.normalizer.normalize(image, stats)), stats)
+            original = image.astype(np.float32)
+            panels = {
+                "original": original,
+                "masked": original * (1 - hidden),
+                "reconstruction": recon,
+                "reconstruction_and_visible": recon * hidden + original * (1 - hidden),
+            }
+            stem = path.name.split(".")[0]
+            for name, panel in panels.items():
+                write_image(self.job.mae_checks / f"{stem}_{name}.tif", panel.astype(np.float32), self.ndim)
+            if tb is not None:
+                tb.add_images(f"reconstruction/{stem}", list(panels.values()), epoch, ndim=self.ndim)
+        self.model.train(was_training)

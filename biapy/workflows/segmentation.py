@@ -1,0 +1,93 @@
+"""Semantic segmentation: the downstream task a pretrained encoder is meant to help."""
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from biapy.data.io import list_images, read_image, write_image
+from biapy.engine import metrics as M
+from biapy.engine.losses import build_loss
+from biapy.errors import DataError
+from biapy.workflows.base import Workflow
+
+log = logging.getLogger(__name__)
+
+
+class SegmentationWorkflow(Workflow):
+    target_mode = "label"
+
+    def __init__(self, cfg, job, dist, device):
+        super().__init__(cfg, job, dist, device)
+        self.n_classes = cfg.MODEL.N_CLASSES
+        self.loss_fn = build_loss(cfg)
+
+    def input_target_files(self, split):
+        node = self.cfg.DATA[split.upper()]
+        key = f"DATA.{split.upper()}"
+        images = list_images(node.PATH, f"{key}.PATH")
+        if split == "test" and not self.cfg.DATA.TEST.LOAD_GT:
+            return images, images
+        labels = list_images(node.GT_PATH, f"{key}.GT_PATH")
+        by_name = {p.name: p for p in labels}
+        missing = [p.name for p in images if p.name not in by_name]
+        if missing:
+            raise DataError(f"{key}.GT_PATH: no label file for image {missing[0]} in {node.GT_PATH} "
+                            "(labels must have the same file names as their images)")
+        matched = [by_name[p.name] for p in images]
+        return (matched, images) if split == "test" else (images, matched)
+
+    def compute_loss(self, batch, train):
+        x, y = self.to_device(batch)
+        logits = self.model(x)
+        return self.loss_fn(logits, y), (logits, y)
+
+    def batch_metrics(self, batch, outputs):
+        logits, y = outputs
+        pred = logits.argmax(1)
+        out = {}
+        n = y.shape[0]
+        for name in self.cfg.TRAIN.METRICS:
+            fn = M.iou_per_class if name == "iou" else M.dice_per_class
+            out[name] = (float(self._foreground_mean(fn(pred, y, self.n_classes))) * n, n)
+        return out
+
+    def _foreground_mean(self, per_class):
+        """Mean over classes, leaving out PROBLEM.SEMANTIC_SEG.IGNORE_CLASS_ID; NaN (absent) classes skipped."""
+        values = torch.as_tensor(per_class, dtype=torch.float64)
+        ignore = self.cfg.PROBLEM.SEMANTIC_SEG.IGNORE_CLASS_ID
+        if 0 <= ignore < len(values):
+            values = torch.cat([values[:ignore], values[ignore + 1:]])
+        values = values[~torch.isnan(values)]
+        return float(values.mean()) if len(values) else float("nan")
+
+    def predict_patches(self, batch):
+        return torch.softmax(self.model(batch).float(), dim=1)
+
+    def finish_prediction(self, label_source, image, stats, output):
+        probs = output.float().cpu()
+        labels = probs.argmax(0).numpy().astype(np.uint8 if self.n_classes < 256 else np.uint16)
+        # `label_source` is the label file when ground truth is loaded, else the image itself.
+        name = Path(label_source).name
+        write_image(self.job.per_image / name, labels[..., None], self.ndim)
+        if self.cfg.TEST.SAVE_PROBABILITIES:
+            stem = name.split(".")[0]
+            write_image(self.job.per_image / f"{stem}_probabilities.tif",
+                        np.moveaxis(probs.numpy(), 0, -1).astype(np.float32), self.ndim)
+        if not self.cfg.DATA.TEST.LOAD_GT:
+            return None
+        gt = read_image(label_source, self.ndim)[..., 0]
+        if gt.shape != labels.shape:
+            raise DataError(f"{label_source}: label shape {gt.shape} differs from its image {labels.shape}")
+        pred_t, gt_t = torch.from_numpy(labels.astype(np.int64))[None], torch.from_numpy(gt.astype(np.int64))[None]
+        row = {"file": name}
+        for metric in self.cfg.TEST.METRICS:
+            fn = M.iou_per_class if metric == "iou" else M.dice_per_class
+            per_class = fn(pred_t, gt_t, self.n_classes)
+            row[metric] = self._foreground_mean(per_class)
+            for c, value in enumerate(per_class):
+                row[f"{metric}_class{c}"] = float(value)
+        return row
+
+    def metric_table_title(self):
+        return "Test segmentation metrics (mean)"

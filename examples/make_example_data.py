@@ -1,0 +1,14 @@
+"""Re-create the example data under examples/data (it is committed; this shows how it was made).
+
+    python examples/make_example_data.py
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from biapy.data.synthetic import make_example_data  # noqa: E402
+
+if __name__ == "__main__":
+    root = make_example_data(Path(__file__).resolve().parent / "data")
+    print(f"example data written to {root}")

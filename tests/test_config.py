@@ -1,0 +1,198 @@
+"""Config defaults, BiaPy-compatible loading, checks and derived values."""
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from biapy.config import check_config, finalize, get_defaults, load_config
+from biapy.config.load import coerce
+from biapy.errors import ConfigError
+from biapy.job import Job
+
+DEFAULTS_FILE = Path(__file__).parents[1] / "biapy" / "config" / "defaults.py"
+
+BIAPY_2D_SSL_YAML = """
+# BiaPy version: 3.5.1
+SYSTEM:
+    NUM_CPUS: -1
+    NUM_WORKERS: 5
+PROBLEM:
+    TYPE: SELF_SUPERVISED
+    NDIM: 2D
+    SELF_SUPERVISED:
+        PRETEXT_TASK: 'crappify'
+DATA:
+    PATCH_SIZE: (256, 256, 1)
+    TRAIN:
+        PATH: {train}
+        IN_MEMORY: True
+    VAL:
+        SPLIT_TRAIN: 0.1
+    TEST:
+        IN_MEMORY: True
+        PATH: {test}
+        PADDING: (32,32)
+AUGMENTOR:
+    ENABLE: True
+    DA_PROB: 0.5
+    RANDOM_ROT: True
+    VFLIP: True
+    HFLIP: True
+MODEL:
+    ARCHITECTURE: unet
+    LOAD_CHECKPOINT: False
+TRAIN:
+    ENABLE: True
+    OPTIMIZER: ADAMW
+    LR: 1.E-4
+    BATCH_SIZE: 12
+    EPOCHS: 360
+    PATIENCE: 50
+TEST:
+    ENABLE: True
+    AUGMENTATION: False
+    FULL_IMG: False
+"""
+
+
+@pytest.fixture
+def folders(tmp_path):
+    train, test = tmp_path / "train", tmp_path / "test"
+    train.mkdir()
+    test.mkdir()
+    return train, test
+
+
+def checked(overrides, folders=None):
+    cfg = load_config(overrides)
+    check_config(cfg, check_paths=folders is not None)
+    return cfg
+
+
+def test_every_default_key_has_a_comment_line_above_it():
+    lines = DEFAULTS_FILE.read_text().splitlines()
+    leaves = [i for i, line in enumerate(lines) if re.match(r"_C\.[A-Z0-9_.]+ = (?!CN\(\))", line)]
+    assert len(leaves) > 100
+    for i in leaves:
+        assert lines[i - 1].startswith("# "), f"no comment above: {lines[i]}"
+
+
+def test_defaults_pass_the_checks_without_paths():
+    cfg = get_defaults()
+    check_config(cfg, check_paths=False)
+
+
+def test_biapy_self_supervised_yaml_loads_unchanged(tmp_path, folders):
+    train, test = folders
+    path = tmp_path / "biapy.yaml"
+    path.write_text(BIAPY_2D_SSL_YAML.format(train=train, test=test))
+    cfg = load_config(path)
+    check_config(cfg)
+    assert cfg.DATA.PATCH_SIZE == (256, 256, 1)
+    assert cfg.DATA.TEST.PADDING == (32, 32)
+    assert cfg.TRAIN.LR == pytest.approx(1e-4)
+    assert cfg.TRAIN.OPTIMIZER == "ADAMW"
+    assert cfg.AUGMENTOR.RANDOM_ROT is True
+
+
+def test_biapy_3_7_list_forms_and_unused_keys_are_accepted(caplog):
+    cfg = load_config({"TRAIN": {"OPTIMIZER": ["SGD"], "LR": [0.01], "OPT_BETAS": [[0.8, 0.9]]},
+                       "LOSS": {"TYPE": ["MSE"]},
+                       "MODEL": {"BMZ": {"EXPORT": {"ENABLE": True}}},
+                       "DATA": {"EXTRACT_RANDOM_PATCH": False, "N_CLASSES": 3}})
+    assert (cfg.TRAIN.OPTIMIZER, cfg.TRAIN.LR, cfg.TRAIN.OPT_BETAS) == ("SGD", 0.01, (0.8, 0.9))
+    assert cfg.LOSS.TYPE == "MSE"
+    assert cfg.DATA.TRAIN.EXTRACT_RANDOM_PATCH is False  # BiaPy's older place for the key
+    assert cfg.MODEL.N_CLASSES == 3
+    assert "MODEL.BMZ.EXPORT.ENABLE" in caplog.text
+
+
+def test_command_line_overrides_win_over_the_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("TRAIN:\n  EPOCHS: 3\n")
+    cfg = load_config(path, ["TRAIN.EPOCHS", "2", "DATA.PATCH_SIZE", "(32, 32, 1)"])
+    assert cfg.TRAIN.EPOCHS == 2
+    assert cfg.DATA.PATCH_SIZE == (32, 32, 1)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"TRAIN": {"EPOCH": 3}}, "did you mean TRAIN.EPOCHS"),
+    ({"DATA": {"NORMALIZATION": {"TYP": "div"}}}, "did you mean DATA.NORMALIZATION.TYPE"),
+    ({"TRAIN": {"EPOCHS": "ten"}}, "TRAIN.EPOCHS: expected an integer"),
+    ({"TRAIN": {"ENABLE": "yes"}}, "TRAIN.ENABLE: expected a boolean"),
+    ({"DATA": {"PATCH_SIZE": 64}}, "DATA.PATCH_SIZE: expected a list"),
+])
+def test_unknown_keys_and_wrong_types_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config(overrides)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"PROBLEM": {"SELF_SUPERVISED": {"RESIZING_FACTOR": 3}}}, "PROBLEM.SELF_SUPERVISED.RESIZING_FACTOR"),
+    ({"PROBLEM": {"NDIM": "2D"}, "DATA": {"PATCH_SIZE": (16, 64, 64, 1)}}, "DATA.PATCH_SIZE"),
+    ({"PROBLEM": {"NDIM": "3D"}, "DATA": {"PATCH_SIZE": (64, 64, 1)}}, "DATA.PATCH_SIZE"),
+    ({"PROBLEM": {"NDIM": "4D"}}, "PROBLEM.NDIM"),
+    ({"PROBLEM": {"SELF_SUPERVISED": {"PRETEXT_TASK": "masking"}},
+      "MODEL": {"ARCHITECTURE": "mae", "VIT_TOKEN_SIZE": 12}, "DATA": {"PATCH_SIZE": (64, 64, 1)}}, "VIT_TOKEN_SIZE"),
+    ({"MODEL": {"ARCHITECTURE": "mae"}}, "MODEL.ARCHITECTURE"),
+    ({"TRAIN": {"OPTIMIZER": "LION"}}, "TRAIN.OPTIMIZER"),
+    ({"TRAIN": {"BATCH_SIZE": 0}}, "TRAIN.BATCH_SIZE"),
+    ({"TRAIN": {"LR": -1.0}}, "TRAIN.LR"),
+    ({"DATA": {"VAL": {"SPLIT_TRAIN": 1.5}}}, "DATA.VAL.SPLIT_TRAIN"),
+    ({"DATA": {"TEST": {"OVERLAP": (0.5, 1.0)}}}, "DATA.TEST.OVERLAP"),
+    ({"DATA": {"TEST": {"PADDING": (0, 0, 0)}}}, "DATA.TEST.PADDING"),
+    ({"LOSS": {"TYPE": "CE"}}, "LOSS.TYPE"),
+    ({"TEST": {"METRICS": ["psnr", "iou"]}}, "TEST.METRICS"),
+    ({"MODEL": {"DROPOUT_VALUES": [0.0]}}, "MODEL.DROPOUT_VALUES"),
+    ({"DATA": {"NORMALIZATION": {"TYPE": "minmax"}}}, "DATA.NORMALIZATION.TYPE"),
+])
+def test_values_out_of_range_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        checked(overrides)
+
+
+def test_patch_not_divisible_by_the_unet_depth_is_rejected():
+    with pytest.raises(ConfigError, match="DATA.PATCH_SIZE"):
+        checked({"DATA": {"PATCH_SIZE": (50, 50, 1)}})
+
+
+def test_missing_data_folder_names_the_key(tmp_path, folders):
+    train, test = folders
+    with pytest.raises(ConfigError, match="DATA.TRAIN.PATH"):
+        checked({"DATA": {"TRAIN": {"PATH": str(tmp_path / "nope")}, "TEST": {"PATH": str(test)}}}, folders)
+    with pytest.raises(ConfigError, match="DATA.TEST.PATH"):
+        checked({"DATA": {"TRAIN": {"PATH": str(train)}, "TEST": {"PATH": ""}}}, folders)
+
+
+def test_coerce_keeps_types_and_refuses_others():
+    assert coerce("K", "3", 1) == 3
+    assert coerce("K", 3, 1.0) == 3.0 and isinstance(coerce("K", 3, 1.0), float)
+    assert coerce("K", [1, 2], (0, 0)) == (1, 2)
+    with pytest.raises(ConfigError):
+        coerce("K", True, 1)
+    with pytest.raises(ConfigError):
+        coerce("K", 1.5, 1)
+
+
+def test_finalize_fills_derived_values_and_the_resolved_config_round_trips(tmp_path, folders):
+    train, test = folders
+    cfg = checked({"DATA": {"TRAIN": {"PATH": str(train)}, "TEST": {"PATH": str(test)}}}, folders)
+    job = Job(tmp_path / "out", "demo", 3)
+    finalize(cfg, job)
+    assert cfg.SYSTEM.NUM_CPUS >= 1 and cfg.SYSTEM.NUM_WORKERS >= 0
+    assert cfg.PATHS.RESULT_DIR == str(tmp_path / "out" / "demo" / "results" / "demo_3")
+    assert cfg.PATHS.CHECKPOINT == str(tmp_path / "out" / "demo" / "checkpoints")
+    assert cfg.DATA.TRAIN.SSL_SOURCE_DIR == str(tmp_path / "train_ssl_source")
+    assert cfg.DATA.VAL.SSL_SOURCE_DIR == cfg.DATA.TRAIN.SSL_SOURCE_DIR
+    assert cfg.LOSS.TYPE == "MAE"
+    assert cfg.TEST.METRICS == ["psnr", "ssim", "mae", "mse"]
+    assert cfg.TEST.BATCH_SIZE == cfg.TRAIN.BATCH_SIZE
+    reloaded = load_config(yaml.safe_load(cfg.dump()))
+    assert reloaded == cfg
+
+
+def test_3d_problem_gets_3d_overlap_and_padding_defaults():
+    cfg = checked({"PROBLEM": {"NDIM": "3D"}, "DATA": {"PATCH_SIZE": (16, 32, 32, 1)},
+                   "MODEL": {"FEATURE_MAPS": [8, 16, 32], "DROPOUT_VALUES": [0, 0, 0], "Z_DOWN": [1, 1]}})
+    assert cfg.DATA.TEST.OVERLAP == (0, 0, 0) and cfg.DATA.TRAIN.PADDING == (0, 0, 0)
