@@ -149,8 +149,17 @@ class BiaPy:
                 os.replace(tmp, dst)
         else:
             atomic_write_text(job.config_files / f"{self.name}.yaml",
-                              yaml.safe_dump(self.config_source, sort_keys=False))
+                              yaml.safe_dump(_plain(self.config_source), sort_keys=False))
         atomic_write_text(job.resolved_config, self.cfg.dump())
+
+
+def _plain(tree):
+    """Tuples -> lists, so a dict config dumps with the safe YAML writer."""
+    if isinstance(tree, dict):
+        return {k: _plain(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_plain(v) for v in tree]
+    return tree
 
 
 def _agree(dist, value):

@@ -1,0 +1,68 @@
+"""The command line: flags, exit codes and one-line errors that name the culprit."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from biapy.cli import main
+from biapy.runner import _plain, next_run_id
+from tests.conftest import tiny_config
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_help_lists_the_biapy_flags():
+    out = subprocess.run([sys.executable, str(ROOT / "main.py"), "--help"], capture_output=True, text=True,
+                         cwd=ROOT, check=True).stdout
+    for flag in ("--config", "--result_dir", "--name", "--run_id", "--gpu", "--dist_backend"):
+        assert flag in out
+
+
+def write_yaml(tmp_path, cfg, name="c.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(_plain(cfg)))
+    return path
+
+
+def run_main(tmp_path, cfg, *extra, name="job"):
+    path = cfg if isinstance(cfg, Path) else write_yaml(tmp_path, cfg)
+    return main(["--config", str(path), "--result_dir", str(tmp_path / "out"), "--name", name, "--run_id", "1",
+                 *extra])
+
+
+@pytest.mark.parametrize("change, culprit", [
+    (lambda c: c["TRAIN"].update(EPOCH=2), "TRAIN.EPOCH"),
+    (lambda c: c["TRAIN"].update(EPOCHS="two"), "TRAIN.EPOCHS"),
+    (lambda c: c["PROBLEM"].update(SELF_SUPERVISED={"RESIZING_FACTOR": 5}), "RESIZING_FACTOR"),
+    (lambda c: c["DATA"].update(PATCH_SIZE=[8, 32, 32, 1]), "DATA.PATCH_SIZE"),
+    (lambda c: c["DATA"]["TRAIN"].update(PATH="/no/such/folder"), "DATA.TRAIN.PATH"),
+])
+def test_configuration_errors_exit_2_with_one_line_naming_the_key(change, culprit, data2d, tmp_path, capsys):
+    cfg = tiny_config(data2d, 2)
+    change(cfg)
+    assert run_main(tmp_path, cfg) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ERROR:") and culprit in err[0]
+    assert not (tmp_path / "out" / "job").exists()  # stopped before any work
+
+
+def test_missing_config_file_and_bad_override_exit_2(tmp_path, capsys):
+    assert main(["--config", str(tmp_path / "none.yaml"), "--result_dir", str(tmp_path), "--name", "x"]) == 2
+    assert "none.yaml" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "..", ""])
+def test_names_with_path_separators_are_refused(name, data2d, tmp_path, capsys):
+    assert run_main(tmp_path, tiny_config(data2d, 2), name=name) == 2
+    assert "--name" in capsys.readouterr().err
+    assert not any((tmp_path / "out").rglob("*.pth")) if (tmp_path / "out").exists() else True
+
+
+def test_next_run_id_counts_existing_runs(tmp_path):
+    assert next_run_id(tmp_path, "n") == 1
+    for i in (1, 4):
+        (tmp_path / "n" / "results" / f"n_{i}").mkdir(parents=True)
+    (tmp_path / "n" / "results" / "n_x").mkdir()
+    assert next_run_id(tmp_path, "n") == 5

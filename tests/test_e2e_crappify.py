@@ -1,0 +1,89 @@
+"""Crappify end to end, 2D and 3D: every file of the results tree, shapes, metrics."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import tifffile
+
+from biapy import BiaPy
+from biapy.cli import main
+from biapy.data.io import read_image
+from tests.conftest import tiny_config
+
+
+def run(cfg, tmp_path, name="job", run_id=1):
+    return BiaPy(cfg, result_dir=tmp_path / "out", name=name, run_id=run_id).run_job()
+
+
+def train_log(job):
+    files = sorted(job.train_logs.glob("*.jsonl"))
+    assert files, "no train log written"
+    return [json.loads(line) for line in files[0].read_text().splitlines() if line.strip()]
+
+
+def check_results_tree(job, data, ndim, extra_columns=()):
+    assert (job.config_files / f"{job.name}.yaml").is_file()
+    assert job.resolved_config.is_file()
+    assert job.checkpoint("best").is_file() and job.checkpoint("last").is_file()
+    assert (job.charts / f"{job.id}_loss.png").is_file()
+    assert list(job.tensorboard.glob("events.out.tfevents*"))
+    assert len(train_log(job)) == 2
+    test_files = sorted(data["test"][0].iterdir())
+    for src in test_files:
+        out = job.per_image / src.name
+        assert out.is_file(), out
+        assert read_image(out, ndim).shape[:-1] == read_image(src, ndim).shape[:-1]
+    with open(job.metrics_csv) as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(test_files)
+    for column in ("psnr", "ssim", "mae", "mse", *extra_columns):
+        assert all(np.isfinite(float(r[column])) for r in rows), column
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_crappify_end_to_end(ndim, data2d, data3d, tmp_path):
+    data = data2d if ndim == 2 else data3d
+    job = run(tiny_config(data, ndim), tmp_path)
+    check_results_tree(job, data, ndim, extra_columns=("input_psnr", "input_ssim"))
+    manifest = data["train"][0].parent / "x_ssl_source" / "manifest.json"
+    assert manifest.is_file()
+    out = tifffile.TiffFile(next(job.per_image.iterdir()))
+    assert out.is_imagej  # Fiji reads the axes
+
+
+def test_lazy_and_in_memory_datasets_give_the_same_first_epoch_loss(data2d, tmp_path):
+    losses = []
+    for in_memory in (True, False):
+        cfg = tiny_config(data2d, 2, DATA={"TRAIN": {"IN_MEMORY": in_memory}, "VAL": {"IN_MEMORY": in_memory}},
+                          TRAIN={"EPOCHS": 1}, TEST={"ENABLE": False})
+        job = run(cfg, tmp_path / str(in_memory))
+        losses.append(train_log(job)[0]["train_loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_command_line_override_beats_the_yaml(data2d, tmp_path):
+    cfg = tiny_config(data2d, 2, TRAIN={"EPOCHS": 3}, TEST={"ENABLE": False})
+    import yaml
+    from biapy.runner import _plain
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(_plain(cfg)))
+    code = main(["--config", str(path), "--result_dir", str(tmp_path / "out"), "--name", "cli", "--run_id", "1",
+                 "TRAIN.EPOCHS", "2"])
+    assert code == 0
+    from biapy.job import Job
+    job = Job(tmp_path / "out", "cli", 1)
+    assert [e["epoch"] for e in train_log(job)] == [1, 2]
+    assert (job.config_files / "c.yaml").read_text() == path.read_text()
+
+
+def test_run_id_omitted_takes_the_next_free_one_and_test_only_loads_best(data2d, tmp_path):
+    cfg = tiny_config(data2d, 2, TRAIN={"EPOCHS": 1}, TEST={"ENABLE": False})
+    first = BiaPy(cfg, result_dir=tmp_path / "out", name="auto").run_job()
+    assert first.run_id == 1
+    test_only = tiny_config(data2d, 2, TRAIN={"ENABLE": False})
+    test_only["PATHS"] = {"CHECKPOINT_FILE": str(first.checkpoint("best"))}
+    test_only["MODEL"]["LOAD_CHECKPOINT"] = True
+    second = BiaPy(test_only, result_dir=tmp_path / "out", name="auto").run_job()
+    assert second.run_id == 2
+    assert len(list(second.per_image.iterdir())) == 2

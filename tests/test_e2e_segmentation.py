@@ -1,0 +1,75 @@
+"""Fine-tuning semantic segmentation from a self-supervised run, 2D and 3D."""
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from biapy import BiaPy
+from biapy.config import check_config, load_config
+from biapy.data.io import read_image
+from biapy.engine.checkpoint import load_checkpoint
+from biapy.models import build_model
+from tests.conftest import tiny_config
+from tests.test_e2e_masking import MAE_MODEL as MAE_TINY
+
+
+def pretrain(data, ndim, tmp_path, **sections):
+    cfg = tiny_config(data, ndim, TRAIN={"EPOCHS": 1}, TEST={"ENABLE": False}, **sections)
+    return BiaPy(cfg, result_dir=tmp_path / "out", name="ssl", run_id=1).run_job()
+
+
+def finetune_config(data, ndim, checkpoint, **sections):
+    cfg = tiny_config(data, ndim, **sections)
+    cfg["PROBLEM"]["TYPE"] = "SEMANTIC_SEG"
+    cfg["DATA"]["TRAIN"]["GT_PATH"] = str(data["train"][1])
+    cfg["DATA"]["TEST"]["GT_PATH"] = str(data["test"][1])
+    cfg["MODEL"].update({"N_CLASSES": 2, "LOAD_CHECKPOINT": True, "SKIP_UNMATCHED_LAYERS": True})
+    cfg["PATHS"] = {"CHECKPOINT_FILE": str(checkpoint)}
+    return cfg
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_finetune_from_crappify_end_to_end(ndim, data2d, data3d, tmp_path):
+    data = data2d if ndim == 2 else data3d
+    ssl = pretrain(data, ndim, tmp_path)
+    job = BiaPy(finetune_config(data, ndim, ssl.checkpoint("best")), result_dir=tmp_path / "out",
+                name="seg", run_id=1).run_job()
+    assert job.checkpoint("best").is_file()
+    test_files = sorted(data["test"][0].iterdir())
+    for src in test_files:
+        labels = read_image(job.per_image / src.name, ndim)
+        assert labels.shape[:-1] == read_image(src, ndim).shape[:-1]
+        assert set(np.unique(labels)) <= {0, 1}
+    with open(job.metrics_csv) as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(test_files)
+    assert all(0 <= float(r["iou"]) <= 1 and 0 <= float(r["dice"]) <= 1 for r in rows)
+    lineage = (ssl.job_dir / "derived_models.log").read_text()
+    assert str(job.results) in lineage
+
+
+def test_loading_an_ssl_checkpoint_copies_the_encoder_exactly(data2d, tmp_path):
+    from biapy.engine.checkpoint import load_weights
+    ssl = pretrain(data2d, 2, tmp_path)
+    cfg = load_config(finetune_config(data2d, 2, ssl.checkpoint("best")))
+    check_config(cfg, check_paths=False)
+    model = build_model(cfg)
+    state = load_checkpoint(ssl.checkpoint("best"))["model"]
+    loaded, skipped = load_weights(model, state, skip_unmatched=True)
+    own = model.state_dict()
+    encoder_keys = [k for k in state if k.startswith("encoder.")]
+    assert encoder_keys
+    for key in encoder_keys:
+        assert torch.equal(own[key], state[key]), key
+    assert any(k.startswith("head.") for k in (s if isinstance(s, str) else s[0] for s in skipped))
+
+
+def test_mae_weights_go_into_unetr(data2d, tmp_path):
+    ssl = pretrain(data2d, 2, tmp_path, PROBLEM={"SELF_SUPERVISED": {"PRETEXT_TASK": "masking"}}, MODEL=MAE_TINY)
+    cfg = finetune_config(data2d, 2, ssl.checkpoint("best"), MODEL=dict(MAE_TINY, ARCHITECTURE="unetr"),
+                          TRAIN={"EPOCHS": 1})
+    job = BiaPy(cfg, result_dir=tmp_path / "out", name="unetr", run_id=1).run_job()
+    state = load_checkpoint(job.checkpoint("last"))["model"]
+    assert any(k.startswith("encoder.blocks.") for k in state)
+    assert job.metrics_csv.is_file()
