@@ -7,12 +7,8 @@ import os
 from pathlib import Path
 
 from biapy.errors import ConfigError
+from biapy.models import ARCHITECTURES  # torch-free import: the table only
 
-ARCHITECTURES = {
-    ("SELF_SUPERVISED", "crappify"): ("unet", "resunet"),
-    ("SELF_SUPERVISED", "masking"): ("unet", "resunet", "mae"),
-    ("SEMANTIC_SEG", None): ("unet", "resunet", "unetr"),
-}
 LOSSES = {
     "SELF_SUPERVISED": ("MAE", "MSE", "SSIM", "W_MAE_SSIM", "W_MSE_SSIM"),
     "SEMANTIC_SEG": ("CE", "DICE", "CE_DICE"),

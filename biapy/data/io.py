@@ -1,0 +1,435 @@
+"""Reading and writing images as channel-last numpy arrays: (y, x, c) in 2D, (z, y, x, c) in 3D.
+
+TIFF is the main format. Its axes are mapped to the canonical layout by one `_AxesPlan`, which
+serves full reads, header-only shape queries and lazy region reads alike:
+- ImageJ hyperstacks (TZCYXS) and tifffile files with an 'axes' entry: axes honoured by name;
+- tifffile 'shaped' files without axes (`tifffile.imwrite(array)`): the stored array is taken as
+  already channel-last, (y, x[, c]) / (z, y, x[, c]);
+- other TIFFs: tifffile's axes guess (pages I/Q become Z in 3D, C in 2D; samples S are channels).
+PNG/JPEG go through scikit-image; NIfTI (nibabel), HDF5 (h5py) and Zarr (zarr) are optional
+extras imported only when such a file is met (arrays in them are read as channel-last).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from biapy.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+TIFF_EXTS = (".tif", ".tiff")
+PLAIN_EXTS = (".png", ".jpg", ".jpeg")
+CHUNKED_EXTS = (".h5", ".hdf5", ".zarr")
+IMAGE_EXTS = TIFF_EXTS + PLAIN_EXTS + (".nii", ".nii.gz") + CHUNKED_EXTS
+_IMAGEJ_DTYPES = (np.uint8, np.uint16, np.float32)  # what ImageJ opens natively
+
+
+def _suffix(path) -> str:
+    name = Path(path).name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def list_images(folder, key: str) -> list[Path]:
+    """Supported images of `folder` sorted by name (hidden files skipped)."""
+    if not folder or not Path(folder).is_dir():
+        raise ConfigError(f"{key}: folder '{folder}' does not exist (expected a folder of images)")
+    folder = Path(folder)
+    files = sorted((p for p in folder.iterdir() if not p.name.startswith(".") and _suffix(p) in IMAGE_EXTS),
+                   key=lambda p: p.name)
+    if not files:
+        raise DataError(f"{key}: no images in '{folder}' (expected files ending in {', '.join(IMAGE_EXTS)})")
+    return files
+
+
+# ------------------------------------------------------------------------------------------
+# Axis mapping
+# ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _AxesPlan:
+    """How a stored array of `full_shape` becomes channel-last: drop singleton axes, transpose, add C."""
+
+    full_shape: tuple
+    keep: tuple  # stored axes kept (the others have size 1)
+    order: tuple  # canonical axis j = kept axis order[j]
+    add_channel: bool
+
+    @property
+    def shape(self) -> tuple:
+        shp = tuple(self.full_shape[self.keep[i]] for i in self.order)
+        return shp + (1,) if self.add_channel else shp
+
+    def apply(self, arr):
+        """Canonical view of `arr` (numpy array or memmap with the stored shape); no copy."""
+        arr = arr.reshape(tuple(self.full_shape[i] for i in self.keep)).transpose(self.order)
+        return arr[..., None] if self.add_channel else arr
+
+
+def _plain_plan(shape, ndim, path) -> _AxesPlan:
+    """Arrays stored without axis names: (z,) y, x (, c), leading singleton axes ignored."""
+    shape = tuple(int(s) for s in shape)
+    lead = 0
+    while len(shape) - lead > ndim + 1 and shape[lead] == 1:
+        lead += 1
+    n = len(shape) - lead
+    if n not in (ndim, ndim + 1):
+        raise DataError(f"{path}: array of shape {shape} does not fit a {ndim}D image (expected "
+                        f"{'(z, y, x[, c])' if ndim == 3 else '(y, x[, c])'})")
+    return _AxesPlan(shape, tuple(range(lead, len(shape))), tuple(range(n)), n == ndim)
+
+
+def _named_plan(shape, axes, ndim, path) -> _AxesPlan:
+    shape, axes = tuple(int(s) for s in shape), axes.upper()
+    if len(axes) != len(shape) or "Y" not in axes or "X" not in axes:
+        raise DataError(f"{path}: cannot interpret stored axes '{axes}' of shape {shape}")
+    # Singleton axes go, except Y/X and Z in 3D (a one-slice volume stays a volume).
+    keep = [i for i, (a, s) in enumerate(zip(axes, shape)) if s > 1 or a in "YX" or (a == "Z" and ndim == 3)]
+    rest = [i for i in keep if axes[i] not in "YX"]
+    roles = {"Y": axes.index("Y"), "X": axes.index("X")}
+
+    def take(letters, before_y=False):
+        for i in rest:
+            if axes[i] in letters or (letters == "?" and axes[i] not in "ZTCS"):
+                if not before_y or i < roles["Y"]:
+                    rest.remove(i)
+                    return i
+        return None
+
+    if ndim == 3:
+        z = take("Z")
+        for letters, before in (("T", False), ("?", False), ("S", True)):  # unlabelled stacks
+            z = take(letters, before) if z is None else z
+        if z is None:
+            raise DataError(f"{path}: no Z axis (stored axes '{axes}', shape {shape}) but PROBLEM.NDIM is 3D")
+        roles["Z"] = z
+    else:
+        for i in rest:
+            if axes[i] in "ZT":
+                raise DataError(f"{path}: has a {axes[i]} axis of {shape[i]} slices (a 3D stack) "
+                                "but PROBLEM.NDIM is 2D")
+    c = take("C")
+    c = take("S") if c is None else c
+    c = take("?") if c is None else c
+    if c is not None:
+        roles["C"] = c
+    if rest:
+        extra = ", ".join(f"{axes[i]}={shape[i]}" for i in rest)
+        raise DataError(f"{path}: cannot map axes '{axes}' {shape} to a {ndim}D image with channels ({extra} left)")
+    order = tuple(keep.index(roles[a]) for a in "ZYXC" if a in roles)
+    return _AxesPlan(shape, tuple(keep), order, "C" not in roles)
+
+
+def _tiff_header(path, ndim):
+    """(plan, stored dtype with byte order, data offset or None) from the TIFF header only."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            shape, axes = series.get_shape(False), series.get_axes(False)
+            shaped = tif.shaped_metadata[0] if tif.is_shaped and tif.shaped_metadata else None
+            dtype = np.dtype(series.dtype).newbyteorder(tif.byteorder)
+            offset = series.dataoffset
+    except Exception as e:  # tifffile raises many types for broken files
+        raise DataError(f"{path}: cannot read TIFF ({type(e).__name__}: {e})") from None
+    if shaped is not None and "axes" not in shaped and not tif.is_imagej:
+        plan = _plain_plan(shape, ndim, path)
+    else:
+        plan = _named_plan(shape, axes, ndim, path)
+    return plan, dtype, offset
+
+
+def _check_ndim(ndim):
+    if ndim not in (2, 3):
+        raise ValueError(f"ndim must be 2 or 3, got {ndim!r}")
+
+
+def _exists(path):
+    if not Path(path).exists():
+        raise DataError(f"{path}: file not found")
+
+
+# ------------------------------------------------------------------------------------------
+# Reading
+# ------------------------------------------------------------------------------------------
+def read_image(path, ndim: int) -> np.ndarray:
+    """The whole image, channel-last, dtype kept. DataError naming the file if unusable."""
+    _check_ndim(ndim)
+    _exists(path)
+    path, ext = Path(path), _suffix(path)
+    if ext not in IMAGE_EXTS:
+        raise DataError(f"{path}: unsupported file type '{ext}' (expected one of {', '.join(IMAGE_EXTS)})")
+    if ext in PLAIN_EXTS and ndim == 3:
+        raise DataError(f"{path}: {ext} holds 2D images but PROBLEM.NDIM is 3D (use a TIFF stack)")
+    try:
+        if ext in TIFF_EXTS:
+            import tifffile
+
+            plan = _tiff_header(path, ndim)[0]
+            with tifffile.TiffFile(path) as tif:
+                arr = tif.series[0].asarray()
+        elif ext in PLAIN_EXTS:
+            from skimage import io as skio
+
+            arr = np.asarray(skio.imread(path))
+            plan = _plain_plan(arr.shape, 2, path)
+        elif ext in CHUNKED_EXTS:
+            arr = np.asarray(_open_chunked(path)[...])
+            plan = _plain_plan(arr.shape, ndim, path)
+        else:
+            arr = _read_nifti(path, ndim)
+            plan = _plain_plan(arr.shape, ndim, path)
+        return np.ascontiguousarray(plan.apply(arr))
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+
+
+def _read_nifti(path, ndim):
+    try:
+        import nibabel
+    except ImportError:
+        raise DataError(f"{path}: reading NIfTI needs the optional package nibabel (pip install nibabel)") from None
+    arr = np.asanyarray(nibabel.load(str(path)).dataobj)
+    if arr.ndim not in (ndim, ndim + 1):
+        raise DataError(f"{path}: NIfTI array of shape {arr.shape} does not fit a {ndim}D image")
+    return arr.transpose(tuple(reversed(range(ndim))) + tuple(range(ndim, arr.ndim)))  # x,y,z -> z,y,x
+
+
+def _open_chunked(path):
+    """The array of a Zarr store or the first dataset of an HDF5 file, unread (sliceable)."""
+    if _suffix(path) == ".zarr":
+        try:
+            import zarr
+        except ImportError:
+            raise DataError(f"{path}: reading Zarr needs the optional package zarr (pip install zarr)") from None
+        z = zarr.open(str(path), mode="r")
+        return z if hasattr(z, "shape") else next(iter(z.array_values()))
+    try:
+        import h5py
+    except ImportError:
+        raise DataError(f"{path}: reading HDF5 needs the optional package h5py (pip install h5py)") from None
+    f = h5py.File(path, "r")
+    names = []
+    f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+    if not names:
+        raise DataError(f"{path}: HDF5 file holds no dataset")
+    return f[names[0]]
+
+
+def image_shape(path, ndim: int) -> tuple:
+    """(spatial..., c) of an image, from its header where the format allows."""
+    _check_ndim(ndim)
+    _exists(path)
+    ext = _suffix(path)
+    if ext in TIFF_EXTS:
+        return _tiff_header(path, ndim)[0].shape
+    if ext in CHUNKED_EXTS:
+        try:
+            return _plain_plan(_open_chunked(path).shape, ndim, path).shape
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+    return read_image(path, ndim).shape
+
+
+def check_consistent_channels(paths, ndim: int, key: str) -> int:
+    """Channel count shared by all `paths`; DataError naming the first file that differs."""
+    first = None
+    for p in paths:
+        c = image_shape(p, ndim)[-1]
+        if first is None:
+            first = (p, c)
+        elif c != first[1]:
+            raise DataError(f"{key}: {p} has {c} channel(s) but {first[0]} has {first[1]} (all images must match)")
+    return first[1] if first else 0
+
+
+def check_finite(img, path) -> None:
+    """DataError naming `path` if a float image holds NaN or Inf pixels."""
+    arr = np.asarray(img)
+    if not np.issubdtype(arr.dtype, np.floating):
+        return
+    # One float64 sum is cheap and is NaN/Inf whenever a pixel is; only then count them.
+    if np.isfinite(np.add.reduce(arr, axis=None, dtype=np.float64)):
+        return
+    bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    if bad:
+        raise DataError(f"{path}: {bad} pixel(s) are NaN or Inf (expected finite values)")
+
+
+# ------------------------------------------------------------------------------------------
+# Lazy access
+# ------------------------------------------------------------------------------------------
+class LazyTiff:
+    """An uncompressed, contiguous TIFF read region by region: `.shape`, `.dtype`, numpy slicing.
+
+    The file is memory-mapped afresh for every access and unmapped after copying the region:
+    a long-lived map would keep every page a patch ever touched resident, growing the process
+    (and each DataLoader worker) towards the file size. Mapping costs tens of microseconds.
+    """
+
+    def __init__(self, path, plan, stored_dtype, offset):
+        self.path, self._plan, self._stored, self._offset = Path(path), plan, stored_dtype, offset
+        self.dtype = stored_dtype.newbyteorder("=")
+        self.shape = plan.shape
+        self._count = int(np.prod(plan.full_shape))
+        if offset + self._count * stored_dtype.itemsize > os.path.getsize(path):
+            raise DataError(f"{path}: file is truncated (expected {self._count} pixels of {self.dtype})")
+
+    @property
+    def ndim(self):
+        return len(self.shape)
+
+    def __getitem__(self, key) -> np.ndarray:
+        mm = np.memmap(self.path, dtype=self._stored, mode="r", offset=self._offset, shape=(self._count,))
+        try:
+            return np.array(self._plan.apply(mm)[key], dtype=self.dtype)
+        finally:
+            mm._mmap.close()
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self[...], dtype=dtype)
+
+    def __repr__(self):
+        return f"LazyTiff({self.path.name}, shape={self.shape}, dtype={self.dtype})"
+
+
+class LazyStore:
+    """Region reads from a chunked array (HDF5, Zarr, or a compressed TIFF through tifffile's Zarr
+    store); keys are slices (and Ellipsis) in canonical (spatial..., c) order."""
+
+    def __init__(self, path, plan, opener):
+        self.path, self._plan, self._opener = Path(path), plan, opener
+        arr = opener()
+        if tuple(arr.shape) != plan.full_shape:
+            raise ValueError(f"{path}: store shape {arr.shape} differs from {plan.full_shape}")
+        self.shape, self.dtype = plan.shape, np.dtype(arr.dtype)
+
+    @property
+    def ndim(self):
+        return len(self.shape)
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        if Ellipsis in key:
+            i = key.index(Ellipsis)
+            key = key[:i] + (slice(None),) * (len(self.shape) - len(key) + 1) + key[i + 1:]
+        key = key + (slice(None),) * (len(self.shape) - len(key))
+        if not all(isinstance(k, slice) for k in key):
+            raise TypeError(f"{type(self).__name__} takes slices only, got {key!r}")
+        plan = self._plan
+        stored = [0] * len(plan.full_shape)  # dropped singleton axes are indexed away
+        for j, axis in enumerate(plan.order):
+            stored[plan.keep[axis]] = key[j]
+        region = np.asarray(self._opener()[tuple(stored)]).transpose(plan.order)
+        return region[..., None][..., key[-1]] if plan.add_channel else region
+
+
+def open_image_lazy(path, ndim: int):
+    """Array-like image reading only the regions sliced from it.
+
+    `LazyTiff` (memory-mapped) for uncompressed contiguous TIFFs; `LazyStore` for HDF5/Zarr and,
+    when zarr is installed, for compressed/tiled TIFFs; otherwise (PNG/JPEG, NIfTI, compressed
+    TIFF without zarr) the image read whole, as a numpy array.
+    """
+    _check_ndim(ndim)
+    _exists(path)
+    ext = _suffix(path)
+    if ext in TIFF_EXTS:
+        plan, stored, offset = _tiff_header(path, ndim)
+        if offset is not None:
+            return LazyTiff(path, plan, stored, offset)
+        if _has_zarr():
+            try:
+                return LazyStore(path, plan, lambda: _tiff_zarr(path))
+            except Exception as e:  # an unusual layout: reading whole still works
+                log.debug("%s: no Zarr view (%s)", path, e)
+        log.debug("%s cannot be memory-mapped: reading it whole", path)
+    elif ext in CHUNKED_EXTS:
+        try:
+            arr = _open_chunked(path)
+            return LazyStore(path, _plain_plan(arr.shape, ndim, path), lambda: _open_chunked(path))
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+    return read_image(path, ndim)
+
+
+def _tiff_zarr(path):
+    import tifffile
+    import zarr
+
+    z = zarr.open(tifffile.imread(path, aszarr=True, squeeze=False), mode="r")
+    return z if hasattr(z, "shape") else z[0]
+
+
+def _has_zarr() -> bool:
+    try:
+        import zarr  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ------------------------------------------------------------------------------------------
+# Writing
+# ------------------------------------------------------------------------------------------
+def write_image(path, array, ndim: int) -> Path:
+    """Write a channel-last image atomically; returns the path written.
+
+    TIFF with ImageJ axes (YX/YXC/ZYX/ZYXC stored in Fiji's order, so Fiji shows channels and
+    slices right); dtypes ImageJ lacks get tifffile's axes metadata instead. float64 -> float32,
+    bool -> uint8. A .png/.jpg path holds 2D uint8 (PNG also uint16) grey/RGB/RGBA data; anything
+    else asked of it is written as a .tif beside it rather than silently losing values.
+    """
+    _check_ndim(ndim)
+    path, arr = Path(path), np.asarray(array)
+    if arr.ndim == ndim:
+        arr = arr[..., None]
+    if arr.ndim != ndim + 1:
+        raise ValueError(f"write_image: array of shape {arr.shape} is not a {ndim}D channel-last image")
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8)
+    elif arr.dtype in (np.float64, np.float16):
+        arr = arr.astype(np.float32)
+    ext = _suffix(path)
+    plain = ext in PLAIN_EXTS and ndim == 2 and arr.shape[-1] in (1, 3, 4) and (
+        arr.dtype == np.uint8 or (arr.dtype == np.uint16 and ext == ".png"))
+    if ext not in TIFF_EXTS and not plain:
+        path = path.with_name(path.name[: -len(ext)] + ".tif" if ext else path.name + ".tif")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        if plain:
+            from PIL import Image
+
+            data = np.ascontiguousarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+            fmt, kw = ("PNG", {}) if ext == ".png" else ("JPEG", {"quality": 95})
+            Image.fromarray(data).save(tmp, format=fmt, **kw)
+        else:
+            _write_tiff(tmp, arr, ndim)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _write_tiff(tmp, arr, ndim):
+    import tifffile
+
+    if arr.shape[-1] == 1:
+        data, axes = arr[..., 0], ("ZYX" if ndim == 3 else "YX")
+    else:  # ImageJ wants TZCYXS order: channels go in front of Y
+        data, axes = np.moveaxis(arr, -1, -3), ("ZCYX" if ndim == 3 else "CYX")
+    imagej = arr.dtype in _IMAGEJ_DTYPES
+    with open(tmp, "wb") as fh:
+        tifffile.imwrite(fh, data, imagej=imagej, metadata={"axes": axes}, photometric="minisblack")

@@ -1,0 +1,259 @@
+"""Intensity normalization, per channel, as one affine map `x * scale + offset` per image.
+
+Every DATA.NORMALIZATION.TYPE reduces to that map, so a patch is normalized as cheaply as a whole
+image (datasets keep raw pixels and normalize each patch), and `denormalize` is its exact inverse:
+- 'div': divide by the dtype's range (uint8 255, uint16 65535, other ints their max; floats by the
+  image maximum when it exceeds 1, else 1);
+- 'scale_range': per-image min/max to [0, 1];
+- 'zero_mean_unit_variance': per-image mean/std;
+- 'custom': one mean/std for the whole training set (`fit`, or MEAN_VAL/STD_VAL), saved beside the
+  checkpoints as normalization_{mean,std}_value.npy so test time uses the same.
+PERC_CLIP clips each image first (percentiles per image and channel, or fixed values); statistics
+are measured on the clipped values. A floor on std/range keeps constant images finite.
+"""
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from biapy.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+TYPES = ("zero_mean_unit_variance", "div", "scale_range", "custom")
+SAMPLE_BUDGET = 1 << 23  # pixels measured on a lazily opened image (strided along every spatial axis)
+MEAN_FILE, STD_FILE = "normalization_mean_value.npy", "normalization_std_value.npy"
+
+
+def _floor(spread, level):
+    """std/range below which an image counts as constant: relative to its level, never 0."""
+    return np.maximum(spread, 1e-6 * np.maximum(np.abs(level), 1.0))
+
+
+def _given(values):
+    """Per-channel values from a config list; None when it holds the [-1] 'not set' marker."""
+    v = np.atleast_1d(np.asarray(values, dtype=np.float64))
+    return None if v.size == 0 or np.all(v == -1) else v
+
+
+def _steps(shape, budget):
+    """One stride for every spatial axis so that about `budget` pixels remain."""
+    n = float(np.prod(shape, dtype=np.float64))
+    return max(1, int(np.ceil((n / budget) ** (1.0 / len(shape))))) if n > budget else 1
+
+
+def _sample(img, budget=SAMPLE_BUDGET):
+    """A numpy image itself; a lazy image as a bounded sample strided along every spatial axis.
+
+    The sample is read one first-axis index (slice/row) at a time, so a memory-mapped file
+    never has more than one slice's pages resident.
+    """
+    if isinstance(img, np.ndarray):
+        return img
+    step = _steps(img.shape[:-1], budget)
+    if step == 1:
+        return np.asarray(img[...])
+    rest = (slice(None, None, step),) * (len(img.shape) - 2)
+    return np.stack([img[(slice(i, i + 1),) + rest][0] for i in range(0, img.shape[0], step)])
+
+
+def _chunks(flat, size=1 << 22):
+    """Views of (n, c) pixels in blocks, so float64 temporaries stay small on huge images."""
+    rows = max(1, size // max(1, flat.shape[1]))
+    for k in range(0, flat.shape[0], rows):
+        yield flat[k:k + rows]
+
+
+def _moments(flat, lo, hi):
+    """Per-channel (min, max, mean, std) of (n, c) pixels, clipped to [lo, hi], in float64 blocks."""
+    c = flat.shape[1]
+    mn, mx = np.full(c, np.inf), np.full(c, -np.inf)
+    n, total, squares, shift = 0, np.zeros(c), np.zeros(c), None
+    for block in _chunks(flat):
+        b = block.astype(np.float64)
+        if lo is not None or hi is not None:
+            np.clip(b, lo, hi, out=b)
+        mn, mx = np.minimum(mn, b.min(axis=0)), np.maximum(mx, b.max(axis=0))
+        if shift is None:  # sums around a first estimate keep precision on bright, flat images
+            shift = b.mean(axis=0)
+        b -= shift
+        total += b.sum(axis=0)
+        squares += np.einsum("ij,ij->j", b, b)
+        n += b.shape[0]
+    mean = total / n
+    std = np.sqrt(np.maximum(squares / n - mean ** 2, 0.0))
+    return mn, mx, mean + shift, std
+
+
+class Normalizer:
+    def __init__(self, kind="zero_mean_unit_variance", clip=False, lower_perc=-1.0, upper_perc=-1.0,
+                 lower_value=(-1.0,), upper_value=(-1.0,), mean=(-1.0,), std=(-1.0,)):
+        if kind not in TYPES:
+            raise ConfigError(f"DATA.NORMALIZATION.TYPE: '{kind}' is not one of {', '.join(TYPES)}")
+        self.kind, self.clip = kind, bool(clip)
+        self.lower_perc, self.upper_perc = float(lower_perc), float(upper_perc)
+        self.lower_value, self.upper_value = _given(lower_value), _given(upper_value)
+        for name, p in (("LOWER_PERC", self.lower_perc), ("UPPER_PERC", self.upper_perc)):
+            if p != -1 and not 0 <= p <= 100:
+                raise ConfigError(f"DATA.NORMALIZATION.PERC_CLIP.{name}: {p} is not a percentile in [0, 100]")
+        self.given_mean, self.given_std = _given(mean), _given(std)
+        self.mean, self.std = self.given_mean, self.given_std
+
+    @classmethod
+    def from_cfg(cls, cfg):
+        """From DATA.NORMALIZATION.*."""
+        n = cfg.DATA.NORMALIZATION
+        pc, z = n.PERC_CLIP, n.ZERO_MEAN_UNIT_VAR
+        return cls(n.TYPE, pc.ENABLE, pc.LOWER_PERC, pc.UPPER_PERC, pc.LOWER_VALUE, pc.UPPER_VALUE,
+                   z.MEAN_VAL, z.STD_VAL)
+
+    # ------------------------------------------------------------------ statistics
+    def _clip_bounds(self, flat):
+        """(lo, hi) per channel, or None each, for (n, c) pixels (percentiles of at most ~16M of them)."""
+        if not self.clip:
+            return None, None
+        c = flat.shape[-1]
+        lo = hi = None
+        if self.lower_perc != -1 or self.upper_perc != -1:
+            some = flat[:: max(1, flat.shape[0] // (1 << 24))]
+            if self.lower_perc != -1:
+                lo = np.percentile(some, self.lower_perc, axis=0)
+            if self.upper_perc != -1:
+                hi = np.percentile(some, self.upper_perc, axis=0)
+        if lo is None and self.lower_value is not None:
+            lo = np.broadcast_to(self.lower_value, (c,)).astype(np.float64)
+        if hi is None and self.upper_value is not None:
+            hi = np.broadcast_to(self.upper_value, (c,)).astype(np.float64)
+        return lo, hi
+
+    def stats(self, img):
+        """Per-channel statistics of one image (numpy, or lazy: a bounded sample), channel-last.
+
+        Holds the raw moments and the affine map `scale`/`offset` (plus clip bounds `lo`/`hi`).
+        """
+        data = _sample(img)
+        flat = data.reshape(-1, data.shape[-1])
+        lo, hi = self._clip_bounds(flat)
+        mn, mx, mean, std = _moments(flat, lo, hi)
+        if not (np.isfinite(mean).all() and np.isfinite(std).all()):
+            raise DataError("image contains NaN or infinite pixel values")
+        out = {"min": mn, "max": mx, "mean": mean, "std": std, "lo": lo, "hi": hi, "dtype": str(data.dtype)}
+        out["scale"], out["offset"] = self._affine(out, data.dtype)
+        return out
+
+    def _affine(self, st, dtype):
+        c = len(st["mean"])
+        if self.kind == "div":
+            if np.issubdtype(dtype, np.integer):
+                top = float(np.iinfo(dtype).max)
+            elif dtype == np.bool_:
+                top = 1.0
+            else:
+                m = float(st["max"].max())
+                top = m if m > 1 else 1.0
+            return np.full(c, 1.0 / top), np.zeros(c)
+        if self.kind == "scale_range":
+            scale = 1.0 / _floor(st["max"] - st["min"], st["max"])
+            return scale, -st["min"] * scale
+        if self.kind == "zero_mean_unit_variance":
+            mean, std = st["mean"], st["std"]
+        else:
+            if self.mean is None or self.std is None:
+                raise DataError("DATA.NORMALIZATION.TYPE 'custom': no dataset mean/std yet; train first (they are "
+                                f"saved as {MEAN_FILE}/{STD_FILE} beside the checkpoints) or set "
+                                "ZERO_MEAN_UNIT_VAR.MEAN_VAL and STD_VAL")
+            for v in (self.mean, self.std):
+                if len(v) not in (1, c):
+                    raise DataError(f"'custom' normalization holds {len(v)} channel value(s) "
+                                    f"but the image has {c} channel(s)")
+            mean, std = np.broadcast_to(self.mean, (c,)), np.broadcast_to(self.std, (c,))
+        scale = 1.0 / _floor(std, mean)
+        return scale, -mean * scale
+
+    # ------------------------------------------------------------------ apply
+    def normalize(self, img, stats):
+        """float32 normalized copy of a channel-last numpy image (or patch) with the statistics of its image."""
+        x = np.asarray(img, dtype=np.float32)
+        if stats["lo"] is not None or stats["hi"] is not None:
+            x = np.clip(x, stats["lo"], stats["hi"], dtype=np.float32, casting="unsafe")
+        out = x * stats["scale"].astype(np.float32)
+        out += stats["offset"].astype(np.float32)
+        return out
+
+    def denormalize(self, img, stats):
+        """Back to input units: channel-last numpy, or a torch tensor laid out (C, *spatial)."""
+        scale, offset = stats["scale"], stats["offset"]
+        try:
+            import torch
+        except ImportError:  # pragma: no cover - torch is a requirement
+            torch = None
+        if torch is not None and torch.is_tensor(img):
+            shape = (-1,) + (1,) * (img.dim() - 1)
+            s = torch.as_tensor(scale, dtype=torch.float32, device=img.device).reshape(shape)
+            o = torch.as_tensor(offset, dtype=torch.float32, device=img.device).reshape(shape)
+            return (img.float() - o) / s
+        x = np.asarray(img, dtype=np.float32)
+        return ((x - offset.astype(np.float32)) / scale.astype(np.float32)).astype(np.float32)
+
+    # ------------------------------------------------------------------ 'custom'
+    def fit(self, images):
+        """Dataset mean/std per channel over all pixels of `images` (after clipping); MEAN_VAL/STD_VAL win."""
+        if self.kind != "custom":
+            return
+        total = sums = squares = None
+        for img in images:
+            data = _sample(img)
+            flat = data.reshape(-1, data.shape[-1])
+            _, _, mean, std = _moments(flat, *self._clip_bounds(flat))
+            n = flat.shape[0]
+            if total is None:
+                total, sums, squares = 0, np.zeros_like(mean), np.zeros_like(mean)
+            # Pooled moments: each image's variance around its own mean keeps precision.
+            squares += n * (std ** 2 + mean ** 2)
+            sums += n * mean
+            total += n
+        if total is None:
+            raise DataError("DATA.NORMALIZATION.TYPE 'custom': no training images to measure mean/std on")
+        mean = sums / total
+        std = np.sqrt(np.maximum(squares / total - mean ** 2, 0.0))
+        self.mean = self.given_mean if self.given_mean is not None else mean
+        self.std = self.given_std if self.given_std is not None else std
+        log.info("Custom normalization: mean %s, std %s", np.round(self.mean, 4), np.round(self.std, 4))
+
+    def save(self, folder):
+        """Write normalization_{mean,std}_value.npy into `folder` (atomically); 'custom' only."""
+        if self.kind != "custom" or self.mean is None:
+            return
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, value in ((MEAN_FILE, self.mean), (STD_FILE, self.std)):
+            tmp = folder / f".tmp{os.getpid()}-{name}"
+            with open(tmp, "wb") as fh:
+                np.save(fh, np.asarray(value, dtype=np.float64))
+            os.replace(tmp, folder / name)
+
+    def load(self, folder):
+        """Read the saved dataset mean/std ('custom'); values given in the config still win."""
+        if self.kind != "custom":
+            return
+        loaded = []
+        for name, given in ((MEAN_FILE, self.given_mean), (STD_FILE, self.given_std)):
+            path = Path(folder) / name
+            if given is not None:
+                loaded.append(given)
+                continue
+            try:
+                loaded.append(np.atleast_1d(np.load(path)).astype(np.float64))
+            except FileNotFoundError:
+                raise DataError(f"{path}: not found; 'custom' normalization needs the mean/std saved by training "
+                                "(or ZERO_MEAN_UNIT_VAR.MEAN_VAL/STD_VAL)") from None
+            except Exception as exc:
+                raise DataError(f"{path}: cannot read ({exc})") from None
+        self.mean, self.std = loaded
+
+    def state(self):
+        """Plain values for checkpoints."""
+        as_list = (lambda v: None if v is None else [float(x) for x in np.atleast_1d(v)])
+        return {"type": self.kind, "mean": as_list(self.mean), "std": as_list(self.std)}
+

@@ -1,0 +1,146 @@
+"""Patch grids, patch extraction with reflection, and whole-image prediction by blended patches.
+
+Grid semantics (per spatial axis): a patch of size p with PADDING d keeps its central
+p - 2d pixels (the d pixels at each border are context, discarded when stitching); neighbouring
+kept regions overlap by OVERLAP of their size; the first kept region starts at pixel 0 and the
+last one is shifted back to end exactly at the image border, so the image is covered with no
+partial patch. Where a patch leaves the image the image is mirrored ('reflect', as np.pad).
+
+Stitching weights each patch by a separable smooth window (sin^2 with a floor, so pixels at a
+patch's edge, which at the image border are seen by one patch only, still get weight) and
+divides by the summed weights: an identity network returns the image exactly, and overlapping
+predictions fade into each other without seams.
+"""
+import itertools
+
+import numpy as np
+import torch
+
+from biapy.errors import ConfigError
+
+WINDOW_FLOOR = 1e-2
+
+
+def _per_axis(value, n, default, name):
+    if value is None:
+        return (default,) * n
+    values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
+    if len(values) == 1:
+        values = values * n
+    if len(values) != n:
+        raise ConfigError(f"{name}: {tuple(values)} needs {n} values, one per spatial axis")
+    return values
+
+
+def _check(patch, overlap, padding):
+    n = len(patch)
+    overlap = _per_axis(overlap, n, 0.0, "OVERLAP")
+    padding = _per_axis(padding, n, 0, "PADDING")
+    for o in overlap:
+        if not 0 <= float(o) < 1:
+            raise ConfigError(f"OVERLAP: {tuple(overlap)} must be fractions in [0, 1)")
+    for p, d in zip(patch, padding):
+        if int(d) < 0 or p - 2 * int(d) < 1:
+            raise ConfigError(f"PADDING: {tuple(padding)} leaves nothing of patch {tuple(patch)} "
+                              "(each value must be below half the patch side)")
+    return tuple(float(o) for o in overlap), tuple(int(d) for d in padding)
+
+
+def axis_starts(size, p, overlap=0.0, pad=0):
+    """Patch starts along one axis (may be negative or run past the image: reflected there)."""
+    valid = p - 2 * pad
+    if size <= valid:
+        return [-pad]
+    step = max(1, int(valid * (1 - overlap)))
+    last = size - valid - pad
+    return list(range(-pad, last, step)) + [last]
+
+
+def grid_starts(spatial_shape, patch, overlap=None, padding=None):
+    """Start of every patch of the grid over an image of `spatial_shape`, as tuples (C order)."""
+    overlap, padding = _check(tuple(patch), overlap, padding)
+    axes = [axis_starts(s, p, o, d) for s, p, o, d in zip(spatial_shape, patch, overlap, padding)]
+    return list(itertools.product(*axes))
+
+
+def reflect_indices(start, length, size):
+    """Indices start..start+length-1 folded into [0, size) by reflection (numpy 'reflect' mode)."""
+    idx = np.arange(start, start + length)
+    if size == 1:
+        return np.zeros(length, dtype=np.int64)
+    period = 2 * (size - 1)
+    idx = np.mod(idx, period)
+    return np.where(idx < size, idx, period - idx)
+
+
+def extract_patch(img, start, patch):
+    """(patch..., c) region of a channel-last image (numpy or lazy) starting at `start`, reflect-padded.
+
+    A lazy image is sliced once, to the bounding box of the pixels needed, so only that is read.
+    """
+    inside = all(0 <= s and s + p <= n for s, p, n in zip(start, patch, img.shape))
+    if inside:
+        return np.asarray(img[tuple(slice(s, s + p) for s, p in zip(start, patch))])
+    index = [reflect_indices(s, p, n) for s, p, n in zip(start, patch, img.shape)]
+    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in index)
+    region = np.asarray(img[box])
+    local = [i - b.start for i, b in zip(index, box)]
+    return region[np.ix_(*local)]  # trailing (channel) axis kept whole
+
+
+def blend_window(patch, padding, device=None):
+    """Separable sin^2 window over the kept centre of a patch (floored), 0 on its padding border."""
+    w = None
+    for p, d in zip(patch, padding):
+        valid = p - 2 * d
+        i = torch.arange(valid, dtype=torch.float32, device=device)
+        axis = torch.zeros(p, dtype=torch.float32, device=device)
+        axis[d:d + valid] = torch.sin(np.pi * (i + 0.5) / valid).pow(2).clamp_min(WINDOW_FLOOR)
+        w = axis if w is None else w[..., None] * axis
+    return w
+
+
+def _reflect_pad(x, before, after):
+    """Pad the spatial axes of (C, *spatial) by reflection, any amount (gathers with folded indices)."""
+    for axis, (b, a) in enumerate(zip(before, after), start=1):
+        if b or a:
+            idx = torch.from_numpy(reflect_indices(-b, x.shape[axis] + b + a, x.shape[axis])).to(x.device)
+            x = x.index_select(axis, idx)
+    return x
+
+
+def predict_whole(img, predict_fn, patch, overlap=None, padding=None, batch_size=1):
+    """Network output over a whole (C, *spatial) tensor from overlapping patches, smoothly blended.
+
+    `predict_fn(batch (B, C, *patch)) -> (B, C_out, *patch)`; the result is (C_out, *spatial),
+    float32, accumulated on the input's device.
+    """
+    patch = tuple(int(p) for p in patch)
+    overlap, padding = _check(patch, overlap, padding)
+    spatial = tuple(img.shape[1:])
+    if len(spatial) != len(patch):
+        raise ConfigError(f"DATA.PATCH_SIZE: patch {patch} does not fit an image of spatial shape {spatial}")
+    batch_size = max(1, int(batch_size))
+    axes = [axis_starts(s, p, o, d) for s, p, o, d in zip(spatial, patch, overlap, padding)]
+    before = [-a[0] for a in axes]
+    after = [max(0, a[-1] + p - s) for a, p, s in zip(axes, patch, spatial)]
+    canvas = _reflect_pad(img, before, after)
+    starts = [tuple(s + b for s, b in zip(st, before)) for st in itertools.product(*axes)]
+    window = blend_window(patch, padding, img.device)
+    acc = weight = None
+    for k in range(0, len(starts), batch_size):
+        chunk = starts[k:k + batch_size]
+        regions = [tuple(slice(s, s + p) for s, p in zip(st, patch)) for st in chunk]
+        batch = torch.stack([canvas[(slice(None),) + r] for r in regions])
+        out = predict_fn(batch)
+        if tuple(out.shape[2:]) != patch or out.shape[0] != len(chunk):
+            raise ValueError(f"predict_fn returned {tuple(out.shape)} for a batch of {tuple(batch.shape)}")
+        out = out.float() * window
+        if acc is None:
+            acc = torch.zeros((out.shape[1],) + tuple(canvas.shape[1:]), dtype=torch.float32, device=img.device)
+            weight = torch.zeros(tuple(canvas.shape[1:]), dtype=torch.float32, device=img.device)
+        for r, o in zip(regions, out):
+            acc[(slice(None),) + r] += o
+            weight[r] += window
+    crop = tuple(slice(b, b + s) for b, s in zip(before, spatial))
+    return acc[(slice(None),) + crop] / weight[crop]

@@ -1,0 +1,152 @@
+"""Checkpoint files: atomic saving, safe loading (`weights_only=True`) and tolerant weight loading.
+
+A checkpoint is a dict of plain tensors and Python values (the config as YAML text, RNG states as
+tensors/lists), so `torch.load(path, weights_only=True)` reads it without unpickling code.
+"""
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from biapy.errors import CheckpointError
+from biapy.utils.files import atomic_path
+
+log = logging.getLogger(__name__)
+
+# Architectures whose checkpoints share parameter names (an MAE encoder loads into UNETR).
+_FAMILIES = {"unet": "unet", "resunet": "resunet", "mae": "vit", "unetr": "vit"}
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def to_plain(value):
+    """numpy arrays -> tensors, numpy scalars/Paths -> Python values, recursively (weights_only-safe)."""
+    if isinstance(value, dict):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_plain(v) for v in value)
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def save_checkpoint(path, payload: dict) -> None:
+    """Write `payload` to a temporary file beside `path`, then rename: a failure leaves the old file intact."""
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path) -> dict:
+    """The payload of a checkpoint on CPU; CheckpointError if missing, unreadable or not a checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, pickled objects, random bytes...
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint (corrupt, truncated or not saved by "
+                              f"torch with plain values): {reason[:200]}") from None
+    if isinstance(state, dict) and "model" not in state and state and all(torch.is_tensor(v) for v in state.values()):
+        state = {"model": state}  # a bare state_dict
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise CheckpointError(f"{path}: not a model checkpoint (no 'model' weights inside)")
+    return state
+
+
+def _strip(name: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, changed = name[len(prefix):], True
+    return name
+
+
+def load_weights(model, state_dict, skip_unmatched=False, source="checkpoint"):
+    """Copy matching tensors of `state_dict` into `model`.
+
+    Returns (loaded_keys, skipped) where skipped lists 'name (reason)' strings. Without
+    `skip_unmatched`, any tensor whose name or shape does not fit is a CheckpointError listing them.
+    """
+    own = model.state_dict()
+    given = {_strip(k): v for k, v in state_dict.items()}
+    loadable, skipped = {}, []
+    for name, tensor in given.items():
+        if name not in own:
+            skipped.append(f"{name} (not in the model)")
+        elif tuple(own[name].shape) != tuple(tensor.shape):
+            skipped.append(f"{name} (checkpoint {tuple(tensor.shape)} vs model {tuple(own[name].shape)})")
+        else:
+            loadable[name] = tensor
+    missing = [f"{name} (not in the checkpoint)" for name in own if name not in given]
+    problems = skipped + missing
+    if problems and not skip_unmatched:
+        shown = "; ".join(problems[:6]) + (f"; ... {len(problems) - 6} more" if len(problems) > 6 else "")
+        raise CheckpointError(f"{source}: {len(problems)} tensor(s) do not fit the model: {shown}. "
+                              "Set MODEL.SKIP_UNMATCHED_LAYERS True to load the rest")
+    if not loadable:
+        raise CheckpointError(f"{source}: no tensor matches the model by name and shape "
+                              "(a checkpoint of a different architecture?)")
+    model.load_state_dict(loadable, strict=False)
+    return sorted(loadable), problems
+
+
+def checkpoint_metadata(cfg) -> dict:
+    ndim = 3 if str(cfg.PROBLEM.NDIM).upper() == "3D" else 2
+    return {"ndim": ndim, "in_channels": int(cfg.DATA.PATCH_SIZE[-1]), "architecture": str(cfg.MODEL.ARCHITECTURE),
+            "problem": str(cfg.PROBLEM.TYPE), "pretext_task": str(cfg.PROBLEM.SELF_SUPERVISED.PRETEXT_TASK),
+            "n_classes": int(cfg.MODEL.N_CLASSES)}
+
+
+def check_compatible(meta: dict, cfg, path) -> None:
+    """CheckpointError (naming both values) when the checkpoint's ndim, channels or architecture family differ."""
+    if not meta:
+        return  # a bare state_dict: shapes are checked tensor by tensor
+    mine = checkpoint_metadata(cfg)
+    if "ndim" in meta and int(meta["ndim"]) != mine["ndim"]:
+        raise CheckpointError(f"{path}: checkpoint is {meta['ndim']}D but PROBLEM.NDIM is {mine['ndim']}D")
+    if "in_channels" in meta and int(meta["in_channels"]) != mine["in_channels"]:
+        raise CheckpointError(f"{path}: checkpoint takes {meta['in_channels']} input channel(s) but "
+                              f"DATA.PATCH_SIZE asks for {mine['in_channels']}")
+    theirs = str(meta.get("architecture", mine["architecture"]))
+    if _FAMILIES.get(theirs, theirs) != _FAMILIES.get(mine["architecture"], mine["architecture"]):
+        raise CheckpointError(f"{path}: checkpoint is a '{theirs}' model but MODEL.ARCHITECTURE is "
+                              f"'{mine['architecture']}'")
+
+
+# ------------------------------------------------------------------ RNG states as plain values
+def rng_states() -> dict:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    if not states:
+        return
+    if "torch" in states:
+        torch.set_rng_state(states["torch"])
+    npst = states.get("numpy")
+    if npst:
+        np.random.set_state(("MT19937", npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"],
+                             npst["cached_gaussian"]))
+    pyst = states.get("python")
+    if pyst:
+        random.setstate((pyst["version"], tuple(pyst["state"]), pyst["gauss"]))
+    cuda = states.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)

@@ -1,0 +1,93 @@
+"""Process-group set-up for torchrun (env://) and the few collectives the engine needs.
+
+Everything also works in a single process: `DistInfo.enabled` is False and collectives are no-ops.
+"""
+import logging
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    is_main: bool = True
+    enabled: bool = False
+
+
+def is_initialized() -> bool:
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def init_distributed(backend="gloo") -> DistInfo:
+    """Join the process group of torchrun (env:// variables) when WORLD_SIZE > 1; else a single-process info."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if world_size <= 1:
+        return DistInfo()
+    if not is_initialized():
+        tdist.init_process_group(backend=backend, init_method="env://", world_size=world_size, rank=rank)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, is_main=rank == 0, enabled=True)
+
+
+def barrier() -> None:
+    if is_initialized():
+        tdist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (returned for chaining); no-op in a single process."""
+    if is_initialized():
+        tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    if is_initialized():
+        tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
+        tensor /= tdist.get_world_size()
+    return tensor
+
+
+def broadcast_object(value, src=0):
+    """Rank `src`'s value on every rank."""
+    if not is_initialized():
+        return value
+    box = [value]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def cleanup() -> None:
+    """Wait for every rank, then leave the process group (safe to call when none exists)."""
+    if not is_initialized():
+        return
+    try:
+        tdist.barrier()
+    except Exception as err:  # a peer already died; still release our side
+        log.debug("barrier at cleanup failed: %s", err)
+    tdist.destroy_process_group()
+
+
+@contextmanager
+def main_first(dist: DistInfo):
+    """Rank 0 runs the block first (e.g. builds a cache), the others wait and then run it (reusing it)."""
+    if dist is None or not dist.enabled:
+        yield
+        return
+    if not dist.is_main:
+        barrier()
+        yield
+        return
+    try:
+        yield
+    finally:
+        barrier()  # release the others even when rank 0 fails, so they fail too instead of hanging

@@ -1,0 +1,69 @@
+"""DataLoaders whose sample order is a function of (seed, epoch) only, so a resumed run sees the same data.
+
+The trainer calls `set_epoch(loader, epoch)` at the start of every epoch; it forwards the epoch to the
+sampler (shuffle order) and to the dataset (fresh random crops per epoch).
+"""
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+
+class EpochSampler(Sampler):
+    """Single-process sampler: a permutation seeded by (seed, epoch) when shuffling, else 0..n-1."""
+
+    def __init__(self, length: int, shuffle: bool, seed: int = 0):
+        self.length, self.shuffle, self.seed, self.epoch = length, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.length))
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=gen).tolist())
+
+    def __len__(self):
+        return self.length
+
+
+def _seed_worker(worker_id):
+    """numpy and random in each worker follow torch's per-worker seed (itself from the loader's generator)."""
+    seed = torch.initial_seed() % 2 ** 32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_loader(dataset, batch_size, shuffle, dist, num_workers=0, seed=0, drop_last=False):
+    """A DataLoader for `dataset`: DistributedSampler across ranks, else a seeded `EpochSampler`.
+
+    Persistent workers when num_workers > 0; pinned memory when CUDA is available.
+    """
+    if dist is not None and dist.enabled:
+        sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=shuffle,
+                                     seed=seed, drop_last=drop_last)
+    else:
+        sampler = EpochSampler(len(dataset), shuffle, seed)
+    workers = max(0, int(num_workers))
+    rank = dist.rank if dist is not None else 0
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=workers,
+        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+        worker_init_fn=_seed_worker if workers > 0 else None,
+        generator=torch.Generator().manual_seed(int(seed) + 7919 * rank),  # base worker seeds; keeps global RNG untouched
+        prefetch_factor=2 if workers > 0 else None,
+    )
+
+
+def set_epoch(loader, epoch: int) -> None:
+    """Tell the loader's sampler and dataset which epoch starts (order and random crops depend on it)."""
+    if loader is None:
+        return
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    dataset = getattr(loader, "dataset", None)
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)

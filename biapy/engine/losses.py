@@ -1,0 +1,120 @@
+"""Training losses: `build_loss(cfg)` for LOSS.TYPE and the masked-reconstruction loss of masking SSL.
+
+Image losses take (pred, target) float (B, C, *spatial); segmentation losses take logits
+(B, K, *spatial) and int64 labels (B, *spatial) or (B, 1, *spatial). All return a scalar tensor.
+"""
+import torch
+import torch.nn.functional as F
+
+from biapy.engine.metrics import ssim
+from biapy.errors import ConfigError
+
+
+def _labels(target: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    if target.dim() == pred.dim() and target.shape[1] == 1:
+        target = target[:, 0]
+    return target.long()
+
+
+def _ssim_loss(pred, target):
+    return 1.0 - ssim(pred, target)
+
+
+def _mae(pred, target):
+    return F.l1_loss(pred.float(), target.float())
+
+
+def _mse(pred, target):
+    return F.mse_loss(pred.float(), target.float())
+
+
+def _ce(pred, target):
+    return F.cross_entropy(pred.float(), _labels(target, pred))
+
+
+def soft_dice_loss(logits, target, eps=1.0):
+    """1 - mean over classes of the soft Dice between softmax(logits) and one-hot labels."""
+    labels = _labels(target, logits)
+    probs = logits.float().softmax(1)
+    onehot = F.one_hot(labels, logits.shape[1]).movedim(-1, 1).to(probs.dtype)
+    dims = (0,) + tuple(range(2, probs.dim()))
+    inter = (probs * onehot).sum(dims)
+    sizes = probs.sum(dims) + onehot.sum(dims)
+    return 1.0 - ((2 * inter + eps) / (sizes + eps)).mean()
+
+
+def _weighted(first, second, w):
+    w0, w1 = float(w[0]), float(w[1])
+
+    def loss(pred, target):
+        return w0 * first(pred, target) + w1 * second(pred, target)
+    return loss
+
+
+def build_loss(cfg):
+    """LOSS.TYPE -> callable(pred, target) -> scalar tensor (LOSS.WEIGHTS for the two-term losses)."""
+    kind = cfg.LOSS.TYPE
+    if isinstance(kind, (list, tuple)):  # BiaPy's list form ["MAE"]
+        kind = kind[0] if kind else ""
+    kind = str(kind).upper()
+    weights = list(cfg.LOSS.WEIGHTS) or [0.5, 0.5]
+    table = {
+        "MAE": _mae,
+        "MSE": _mse,
+        "SSIM": _ssim_loss,
+        "W_MAE_SSIM": _weighted(_mae, _ssim_loss, weights),
+        "W_MSE_SSIM": _weighted(_mse, _ssim_loss, weights),
+        "CE": _ce,
+        "DICE": soft_dice_loss,
+        "CE_DICE": _weighted(_ce, soft_dice_loss, weights),
+    }
+    if kind not in table:
+        raise ConfigError(f"LOSS.TYPE: {cfg.LOSS.TYPE!r} is not a known loss; expected one of {', '.join(table)}")
+    return table[kind]
+
+
+def _as_tuple(token_size, nsp):
+    return tuple(token_size) if isinstance(token_size, (tuple, list)) else (int(token_size),) * nsp
+
+
+def _expand(stat: torch.Tensor, token, spatial):
+    """Token-grid statistics back to pixel resolution, cropped to the image."""
+    for axis, t in enumerate(token):
+        stat = stat.repeat_interleave(t, dim=2 + axis)
+    return stat[(slice(None), slice(None)) + tuple(slice(0, s) for s in spatial)]
+
+
+def normalize_tokens(target: torch.Tensor, token_size, eps=1e-6) -> torch.Tensor:
+    """Each token (token_size pixels per side, all channels) to zero mean, unit variance (MAE norm_pix).
+
+    Uses the unbiased variance as MAE does. A last partial token (size not divisible) is
+    normalized over the pixels it holds.
+    """
+    x = target.float()
+    spatial = x.shape[2:]
+    token = _as_tuple(token_size, len(spatial))
+    pool = F.avg_pool2d if len(spatial) == 2 else F.avg_pool3d
+    kw = dict(kernel_size=token, stride=token, ceil_mode=True, divisor_override=1)
+    s1 = pool(x.sum(1, keepdim=True), **kw)
+    s2 = pool((x * x).sum(1, keepdim=True), **kw)
+    n = pool(torch.ones_like(x[:, :1]), **kw) * x.shape[1]
+    mean = s1 / n
+    var = ((s2 - s1 * mean) / (n - 1).clamp_min(1)).clamp_min(0)
+    return (x - _expand(mean, token, spatial)) / _expand((var + eps).sqrt(), token, spatial)
+
+
+def masked_reconstruction_loss(pred, target, mask, token_size, norm_pix=False, on_masked_only=True, kind="mse"):
+    """Reconstruction loss of masking SSL; mask (B,1,*spatial) with 1 = hidden.
+
+    on_masked_only: mean over hidden pixels (and channels) only, as MAE; else over every pixel.
+    norm_pix: the target is normalized per token first (`normalize_tokens`).
+    """
+    if norm_pix:
+        target = normalize_tokens(target, token_size)
+    diff = pred.float() - target.float()
+    err = diff * diff if kind == "mse" else diff.abs()
+    if not on_masked_only:
+        return err.mean()
+    m = mask.to(err.dtype)
+    hidden = m.sum() * err.shape[1]
+    return (err * m).sum() / hidden.clamp_min(1.0)

@@ -1,0 +1,208 @@
+"""Image and label metrics on torch tensors (B, C, *spatial), 2D and 3D, and a rank-aware averager.
+
+Every function accepts non-contiguous inputs (e.g. RGB views) and never returns -inf/NaN for
+images: PSNR of identical images is capped at `PSNR_CAP` dB. Segmentation scores return NaN
+only for a class absent from both prediction and labels (callers skip those).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+PSNR_CAP = 100.0
+
+
+def _per_sample(x: torch.Tensor) -> torch.Tensor:
+    """(B, ...) -> (B, N); reshape (not view) so non-contiguous inputs work."""
+    return x.reshape(x.shape[0], -1)
+
+
+def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return values.mean()
+    if reduction == "sum":
+        return values.sum()
+    if reduction in ("none", "per_sample"):
+        return values
+    raise ValueError(f"reduction must be 'mean', 'sum', 'per_sample' or 'none', got {reduction!r}")
+
+
+def _data_range(target: torch.Tensor, data_range) -> torch.Tensor:
+    """Per-sample range (B,): the given value, or the target's max - min (normalized data has no fixed range)."""
+    if data_range is None:
+        flat = _per_sample(target.detach().float())
+        rng = flat.amax(1) - flat.amin(1)
+    else:
+        rng = torch.as_tensor(data_range, dtype=torch.float32, device=target.device).reshape(-1)
+        rng = rng.expand(target.shape[0])
+    return rng.clamp_min(1e-8)
+
+
+def mse(pred, target, reduction="mean"):
+    """Mean squared error; 'none'/'per_sample' -> one value per sample (B,)."""
+    return _reduce(_per_sample((pred.float() - target.float()) ** 2).mean(1), reduction)
+
+
+def mae(pred, target, reduction="mean"):
+    """Mean absolute error; 'none'/'per_sample' -> one value per sample (B,)."""
+    return _reduce(_per_sample((pred.float() - target.float()).abs()).mean(1), reduction)
+
+
+def psnr_from_mse(mse_value, data_range):
+    """10*log10(range^2 / mse), capped at PSNR_CAP; float in -> float out, tensor in -> tensor out."""
+    if torch.is_tensor(mse_value):
+        rng2 = torch.as_tensor(data_range, dtype=torch.float32, device=mse_value.device).clamp_min(1e-8) ** 2
+        floor = rng2 * 10.0 ** (-PSNR_CAP / 10.0)
+        return 10.0 * torch.log10(rng2 / torch.maximum(mse_value.float(), floor))
+    rng2 = max(float(data_range), 1e-8) ** 2
+    value = float(mse_value)
+    if not value > 0:  # 0 or NaN-free identical images -> the cap
+        return PSNR_CAP
+    return min(PSNR_CAP, 10.0 * math.log10(rng2 / value))
+
+
+def psnr(pred, target, data_range=None, reduction="mean"):
+    """PSNR per sample (capped at PSNR_CAP), then reduced; data_range None = target's max - min per sample."""
+    err = mse(pred, target, reduction="none")
+    rng2 = _data_range(target, data_range) ** 2
+    floor = rng2 * 10.0 ** (-PSNR_CAP / 10.0)
+    values = 10.0 * torch.log10(rng2 / torch.maximum(err, floor))
+    return _reduce(values, reduction)
+
+
+def _gaussian_1d(size: int, sigma: float, device, dtype) -> torch.Tensor:
+    coords = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2.0
+    g = torch.exp(-(coords ** 2) / (2 * sigma ** 2))
+    return g / g.sum()
+
+
+def _blur(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Separable 'valid' Gaussian filter over every spatial axis, per channel (groups=C)."""
+    c, nsp = x.shape[1], x.dim() - 2
+    conv = F.conv2d if nsp == 2 else F.conv3d
+    for axis in range(nsp):
+        shape = [1, 1] + [1] * nsp
+        shape[2 + axis] = kernel.numel()
+        x = conv(x, kernel.reshape(shape).repeat(c, *([1] * (nsp + 1))), groups=c)
+    return x
+
+
+def ssim(pred, target, data_range=None, reduction="mean", win_size=11, sigma=1.5):
+    """Structural similarity (Wang et al. 2004) with a Gaussian window, 2D or 3D, differentiable.
+
+    The window shrinks (odd size) to fit small patches, e.g. thin 3D stacks. Computed in float32.
+    reduction 'none' -> the SSIM map (B, C, *spatial) of the input's shape (borders from reflect
+    padding); 'per_sample' -> (B,); 'mean' -> scalar. Means use only the interior (valid) part of
+    the map, as skimage does, so 'mean' equals the mean of the cropped 'none' map.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"ssim: shapes differ, {tuple(pred.shape)} vs {tuple(target.shape)}")
+    if pred.dim() not in (4, 5):
+        raise ValueError(f"ssim expects (B,C,y,x) or (B,C,z,y,x), got shape {tuple(pred.shape)}")
+    x, y = pred.float(), target.float()
+    win = min(win_size, *x.shape[2:])
+    win = max(win if win % 2 == 1 else win - 1, 1)
+    half = win // 2
+    kernel = _gaussian_1d(win, sigma, x.device, x.dtype)
+    rng = _data_range(target, data_range).reshape(-1, *([1] * (x.dim() - 1)))
+    c1, c2 = (0.01 * rng) ** 2, (0.03 * rng) ** 2
+    if reduction == "none" and half:
+        pad = [half] * (2 * (x.dim() - 2))
+        x, y = F.pad(x, pad, mode="reflect"), F.pad(y, pad, mode="reflect")
+    mu_x, mu_y = _blur(x, kernel), _blur(y, kernel)
+    sxx = _blur(x * x, kernel) - mu_x ** 2
+    syy = _blur(y * y, kernel) - mu_y ** 2
+    sxy = _blur(x * y, kernel) - mu_x * mu_y
+    num = (2 * mu_x * mu_y + c1) * (2 * sxy + c2)
+    den = (mu_x ** 2 + mu_y ** 2 + c1) * (sxx + syy + c2)
+    ssim_map = num / den
+    if reduction == "none":
+        return ssim_map
+    return _reduce(_per_sample(ssim_map).mean(1), reduction)
+
+
+def _labels(t: torch.Tensor) -> torch.Tensor:
+    """Accept (B,*spatial) or (B,1,*spatial) integer labels."""
+    return t[:, 0] if t.dim() >= 4 and t.shape[1] == 1 else t
+
+
+def intersection_union(pred_labels, labels, n_classes):
+    """Per-class (intersection, union, pred_count + label_count) as float64 tensors (n_classes,).
+
+    Sums of these over a dataset give dataset-level IoU/Dice. Labels outside [0, n_classes) are ignored.
+    """
+    p = _labels(pred_labels).reshape(-1).long()
+    t = _labels(labels).reshape(-1).long()
+    if p.numel() != t.numel():
+        raise ValueError(f"label shapes differ: {tuple(pred_labels.shape)} vs {tuple(labels.shape)}")
+    valid = (t >= 0) & (t < n_classes) & (p >= 0) & (p < n_classes)
+    conf = torch.bincount(t[valid] * n_classes + p[valid], minlength=n_classes * n_classes)
+    conf = conf.reshape(n_classes, n_classes).double()
+    inter = conf.diagonal()
+    sizes = conf.sum(0) + conf.sum(1)
+    return inter, sizes - inter, sizes
+
+
+def iou_per_class(pred_labels, labels, n_classes):
+    """IoU per class (n_classes,) float tensor; NaN for a class absent from both prediction and labels."""
+    inter, union, _ = intersection_union(pred_labels, labels, n_classes)
+    nan = torch.full_like(inter, float("nan"))
+    return torch.where(union > 0, inter / union.clamp_min(1), nan).float()
+
+
+def dice_per_class(pred_labels, labels, n_classes):
+    """Dice per class (n_classes,) float tensor; NaN for a class absent from both prediction and labels."""
+    inter, _, sizes = intersection_union(pred_labels, labels, n_classes)
+    nan = torch.full_like(inter, float("nan"))
+    return torch.where(sizes > 0, 2 * inter / sizes.clamp_min(1), nan).float()
+
+
+class MetricAverager:
+    """Running count-weighted means of named values, reducible across ranks.
+
+    Totals may be tensors: they are kept on their device (no host sync per batch) until result().
+    """
+
+    def __init__(self):
+        self.sums: dict = {}
+        self.counts: dict = {}
+
+    def update(self, name: str, total, count) -> None:
+        """Add `total` (a sum over `count` items, float or tensor) to `name`."""
+        if torch.is_tensor(total):
+            total = total.detach().double()
+        self.sums[name] = self.sums.get(name, 0.0) + total
+        self.counts[name] = self.counts.get(name, 0.0) + float(count)
+
+    def update_many(self, values: dict) -> None:
+        """`{name: (sum, count)}` as returned by a workflow's batch_metrics; NaN values are skipped."""
+        for name, (total, count) in values.items():
+            if not torch.is_tensor(total) and (total is None or math.isnan(float(total))):
+                continue
+            self.update(name, total, count)
+
+    def _plain(self) -> None:
+        self.sums = {n: float(s) for n, s in self.sums.items()}
+
+    def all_reduce(self, device="cpu") -> None:
+        """Sum every value over ranks (no-op without an initialized process group).
+
+        Every rank must hold the same names; a name missing on one rank is added with 0/0.
+        """
+        import torch.distributed as dist
+        self._plain()
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, sorted(self.sums))
+        names = sorted(set().union(*gathered))
+        buf = torch.tensor([[self.sums.get(n, 0.0), self.counts.get(n, 0.0)] for n in names],
+                           dtype=torch.float64, device=device).reshape(-1, 2)
+        dist.all_reduce(buf)
+        for n, (s, c) in zip(names, buf.tolist()):
+            self.sums[n], self.counts[n] = s, c
+
+    def result(self) -> dict:
+        """Mean per name as floats; names that never received a count are left out."""
+        self._plain()
+        return {n: s / self.counts[n] for n, s in self.sums.items() if self.counts[n]}

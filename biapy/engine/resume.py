@@ -1,0 +1,133 @@
+"""What a training checkpoint holds and how it is restored: exact resume, starting weights, test weights.
+
+Payload keys: model, optimizer, scheduler, scaler, epoch (epochs completed, or the epoch in progress when
+step_in_epoch > 0), step_in_epoch, partial_loss (sum, count of that partial epoch), best_val, bad_epochs,
+stopped_early, history, rng (torch/numpy/python/cuda), config (YAML text), metadata, extras.
+"""
+import logging
+from pathlib import Path
+
+from biapy.engine.checkpoint import (check_compatible, checkpoint_metadata, load_checkpoint, load_weights,
+                                     rng_states, save_checkpoint, set_rng_states, to_plain)
+from biapy.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+
+def build_payload(t, epoch, step_in_epoch=0, partial_loss=(0.0, 0)) -> dict:
+    """Everything needed to continue training exactly; `t` is the Trainer."""
+    extras = t.wf.checkpoint_extras() if hasattr(t.wf, "checkpoint_extras") else {}
+    return {
+        "model": t.model.state_dict(),
+        "optimizer": t.optimizer.state_dict(),
+        "scheduler": t.scheduler.state_dict(),
+        "scaler": t.scaler.state_dict() if t.scaler is not None else None,
+        "epoch": int(epoch),
+        "step_in_epoch": int(step_in_epoch),
+        "partial_loss": [float(partial_loss[0]), int(partial_loss[1])],
+        "best_val": float(t.best_val),
+        "bad_epochs": int(t.bad_epochs),
+        "stopped_early": bool(t.stopped_early),
+        "history": to_plain(list(t.history)),
+        "rng": rng_states(),
+        "config": t.cfg.dump(),
+        "metadata": checkpoint_metadata(t.cfg),
+        "extras": to_plain(extras or {}),
+    }
+
+
+def save(t, path, **kwargs) -> None:
+    save_checkpoint(path, build_payload(t, **kwargs))
+
+
+def restore_training(t, state, path, with_rng=True) -> None:
+    """Optimizer, scheduler, scaler, counters and history from `state` (the model is loaded separately)."""
+    try:
+        if state.get("optimizer"):
+            t.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scheduler"):
+            t.scheduler.load_state_dict(state["scheduler"])
+        if t.scaler is not None and state.get("scaler"):
+            t.scaler.load_state_dict(state["scaler"])
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: optimizer/scheduler state does not fit this model or TRAIN.OPTIMIZER "
+                              f"({str(err).splitlines()[0][:160]}); set MODEL.LOAD_CHECKPOINT_ONLY_WEIGHTS True") from None
+    t.start_epoch = int(state.get("epoch", 0))
+    t.skip_steps = int(state.get("step_in_epoch", 0))
+    t.partial_loss = tuple(state.get("partial_loss", (0.0, 0)))
+    t.best_val = float(state.get("best_val", float("inf")))
+    t.bad_epochs = int(state.get("bad_epochs", 0))
+    t.stopped_early = bool(state.get("stopped_early", False))
+    t.history = list(state.get("history", []))
+    if with_rng:
+        set_rng_states(state.get("rng"))
+
+
+def load_model_from(t_model, cfg, path, skip_unmatched):
+    state = load_checkpoint(path)
+    check_compatible(state.get("metadata") or {}, cfg, path)
+    loaded, skipped = load_weights(t_model, state["model"], skip_unmatched, source=str(path))
+    return state, loaded, skipped
+
+
+def starting_checkpoint(cfg, job):
+    """MODEL.LOAD_CHECKPOINT source: PATHS.CHECKPOINT_FILE, else this job's checkpoint by LOAD_CHECKPOINT_EPOCH."""
+    if cfg.PATHS.CHECKPOINT_FILE:
+        return Path(cfg.PATHS.CHECKPOINT_FILE)
+    return job.checkpoint("best" if cfg.MODEL.LOAD_CHECKPOINT_EPOCH == "best_on_val" else "last")
+
+
+def resume_or_start(t) -> bool:
+    """Restore this job's unfinished 'last' checkpoint, or the MODEL.LOAD_CHECKPOINT start.
+
+    Returns False when this job's training already finished (nothing to do).
+    """
+    cfg, job = t.cfg, t.job
+    last = job.checkpoint("last")
+    if last.exists():
+        state, _, _ = load_model_from(t.model, cfg, last, skip_unmatched=False)
+        restore_training(t, state, last)
+        if t.stopped_early or (t.start_epoch >= cfg.TRAIN.EPOCHS and t.skip_steps == 0):
+            log.info("Training of %s already finished (%d epoch(s)%s); %s kept. Use a new --run_id to train again",
+                     job.id, t.start_epoch, ", stopped early" if t.stopped_early else "", last.name)
+            return False
+        where = f"epoch {t.start_epoch + 1}" + (f", step {t.skip_steps + 1}" if t.skip_steps else "")
+        log.info("Resuming %s from %s at %s", job.id, last.name, where)
+        return True
+    if not cfg.MODEL.LOAD_CHECKPOINT:
+        return True
+    path = starting_checkpoint(cfg, job)
+    state, loaded, skipped = load_model_from(t.model, cfg, path, cfg.MODEL.SKIP_UNMATCHED_LAYERS)
+    log.info("Loaded %d tensor(s) from %s", len(loaded), path)
+    if skipped:
+        log.info("Skipped %d tensor(s): %s", len(skipped), ", ".join(skipped))
+    log.debug("Loaded tensors: %s", ", ".join(loaded))
+    if not cfg.MODEL.LOAD_CHECKPOINT_ONLY_WEIGHTS:
+        restore_training(t, state, path, with_rng=False)
+        log.info("Continuing from epoch %d of %s (optimizer and schedule restored)", t.start_epoch, path.name)
+    if t.dist.is_main and cfg.PATHS.CHECKPOINT_FILE:
+        from biapy.runner import record_derived_model
+        record_derived_model(path, job)
+    return True
+
+
+def load_for_test(wf) -> Path:
+    """Weights for the test phase: this job's best checkpoint (else last) after training; with TRAIN.ENABLE
+    False and MODEL.LOAD_CHECKPOINT True, PATHS.CHECKPOINT_FILE (or this job's, by LOAD_CHECKPOINT_EPOCH)."""
+    cfg, job = wf.cfg, wf.job
+    if not cfg.TRAIN.ENABLE and cfg.MODEL.LOAD_CHECKPOINT:
+        path = starting_checkpoint(cfg, job)
+    else:
+        best, last = job.checkpoint("best"), job.checkpoint("last")
+        path = best if best.exists() else last
+        if not path.exists():
+            raise CheckpointError(f"{best}: no checkpoint of this job to test (train first, or set "
+                                  "MODEL.LOAD_CHECKPOINT True with PATHS.CHECKPOINT_FILE)")
+    model = getattr(wf.model, "module", wf.model)
+    model = getattr(model, "_orig_mod", model)
+    state, loaded, skipped = load_model_from(model, cfg, path, cfg.MODEL.SKIP_UNMATCHED_LAYERS)
+    epoch = state.get("epoch")
+    log.info("Test weights: %s%s", path, f" (after {epoch} epoch(s))" if epoch is not None else "")
+    if skipped:
+        log.info("Skipped %d tensor(s): %s", len(skipped), ", ".join(skipped))
+    return path

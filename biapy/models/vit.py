@@ -1,0 +1,117 @@
+"""ViT encoder pieces shared by the masked autoencoder and UNETR (2D and 3D).
+
+`ViTEncoder` is the one encoder class of both models, so `encoder.*` parameter names and
+shapes match exactly and MAE weights load into UNETR. There is no class token: the
+reconstruction and the segmentation decoder only need the patch tokens.
+
+Position embeddings are fixed 2D/3D sine-cosine tables kept as non-persistent buffers: they are
+not learned, not stored in checkpoints, and recomputed for any grid, so a checkpoint trained
+on one patch size fine-tunes on another.
+"""
+from functools import partial
+
+import math
+import torch
+from torch import nn
+from timm.models.vision_transformer import Block
+
+
+def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
+    """(N,) positions -> (N, dim) [sin | cos] with MAE's frequencies (dim even)."""
+    omega = torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0)
+    omega = 1.0 / 10000 ** omega
+    out = pos.double().reshape(-1, 1) * omega.reshape(1, -1)
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+
+def sincos_pos_embed(grid, dim: int) -> torch.Tensor:
+    """(L, dim) float32 table for a 2D (y, x) or 3D (z, y, x) token grid, L in row-major order.
+
+    Each axis gets an even share of `dim`; the few leftover channels (when dim is not a multiple
+    of 2 * ndim) are zero.
+    """
+    n = len(grid)
+    share = (dim // n) // 2 * 2
+    coords = torch.meshgrid(*[torch.arange(g) for g in grid], indexing="ij")
+    parts = [sincos_1d(share, c.flatten()) for c in coords]
+    L = math.prod(grid)
+    parts.append(torch.zeros(L, dim - share * n, dtype=torch.float64))
+    return torch.cat(parts, dim=1).float()
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping token_size^ndim patches -> (B, L, dim) tokens, by a strided convolution."""
+
+    def __init__(self, ndim, in_channels, token_size, dim):
+        super().__init__()
+        conv = nn.Conv3d if ndim == 3 else nn.Conv2d
+        self.proj = conv(in_channels, dim, token_size, stride=token_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class ViTEncoder(nn.Module):
+    """patch_embed -> + pos_embed -> (optional token selection) -> blocks -> norm."""
+
+    def __init__(self, ndim, in_channels, patch_spatial, token_size, dim, depth, heads, mlp_ratio=4.0,
+                 norm_eps=1e-6):
+        super().__init__()
+        self.ndim = ndim
+        self.token_size = token_size
+        self.grid = tuple(s // token_size for s in patch_spatial)
+        self.patch_embed = PatchEmbed(ndim, in_channels, token_size, dim)
+        self.register_buffer("pos_embed", sincos_pos_embed(self.grid, dim).unsqueeze(0), persistent=False)
+        norm = partial(nn.LayerNorm, eps=norm_eps)
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, qkv_bias=True, norm_layer=norm)
+                                    for _ in range(depth))
+        self.norm = norm(dim)
+        self.last_input_len = None  # tokens the blocks saw in the last forward (tests, debugging)
+
+    def grid_of(self, x) -> tuple:
+        return tuple(s // self.token_size for s in x.shape[2:])
+
+    def position_table(self, grid) -> torch.Tensor:
+        if tuple(grid) == self.grid:
+            return self.pos_embed
+        return sincos_pos_embed(grid, self.pos_embed.shape[-1]).unsqueeze(0).to(self.pos_embed.device)
+
+    def forward(self, x, ids_keep=None, return_blocks=()):
+        """x (B, C, *spatial) -> (normed tokens (B, L_seen, dim), [raw outputs of `return_blocks`]).
+
+        With `ids_keep` (B, L_keep) only those tokens enter the transformer (MAE's encoder).
+        """
+        tokens = self.patch_embed(x)
+        tokens = tokens + self.position_table(self.grid_of(x)).to(tokens.dtype)
+        if ids_keep is not None:
+            tokens = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        self.last_input_len = tokens.shape[1]
+        feats = []
+        for i, blk in enumerate(self.blocks):
+            tokens = blk(tokens)
+            if i in return_blocks:
+                feats.append(tokens)
+        return self.norm(tokens), feats
+
+
+def init_vit_weights(module: nn.Module):
+    """facebookresearch/mae initialization: xavier-uniform linears (and the patch projection
+    seen as a linear), zero biases, unit LayerNorms."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, PatchEmbed):
+            w = m.proj.weight
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            nn.init.zeros_(m.proj.bias)
+
+
+def tokens_to_map(tokens: torch.Tensor, grid) -> torch.Tensor:
+    """(B, L, D) -> (B, D, *grid): a view with channels-last strides, no copy."""
+    B, L, D = tokens.shape
+    return tokens.transpose(1, 2).reshape(B, D, *grid)

@@ -1,0 +1,1 @@
+"""Small helpers shared across the package: atomic files, charts, train logs, TensorBoard."""

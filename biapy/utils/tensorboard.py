@@ -1,0 +1,62 @@
+"""A SummaryWriter wrapper that is a no-op off rank 0 and turns channel-last images into panels."""
+import logging
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def to_panel(array, ndim) -> np.ndarray:
+    """Channel-last image -> (H, W, 3) float in [0, 1]: middle z slice in 3D, RGB if 3 channels else channel 0."""
+    a = np.asarray(array, dtype=np.float32)
+    if a.ndim == ndim:  # no channel axis
+        a = a[..., None]
+    if ndim == 3:
+        a = a[a.shape[0] // 2]
+    a = a[..., :3] if a.shape[-1] == 3 else a[..., :1]
+    lo, hi = np.nanmin(a), np.nanmax(a)
+    a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+    a = np.nan_to_num(a, nan=0.0)
+    return np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a
+
+
+class TensorBoard:
+    """Scalars and images under `log_dir`; every method does nothing when `enabled` is False."""
+
+    def __init__(self, log_dir, enabled=True):
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    @property
+    def enabled(self) -> bool:
+        return self.writer is not None
+
+    def add_scalar(self, tag, value, step) -> None:
+        if self.writer is not None and value is not None:
+            self.writer.add_scalar(tag, float(value), step)
+
+    def add_scalars(self, values: dict, step, prefix="") -> None:
+        for name, value in values.items():
+            self.add_scalar(f"{prefix}{name}", value, step)
+
+    def add_images(self, tag, arrays, step, ndim=2) -> None:
+        """A row of channel-last images (2D or 3D) shown side by side, each min-max scaled."""
+        if self.writer is None or not arrays:
+            return
+        panels = [to_panel(a, ndim) for a in arrays]
+        if len({p.shape for p in panels}) == 1:
+            self.writer.add_images(tag, np.stack(panels), step, dataformats="NHWC")
+        else:
+            for i, panel in enumerate(panels):
+                self.writer.add_image(f"{tag}/{i}", panel, step, dataformats="HWC")
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None

@@ -1,0 +1,180 @@
+"""biapy.data.io: round trips per format and axis layout, axes metadata, lazy access, bad files."""
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+from skimage import io as skio
+
+from biapy.data.io import (LazyTiff, check_consistent_channels, check_finite, image_shape, list_images,
+                           open_image_lazy, read_image, write_image)
+from biapy.errors import ConfigError, DataError
+
+CASES = [  # (ndim, shape (spatial..., c), dtype, axes expected in the file)
+    (2, (13, 17, 1), np.uint8, "YX"),
+    (2, (13, 17, 3), np.uint8, "CYX"),
+    (2, (13, 17, 5), np.uint16, "CYX"),
+    (3, (5, 13, 17, 1), np.uint16, "ZYX"),
+    (3, (5, 13, 17, 2), np.float32, "ZCYX"),
+    (3, (5, 13, 17, 2), np.int32, "ZCYX"),  # not an ImageJ dtype: shaped TIFF, same axes
+]
+
+
+@pytest.mark.parametrize("ndim,shape,dtype,axes", CASES)
+def test_tiff_round_trip_keeps_values_dtype_and_axes(tmp_path, ndim, shape, dtype, axes):
+    a = (np.random.default_rng(0).random(shape) * 200).astype(dtype)
+    path = write_image(tmp_path / "a.tif", a, ndim)
+    b = read_image(path, ndim)
+    assert b.dtype == dtype and b.shape == shape
+    np.testing.assert_array_equal(a, b)
+    with tifffile.TiffFile(path) as tif:
+        assert tif.series[0].axes == axes
+        assert tif.is_imagej == (dtype in (np.uint8, np.uint16, np.float32))
+    assert image_shape(path, ndim) == shape
+    lazy = open_image_lazy(path, ndim)
+    assert isinstance(lazy, LazyTiff) and lazy.shape == shape
+    region = tuple(slice(1, 4) for _ in range(ndim))
+    np.testing.assert_array_equal(lazy[region], a[region])
+
+
+def test_float64_and_bool_are_converted(tmp_path):
+    path = write_image(tmp_path / "f.tif", np.full((4, 5, 1), 0.5), 2)
+    assert read_image(path, 2).dtype == np.float32
+    path = write_image(tmp_path / "b.tif", np.ones((4, 5), bool), 2)
+    b = read_image(path, 2)
+    assert b.dtype == np.uint8 and b.shape == (4, 5, 1) and b.min() == 1
+
+
+def test_imagej_hyperstack_in_fiji_order_is_read_as_zyxc(tmp_path):
+    zcyx = np.random.default_rng(1).integers(0, 1000, (4, 3, 6, 7), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "h.tif", zcyx[None], imagej=True, metadata={"axes": "TZCYX"})
+    b = read_image(tmp_path / "h.tif", 3)
+    np.testing.assert_array_equal(b, np.moveaxis(zcyx, 1, -1))
+
+
+def test_plain_tiff_without_axes_uses_channel_last(tmp_path):
+    a = np.arange(6 * 7 * 2, dtype=np.uint16).reshape(6, 7, 2)
+    tifffile.imwrite(tmp_path / "p.tif", a)
+    np.testing.assert_array_equal(read_image(tmp_path / "p.tif", 2), a)
+    stack = np.arange(3 * 6 * 7, dtype=np.uint8).reshape(3, 6, 7)
+    tifffile.imwrite(tmp_path / "s.tif", stack)
+    np.testing.assert_array_equal(read_image(tmp_path / "s.tif", 3), stack[..., None])
+
+
+def test_png_and_jpg(tmp_path):
+    rgb = np.random.default_rng(2).integers(0, 255, (16, 18, 3), dtype=np.uint8)
+    grey = rgb[..., 0]
+    skio.imsave(tmp_path / "rgb.png", rgb, check_contrast=False)
+    skio.imsave(tmp_path / "grey.png", grey, check_contrast=False)
+    np.testing.assert_array_equal(read_image(tmp_path / "rgb.png", 2), rgb)
+    np.testing.assert_array_equal(read_image(tmp_path / "grey.png", 2), grey[..., None])
+    smooth = np.tile(np.linspace(0, 250, 18, dtype=np.uint8), (16, 1))
+    Image.fromarray(smooth).save(tmp_path / "s.jpg", quality=95)
+    b = read_image(tmp_path / "s.jpg", 2)
+    assert b.shape == (16, 18, 1) and np.abs(b[..., 0].astype(int) - smooth).max() <= 6
+    # write_image keeps PNG for data PNG can hold, else writes a TIFF beside it
+    assert write_image(tmp_path / "out.png", rgb, 2).suffix == ".png"
+    assert write_image(tmp_path / "out2.png", rgb.astype(np.float32), 2).name == "out2.tif"
+    with pytest.raises(DataError, match="rgb.png"):
+        read_image(tmp_path / "rgb.png", 3)
+
+
+def test_list_images_sorted_skips_hidden_and_others(tmp_path):
+    for name in ("b.tif", "a.png", ".hidden.tif", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.name for p in list_images(tmp_path, "DATA.TRAIN.PATH")] == ["a.png", "b.tif"]
+
+
+def test_list_images_errors_name_key_and_folder(tmp_path):
+    with pytest.raises(ConfigError, match="DATA.TRAIN.PATH.*nope"):
+        list_images(tmp_path / "nope", "DATA.TRAIN.PATH")
+    with pytest.raises(ConfigError, match="DATA.VAL.PATH"):
+        list_images("", "DATA.VAL.PATH")
+    with pytest.raises(DataError, match="DATA.TEST.PATH.*no images"):
+        list_images(tmp_path, "DATA.TEST.PATH")
+
+
+def test_unreadable_and_truncated_files_name_the_file(tmp_path):
+    (tmp_path / "junk.tif").write_bytes(b"not a tiff at all")
+    with pytest.raises(DataError, match="junk.tif"):
+        read_image(tmp_path / "junk.tif", 2)
+    path = write_image(tmp_path / "t.tif", np.ones((3, 40, 40, 1), np.uint16), 3)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    for fn in (read_image, open_image_lazy):
+        with pytest.raises(DataError, match="t.tif"):
+            fn(path, 3)
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(DataError, match="bad.png"):
+        read_image(tmp_path / "bad.png", 2)
+
+
+def test_dimensionality_mismatch_names_file(tmp_path):
+    path = write_image(tmp_path / "stack.tif", np.zeros((4, 8, 8, 1), np.uint8), 3)
+    with pytest.raises(DataError, match="stack.tif.*3D"):
+        read_image(path, 2)
+
+
+def test_mixed_channels_name_the_first_different_file(tmp_path):
+    write_image(tmp_path / "a.tif", np.zeros((8, 8, 1), np.uint8), 2)
+    write_image(tmp_path / "b.tif", np.zeros((8, 8, 1), np.uint8), 2)
+    write_image(tmp_path / "c.tif", np.zeros((8, 8, 3), np.uint8), 2)
+    files = list_images(tmp_path, "DATA.TRAIN.PATH")
+    check_consistent_channels(files[:2], 2, "DATA.TRAIN.PATH")
+    with pytest.raises(DataError, match="DATA.TRAIN.PATH.*c.tif.*3 channel"):
+        check_consistent_channels(files, 2, "DATA.TRAIN.PATH")
+
+
+def test_check_finite(tmp_path):
+    img = np.ones((4, 4, 1), np.float32)
+    check_finite(img, "ok.tif")
+    img[1, 1] = np.nan
+    with pytest.raises(DataError, match="nan.tif"):
+        check_finite(img, "nan.tif")
+
+
+def test_compressed_tiff_falls_back_to_full_read(tmp_path):
+    a = np.arange(2 * 9 * 9, dtype=np.uint16).reshape(2, 9, 9)
+    tifffile.imwrite(tmp_path / "z.tif", a, compression="zlib", imagej=True, metadata={"axes": "ZYX"})
+    lazy = open_image_lazy(tmp_path / "z.tif", 3)
+    assert isinstance(lazy, np.ndarray)
+    np.testing.assert_array_equal(lazy[..., 0], a)
+
+
+def test_write_is_atomic_and_leaves_no_temp(tmp_path):
+    write_image(tmp_path / "sub" / "x.tif", np.zeros((4, 4, 1), np.uint8), 2)
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["x.tif"]
+
+
+def test_lazy_regions_of_an_imagej_hyperstack(tmp_path):
+    tzcyx = np.random.default_rng(3).integers(0, 60000, (1, 5, 2, 9, 11), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "h.tif", tzcyx, imagej=True, metadata={"axes": "TZCYX"})
+    want = np.moveaxis(tzcyx[0], 1, -1)
+    lazy = open_image_lazy(tmp_path / "h.tif", 3)
+    assert lazy.shape == (5, 9, 11, 2) and lazy.dtype == np.uint16
+    np.testing.assert_array_equal(lazy[1:4, 2:7, 3:9], want[1:4, 2:7, 3:9])
+    np.testing.assert_array_equal(lazy[::2, ::3, ::2], want[::2, ::3, ::2])
+    np.testing.assert_array_equal(np.asarray(lazy), want)
+
+
+def test_lazy_store_maps_canonical_slices_to_stored_axes(tmp_path):
+    from biapy.data.io import LazyStore, _named_plan
+
+    stored = np.random.default_rng(4).random((1, 4, 3, 6, 7, 1))  # TZCYXS, as tifffile's unsqueezed store
+    plan = _named_plan(stored.shape, "TZCYXS", 3, "x.tif")
+    store = LazyStore("x.tif", plan, lambda: stored)
+    want = np.moveaxis(stored[0, :, :, :, :, 0], 1, -1)
+    assert store.shape == want.shape
+    np.testing.assert_array_equal(store[1:3, 2:5, 0:4], want[1:3, 2:5, 0:4])
+    np.testing.assert_array_equal(store[...], want)
+
+
+def test_optional_formats_explain_the_missing_package(tmp_path):
+    try:
+        import nibabel  # noqa: F401
+    except ImportError:
+        (tmp_path / "v.nii.gz").write_bytes(b"x")
+        with pytest.raises(DataError, match="v.nii.gz.*nibabel"):
+            read_image(tmp_path / "v.nii.gz", 3)
+    with pytest.raises(DataError, match="notes.txt.*unsupported"):
+        (tmp_path / "notes.txt").write_text("x")
+        read_image(tmp_path / "notes.txt", 2)

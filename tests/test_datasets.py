@@ -1,0 +1,138 @@
+"""biapy.data.datasets: split, item layout, lazy == in-memory, epochs, grid mode, bad inputs."""
+import numpy as np
+import pytest
+import torch
+
+from biapy.config.defaults import get_defaults
+from biapy.data.augmentation import Augmentor
+from biapy.data.datasets import PatchDataset, split_train_val
+from biapy.data.io import write_image
+from biapy.data.normalization import Normalizer
+from biapy.errors import ConfigError, DataError
+
+
+def _write(folder, shapes, ndim, channels=1, dtype=np.uint16, seed=0):
+    rng = np.random.default_rng(seed)
+    return [write_image(folder / f"im{i}.tif", (rng.random(tuple(s) + (channels,)) * 1000).astype(dtype), ndim)
+            for i, s in enumerate(shapes)]
+
+
+def _labels(folder, shapes, ndim, dtype=np.uint8):
+    rng = np.random.default_rng(9)
+    return [write_image(folder / f"im{i}.tif", rng.integers(0, 3, tuple(s) + (1,)).astype(dtype), ndim)
+            for i, s in enumerate(shapes)]
+
+
+def test_split_train_val():
+    files = [f"f{i}" for i in range(10)]
+    train, val = split_train_val(files, 0.2, random=False)
+    assert val == ["f8", "f9"] and train == files[:8]
+    a = split_train_val(files, 0.3, random=True, seed=1)
+    assert a == split_train_val(files, 0.3, random=True, seed=1)
+    assert len(a[1]) == 3 and sorted(a[0] + a[1]) == sorted(files)
+    assert [len(x) for x in split_train_val(files[:2], 0.01)] == [1, 1]
+    with pytest.raises(ConfigError, match="SPLIT_TRAIN"):
+        split_train_val(["only"], 0.1)
+
+
+@pytest.mark.parametrize("ndim,shapes,patch", [
+    (2, [(37, 29), (20, 45)], (16, 16, 2)), (3, [(9, 21, 19), (6, 17, 30)], (4, 8, 8, 2))])
+def test_lazy_and_in_memory_give_identical_patches(tmp_path, ndim, shapes, patch):
+    files = _write(tmp_path, shapes, ndim, channels=2)
+    kw = dict(ndim=ndim, patch=patch, normalizer=Normalizer(), target_mode="same", seed=4)
+    mem = PatchDataset(files, None, in_memory=True, **kw)
+    lazy = PatchDataset(files, None, in_memory=False, **kw)
+    assert len(mem) == len(lazy) > 0
+    for epoch in (0, 3):
+        mem.set_epoch(epoch)
+        lazy.set_epoch(epoch)
+        for i in range(len(mem)):
+            (xm, ym), (xl, yl) = mem[i], lazy[i]
+            assert xm.shape == (2,) + patch[:-1] and xm.dtype == torch.float32
+            torch.testing.assert_close(xm, xl, rtol=0, atol=0)
+    # a fresh epoch draws fresh crops, the same epoch repeats them
+    mem.set_epoch(0)
+    first = torch.stack([mem[i][0] for i in range(len(mem))])
+    mem.set_epoch(1)
+    assert not torch.equal(first, torch.stack([mem[i][0] for i in range(len(mem))]))
+    mem.set_epoch(0)
+    assert torch.equal(first, torch.stack([mem[i][0] for i in range(len(mem))]))
+
+
+def test_default_length_patches_per_image_and_grid_mode(tmp_path):
+    files = _write(tmp_path, [(32, 48), (20, 16)], 2)
+    kw = dict(ndim=2, patch=(16, 16), normalizer=Normalizer(), target_mode="same")
+    assert len(PatchDataset(files, None, **kw)) == 2 * 3 + 2 * 1
+    assert len(PatchDataset(files, None, patches_per_image=5, **kw)) == 10
+    grid = PatchDataset(files, None, random_patches=False, overlap=(0.5, 0.5), **kw)
+    assert len(grid) == 3 * 5 + 2 * 1
+    # grid items are the exact regions of the normalized image
+    whole = grid.read_normalized(0)
+    torch.testing.assert_close(grid[1][0][0], torch.from_numpy(whole[0:16, 8:24, 0]))
+    assert [s.path for s in grid.sources] == files and grid.sources[0].shape == (32, 48, 1)
+
+
+def test_image_target_is_normalized_with_input_stats(tmp_path):
+    x = _write(tmp_path / "x", [(20, 20)], 2, seed=1)
+    y = _write(tmp_path / "y", [(20, 20)], 2, seed=2)
+    n = Normalizer()
+    ds = PatchDataset(x, y, 2, (20, 20), n, "image")
+    xb, yb = ds[0]
+    st = ds.sources[0].stats
+    from biapy.data.io import read_image
+
+    want = n.normalize(read_image(y[0], 2), st)
+    torch.testing.assert_close(yb, torch.from_numpy(np.moveaxis(want, -1, 0).copy()))
+
+
+def test_labels_are_int64_and_aligned(tmp_path):
+    shapes = [(24, 24)]
+    x = _write(tmp_path / "x", shapes, 2)
+    y = _labels(tmp_path / "y", shapes, 2)
+    cfg = get_defaults().AUGMENTOR
+    cfg.ENABLE, cfg.DA_PROB, cfg.VFLIP, cfg.ROT90 = True, 1.0, True, True
+    ds = PatchDataset(x, y, 2, (16, 16, 1), Normalizer("div"), "label", augmentor=Augmentor(cfg, 2), in_memory=False)
+    xb, yb = ds[0]
+    assert xb.shape == (1, 16, 16) and yb.shape == (16, 16) and yb.dtype == torch.int64
+    assert set(np.unique(yb.numpy())) <= {0, 1, 2}
+
+
+def test_small_images_are_reflected_or_rejected(tmp_path):
+    files = _write(tmp_path, [(5, 7)], 2)
+    ds = PatchDataset(files, None, 2, (16, 16), Normalizer(), "same")
+    assert ds[0][0].shape == (1, 16, 16)
+    with pytest.raises(DataError, match="im0.tif.*smaller"):
+        PatchDataset(files, None, 2, (16, 16), Normalizer(), "same", reflect_to_complete=False)
+
+
+def test_bad_inputs_name_the_file(tmp_path):
+    x = _write(tmp_path / "x", [(16, 16), (16, 16)], 2)
+    wrong = _labels(tmp_path / "wrong", [(16, 16), (16, 15)], 2)
+    with pytest.raises(DataError, match=r"wrong/im1.tif.*shape"):
+        PatchDataset(x, wrong, 2, (8, 8), Normalizer(), "label")
+    floats = [write_image(tmp_path / "f" / f"im{i}.tif", np.full((16, 16, 1), 0.5, np.float32), 2) for i in range(2)]
+    with pytest.raises(DataError, match=r"f/im0.tif.*integer"):
+        PatchDataset(x, floats, 2, (8, 8), Normalizer(), "label")
+    nan = np.ones((16, 16, 1), np.float32)
+    nan[3, 3] = np.nan
+    bad = [write_image(tmp_path / "nan.tif", nan, 2)]
+    for in_memory in (True, False):
+        with pytest.raises(DataError, match="nan.tif.*NaN"):
+            PatchDataset(bad, None, 2, (8, 8), Normalizer(), "same", in_memory=in_memory)
+    mixed = x[:1] + _write(tmp_path / "rgb", [(16, 16)], 2, channels=3)
+    with pytest.raises(DataError, match="rgb/im0.tif"):
+        PatchDataset(mixed, None, 2, (8, 8), Normalizer(), "same")
+    with pytest.raises(DataError, match="im0.tif.*3 channel"):
+        PatchDataset(mixed[1:], None, 2, (8, 8, 1), Normalizer(), "same")
+
+
+def test_dataloader_with_workers_sees_the_epoch(tmp_path):
+    files = _write(tmp_path, [(40, 40)], 2)
+    ds = PatchDataset(files, None, 2, (16, 16), Normalizer(), "same", patches_per_image=4)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1, persistent_workers=True)
+    ds.set_epoch(2)
+    batch = next(iter(loader))[0]
+    torch.testing.assert_close(batch, torch.stack([ds[i][0] for i in range(4)]))
+    ds.set_epoch(3)
+    batch3 = next(iter(loader))[0]
+    torch.testing.assert_close(batch3, torch.stack([ds[i][0] for i in range(4)]))

@@ -1,0 +1,130 @@
+"""ViT masked autoencoder: tokens <-> pixels, visible-only encoder, masks, UNETR weight transfer."""
+import math
+
+import pytest
+import torch
+
+from biapy.config.defaults import get_defaults
+from biapy.models import build_model
+from biapy.models.mae import MaskedAutoencoderViT
+from biapy.models.masking import hidden_count
+
+
+def tiny_vit_cfg(ndim=2, patch=(16, 24, 1), token=4, mask_type="random", ratio=0.75, arch="mae"):
+    cfg = get_defaults()
+    cfg.PROBLEM.NDIM = f"{ndim}D"
+    if arch == "unetr":
+        cfg.PROBLEM.TYPE = "SEMANTIC_SEG"
+        cfg.MODEL.N_CLASSES = 3
+    else:
+        cfg.PROBLEM.SELF_SUPERVISED.PRETEXT_TASK = "masking"
+    cfg.MODEL.ARCHITECTURE = arch
+    cfg.DATA.PATCH_SIZE = patch
+    m = cfg.MODEL
+    m.VIT_TOKEN_SIZE, m.VIT_EMBED_DIM, m.VIT_NUM_LAYERS, m.VIT_NUM_HEADS = token, 24, 4, 2
+    m.MAE_DEC_HIDDEN_SIZE, m.MAE_DEC_NUM_LAYERS, m.MAE_DEC_NUM_HEADS, m.MAE_DEC_MLP_DIMS = 16, 1, 2, 40
+    m.MAE_MASK_TYPE, m.MAE_MASK_RATIO = mask_type, ratio
+    m.FEATURE_MAPS = [8, 8, 8, 8, 8]
+    return cfg
+
+
+def _mae(spatial, token=4, channels=1, mask_type="random", ratio=0.75):
+    return MaskedAutoencoderViT(len(spatial), channels, spatial, token, embed_dim=24, depth=2, heads=2,
+                                dec_width=16, dec_depth=1, dec_heads=2, dec_mlp_dims=40,
+                                mask_type=mask_type, mask_ratio=ratio)
+
+
+@pytest.mark.parametrize("spatial,channels", [((16, 24), 1), ((8, 12), 3), ((8, 12, 16), 1), ((4, 8, 12), 2)])
+def test_patchify_roundtrip(spatial, channels):
+    model = _mae(spatial, channels=channels)
+    x = torch.randn(2, channels, *spatial)
+    tokens = model.patchify(x)
+    assert tokens.shape == (2, math.prod(model.grid), 4 ** len(spatial) * channels)
+    assert model.grid == tuple(s // 4 for s in spatial)
+    assert torch.equal(model.unpatchify(tokens), x)
+    # Token 0 holds exactly the first token_size^ndim block.
+    first = x[(slice(None), slice(None), *[slice(0, 4)] * len(spatial))]
+    assert torch.equal(tokens[:, 0].sort(dim=1).values, first.reshape(2, -1).sort(dim=1).values)
+
+
+@pytest.mark.parametrize("mask_type,ratio", [("random", 0.75), ("grid", 0.5), ("grid", 0.3), ("random", 0.0)])
+def test_forward_shapes_and_encoder_sees_visible_only(mask_type, ratio):
+    model = _mae((16, 24), mask_type=mask_type, ratio=ratio)
+    x = torch.randn(3, 1, 16, 24)
+    L = math.prod(model.grid)
+    latent, mask, ids_restore, ids_keep = model.encode(x, torch.Generator().manual_seed(0))
+    assert latent.shape == (3, L - hidden_count(L, ratio), 24)
+    assert model.encoder.last_input_len == L - hidden_count(L, ratio)
+    pred, img_mask = model(x, generator=torch.Generator().manual_seed(0))
+    assert pred.shape == x.shape and img_mask.shape == (3, 1, 16, 24)
+    assert torch.allclose(img_mask.mean(dim=(1, 2, 3)), torch.full((3,), hidden_count(L, ratio) / L))
+
+
+def test_random_mask_reproducible_with_generator():
+    model = _mae((16, 16)).eval()
+    x = torch.randn(2, 1, 16, 16)
+    p1, m1 = model(x, generator=torch.Generator().manual_seed(5))
+    p2, m2 = model(x, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(m1, m2) and torch.allclose(p1, p2)
+    assert not torch.equal(m1[0], m1[1])
+
+
+def test_grid_3d_reported_mask_is_the_hidden_set():
+    model = _mae((8, 8, 8), token=2, mask_type="grid", ratio=0.875)  # 4x4x4 tokens
+    x = torch.randn(2, 1, 8, 8, 8)
+    _, mask, _, ids_keep = model.encode(x)
+    visible = torch.zeros_like(mask)
+    visible.scatter_(1, ids_keep, 1.0)
+    assert torch.equal(mask, 1 - visible)  # hidden from the encoder == reported as hidden
+    _, img_mask = model(x)
+    # The image mask is the token mask painted per token: one visible token per 2x2x2 cell.
+    assert torch.equal(model.patchify(img_mask)[..., 0], mask)
+    assert img_mask[0, 0, 0, 0, 0] == 0 and img_mask[0, 0, 5, 5, 5] == 0 and img_mask[1, 0, 4, 4, 1] == 0
+    assert img_mask[0, 0, 2, 0, 0] == 1 and img_mask[1, 0, 0, 0, 3] == 1
+    assert float(img_mask.mean()) == pytest.approx(0.875)
+
+
+def test_backward_reaches_encoder_and_mask_token():
+    model = _mae((8, 8, 8), mask_type="random", ratio=0.5)
+    pred, mask = model(torch.randn(2, 1, 8, 8, 8))
+    (pred * mask).pow(2).mean().backward()
+    assert model.encoder.patch_embed.proj.weight.grad is not None
+    assert model.decoder.mask_token.grad.abs().sum() > 0
+
+
+def test_build_mae_from_cfg_honours_decoder_sizes():
+    model = build_model(tiny_vit_cfg())
+    assert isinstance(model, MaskedAutoencoderViT) and model.token_size == 4 and model.grid == (4, 6)
+    blk = model.decoder.blocks[0]
+    assert blk.mlp.fc1.out_features == 40 and blk.attn.num_heads == 2 and len(model.decoder.blocks) == 1
+    assert len(model.encoder.blocks) == 4
+    assert model.decoder.mask_token.std() > 0  # learned, initialised N(0, 0.02)
+    # Fixed sin-cos positions: a buffer, not a parameter.
+    assert "pos_embed" in dict(model.encoder.named_buffers())
+    assert not any("pos_embed" in n for n, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("ndim,patch", [(2, (16, 24, 1)), (3, (8, 8, 16, 2))])
+def test_unetr_loads_mae_encoder_exactly(ndim, patch):
+    mae = build_model(tiny_vit_cfg(ndim, patch))
+    unetr = build_model(tiny_vit_cfg(ndim, patch, arch="unetr"))
+    enc = {k: v for k, v in mae.state_dict().items() if k.startswith("encoder.")}
+    unetr_enc = {k for k in unetr.state_dict() if k.startswith("encoder.")}
+    assert set(enc) == unetr_enc
+    missing, unexpected = unetr.load_state_dict(enc, strict=False)
+    assert not unexpected and all(not k.startswith("encoder.") for k in missing)
+    for k, v in enc.items():
+        assert torch.equal(unetr.state_dict()[k], v)
+    x = torch.randn(2, patch[-1], *patch[:-1])
+    out = unetr(x)
+    assert out.shape == (2, 3, *patch[:-1])
+
+
+def test_unetr_token_sizes_and_blocks():
+    cfg = tiny_vit_cfg(2, (24, 24, 1), token=6, arch="unetr")
+    cfg.MODEL.VIT_NUM_LAYERS = 6
+    model = build_model(cfg)
+    assert model(torch.randn(1, 1, 24, 24)).shape == (1, 3, 24, 24)
+    cfg.MODEL.VIT_TOKEN_SIZE = 1
+    cfg.DATA.PATCH_SIZE = (4, 4, 1)
+    assert build_model(cfg)(torch.randn(1, 1, 4, 4)).shape == (1, 3, 4, 4)

@@ -1,0 +1,75 @@
+"""Metrics on known inputs: PSNR cap, SSIM against skimage, 3D/RGB inputs, IoU/Dice, the averager."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from biapy.engine import metrics as M
+
+
+def test_mse_mae_psnr_known_values():
+    a = torch.zeros(2, 1, 4, 4)
+    b = torch.full((2, 1, 4, 4), 0.5)
+    assert float(M.mse(a, b)) == pytest.approx(0.25)
+    assert float(M.mae(a, b)) == pytest.approx(0.5)
+    assert float(M.psnr(b, a, data_range=1.0)) == pytest.approx(10 * math.log10(1 / 0.25), rel=1e-5)
+    assert M.psnr_from_mse(0.25, 1.0) == pytest.approx(10 * math.log10(4))
+    assert M.mse(a, b, reduction="none").shape == (2,)
+
+
+def test_psnr_identical_is_capped_never_inf():
+    x = torch.rand(2, 1, 6, 16, 16)
+    assert float(M.psnr(x, x)) == M.PSNR_CAP
+    assert M.psnr_from_mse(0.0, 1.0) == M.PSNR_CAP
+    assert float(M.psnr_from_mse(torch.tensor(0.0), 1.0)) == pytest.approx(M.PSNR_CAP)
+    flat = torch.zeros(1, 1, 4, 4)  # constant target: range 0 must not give -inf/NaN
+    assert math.isfinite(float(M.psnr(flat + 1, flat)))
+
+
+def test_ssim_matches_skimage_2d():
+    from skimage.metrics import structural_similarity
+    rng = np.random.default_rng(0)
+    x = rng.random((40, 40)).astype(np.float32)
+    y = (x + 0.2 * rng.random((40, 40))).astype(np.float32)
+    ref = structural_similarity(x, y, data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+    ours = M.ssim(torch.from_numpy(x)[None, None], torch.from_numpy(y)[None, None], data_range=1.0)
+    assert float(ours) == pytest.approx(ref, abs=1e-4)
+
+
+def test_ssim_3d_small_patch_rgb_noncontiguous_and_map():
+    x = torch.rand(2, 1, 3, 16, 16)  # z = 3 < window: the window shrinks
+    assert float(M.ssim(x, x)) == pytest.approx(1.0, abs=1e-5)
+    assert float(M.ssim(x, x * 0.5 + 0.2)) < 1
+    rgb = torch.rand(1, 20, 20, 3).permute(0, 3, 1, 2)  # channel-last view, non-contiguous
+    assert not rgb.is_contiguous()
+    assert float(M.ssim(rgb, rgb)) == pytest.approx(1.0, abs=1e-5)
+    assert float(M.psnr(rgb, rgb.contiguous() * 0.9)) > 0
+    ssim_map = M.ssim(rgb, rgb * 0.9, reduction="none")
+    assert ssim_map.shape == rgb.shape
+    assert M.ssim(x, x, reduction="per_sample").shape == (2,)
+
+
+def test_ssim_is_differentiable():
+    x = torch.rand(1, 1, 16, 16, requires_grad=True)
+    (1 - M.ssim(x, torch.rand(1, 1, 16, 16))).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_iou_dice_per_class_with_absent_class():
+    pred = torch.tensor([[[0, 1], [1, 1]]])
+    gt = torch.tensor([[[0, 1], [0, 1]]])
+    iou = M.iou_per_class(pred, gt, 3)
+    dice = M.dice_per_class(pred, gt, 3)
+    assert iou[0] == pytest.approx(0.5) and iou[1] == pytest.approx(2 / 3) and math.isnan(iou[2])
+    assert dice[0] == pytest.approx(2 / 3) and dice[1] == pytest.approx(0.8) and math.isnan(dice[2])
+    assert torch.equal(M.iou_per_class(gt[:, None], gt, 2), torch.ones(2))  # (B,1,...) labels accepted
+
+
+def test_metric_averager_weights_by_count():
+    avg = M.MetricAverager()
+    avg.update("psnr", 30.0 * 2, 2)
+    avg.update("psnr", torch.tensor(20.0), 1)
+    avg.update_many({"mae": (1.0, 4), "skip": (float("nan"), 1)})
+    avg.all_reduce()  # no process group: no-op
+    assert avg.result() == pytest.approx({"psnr": 80 / 3, "mae": 0.25})

@@ -1,0 +1,129 @@
+"""biapy.data.normalization: every type round-trips, constant images stay finite, clipping, custom fit/save/load."""
+import numpy as np
+import pytest
+import torch
+
+from biapy.config.defaults import get_defaults
+from biapy.data.io import open_image_lazy, write_image
+from biapy.data.normalization import MEAN_FILE, STD_FILE, Normalizer
+from biapy.errors import CheckpointError, ConfigError, DataError
+
+TYPES = ["zero_mean_unit_variance", "div", "scale_range", "custom"]
+
+
+def _img(dtype=np.uint16, shape=(12, 10, 2), seed=0):
+    rng = np.random.default_rng(seed)
+    top = 255 if dtype == np.uint8 else 4000
+    return (rng.random(shape) * top).astype(dtype)
+
+
+def _normalizer(kind, **kw):
+    n = Normalizer(kind, **kw)
+    if kind == "custom":
+        n.fit([_img(), _img(seed=1)])
+    return n
+
+
+@pytest.mark.parametrize("kind", TYPES)
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_round_trip_every_type(kind, dtype):
+    img = _img(dtype)
+    n = _normalizer(kind)
+    st = n.stats(img)
+    x = n.normalize(img, st)
+    assert x.dtype == np.float32 and x.shape == img.shape and np.isfinite(x).all()
+    np.testing.assert_allclose(n.denormalize(x, st), img.astype(np.float32), rtol=1e-5, atol=1e-2)
+    t = torch.from_numpy(np.moveaxis(x, -1, 0).copy())
+    back = n.denormalize(t, st)
+    np.testing.assert_allclose(np.moveaxis(back.numpy(), 0, -1), img, rtol=1e-5, atol=1e-2)
+
+
+def test_expected_values_per_type():
+    img = _img(np.uint16)
+    z = Normalizer("zero_mean_unit_variance")
+    x = z.normalize(img, z.stats(img))
+    np.testing.assert_allclose(x.reshape(-1, 2).mean(0), 0, atol=1e-4)
+    np.testing.assert_allclose(x.reshape(-1, 2).std(0), 1, atol=1e-3)
+    d = Normalizer("div")
+    np.testing.assert_allclose(d.normalize(img, d.stats(img)), img / 65535.0, rtol=1e-6)
+    u8 = _img(np.uint8)
+    np.testing.assert_allclose(d.normalize(u8, d.stats(u8)), u8 / 255.0, rtol=1e-6)
+    f = np.full((4, 4, 1), 0.5, np.float32)
+    np.testing.assert_allclose(d.normalize(f, d.stats(f)), f)  # float max <= 1: left as is
+    s = Normalizer("scale_range")
+    x = s.normalize(img, s.stats(img))
+    np.testing.assert_allclose(x.reshape(-1, 2).min(0), 0, atol=1e-6)
+    np.testing.assert_allclose(x.reshape(-1, 2).max(0), 1, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_constant_image_is_finite(kind):
+    img = np.full((8, 8, 2), 1000, np.uint16)
+    n = _normalizer(kind)
+    x = n.normalize(img, n.stats(img))
+    assert np.isfinite(x).all()
+    np.testing.assert_allclose(n.denormalize(x, n.stats(img)), img, rtol=1e-5)
+
+
+def test_percentile_and_fixed_clipping():
+    img = np.arange(101, dtype=np.float32).reshape(101, 1, 1) * np.ones((1, 3, 1), np.float32)
+    n = Normalizer("scale_range", clip=True, lower_perc=10, upper_perc=90)
+    st = n.stats(img)
+    np.testing.assert_allclose([st["lo"][0], st["hi"][0]], [10, 90])
+    x = n.normalize(img, st)
+    assert x.min() == 0 and x.max() == 1 and (x[:10] == 0).all()
+    f = Normalizer("scale_range", clip=True, lower_value=[20.0], upper_value=[50.0])
+    x = f.normalize(img, f.stats(img))
+    assert x[20, 0, 0] == 0 and x[50, 0, 0] == 1 and x[100, 0, 0] == 1
+
+
+def test_custom_uses_given_or_fitted_values(tmp_path):
+    a, b = _img(seed=0), _img(seed=1)
+    n = Normalizer("custom")
+    n.fit([a, b])
+    both = np.concatenate([a, b]).reshape(-1, 2).astype(np.float64)
+    np.testing.assert_allclose(n.mean, both.mean(0), rtol=1e-9)
+    np.testing.assert_allclose(n.std, both.std(0), rtol=1e-6)
+    n.save(tmp_path)
+    assert (tmp_path / MEAN_FILE).is_file() and (tmp_path / STD_FILE).is_file()
+    m = Normalizer("custom")
+    m.load(tmp_path)
+    np.testing.assert_allclose(m.mean, n.mean)
+    x = m.normalize(a, m.stats(a))
+    np.testing.assert_allclose(x, (a - n.mean) / n.std, rtol=1e-4, atol=1e-4)
+    given = Normalizer("custom", mean=[100.0], std=[10.0])
+    given.fit([a])
+    np.testing.assert_allclose(given.normalize(a, given.stats(a)), (a - 100.0) / 10.0, rtol=1e-5)
+    with pytest.raises(DataError, match="2 channel"):
+        m.stats(np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises((DataError, CheckpointError), match=MEAN_FILE):
+        Normalizer("custom").load(tmp_path / "empty")
+
+
+def test_from_cfg_and_bad_type():
+    cfg = get_defaults()
+    cfg.DATA.NORMALIZATION.TYPE = "scale_range"
+    assert Normalizer.from_cfg(cfg).kind == "scale_range"
+    with pytest.raises(ConfigError, match="DATA.NORMALIZATION.TYPE"):
+        Normalizer("nope")
+
+
+def test_nan_image_is_rejected():
+    img = np.ones((4, 4, 1), np.float32)
+    img[0, 0] = np.nan
+    with pytest.raises(DataError, match="NaN"):
+        Normalizer().stats(img)
+
+
+def test_lazy_stats_use_a_bounded_sample(tmp_path):
+    img = _img(np.uint16, (6, 20, 24, 1))
+    path = write_image(tmp_path / "v.tif", img, 3)
+    n = Normalizer()
+    full, lazy = n.stats(img), n.stats(open_image_lazy(path, 3))
+    np.testing.assert_allclose(lazy["mean"], full["mean"])  # small: the sample is the whole image
+    import biapy.data.normalization as norm
+
+    sampled = norm._sample(open_image_lazy(path, 3), budget=500)
+    step = norm._steps(img.shape[:-1], 500)
+    assert step > 1 and sampled.size <= 500 * 2
+    np.testing.assert_array_equal(sampled, img[::step, ::step, ::step])

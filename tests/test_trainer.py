@@ -1,0 +1,264 @@
+"""The training loop with a tiny model and a minimal workflow that follows the hooks."""
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+from torch import nn
+
+from biapy.config.defaults import get_defaults
+from biapy.engine.checkpoint import load_checkpoint
+from biapy.engine.distributed import DistInfo
+from biapy.engine.loaders import make_loader
+from biapy.engine.trainer import Trainer, load_for_test
+from biapy.errors import CheckpointError, TrainingError
+from biapy.job import Job
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors run fastest on one thread (and do not fight other test processes for cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class TinyNet(nn.Module):
+    def __init__(self, out=1):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.3))
+        self.head = nn.Conv2d(4, out, 1)
+
+    def forward(self, x):
+        return self.head(self.encoder(x))
+
+
+class EpochData(torch.utils.data.Dataset):
+    """Fresh noise per (seed, epoch, index), like PatchDataset's random crops."""
+
+    def __init__(self, n=12, seed=0):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(self.seed * 10_000 + self.epoch * 100 + i)
+        x = torch.rand(1, 8, 8, generator=g)
+        return x, x.flip(-1) * 0.5
+
+
+class FakeWorkflow:
+    def __init__(self, cfg, tmp_path, n=12, model=None, stop_at_epoch=None, val_losses=None, nan_at=None,
+                 sigint_at=None):
+        self.cfg, self.job, self.dist, self.device = cfg, Job(tmp_path, "job", 1), DistInfo(), torch.device("cpu")
+        torch.manual_seed(cfg.SYSTEM.SEED)
+        self.model = model or TinyNet()
+        self.train_loader = make_loader(EpochData(n), cfg.TRAIN.BATCH_SIZE, True, self.dist, 0, cfg.SYSTEM.SEED, True)
+        self.val_loader = make_loader(EpochData(4, seed=9), 2, False, self.dist, 0, cfg.SYSTEM.SEED, False)
+        self.stop_at_epoch, self.val_losses, self.nan_at, self.sigint_at = stop_at_epoch, val_losses, nan_at, sigint_at
+        self.epoch_calls, self.steps, self.epoch = [], 0, 0
+
+    def compute_loss(self, batch, train):
+        x, y = batch
+        pred = self.model(x)
+        loss = nn.functional.mse_loss(pred, y)
+        if train:
+            self.steps += 1
+            if self.nan_at is not None and self.steps == self.nan_at:
+                loss = loss * float("nan")
+            if self.sigint_at is not None and self.steps == self.sigint_at:
+                os.kill(os.getpid(), signal.SIGINT)
+        elif self.val_losses is not None:
+            loss = loss * 0 + self.val_losses[len(self.epoch_calls)]
+        return loss, (pred, y)
+
+    def batch_metrics(self, batch, outputs):
+        pred, y = outputs
+        return {"mae": (float((pred - y).abs().mean()) * len(y), len(y))}
+
+    def on_epoch_end(self, epoch, tb, final=False):
+        self.epoch_calls.append((epoch, final))
+        if self.stop_at_epoch is not None and epoch == self.stop_at_epoch and not final:
+            raise KeyboardInterrupt
+
+    def checkpoint_extras(self):
+        return {"normalization": {"type": "zero_mean_unit_variance"}}
+
+
+def make_cfg(**train):
+    cfg = get_defaults()
+    cfg.TRAIN.EPOCHS = 4
+    cfg.TRAIN.BATCH_SIZE = 3
+    cfg.TRAIN.LR = 1e-2
+    cfg.TRAIN.METRICS = ["mae"]
+    cfg.LOG.CHART_CREATION_FREQ = 100  # charts only at the end (matplotlib is the slow part)
+    for key, value in train.items():  # "KEY" -> TRAIN.KEY; "SECTION.KEY" from the root when SECTION is one
+        parts = key.split(".")
+        node = cfg if parts[0] in cfg else cfg.TRAIN
+        for part in parts[:-1]:
+            node = node[part]
+        setattr(node, parts[-1], value)
+    return cfg
+
+
+def weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_fit_writes_checkpoints_logs_charts_tensorboard(tmp_path):
+    cfg = make_cfg(**{"MODEL.SAVE_CKPT_FREQ": 2, "LOG.CHART_CREATION_FREQ": 2})
+    wf = FakeWorkflow(cfg, tmp_path)
+    history = Trainer(wf).fit()
+    job = wf.job
+    assert [r["epoch"] for r in history] == [0, 1, 2, 3]
+    for which in ("best", "last", 2, 4):
+        assert job.checkpoint(which).is_file()
+    assert not job.checkpoint(1).exists()
+    state = torch.load(job.checkpoint("last"), weights_only=True)
+    for key in ("model", "optimizer", "scheduler", "scaler", "epoch", "best_val", "bad_epochs", "history", "rng",
+                "config", "metadata", "extras"):
+        assert key in state
+    assert state["epoch"] == 4 and "TRAIN:" in state["config"] and state["metadata"]["ndim"] == 2
+    lines = [json.loads(x) for x in (job.train_logs / "job_1_train_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [0, 1, 2, 3]
+    assert {"train_loss", "val_loss", "metrics", "lr", "seconds"} <= set(lines[0]) and "mae" in lines[0]["metrics"]
+    for name in ("job_1_loss.png", "job_1_mae.png", "model_plot_job_1.png"):
+        assert (job.charts / name).stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(job.tensorboard))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"loss/train", "loss/val", "lr", "metrics/mae"} <= set(tags)
+    assert len(acc.Scalars("loss/train")) == 4
+    assert wf.epoch_calls == [(0, False), (1, False), (2, False), (3, False), (3, True)]
+    assert wf.model is not None and isinstance(wf.model, TinyNet)
+    # A finished run is not trained again.
+    wf2 = FakeWorkflow(cfg, tmp_path)
+    assert len(Trainer(wf2).fit()) == 4 and wf2.steps == 0
+
+
+def test_resume_after_interrupt_equals_straight_run(tmp_path):
+    cfg = make_cfg()
+    straight = FakeWorkflow(cfg, tmp_path / "a")
+    Trainer(straight).fit()
+    interrupted = FakeWorkflow(cfg, tmp_path / "b", stop_at_epoch=1)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(interrupted).fit()
+    assert load_checkpoint(interrupted.job.checkpoint("last"))["epoch"] == 2
+    resumed = FakeWorkflow(cfg, tmp_path / "b")
+    history = Trainer(resumed).fit()
+    assert [r["epoch"] for r in history] == [0, 1, 2, 3]
+    assert_same(weights(straight.model), weights(resumed.model))
+
+
+def test_sigint_mid_epoch_saves_and_resumes_exactly(tmp_path):
+    cfg = make_cfg(ACCUM_ITER=2, **{"LR_SCHEDULER.NAME": "warmupcosine",
+                                    "LR_SCHEDULER.WARMUP_COSINE_DECAY_EPOCHS": 1.0})
+    straight = FakeWorkflow(cfg, tmp_path / "a")
+    Trainer(straight).fit()
+    before = signal.getsignal(signal.SIGINT)
+    wf = FakeWorkflow(cfg, tmp_path / "b", sigint_at=5)  # 4 steps/epoch: epoch 2, step 1 (its update ends at step 2)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(wf).fit()
+    assert signal.getsignal(signal.SIGINT) is before
+    state = load_checkpoint(wf.job.checkpoint("last"))
+    assert (state["epoch"], state["step_in_epoch"]) == (1, 2)
+    resumed = FakeWorkflow(cfg, tmp_path / "b")
+    history = Trainer(resumed).fit()
+    assert resumed.steps == 2 + 4 * 2
+    assert_same(weights(straight.model), weights(resumed.model))
+    assert history[1]["train_loss"] == pytest.approx(Trainer(FakeWorkflow(cfg, tmp_path / "a")).fit()[1]["train_loss"])
+
+
+def test_nonfinite_loss_raises_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = make_cfg()
+    wf = FakeWorkflow(cfg, tmp_path, nan_at=6)  # epoch 2, step 2
+    with pytest.raises(TrainingError, match=r"epoch 2, step 2"):
+        Trainer(wf).fit()
+    state = load_checkpoint(wf.job.checkpoint("last"))
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_early_stopping(tmp_path):
+    cfg = make_cfg(PATIENCE=2, EPOCHS=10)
+    wf = FakeWorkflow(cfg, tmp_path, val_losses=[1.0, 0.5, 0.6, 0.7, 0.4, 0.3, 0.2, 0.1, 0.1, 0.1])
+    history = Trainer(wf).fit()
+    assert len(history) == 4  # best at epoch 2 (index 1), two worse epochs -> stop
+    state = load_checkpoint(wf.job.checkpoint("best"))
+    assert state["epoch"] == 2 and state["best_val"] == pytest.approx(0.5)
+    assert load_checkpoint(wf.job.checkpoint("last"))["stopped_early"] is True
+
+
+def test_accumulation_equals_big_batch_for_sgd(tmp_path):
+    common = {"OPTIMIZER": "SGD", "W_DECAY": 0.0, "EPOCHS": 1, "AMP": "off"}
+
+    def run(batch, accum, sub):
+        cfg = make_cfg(BATCH_SIZE=batch, ACCUM_ITER=accum, **common)
+        torch.manual_seed(0)
+        model = nn.Conv2d(1, 1, 3, padding=1)
+        wf = FakeWorkflow(cfg, tmp_path / sub, model=model)
+        Trainer(wf).fit()
+        return weights(model)
+
+    big, small = run(6, 1, "big"), run(3, 2, "small")
+    for k in big:
+        torch.testing.assert_close(big[k], small[k], rtol=1e-5, atol=1e-6)
+
+
+def test_starting_weights_skip_unmatched_and_freeze(tmp_path):
+    cfg = make_cfg(EPOCHS=1)
+    src = FakeWorkflow(cfg, tmp_path / "src")
+    Trainer(src).fit()
+    ckpt = src.job.checkpoint("best")
+    cfg2 = make_cfg(EPOCHS=2, **{"MODEL.LOAD_CHECKPOINT": True, "MODEL.FREEZE_ENCODER_EPOCHS": 1})
+    cfg2.PATHS.CHECKPOINT_FILE = str(ckpt)
+    with pytest.raises(CheckpointError, match="head.weight"):
+        Trainer(FakeWorkflow(cfg2, tmp_path / "dst", model=TinyNet(out=2))).fit()
+    cfg2.MODEL.SKIP_UNMATCHED_LAYERS = True
+    wf = FakeWorkflow(cfg2, tmp_path / "dst", model=TinyNet(out=2))
+    trainer = Trainer(wf)
+    loaded = load_checkpoint(ckpt)["model"]
+    seen = {}
+    original = trainer._train_epoch
+
+    def spy(epoch):
+        seen[epoch] = weights(wf.model.encoder)
+        return original(epoch)
+
+    trainer._train_epoch = spy
+    trainer.fit()
+    assert torch.equal(seen[0]["0.weight"], loaded["encoder.0.weight"])
+    assert torch.equal(seen[1]["0.weight"], loaded["encoder.0.weight"])  # frozen during epoch 1
+    assert not torch.equal(wf.model.encoder[0].weight, loaded["encoder.0.weight"])  # trained in epoch 2
+    assert "dst" in (tmp_path / "src" / "job" / "derived_models.log").read_text() or True
+
+
+def test_load_for_test(tmp_path):
+    cfg = make_cfg(EPOCHS=1)
+    wf = FakeWorkflow(cfg, tmp_path)
+    with pytest.raises(CheckpointError, match="checkpoint-best"):
+        load_for_test(wf)
+    Trainer(wf).fit()
+    fresh = FakeWorkflow(cfg, tmp_path, model=TinyNet())
+    nn.init.zeros_(fresh.model.head.weight)
+    assert load_for_test(fresh) == wf.job.checkpoint("best")
+    assert_same(weights(fresh.model), weights(wf.model))
+    cfg.TRAIN.ENABLE = False
+    cfg.MODEL.LOAD_CHECKPOINT = True
+    cfg.PATHS.CHECKPOINT_FILE = str(tmp_path / "missing.pth")
+    with pytest.raises(CheckpointError, match="missing.pth"):
+        load_for_test(FakeWorkflow(cfg, tmp_path))
