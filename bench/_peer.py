@@ -83,9 +83,9 @@ def wait_for_quiet(max_wait, busy_fraction=0.25, window=3.0):
 def run_timed(cmd, cwd, log_path, timeout):
     """Run cmd, stamping each output line (stdout+stderr) with its arrival time from process start.
 
-    Returns (rc, wall_seconds, lines [(t, text)], t0_epoch, other_cpu) where t0_epoch is time.time() at
+    Returns (rc, wall_seconds, lines [(t, text)], t0_epoch, other_cpu, job_cpu) where t0_epoch is time.time() at
     start, for converting file modification times into the same clock, and other_cpu the CPU seconds
-    used meanwhile by everything else on the machine.
+    used meanwhile by everything else on the machine, job_cpu the job's own CPU seconds (user+sys).
     """
     lines = []
     busy0, child0 = cpu_busy_seconds(), children_cpu_seconds()
@@ -112,9 +112,10 @@ def run_timed(cmd, cwd, log_path, timeout):
     wall = time.perf_counter() - t0
     reader.join(timeout=10)
     # CPU seconds spent by processes other than the job during it (noise indicator)
-    other = None if busy0 is None else max(0.0, (cpu_busy_seconds() - busy0) - (children_cpu_seconds() - child0))
+    job_cpu = children_cpu_seconds() - child0
+    other = None if busy0 is None else max(0.0, (cpu_busy_seconds() - busy0) - job_cpu)
     Path(log_path).write_text("".join(f"{t:9.3f}  {s}\n" for t, s in lines))
-    return rc, wall, lines, t0_epoch, other
+    return rc, wall, lines, t0_epoch, other, job_cpu
 
 
 def first_time(lines, pattern, last=False):
@@ -127,7 +128,9 @@ def first_time(lines, pattern, last=False):
 
 def median_epoch_seconds(lines, pattern):
     rx = re.compile(pattern)
-    vals = [float(m.group(1)) for _, s in lines for m in [rx.search(s)] if m]
+    scale = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    vals = [float(m.group(1)) * scale.get(m.group(2) if rx.groups > 1 and m.group(2) else "s", 1.0)
+            for _, s in lines for m in [rx.search(s)] if m]
     return float(np.median(vals)) if vals else None
 
 
@@ -156,7 +159,7 @@ PEER_MARKS = {
     "train_start": r"Start training in epoch",
     "train_end": r"Finished Training",
     "test_end": r"FINISHED JOB",
-    "epoch_time": r"\[Time\] ([0-9.]+)s",
+    "epoch_time": r"\[Time\] ([0-9.]+)([smh])\b",  # e.g. "[Time] 3.1s 3.1s/9.4s", "[Time] 1.8m ..."
 }
 
 

@@ -46,6 +46,19 @@ def make_volume(path, shape, seed=0):
     del mm
 
 
+def _hwm_mb():
+    """Peak resident memory of this process (VmHWM: reset by exec, unlike ru_maxrss, which a child
+    inherits from the parent it was forked from)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def worker(args):
     """One measurement in this process: construction time, patches/s, peak RSS."""
     import torch
@@ -54,7 +67,7 @@ def worker(args):
     from biapy.data.normalization import Normalizer
 
     torch.set_num_threads(1)
-    base_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # after imports (torch alone is large)
+    base_mb = _hwm_mb()  # after imports (torch alone is large)
     t0 = time.perf_counter()
     ds = PatchDataset([args.path], [args.path], 3, tuple(args.patch), Normalizer("zero_mean_unit_variance"),
                       "same", in_memory=bool(args.in_memory), patches_per_image=args.patches, seed=0)
@@ -65,7 +78,7 @@ def worker(args):
     for i in order:
         ds[int(i)]
     elapsed = time.perf_counter() - t0
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak_mb = _hwm_mb()
     print(json.dumps({"in_memory": bool(args.in_memory), "build_s": built, "patches": len(order),
                       "patches_per_s": len(order) / elapsed, "ms_per_patch": 1000 * elapsed / len(order),
                       "peak_rss_mb": peak_mb, "import_rss_mb": base_mb}))

@@ -140,9 +140,9 @@ def run_job(tool, epochs, rep, work, src_data, peer_python, timeout, quiet_wait)
         cmd = [sys.executable, str(ROOT / "main.py"), "--config", str(cfg), "--result_dir", str(results),
                "--name", name, "--run_id", "1"]
     print(f"[run] {name}: {' '.join(cmd[:1] + cmd[3:] if tool == 'biapy' else cmd)}  (machine busy before: {_pct(busy)})", flush=True)
-    rc, wall, lines, t0_epoch, other = P.run_timed(cmd, cwd, jdir / "stamped.log", timeout)
+    rc, wall, lines, t0_epoch, other, job_cpu = P.run_timed(cmd, cwd, jdir / "stamped.log", timeout)
     job_results = results / name / "results" / f"{name}_1"
-    r = {"tool": tool, "epochs": epochs, "rc": rc, "whole": wall, "other_cpu": other, "log": jdir / "stamped.log"}
+    r = {"tool": tool, "epochs": epochs, "rc": rc, "whole": wall, "other_cpu": other, "job_cpu": job_cpu, "log": jdir / "stamped.log"}
     if tool == "biapy":
         m = P.PEER_MARKS
         ts, te, tt = (P.first_time(lines, m["train_start"]), P.first_time(lines, m["train_end"], last=True),
@@ -207,7 +207,7 @@ def report(results, lengths, quick):
     print("Times in seconds (medians over repeats); PSNR in dB, computed here on saved whole test images "
           "(range 255) [tool's own value in brackets]")
     hdr = (f"{'epochs':>6} {'tool':<6} {'whole':>8} {'startup':>8} {'train':>8} {'epoch':>6} {'test':>7} {'PSNR':>16} "
-           f"{'input':>6} {'other':>6}")
+           f"{'input':>6} {'cpu':>6} {'other':>6}")
     print(hdr)
     print("-" * len(hdr))
     verdict = []
@@ -219,12 +219,12 @@ def report(results, lengths, quick):
                 continue
             ok = [r for r in rs if r["rc"] == 0]
             row[tool] = {k: median(rs, k) for k in ("whole", "startup", "train", "epoch_s", "test", "psnr", "reported_psnr",
-                                                    "input_psnr", "other_cpu")}
+                                                    "input_psnr", "job_cpu", "other_cpu")}
             m = row[tool]
             status = "" if len(ok) == len(rs) else f"  ({len(rs) - len(ok)} failed, exit {rs[-1]['rc']})"
             print(f"{e:>6} {tool:<6} {_f(m['whole']):>8} {_f(m['startup']):>8} {_f(m['train']):>8} "
                   f"{_f(m['epoch_s'], 2):>6} {_f(m['test']):>7} {_f(m['psnr'], 2):>7} [{_f(m['reported_psnr'], 2):>6}] "
-                  f"{_f(m['input_psnr'], 2):>6} {_f(m['other_cpu']):>6}{status}")
+                  f"{_f(m['input_psnr'], 2):>6} {_f(m['job_cpu']):>6} {_f(m['other_cpu']):>6}{status}")
         if "biapy" in row and "ours" in row:
             b, o = row["biapy"], row["ours"]
             ratio = {k: (b[k] / o[k] if b[k] and o[k] else None) for k in ("whole", "train", "test")}
@@ -238,7 +238,7 @@ def report(results, lengths, quick):
     print("-" * len(hdr))
     print("startup = process start to training start (imports, config, crappifying, data loading, model build);"
           " input = PSNR of the degraded test input each tool made;\n"
-          "other = CPU seconds used by other processes on the machine during the job (well above 0 = timings "
+          "cpu = the job's own CPU seconds (user+sys); other = CPU seconds used by other processes on the machine during the job (well above 0 = timings "
           "disturbed; rerun on a quiet machine)")
     if verdict:
         print("Target (whole job >= 2x faster, PSNR no worse than BiaPy's - 0.1 dB):")

@@ -1,7 +1,9 @@
 """Command line: BiaPy's five flags, a few of ours, and trailing KEY VALUE config overrides."""
 import argparse
 import logging
+import signal
 import sys
+import threading
 
 from biapy.errors import BiapyError
 
@@ -33,6 +35,9 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from biapy.runner import BiaPy
+    # SIGTERM (a scheduler, `kill`) stops like Ctrl-C outside training too: no traceback, exit 130.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         BiaPy(args.config, result_dir=args.result_dir, name=args.name, run_id=args.run_id, gpu=args.gpu,
               dist_backend=args.dist_backend, overrides=args.overrides, verbose=args.verbose).run_job()
@@ -41,10 +46,24 @@ def main(argv=None):
             logging.getLogger("biapy").exception("stopped")
         print(f"ERROR: {err}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:  # the environment, not a bug: a full disk, a folder that vanished, permissions
+        if args.verbose:
+            logging.getLogger("biapy").exception("stopped")
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"ERROR: {where}{err.strerror or err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("Interrupted: the last checkpoint is saved; run the same command again to resume.", file=sys.stderr)
+        print("Interrupted: the checkpoints saved so far are kept; run the same command again to resume.",
+              file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

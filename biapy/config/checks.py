@@ -135,9 +135,14 @@ def _check_model(cfg):
                           f"expected one of {', '.join(allowed)}")
     levels = len(m.FEATURE_MAPS)
     _at_least("MODEL.FEATURE_MAPS (number of levels)", levels, 2)
+    if not all(isinstance(f, int) and f >= 1 for f in m.FEATURE_MAPS):
+        raise ConfigError(f"MODEL.FEATURE_MAPS: {list(m.FEATURE_MAPS)} must hold positive integers")
     if len(m.DROPOUT_VALUES) != levels:
         raise ConfigError(f"MODEL.DROPOUT_VALUES: {list(m.DROPOUT_VALUES)} must have one value per "
                           f"MODEL.FEATURE_MAPS level ({levels})")
+    for p in m.DROPOUT_VALUES:
+        _in_open_range("MODEL.DROPOUT_VALUES", p, 0, 1, include_low=True)
+    _at_least("MODEL.KERNEL_SIZE", m.KERNEL_SIZE, 1)
     if cfg.PROBLEM.NDIM == "3D" and len(m.Z_DOWN) != levels - 1:
         raise ConfigError(f"MODEL.Z_DOWN: {list(m.Z_DOWN)} must have {levels - 1} values "
                           f"(one per down-sampling of MODEL.FEATURE_MAPS)")
@@ -202,8 +207,10 @@ def _check_loss_and_metrics(cfg):
     if cfg.LOSS.TYPE:
         masking = problem == "SELF_SUPERVISED" and cfg.PROBLEM.SELF_SUPERVISED.PRETEXT_TASK == "masking"
         _one_of("LOSS.TYPE", cfg.LOSS.TYPE, ("MAE", "MSE") if masking else LOSSES[problem])
-    if cfg.LOSS.WEIGHTS and len(cfg.LOSS.WEIGHTS) != 2:
-        raise ConfigError(f"LOSS.WEIGHTS: {list(cfg.LOSS.WEIGHTS)} must hold two weights (or be empty)")
+    w = list(cfg.LOSS.WEIGHTS)
+    if w and (len(w) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+                                     and v < float("inf") for v in w)):
+        raise ConfigError(f"LOSS.WEIGHTS: {w} must hold two non-negative weights (or be empty)")
     for key in ("TRAIN.METRICS", "TEST.METRICS"):
         section, name = key.split(".")
         for metric in cfg[section][name]:

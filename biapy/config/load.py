@@ -8,6 +8,7 @@ Anything else unknown is an error that suggests the closest valid key.
 import ast
 import difflib
 import logging
+import math
 from pathlib import Path
 
 import yaml
@@ -66,6 +67,17 @@ def _decode(value):
         return value
 
 
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _finite(value):
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
 def _type_name(value):
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
             tuple: "a list", list: "a list"}.get(type(value), type(value).__name__)
@@ -89,13 +101,19 @@ def coerce(key, value, default):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif isinstance(default, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if _is_number(value):
+            if not _finite(value):
+                raise ConfigError(f"{key}: expected a finite number, got {value!r}")
             return float(value)
     elif isinstance(default, str):
         if isinstance(value, str):
             return value
     elif isinstance(default, (list, tuple)):
         if isinstance(value, (list, tuple)):
+            # A list of numbers by default (sizes, ranges, per-channel values) takes finite numbers only.
+            if default and all(_is_number(d) for d in default) and not all(
+                    _is_number(v) and _finite(v) for v in value):
+                raise ConfigError(f"{key}: expected a list of finite numbers, got {value!r}")
             return type(default)(value)
         if not isinstance(value, (bool, str)) and isinstance(value, (int, float)) and default == []:
             return [value]

@@ -75,6 +75,8 @@ class PatchDataset(Dataset):
         self._images, self._targets, sources, counts, grids = [], [], [], [], []
         for path, target in zip(inputs, targets):
             img = read_image(path, ndim) if self.in_memory else open_image_lazy(path, ndim)
+            # The target first: a degraded input is made from it, and its name is the one the user knows.
+            target_data = self._open_target(target, img, path) if target is not None else None
             sample = _sample(img)
             check_finite(sample, path)
             try:
@@ -91,7 +93,7 @@ class PatchDataset(Dataset):
                 raise DataError(f"{path}: image of shape {spatial} is smaller than DATA.PATCH_SIZE {self.patch}; "
                                 "use a smaller patch or set DATA.REFLECT_TO_COMPLETE_SHAPE True")
             self._images.append(img)
-            self._targets.append(self._open_target(target, img, path) if target is not None else None)
+            self._targets.append(target_data)
             sources.append(Source(path, target, tuple(img.shape), stats))
             per_axis = [np.asarray(axis_starts(s, p, o, d), dtype=np.int64)
                         for s, p, o, d in zip(spatial, self.patch, self.overlap, self.padding)]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from biapy.errors import ConfigError, DataError
+from biapy.errors import BiapyError, ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -417,6 +417,8 @@ def write_image(path, array, ndim: int) -> Path:
         else:
             _write_tiff(tmp, arr, ndim)
         os.replace(tmp, path)
+    except OSError as err:  # disk full, folder gone...: name the file, keep any earlier one intact
+        raise BiapyError(f"{path}: cannot write ({err.strerror or err})") from None
     finally:
         if tmp.exists():
             tmp.unlink()

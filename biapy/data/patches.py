@@ -80,7 +80,8 @@ def extract_patch(img, start, patch):
     """
     inside = all(0 <= s and s + p <= n for s, p, n in zip(start, patch, img.shape))
     if inside:
-        return np.asarray(img[tuple(slice(s, s + p) for s, p in zip(start, patch))])
+        # A contiguous copy: later float casts of a strided view (inner axis of 1 channel) are ~5x slower.
+        return np.ascontiguousarray(img[tuple(slice(s, s + p) for s, p in zip(start, patch))])
     index = [reflect_indices(s, p, n) for s, p, n in zip(start, patch, img.shape)]
     box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in index)
     region = np.asarray(img[box])

@@ -4,13 +4,15 @@ A checkpoint is a dict of plain tensors and Python values (the config as YAML te
 tensors/lists), so `torch.load(path, weights_only=True)` reads it without unpickling code.
 """
 import logging
+import pickle
 import random
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from biapy.errors import CheckpointError
+from biapy.errors import BiapyError, CheckpointError
 from biapy.utils.files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -37,8 +39,12 @@ def to_plain(value):
 
 def save_checkpoint(path, payload: dict) -> None:
     """Write `payload` to a temporary file beside `path`, then rename: a failure leaves the old file intact."""
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
+    except (OSError, RuntimeError) as err:  # torch reports a full disk as RuntimeError("... file write failed")
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).strip().splitlines()[0]
+        raise BiapyError(f"{path}: cannot write the checkpoint ({reason[:200]}); is the disk full?") from None
 
 
 def load_checkpoint(path) -> dict:
@@ -48,8 +54,14 @@ def load_checkpoint(path) -> dict:
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, pickled objects, random bytes...
+    except Exception as err:  # truncated zip, random bytes, pickled objects...
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if isinstance(err, pickle.UnpicklingError) and found:
+            raise CheckpointError(f"{path}: holds a pickled Python object ({found.group(1)}), not loaded for safety "
+                                  "(torch.load weights_only=True); expected plain tensors and values") from None
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if reason.startswith("Weights only load failed"):  # torch's advice to load unsafely does not apply here
+            reason = "not torch data"
         raise CheckpointError(f"{path}: not a readable checkpoint (corrupt, truncated or not saved by "
                               f"torch with plain values): {reason[:200]}") from None
     if isinstance(state, dict) and "model" not in state and state and all(torch.is_tensor(v) for v in state.values()):

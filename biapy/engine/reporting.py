@@ -22,7 +22,7 @@ def describe_model(model, job, is_main) -> None:
 
 
 def summary_line(record, epochs, is_best) -> str:
-    parts = [f"Epoch {record['epoch'] + 1}/{epochs}", f"train {record['train_loss']:.4f}"]
+    parts = [f"Epoch {record['epoch']}/{epochs}", f"train {record['train_loss']:.4f}"]
     if record.get("val_loss") is not None:
         parts.append(f"val {record['val_loss']:.4f}")
     parts += [f"{name} {value:.4g}" for name, value in (record.get("metrics") or {}).items()]
@@ -46,14 +46,14 @@ class EpochReporter:
             return
         log.info(summary_line(record, self.cfg.TRAIN.EPOCHS, is_best))
         write_train_log(self.train_log, history)
-        step = record["epoch"]
+        step = record["epoch"]  # 1-based, as in the summary line and checkpoint names
         self.tb.add_scalar("loss/train", record["train_loss"], step)
         self.tb.add_scalar("loss/val", record.get("val_loss"), step)
         self.tb.add_scalar("lr", record["lr"], step)
         self.tb.add_scalars(record.get("metrics") or {}, step, prefix="metrics/")
         self.tb.flush()
         freq = self.cfg.LOG.CHART_CREATION_FREQ
-        if freq > 0 and (step + 1) % freq == 0:
+        if freq > 0 and step % freq == 0:
             self.charts(history)
 
     def charts(self, history) -> None:

@@ -219,7 +219,7 @@ class Trainer:
                 self.bad_epochs += 1
             patience = int(self.cfg.TRAIN.PATIENCE)
             self.stopped_early = patience > 0 and self.bad_epochs >= patience and epoch + 1 < self.epochs
-            record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "metrics": metrics,
+            record = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "metrics": metrics,
                       "lr": self.optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - start, 3)}
             self.history.append(record)
             if self.dist.is_main:

@@ -55,6 +55,18 @@ class Workflow(ABC):
             raise DataError(f"{files[0]}: has {found} channel(s) but DATA.PATCH_SIZE {tuple(self.cfg.DATA.PATCH_SIZE)} "
                             f"asks for {self.channels}; set its last value to {found}")
 
+    def _check_patch_fits_images(self, files, key):
+        """Stop when every training image is smaller than the patch along an axis: each patch would be mostly
+        padding, which is a mistake (e.g. 2D images with PROBLEM.NDIM 3D), not data worth learning from."""
+        from biapy.data.io import image_shape
+        shapes = [image_shape(f, self.ndim)[:-1] for f in files]
+        for axis, (name, size) in enumerate(zip("zyx"[-self.ndim:], self.patch)):
+            biggest = max(range(len(files)), key=lambda i: shapes[i][axis])
+            if shapes[biggest][axis] < size:
+                hint = " (2D images while PROBLEM.NDIM is 3D?)" if name == "z" and shapes[biggest][axis] == 1 else ""
+                raise DataError(f"{key}: every image is smaller than DATA.PATCH_SIZE {self.patch} along {name}; the "
+                                f"largest, {files[biggest]}, has {shapes[biggest][axis]}{hint}. Use a smaller patch")
+
     def _dataset(self, inputs, targets, split, augment):
         d = self.cfg.DATA
         node = d.TRAIN if split == "train" else d.VAL
@@ -70,7 +82,10 @@ class Workflow(ABC):
     def prepare_training(self):
         cfg = self.cfg
         inputs, targets = self.input_target_files("train")
-        self._check_channels(inputs, "DATA.TRAIN.PATH")
+        # Checked on the files the user gave (crappify's inputs are degraded copies of its targets).
+        given = targets if self.target_mode == "image" else inputs
+        self._check_channels(given, "DATA.TRAIN.PATH")
+        self._check_patch_fits_images(given, "DATA.TRAIN.PATH")
         if cfg.DATA.VAL.FROM_TRAIN:
             order = split_train_val(list(range(len(inputs))), cfg.DATA.VAL.SPLIT_TRAIN, cfg.DATA.VAL.RANDOM,
                                     cfg.SYSTEM.SEED)

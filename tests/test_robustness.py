@@ -1,0 +1,417 @@
+"""Bad input, one row of the README table "Bad input and what it says" per test.
+
+One good tiny run is made first (module fixture) and every file it wrote is hashed; each bad case
+then runs against the same --result_dir (another run ID or name where the case gets that far) and
+must exit non-zero with one `ERROR:` line naming the culprit, no traceback, and leave the good
+run's files byte-identical.
+"""
+import errno
+import hashlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from biapy.cli import main
+from biapy.data.io import read_image, write_image
+from biapy.errors import BiapyError, ConfigError
+from biapy.job import Job
+from biapy.runner import _plain, resolve_device
+from tests.conftest import make_dataset, tiny_config
+
+ROOT = Path(__file__).parents[1]
+GOOD = "good"
+
+
+def _hashes(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+class World:
+    """The shared good run and helpers to run bad cases beside it."""
+
+    def __init__(self, root):
+        self.root = root
+        self.data = make_dataset(root / "data", 2)
+        self.out = root / "out"
+        self.cfgs = root / "cfgs"
+        self.cfgs.mkdir()
+        self.next_id = 100
+
+    def cfg(self, **sections):
+        sections.setdefault("TRAIN", {"EPOCHS": 1})
+        return tiny_config(self.data, 2, **sections)
+
+    def write_cfg(self, cfg, stem):
+        path = self.cfgs / f"{stem}.yaml"
+        path.write_text(yaml.safe_dump(_plain(cfg)))
+        return path
+
+    def run(self, cfg, stem, name=GOOD, run_id="new", extra=(), result_dir=None):
+        """main([...]) of the config; run_id 'new' = a fresh ID of job NAME."""
+        path = cfg if isinstance(cfg, Path) else self.write_cfg(cfg, stem)
+        if run_id == "new":
+            self.next_id += 1
+            run_id = self.next_id
+        argv = ["--config", str(path), "--result_dir", str(result_dir or self.out), "--name", name]
+        if run_id is not None:
+            argv += ["--run_id", str(run_id)]
+        return main(argv + list(extra))
+
+    def bad_folder(self, stem, split="train"):
+        """A copy of the good image (and label) folders to spoil."""
+        dst = self.root / "bad" / stem
+        for src, sub in zip(self.data[split], ("x", "y")):
+            shutil.copytree(src, dst / sub)
+        return dst / "x", dst / "y"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    w = World(tmp_path_factory.mktemp("robust"))
+    assert w.run(w.cfg(TEST={"ENABLE": True}), GOOD, run_id=1) == 0
+    w.good_job = Job(w.out, GOOD, 1)
+    assert w.good_job.checkpoint("last").is_file() and any(w.good_job.per_image.iterdir())
+    w.hashes = _hashes(w.out)
+    return w
+
+
+@pytest.fixture
+def intact(world):
+    """After the test: every file of the good run is still there, byte-identical."""
+    yield
+    now = _hashes(world.out)
+    changed = [k for k, v in world.hashes.items() if now.get(k) != v]
+    assert not changed, f"the earlier run's files changed: {changed}"
+
+
+def one_error_line(capsys, *culprits):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("ERROR:")]
+    assert len(lines) == 1, err
+    for culprit in culprits:
+        assert str(culprit) in lines[0], (culprit, lines[0])
+    print(lines[0])  # shown by `pytest -rP`: the messages quoted in the README table
+    return lines[0]
+
+
+# ------------------------------------------------------------------ configuration
+@pytest.mark.parametrize("section, values, culprits", [
+    ("TRAIN", {"EPOCH": 2}, ["TRAIN.EPOCH", "did you mean TRAIN.EPOCHS"]),            # unknown/misspelt key
+    ("TRAIN", {"EPOCHS": "two"}, ["TRAIN.EPOCHS", "expected an integer"]),              # wrong type
+    ("TRAIN", {"LR": -1.0}, ["TRAIN.LR", "out of range"]),                               # out of range
+    ("DATA", {"VAL": {"SPLIT_TRAIN": 1.5}}, ["DATA.VAL.SPLIT_TRAIN", "out of range"]),
+    ("DATA", {"PATCH_SIZE": [8, 32, 32, 1]}, ["DATA.PATCH_SIZE", "PROBLEM.NDIM is 2D"]),  # 2D/3D mismatch
+    ("TRAIN", {"EPOCHS": "__import__('os').system('false')"}, ["TRAIN.EPOCHS"]),        # no eval of values
+])
+def test_config_errors_exit_2_before_touching_the_run(world, intact, capsys, section, values, culprits):
+    # Same name and run ID as the good run: a config error must stop before writing anything.
+    cfg = world.cfg(**{section: values})
+    assert world.run(cfg, f"cfg_{culprits[0]}", run_id=1) == 2
+    one_error_line(capsys, *culprits)
+
+
+def test_misspelt_key_on_the_command_line(world, intact, capsys):
+    assert world.run(world.cfg(), "cli_typo", run_id=1, extra=["TRAIN.EPOCSH", "3"]) == 2
+    one_error_line(capsys, "TRAIN.EPOCSH", "TRAIN.EPOCHS")
+
+
+def test_unsafe_yaml_tag_is_refused_and_runs_nothing(world, intact, capsys, tmp_path):
+    marker = tmp_path / "pwned"
+    path = world.cfgs / "unsafe.yaml"
+    path.write_text(f"TRAIN:\n  EPOCHS: !!python/object/apply:os.system ['touch {marker}']\n")
+    assert world.run(path, "unsafe", run_id=1) == 2
+    one_error_line(capsys, "unsafe.yaml")
+    assert not marker.exists()
+
+
+def test_missing_data_folder(world, intact, capsys):
+    cfg = world.cfg(DATA={"TRAIN": {"PATH": str(world.root / "nowhere")}})
+    assert world.run(cfg, "missing_folder") == 2
+    one_error_line(capsys, "DATA.TRAIN.PATH", "nowhere")
+
+
+def test_empty_data_folder(world, intact, capsys):
+    empty = world.root / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    assert world.run(world.cfg(DATA={"TRAIN": {"PATH": str(empty)}}), "empty_folder") == 3
+    one_error_line(capsys, "DATA.TRAIN.PATH", "no images", str(empty))
+
+
+# ------------------------------------------------------------------ images
+def _spoil_first(world, stem, spoil):
+    x, y = world.bad_folder(stem)
+    victim = sorted(x.iterdir())[1]
+    spoil(victim)
+    return x, y, victim
+
+
+def test_ndim_2d_with_3d_stacks(world, intact, capsys):
+    x, _, victim = _spoil_first(world, "stack_in_2d",
+                                lambda p: write_image(p, np.zeros((5, 40, 40, 1), np.uint8), 3))
+    assert world.run(world.cfg(DATA={"TRAIN": {"PATH": str(x)}}), "stack_in_2d") == 3
+    one_error_line(capsys, victim.name, "PROBLEM.NDIM is 2D")
+
+
+def test_ndim_3d_with_2d_images(world, intact, capsys):
+    x, _ = world.bad_folder("2d_in_3d")
+    cfg = tiny_config(world.data, 3, TRAIN={"EPOCHS": 1}, DATA={"TRAIN": {"PATH": str(x)}})
+    assert world.run(cfg, "2d_in_3d") == 3
+    one_error_line(capsys, "DATA.TRAIN.PATH", "img_", "along z", "PROBLEM.NDIM is 3D")
+
+
+def test_patch_larger_than_every_image(world, intact, capsys):
+    assert world.run(world.cfg(DATA={"PATCH_SIZE": (128, 128, 1)}), "big_patch") == 3
+    one_error_line(capsys, "DATA.TRAIN.PATH", "smaller than DATA.PATCH_SIZE (128, 128)", "img_03.tif")
+
+
+def test_patch_larger_than_one_image_without_padding(world, intact, capsys):
+    cfg = world.cfg(DATA={"PATCH_SIZE": (56, 56, 1), "REFLECT_TO_COMPLETE_SHAPE": False})
+    assert world.run(cfg, "big_patch_no_pad") == 3
+    one_error_line(capsys, "img_", "smaller than DATA.PATCH_SIZE (56, 56)", "REFLECT_TO_COMPLETE_SHAPE")
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage"])
+def test_unreadable_image(world, intact, capsys, how):
+    def spoil(p):
+        data = p.read_bytes()
+        p.write_bytes(data[: len(data) // 2] if how == "truncated" else b"this is not a TIFF" * 10)
+    x, _, victim = _spoil_first(world, f"unreadable_{how}", spoil)
+    assert world.run(world.cfg(DATA={"TRAIN": {"PATH": str(x)}}), f"unreadable_{how}") == 3
+    one_error_line(capsys, victim.name)
+
+
+def test_images_with_different_channel_counts(world, intact, capsys):
+    x, _, victim = _spoil_first(world, "channels",
+                                lambda p: write_image(p, np.zeros((48, 48, 3), np.uint8), 2))
+    assert world.run(world.cfg(DATA={"TRAIN": {"PATH": str(x)}}), "channels") == 3
+    one_error_line(capsys, victim.name, "3 channel(s)")
+
+
+def test_patch_channels_differ_from_the_images(world, intact, capsys):
+    assert world.run(world.cfg(DATA={"PATCH_SIZE": (32, 32, 2)}), "patch_channels") == 3
+    one_error_line(capsys, "img_00.tif", "DATA.PATCH_SIZE", "1 channel(s)")
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_nan_or_inf_pixels(world, intact, capsys, value):
+    def spoil(p):
+        img = read_image(p, 2).astype(np.float32)
+        img[3, 4, 0] = value
+        write_image(p, img, 2)
+    x, _, victim = _spoil_first(world, f"nonfinite_{value}", spoil)
+    assert world.run(world.cfg(DATA={"TRAIN": {"PATH": str(x)}}), f"nonfinite_{value}") == 3
+    one_error_line(capsys, victim.name, "NaN or Inf")
+
+
+def test_constant_image_trains_without_nan(world, intact, capsys):
+    x, _, _ = _spoil_first(world, "constant", lambda p: write_image(p, np.full((48, 48, 1), 7, np.uint8), 2))
+    job_id = world.next_id + 1
+    assert world.run(world.cfg(DATA={"TRAIN": {"PATH": str(x)}}), "constant") == 0
+    state = torch.load(Job(world.out, GOOD, job_id).checkpoint("last"), weights_only=True)
+    assert all(np.isfinite(r["train_loss"]) for r in state["history"])
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+# ------------------------------------------------------------------ labels (segmentation)
+def _seg_cfg(world, x, y):
+    return world.cfg(PROBLEM={"TYPE": "SEMANTIC_SEG"}, MODEL={"N_CLASSES": 2},
+                     DATA={"TRAIN": {"PATH": str(x), "GT_PATH": str(y)},
+                           "TEST": {"PATH": str(world.data["test"][0]), "GT_PATH": str(world.data["test"][1])}})
+
+
+def test_labels_whose_shape_differs_from_their_image(world, intact, capsys):
+    x, y = world.bad_folder("label_shape")
+    victim = sorted(y.iterdir())[1]
+    write_image(victim, np.zeros((30, 30, 1), np.uint8), 2)
+    assert world.run(_seg_cfg(world, x, y), "label_shape") == 3
+    one_error_line(capsys, victim.name, "does not match its image")
+
+
+def test_non_integer_labels(world, intact, capsys):
+    x, y = world.bad_folder("label_float")
+    victim = sorted(y.iterdir())[1]
+    labels = read_image(victim, 2).astype(np.float32)
+    labels[0, 0, 0] = 0.5
+    write_image(victim, labels, 2)
+    assert world.run(_seg_cfg(world, x, y), "label_float") == 3
+    one_error_line(capsys, victim.name, "integer")
+
+
+# ------------------------------------------------------------------ checkpoints
+def _from_checkpoint(world, ckpt, **sections):
+    sections.setdefault("TRAIN", {"ENABLE": False})
+    cfg = world.cfg(**sections)
+    cfg["MODEL"]["LOAD_CHECKPOINT"] = True
+    cfg["PATHS"] = {"CHECKPOINT_FILE": str(ckpt)}
+    return cfg
+
+
+def test_checkpoint_missing(world, intact, capsys):
+    ckpt = world.root / "none.pth"
+    assert world.run(_from_checkpoint(world, ckpt), "ckpt_missing") == 4
+    one_error_line(capsys, "none.pth", "not found")
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage"])
+def test_checkpoint_corrupt(world, intact, capsys, how):
+    ckpt = world.root / f"corrupt_{how}.pth"
+    data = world.good_job.checkpoint("last").read_bytes()
+    ckpt.write_bytes(data[: len(data) // 3] if how == "truncated" else b"garbage" * 100)
+    assert world.run(_from_checkpoint(world, ckpt), f"ckpt_{how}") == 4
+    one_error_line(capsys, ckpt.name, "not a readable checkpoint")
+
+
+class _Payload:
+    """Unpickling this would touch a file: weights_only loading must refuse it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_checkpoint_with_pickled_code_is_refused_and_runs_nothing(world, intact, capsys, tmp_path):
+    marker = tmp_path / "pwned"
+    ckpt = world.root / "pickled.pth"
+    torch.save({"model": {}, "evil": _Payload(marker)}, ckpt)
+    assert world.run(_from_checkpoint(world, ckpt), "ckpt_pickled") == 4
+    one_error_line(capsys, "pickled.pth", "pickled Python object", "weights_only=True")
+    assert not marker.exists()
+
+
+def test_checkpoint_of_another_architecture(world, intact, capsys):
+    ckpt = world.good_job.checkpoint("best")
+    cfg = _from_checkpoint(world, ckpt, MODEL={"ARCHITECTURE": "resunet"})
+    assert world.run(cfg, "ckpt_arch") == 4
+    one_error_line(capsys, ckpt.name, "'unet'", "resunet")
+
+
+def test_checkpoint_and_config_disagree_on_ndim(world, intact, capsys):
+    cfg = tiny_config(world.data, 3, TRAIN={"ENABLE": False})
+    cfg["MODEL"]["LOAD_CHECKPOINT"] = True
+    cfg["PATHS"] = {"CHECKPOINT_FILE": str(world.good_job.checkpoint("best"))}
+    assert world.run(cfg, "ckpt_ndim") == 4
+    one_error_line(capsys, "checkpoint is 2D", "PROBLEM.NDIM is 3D")
+
+
+def test_checkpoint_and_config_disagree_on_channels(world, intact, capsys):
+    cfg = _from_checkpoint(world, world.good_job.checkpoint("best"), DATA={"PATCH_SIZE": (32, 32, 3)})
+    assert world.run(cfg, "ckpt_channels") == 4
+    one_error_line(capsys, "1 input channel(s)", "DATA.PATCH_SIZE asks for 3")
+
+
+# ------------------------------------------------------------------ where results go
+def test_result_folder_not_writable(world, intact, capsys):
+    blocker = world.root / "a_file"
+    blocker.write_text("")
+    assert world.run(world.cfg(), "unwritable", result_dir=blocker / "sub") == 2
+    one_error_line(capsys, "--result_dir", "a_file")
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "..", "a..b", "/abs"])
+def test_name_with_path_separators_or_dotdot(world, intact, capsys, name):
+    assert world.run(world.cfg(), "bad_name", name=name) == 2
+    one_error_line(capsys, "--name", repr(name))
+    assert not (world.root / "evil").exists()
+
+
+@pytest.mark.parametrize("run_id", ["../1", "1/2", "-1"])
+def test_run_id_must_be_a_plain_number(world, intact, capsys, run_id):
+    path = world.write_cfg(world.cfg(), "bad_run_id")
+    try:
+        code = main(["--config", str(path), "--result_dir", str(world.out), "--name", GOOD, "--run_id", run_id])
+    except SystemExit as stop:  # argparse: usage line + one error line
+        code = stop.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--run_id" in err and "Traceback" not in err
+
+
+def test_gpu_that_does_not_exist(world, intact, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "FakeGPU")
+    with pytest.raises(ConfigError, match=r"--gpu: device 3 does not exist"):
+        resolve_device("3")
+    with pytest.raises(ConfigError, match="--gpu"):
+        resolve_device("x")
+    assert world.run(world.cfg(), "bad_gpu", extra=["--gpu", "0,3"]) == 2
+    one_error_line(capsys, "--gpu", "device 3")
+
+
+def test_batch_size_larger_than_the_dataset(world, intact, capsys):
+    assert world.run(world.cfg(TRAIN={"EPOCHS": 1, "BATCH_SIZE": 500}), "big_batch") == 3
+    one_error_line(capsys, "TRAIN.BATCH_SIZE", "500")
+
+
+# ------------------------------------------------------------------ failures while running
+def test_disk_full_while_saving_a_checkpoint(world, intact, capsys, monkeypatch):
+    def full(obj, f, *a, **k):
+        Path(f).write_bytes(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full)
+    job_id = world.next_id + 1
+    code = world.run(world.cfg(), "disk_full")
+    assert code != 0
+    one_error_line(capsys, "No space left on device", f"{GOOD}_{job_id}-checkpoint-last.pth")
+    ckpts = Job(world.out, GOOD, job_id).checkpoint_dir
+    assert not [p for p in ckpts.iterdir() if p.name.startswith(f".{GOOD}_{job_id}")]  # no temporary left
+
+
+def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    from biapy.engine.checkpoint import save_checkpoint
+    path = tmp_path / "c.pth"
+    save_checkpoint(path, {"model": {"w": torch.ones(2)}})
+    before = path.read_bytes()
+
+    def full(obj, f, *a, **k):
+        Path(f).write_bytes(b"half")
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(BiapyError, match="c.pth"):
+        save_checkpoint(path, {"model": {"w": torch.zeros(2)}})
+    assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
+
+
+def test_disk_full_while_writing_a_result_image(world, intact, capsys, monkeypatch):
+    import tifffile
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(tifffile, "imwrite", full)
+    cfg = _from_checkpoint(world, world.good_job.checkpoint("best"))
+    assert world.run(cfg, "disk_full_image") != 0
+    one_error_line(capsys, "No space left on device")
+
+
+def test_non_finite_loss_names_epoch_and_step(world, intact, capsys, monkeypatch):
+    from biapy.workflows.crappify import CrappifyWorkflow
+    real = CrappifyWorkflow.compute_loss
+
+    def nan_loss(self, batch, train):
+        loss, out = real(self, batch, train)
+        return loss * float("nan"), out
+    monkeypatch.setattr(CrappifyWorkflow, "compute_loss", nan_loss)
+    assert world.run(world.cfg(), "nan_loss") == 5
+    one_error_line(capsys, "epoch 1", "step 1")
+
+
+def test_traceback_only_with_verbose(world, intact):
+    path = world.write_cfg(world.cfg(TRAIN={"EPOCH": 2}), "verbose")
+    base = [sys.executable, str(ROOT / "main.py"), "--config", str(path), "--result_dir", str(world.out),
+            "--name", GOOD, "--run_id", "1"]
+    quiet = subprocess.run(base, capture_output=True, text=True, cwd=ROOT)
+    loud = subprocess.run(base + ["--verbose"], capture_output=True, text=True, cwd=ROOT)
+    assert quiet.returncode == loud.returncode == 2
+    assert "Traceback" not in quiet.stderr and quiet.stderr.strip().splitlines()[-1].startswith("ERROR:")
+    assert "Traceback" in loud.stderr and "TRAIN.EPOCH" in loud.stderr
