@@ -1,4 +1,5 @@
 """Shared fixtures: small synthetic image folders and tiny-model config overrides."""
+import logging
 import os
 
 import pytest
@@ -12,6 +13,12 @@ SHAPES = {
     2: dict(train=[(48, 56), (52, 48), (48, 48), (60, 50)], test=[(50, 45), (47, 61)]),
     3: dict(train=[(12, 40, 40), (13, 36, 44), (12, 40, 36)], test=[(13, 37, 35)]),
 }
+
+
+@pytest.fixture(autouse=True)
+def _biapy_logs_reach_caplog(monkeypatch):
+    """A CLI run in an earlier test turns propagation off (its own handler); caplog needs it on."""
+    monkeypatch.setattr(logging.getLogger("biapy"), "propagate", True)
 
 
 def _make_folder(root, ndim, split, shapes, seed, channels=1):

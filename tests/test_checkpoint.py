@@ -27,7 +27,8 @@ def test_atomic_save_keeps_previous_file_on_failure(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
+    from biapy.errors import BiapyError
+    with pytest.raises(BiapyError, match="cannot write the checkpoint"):
         save_checkpoint(path, {"model": {"w": torch.zeros(3)}})
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]  # no temporary left behind

@@ -96,9 +96,7 @@ def test_biapy_self_supervised_yaml_loads_unchanged(tmp_path, folders):
     assert cfg.AUGMENTOR.RANDOM_ROT is True
 
 
-def test_biapy_3_7_list_forms_and_unused_keys_are_accepted(caplog, monkeypatch):
-    import logging
-    monkeypatch.setattr(logging.getLogger("biapy"), "propagate", True)  # a CLI run may have turned it off
+def test_biapy_3_7_list_forms_and_unused_keys_are_accepted(caplog):
     cfg = load_config({"TRAIN": {"OPTIMIZER": ["SGD"], "LR": [0.01], "OPT_BETAS": [[0.8, 0.9]]},
                        "LOSS": {"TYPE": ["MSE"]},
                        "MODEL": {"BMZ": {"EXPORT": {"ENABLE": True}}},

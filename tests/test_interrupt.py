@@ -50,7 +50,8 @@ def _interrupt(command, sig, ready, env):
 def test_signals_save_a_checkpoint_exit_130_and_the_same_command_resumes(tmp_path):
     data = make_dataset(tmp_path / "data", 2)
     cfg = tiny_config(data, 2, TRAIN={"EPOCHS": EPOCHS}, TEST={"ENABLE": False},
-                      DATA={"TRAIN": {"PATCHES_PER_IMAGE": 8}}, LOG={"CHART_CREATION_FREQ": 100})
+                      DATA={"TRAIN": {"PATCHES_PER_IMAGE": 2}}, SYSTEM={"NUM_CPUS": 1},
+                      LOG={"CHART_CREATION_FREQ": 100})  # 3 steps per epoch: short, yet signals land mid-epoch
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(_plain(cfg)))
     command = [sys.executable, str(ROOT / "main.py"), "--config", str(path), "--result_dir", str(tmp_path / "out"),

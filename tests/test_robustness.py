@@ -212,13 +212,32 @@ def test_nan_or_inf_pixels(world, intact, capsys, value):
     one_error_line(capsys, victim.name, "NaN or Inf")
 
 
-def test_constant_image_trains_without_nan(world, intact, capsys):
+def test_nan_pixels_in_a_test_image(world, intact, capsys):
+    def spoil(p):
+        img = read_image(p, 2).astype(np.float32)
+        img[3, 4, 0] = np.nan
+        write_image(p, img, 2)
+    x, _, victim = _spoil_first(world, "nonfinite_test", spoil)
+    cfg = _from_checkpoint(world, world.good_job.checkpoint("best"), DATA={"TEST": {"PATH": str(x)}})
+    assert world.run(cfg, "nonfinite_test") == 3
+    one_error_line(capsys, victim.name, "NaN")
+
+
+def test_constant_image_trains_without_nan_and_writes_only_under_result_dir(world, intact, capsys):
     x, _, _ = _spoil_first(world, "constant", lambda p: write_image(p, np.full((48, 48, 1), 7, np.uint8), 2))
     job_id = world.next_id + 1
-    assert world.run(world.cfg(DATA={"TRAIN": {"PATH": str(x)}}), "constant") == 0
-    state = torch.load(Job(world.out, GOOD, job_id).checkpoint("last"), weights_only=True)
-    assert all(np.isfinite(r["train_loss"]) for r in state["history"])
+    # Output paths given in the YAML are ignored: they are derived from --result_dir, --name and --run_id.
+    outside = world.root / "outside"
+    cfg = world.cfg(DATA={"TRAIN": {"PATH": str(x)}}, LOG={"TENSORBOARD_LOG_DIR": str(outside / "tb")},
+                    PATHS={key: str(outside / key.lower()) for key in ("CHECKPOINT", "RESULT_DIR", "PER_IMAGE",
+                                                                      "CHARTS", "TRAIN_LOGS", "DA_SAMPLES")})
+    assert world.run(cfg, "constant") == 0
+    job = Job(world.out, GOOD, job_id)
+    state = torch.load(job.checkpoint("last"), weights_only=True)
+    assert all(np.isfinite(r["train_loss"]) and np.isfinite(r["val_loss"]) for r in state["history"])
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert not outside.exists()
+    assert any(job.per_image.iterdir()) and any(job.train_logs.iterdir())
 
 
 # ------------------------------------------------------------------ labels (segmentation)
@@ -244,6 +263,16 @@ def test_non_integer_labels(world, intact, capsys):
     write_image(victim, labels, 2)
     assert world.run(_seg_cfg(world, x, y), "label_float") == 3
     one_error_line(capsys, victim.name, "integer")
+
+
+def test_labels_with_class_ids_beyond_n_classes(world, intact, capsys):
+    x, y = world.bad_folder("label_ids")
+    victim = sorted(y.iterdir())[1]
+    labels = read_image(victim, 2)
+    labels[labels > 0] = 5
+    write_image(victim, labels, 2)
+    assert world.run(_seg_cfg(world, x, y), "label_ids") == 3
+    one_error_line(capsys, victim.name, "class id 5", "MODEL.N_CLASSES is 2")
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -404,6 +433,22 @@ def test_non_finite_loss_names_epoch_and_step(world, intact, capsys, monkeypatch
     monkeypatch.setattr(CrappifyWorkflow, "compute_loss", nan_loss)
     assert world.run(world.cfg(), "nan_loss") == 5
     one_error_line(capsys, "epoch 1", "step 1")
+
+
+def test_sigterm_outside_training_exits_130_without_traceback(world, intact, capsys, monkeypatch):
+    import os
+    import signal
+
+    from biapy.workflows.crappify import CrappifyWorkflow
+
+    def killed(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(CrappifyWorkflow, "test", killed)
+    before = signal.getsignal(signal.SIGTERM)
+    assert world.run(_from_checkpoint(world, world.good_job.checkpoint("best")), "sigterm_test") == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Interrupted" in err
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_traceback_only_with_verbose(world, intact):

@@ -167,6 +167,12 @@ class PatchDataset(Dataset):
             return x, torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
         return x, torch.from_numpy(np.ascontiguousarray(np.moveaxis(y, -1, 0), dtype=np.float32))
 
+    def label_ranges(self):
+        """[(label file, min, max)] of the targets in 'label' mode (a lazily opened one: a bounded sample)."""
+        return [(src.target, int(np.min(sample)), int(np.max(sample)))
+                for src, labels in zip(self.sources, self._targets)
+                if labels is not None and (sample := _sample(labels)).size]
+
     # ------------------------------------------------------------------ whole images
     def read_normalized(self, i):
         """Whole input image `i`, normalized, channel-last float32 (e.g. for reconstruction panels)."""

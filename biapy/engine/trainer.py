@@ -275,7 +275,7 @@ class Trainer:
         loss_sum, loss_count = self.partial_loss if skip else (0.0, 0)
         self.skip_steps, self.partial_loss = 0, (0.0, 0)
         with tqdm(total=n, initial=skip, desc=f"Epoch {epoch + 1}/{self.epochs}", unit="step", leave=False,
-                  disable=not self.dist.is_main, dynamic_ncols=True) as bar:
+                  disable=None if self.dist.is_main else True, dynamic_ncols=True) as bar:
             loss_sum, loss_count = self._steps(epoch, n, skip, loss_sum, loss_count, bar)
         totals = all_reduce_sum(torch.tensor([loss_sum, float(loss_count)], dtype=torch.float64,
                                              device=self.device))
@@ -340,7 +340,7 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = 0
         averager = MetricAverager()
-        for batch in tqdm(loader, desc="Validation", unit="batch", leave=False, disable=not self.dist.is_main):
+        for batch in tqdm(loader, desc="Validation", unit="batch", leave=False, disable=None if self.dist.is_main else True):
             with self._autocast():
                 loss, outputs = wf.compute_loss(batch, train=False)
             n = _batch_size(batch)

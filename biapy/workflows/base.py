@@ -142,8 +142,8 @@ class Workflow(ABC):
     def batch_metrics(self, batch, outputs):
         return {}
 
-    def on_epoch_end(self, epoch, tb):
-        """Extra per-epoch outputs (rank 0); nothing by default."""
+    def on_epoch_end(self, epoch, tb, final=False):
+        """Extra per-epoch outputs (rank 0; `final` once after training); nothing by default."""
 
     def checkpoint_extras(self):
         return {"normalization": self.normalizer.state() if hasattr(self.normalizer, "state") else {}}
@@ -180,10 +180,14 @@ class Workflow(ABC):
         self._check_channels(inputs, "DATA.TEST.PATH")
         mine = list(range(self.dist.rank, len(sources), self.dist.world_size))
         rows = []
-        bar = tqdm(mine, desc="Test", unit="image", disable=not self.dist.is_main, leave=False)
+        # disable=None: tqdm draws no bar when stderr is not a terminal, so log files stay clean.
+        bar = tqdm(mine, desc="Test", unit="image", disable=None if self.dist.is_main else True, leave=False)
         for i in bar:
             image = read_image(inputs[i], self.ndim)
-            stats = self.normalizer.stats(image)
+            try:
+                stats = self.normalizer.stats(image)
+            except DataError as exc:  # e.g. NaN pixels: the message must name the file
+                raise DataError(f"{inputs[i]}: {exc}") from None
             output = self.predict_image(self.normalizer.normalize(image, stats))
             row = self.finish_prediction(sources[i], image, stats, output)
             if row is not None:

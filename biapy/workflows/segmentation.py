@@ -37,6 +37,15 @@ class SegmentationWorkflow(Workflow):
         matched = [by_name[p.name] for p in images]
         return (matched, images) if split == "test" else (images, matched)
 
+    def prepare_training(self):
+        super().prepare_training()
+        # A class id outside [0, N_CLASSES) would stop the loss with an index error (a device assert on GPU).
+        for ds in (self.train_dataset, self.val_dataset):
+            for path, low, high in ds.label_ranges():
+                if low < 0 or high >= self.n_classes:
+                    raise DataError(f"{path}: holds class id {high if high >= self.n_classes else low} but "
+                                    f"MODEL.N_CLASSES is {self.n_classes} (ids must be 0..{self.n_classes - 1})")
+
     def compute_loss(self, batch, train):
         x, y = self.to_device(batch)
         logits = self.model(x)
