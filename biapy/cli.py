@@ -34,11 +34,12 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from biapy.runner import BiaPy
     # SIGTERM (a scheduler, `kill`) stops like Ctrl-C outside training too: no traceback, exit 130.
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
+        from biapy.runner import BiaPy  # inside: Ctrl-C while torch is still importing exits cleanly too
+
         BiaPy(args.config, result_dir=args.result_dir, name=args.name, run_id=args.run_id, gpu=args.gpu,
               dist_backend=args.dist_backend, overrides=args.overrides, verbose=args.verbose).run_job()
     except BiapyError as err:
@@ -51,6 +52,15 @@ def main(argv=None):
             logging.getLogger("biapy").exception("stopped")
         where = f"{err.filename}: " if err.filename else ""
         print(f"ERROR: {where}{err.strerror or err}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as err:
+        if not (isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"):
+            raise  # a bug: shown with its traceback
+        if args.verbose:
+            logging.getLogger("biapy").exception("stopped")
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        print(f"ERROR: out of memory ({first}); lower TRAIN.BATCH_SIZE or DATA.PATCH_SIZE",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("Interrupted: the checkpoints saved so far are kept; run the same command again to resume.",

@@ -105,9 +105,6 @@ class BiaPy:
     def run_job(self):
         from biapy.engine.distributed import cleanup, init_distributed
 
-        # Subnormal floats (values decaying towards 0) make CPU kernels up to ~100x slower. Set before torch
-        # starts its worker threads, which inherit the setting.
-        torch.set_flush_denormal(True)
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         is_main_env = int(os.environ.get("RANK", 0)) == 0
         setup_logging(is_main_env, self.verbose)

@@ -46,6 +46,7 @@ class World:
 
     def cfg(self, **sections):
         sections.setdefault("TRAIN", {"EPOCHS": 1})
+        sections.setdefault("SYSTEM", {"NUM_CPUS": 1})  # tiny models: a second thread only waits
         return tiny_config(self.data, 2, **sections)
 
     def write_cfg(self, cfg, stem):
@@ -435,6 +436,16 @@ def test_non_finite_loss_names_epoch_and_step(world, intact, capsys, monkeypatch
     one_error_line(capsys, "epoch 1", "step 1")
 
 
+def test_out_of_memory_says_what_to_lower(world, intact, capsys, monkeypatch):
+    from biapy.workflows.crappify import CrappifyWorkflow
+
+    def oom(self, batch, train):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    monkeypatch.setattr(CrappifyWorkflow, "compute_loss", oom)
+    assert world.run(world.cfg(), "oom") == 1
+    one_error_line(capsys, "out of memory", "Tried to allocate 20.00 GiB", "TRAIN.BATCH_SIZE")
+
+
 def test_sigterm_outside_training_exits_130_without_traceback(world, intact, capsys, monkeypatch):
     import os
     import signal
@@ -451,12 +462,13 @@ def test_sigterm_outside_training_exits_130_without_traceback(world, intact, cap
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_traceback_only_with_verbose(world, intact):
+def test_traceback_only_with_verbose(world, intact, capsys):
     path = world.write_cfg(world.cfg(TRAIN={"EPOCH": 2}), "verbose")
-    base = [sys.executable, str(ROOT / "main.py"), "--config", str(path), "--result_dir", str(world.out),
-            "--name", GOOD, "--run_id", "1"]
-    quiet = subprocess.run(base, capture_output=True, text=True, cwd=ROOT)
-    loud = subprocess.run(base + ["--verbose"], capture_output=True, text=True, cwd=ROOT)
-    assert quiet.returncode == loud.returncode == 2
-    assert "Traceback" not in quiet.stderr and quiet.stderr.strip().splitlines()[-1].startswith("ERROR:")
-    assert "Traceback" in loud.stderr and "TRAIN.EPOCH" in loud.stderr
+    args = ["--config", str(path), "--result_dir", str(world.out), "--name", GOOD, "--run_id", "1"]
+    quiet = subprocess.run([sys.executable, str(ROOT / "main.py"), *args], capture_output=True, text=True, cwd=ROOT)
+    assert quiet.returncode == 2
+    assert "Traceback" not in quiet.stderr and quiet.stderr.strip().splitlines() == [
+        f"ERROR: {path}: unknown key TRAIN.EPOCH; did you mean TRAIN.EPOCHS?"]
+    assert main(args + ["--verbose"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("ERROR: ")
