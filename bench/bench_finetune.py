@@ -63,7 +63,8 @@ def segmentation(args, f, checkpoint=None):
     cfg = merge(common(args), {
         "PROBLEM": {"TYPE": "SEMANTIC_SEG", "NDIM": "2D"},
         "DATA": {"PATCH_SIZE": (64, 64, 1), "VAL": {"SPLIT_TRAIN": 0.25},
-                 "TRAIN": {"PATH": str(f["few_x"]), "GT_PATH": str(f["few_y"])},
+                 # Few labeled images: more random patches per image and epoch (same for both arms).
+                 "TRAIN": {"PATH": str(f["few_x"]), "GT_PATH": str(f["few_y"]), "PATCHES_PER_IMAGE": 16},
                  "TEST": {"PATH": str(f["test_x"]), "GT_PATH": str(f["test_y"]), "LOAD_GT": True}},
         "MODEL": {"N_CLASSES": 2, "LOAD_CHECKPOINT": checkpoint is not None, "SKIP_UNMATCHED_LAYERS": True},
         "LOSS": {"TYPE": "CE_DICE"},

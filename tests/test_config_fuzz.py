@@ -200,8 +200,9 @@ def test_the_base_configs_are_valid(kind):
     ("MODEL.FEATURE_MAPS", "[4, 'x']"), ("MODEL.DROPOUT_VALUES", "[0.0, 2.0]"), ("MODEL.KERNEL_SIZE", "0"),
     ("DATA.NORMALIZATION.ZERO_MEAN_UNIT_VAR.MEAN_VAL", "['a']"),
     ("DATA.NORMALIZATION.ZERO_MEAN_UNIT_VAR.MEAN_VAL", [[2, 4, 0], [], []]), ("LOSS.WEIGHTS", ["a", 1]),
-    ("DATA.PATCH_SIZE", [2 ** 2000, 16, 1]),
+    ("DATA.PATCH_SIZE", [2 ** 2000, 16, 1]), ("MODEL.VIT_EMBED_DIM", 0), ("MODEL.MAE_DEC_HIDDEN_SIZE", 0),
+    ("MODEL.VIT_MLP_RATIO", -1.0),
 ])
 def test_values_found_by_the_fuzzer_are_config_errors_naming_the_key(key, value):
     with pytest.raises(ConfigError, match=key.split(".")[-1]):
-        prepare([(key, value)], as_strings=isinstance(value, str))
+        prepare([(key, value)], as_strings=isinstance(value, str), kind="2d_masking_mae")

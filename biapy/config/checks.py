@@ -169,10 +169,14 @@ def _check_vit(cfg):
                           f"MODEL.VIT_TOKEN_SIZE {m.VIT_TOKEN_SIZE}")
     for width, heads in (("VIT_EMBED_DIM", "VIT_NUM_HEADS"), ("MAE_DEC_HIDDEN_SIZE", "MAE_DEC_NUM_HEADS")):
         _at_least(f"MODEL.{heads}", m[heads], 1)
+        _at_least(f"MODEL.{width}", m[width], m[heads])  # at least one channel per head
         if m[width] % m[heads]:
             raise ConfigError(f"MODEL.{width}: {m[width]} is not divisible by MODEL.{heads} {m[heads]}")
     for key in ("VIT_NUM_LAYERS", "MAE_DEC_NUM_LAYERS", "MAE_DEC_MLP_DIMS"):
         _at_least(f"MODEL.{key}", m[key], 1)
+    for key in ("VIT_MLP_RATIO", "VIT_NORM_EPS"):
+        if m[key] <= 0:
+            raise ConfigError(f"MODEL.{key}: {m[key]} is out of range; expected a positive number")
 
 
 def _check_train(cfg):
