@@ -45,7 +45,8 @@ def main(argv=None):
     except BiapyError as err:
         if args.verbose:
             logging.getLogger("biapy").exception("stopped")
-        print(f"ERROR: {err}", file=sys.stderr)
+        # One line even when a value in the message (a path, a key) holds a line break.
+        print("ERROR: " + "\\n".join(str(err).splitlines()), file=sys.stderr)
         return err.exit_code
     except OSError as err:  # the environment, not a bug: a full disk, a folder that vanished, permissions
         if args.verbose:

@@ -114,6 +114,8 @@ def coerce(key, value, default):
             if default and all(_is_number(d) for d in default) and not all(
                     _is_number(v) and _finite(v) for v in value):
                 raise ConfigError(f"{key}: expected a list of finite numbers, got {value!r}")
+            if default and all(isinstance(d, float) for d in default):
+                value = [float(v) for v in value]  # (0, 1) for (0.9, 0.999): torch wants floats
             return type(default)(value)
         if not isinstance(value, (bool, str)) and isinstance(value, (int, float)) and default == []:
             return [value]
