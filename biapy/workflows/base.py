@@ -14,7 +14,7 @@ from tqdm import tqdm
 from biapy.config import ndim_of
 from biapy.data.augmentation import Augmentor
 from biapy.data.datasets import PatchDataset, split_train_val
-from biapy.data.io import check_consistent_channels, list_images, read_image, write_image
+from biapy.data.io import check_consistent_channels, image_shape, list_images, read_image, write_image
 from biapy.data.normalization import Normalizer
 from biapy.data.patches import predict_whole
 from biapy.engine.loaders import make_loader
@@ -48,9 +48,7 @@ class Workflow(ABC):
         return files, files
 
     def _check_channels(self, files, key):
-        check_consistent_channels(files, self.ndim, key)
-        from biapy.data.io import image_shape
-        found = image_shape(files[0], self.ndim)[-1]
+        found = check_consistent_channels(files, self.ndim, key)
         if found != self.channels:
             raise DataError(f"{files[0]}: has {found} channel(s) but DATA.PATCH_SIZE {tuple(self.cfg.DATA.PATCH_SIZE)} "
                             f"asks for {self.channels}; set its last value to {found}")
@@ -58,7 +56,6 @@ class Workflow(ABC):
     def _check_patch_fits_images(self, files, key):
         """Stop when every training image is smaller than the patch along an axis: each patch would be mostly
         padding, which is a mistake (e.g. 2D images with PROBLEM.NDIM 3D), not data worth learning from."""
-        from biapy.data.io import image_shape
         shapes = [image_shape(f, self.ndim)[:-1] for f in files]
         for axis, (name, size) in enumerate(zip("zyx"[-self.ndim:], self.patch)):
             biggest = max(range(len(files)), key=lambda i: shapes[i][axis])
@@ -146,7 +143,7 @@ class Workflow(ABC):
         """Extra per-epoch outputs (rank 0; `final` once after training); nothing by default."""
 
     def checkpoint_extras(self):
-        return {"normalization": self.normalizer.state() if hasattr(self.normalizer, "state") else {}}
+        return {"normalization": self.normalizer.state()}
 
     # ---------------------------------------------------------------- run
     def run(self):
