@@ -30,7 +30,7 @@ def build_payload(t, epoch, step_in_epoch=0, partial_loss=(0.0, 0)) -> dict:
         "stopped_early": bool(t.stopped_early),
         "history": to_plain(list(t.history)),
         "rng": rng_states(),
-        "config": t.cfg.dump(),
+        "config": t.config_text,
         "metadata": checkpoint_metadata(t.cfg),
         "extras": to_plain(extras or {}),
     }

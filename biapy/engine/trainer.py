@@ -20,6 +20,7 @@ function of seed and epoch) so the result equals an uninterrupted run. A second 
 import inspect
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -137,6 +138,7 @@ class Trainer:
         self.start_epoch, self.skip_steps, self.partial_loss = 0, 0, (0.0, 0)
         self.best_val, self.bad_epochs, self.stopped_early = math.inf, 0, False
         self.history = []
+        self.config_text = self.cfg.dump()  # stored in every checkpoint; dumping takes ~20 ms
         self.stop = StopRequest()
         self.train_model = self.eval_model = self.ddp = None
         self._frozen = None
@@ -247,9 +249,12 @@ class Trainer:
         freq = int(self.cfg.MODEL.SAVE_CKPT_FREQ)
         if freq > 0 and (epoch + 1) % freq == 0:
             copies.append(self.job.checkpoint(epoch + 1))
-        for dst in copies:  # same payload: copy the bytes instead of serializing again
+        for dst in copies:  # same payload: link (or copy) the file instead of serializing again
             with atomic_path(dst) as tmp:
-                tmp.write_bytes(last.read_bytes())
+                try:
+                    os.link(last, tmp)  # 'last' is later replaced by a new file, so this one stays intact
+                except OSError:  # no hard links on this file system
+                    tmp.write_bytes(last.read_bytes())
 
     def _optimizer_step(self):
         if self.scaler is not None:

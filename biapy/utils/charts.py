@@ -1,20 +1,27 @@
 """Training charts (loss and each validation metric per epoch) and a parameters-per-module plot.
 
-matplotlib runs headless (Agg); each figure is written atomically and closed.
+Figures are built with matplotlib's object API and its Agg canvas directly: no pyplot state, no GUI
+backend, nothing to close. Fixed margins instead of tight_layout, which measured as half the cost
+of a chart redrawn during training. Each figure is written atomically.
 """
-import matplotlib
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from biapy.utils.files import atomic_path
 
-from biapy.utils.files import atomic_path  # noqa: E402
+_MARGINS = {"left": 0.14, "right": 0.97, "bottom": 0.13, "top": 0.91}
+
+
+def _axes(size, margins=_MARGINS):
+    fig = Figure(figsize=size)
+    FigureCanvasAgg(fig)
+    fig.subplots_adjust(**margins)
+    return fig, fig.add_subplot()
 
 
 def _save(fig, path):
-    fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
 
 
 def _series(history, getter):
@@ -27,7 +34,7 @@ def plot_history(history, charts_dir, job_id) -> list:
     if not history:
         return []
     written = []
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _axes((6, 4))
     for key, label in (("train_loss", "train"), ("val_loss", "validation")):
         x, y = _series(history, lambda r, k=key: r.get(k))
         if x:
@@ -45,7 +52,7 @@ def plot_history(history, charts_dir, job_id) -> list:
         x, y = _series(history, lambda r, n=name: (r.get("metrics") or {}).get(n))
         if not x:
             continue
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = _axes((6, 4))
         ax.plot(x, y, marker="o" if len(x) < 30 else None, color="tab:green")
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
@@ -65,7 +72,8 @@ def plot_model(model, path) -> None:
         rows.append(("(own)", own))
     rows = rows or [(type(model).__name__, sum(p.numel() for p in model.parameters()))]
     total = sum(n for _, n in rows)
-    fig, ax = plt.subplots(figsize=(6, 1 + 0.4 * len(rows)))
+    height = 1 + 0.4 * len(rows)
+    fig, ax = _axes((6, height), {"left": 0.2, "right": 0.85, "bottom": 0.7 / height, "top": 1 - 0.45 / height})
     ax.barh([r[0] for r in rows][::-1], [r[1] for r in rows][::-1], color="tab:blue")
     for i, (_, n) in enumerate(rows[::-1]):
         ax.text(n, i, f" {n:,}", va="center", fontsize=8)

@@ -1,0 +1,521 @@
+"""The performance suite: one table of training, data-wait, inference and memory figures, with targets.
+
+    python bench/run_all.py                # four cases + out-of-core training, ~10 min on 2 CPU cores
+    python bench/run_all.py --quick        # small sizes and few steps: checks the script in ~1 min
+    python bench/run_all.py --gpu 0        # on a GPU (bigger, GPU-sized cases; GPU memory reported)
+    python bench/run_all.py --only 2d_crappify 2d_mae --skip-ooc
+
+Cases (each in its own process, so peak memory is its own): 2D crappify U-Net, 3D crappify U-Net,
+2D ViT MAE and 3D masked U-Net, built from this project's config and run by its own trainer and
+workflows on synthetic images written to a temp dir. Per case:
+
+  bare step    the model's forward + loss + backward + optimizer step (+ zero_grad) on one batch
+               already on the device: the limit any training loop can reach.
+  real step    one training epoch of the real trainer (loader, crops, augmentation, loss read-back,
+               progress bar), divided by its steps. Target: real / bare <= 1.10.
+  data wait    share of the real epoch spent waiting for the next batch from the loader.
+  val          seconds of the validation pass after each epoch (reported, not part of the step).
+  inference    voxels/s of whole-image stitched prediction (Workflow.predict_image: padding, patch
+               grid, batched forward passes, blending) against the same number of bare forward
+               passes on batches already on the device. Target: stitched / bare <= 1.20.
+  peak memory  VmHWM of the case's process (RSS); on a GPU also torch.cuda.max_memory_allocated.
+Bare and real blocks alternate (--repeats times) and medians are reported, which keeps a noisy
+machine from favouring either side. The MAE line compares bare steps of the same ViT at mask ratio
+0.75 and 0 (target: under half). The out-of-core line trains the 3D masked U-Net through the normal
+job runner on a >= 4 GB uint16 volume read lazily (DATA.TRAIN.IN_MEMORY False); target: peak RSS
+under 1 GB. Nothing here asserts a time; the exit status is 0 unless a case fails to run.
+"""
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TARGETS = {"step": 1.10, "infer": 1.20, "mae": 0.5, "ooc_mb": 1024}
+OOC_PATCH, OOC_BATCH = (32, 64, 64), 2  # as the 3D masked U-Net case
+
+# Sizes a user would pick for the device: (cpu, gpu) overrides of the case's config.
+CASES = {
+    "2d_crappify": {
+        "title": "2D crappify U-Net",
+        "ndim": 2,
+        "config": {"PROBLEM": {"SELF_SUPERVISED": {"PRETEXT_TASK": "crappify", "RESIZING_FACTOR": 4, "NOISE": 0.2}},
+                   "MODEL": {"ARCHITECTURE": "unet"}, "LOSS": {"TYPE": "MAE"},
+                   "AUGMENTOR": {"ENABLE": True, "VFLIP": True, "HFLIP": True, "ROT90": True}},
+        "cpu": {"patch": (128, 128), "batch": 8, "fmaps": [16, 32, 64, 128, 256], "image": (1024, 1024)},
+        "gpu": {"patch": (256, 256), "batch": 16, "fmaps": [32, 64, 128, 256, 512], "image": (2048, 2048)},
+    },
+    "3d_crappify": {
+        "title": "3D crappify U-Net",
+        "ndim": 3,
+        "config": {"PROBLEM": {"SELF_SUPERVISED": {"PRETEXT_TASK": "crappify", "RESIZING_FACTOR": 2, "NOISE": 0.2}},
+                   "MODEL": {"ARCHITECTURE": "unet", "Z_DOWN": [1, 2, 2]}, "LOSS": {"TYPE": "MAE"},
+                   "AUGMENTOR": {"ENABLE": True, "VFLIP": True, "HFLIP": True, "ZFLIP": True}},
+        "cpu": {"patch": (32, 64, 64), "batch": 2, "fmaps": [16, 32, 64, 128], "image": (48, 192, 192), "steps": 6},
+        "gpu": {"patch": (64, 128, 128), "batch": 4, "fmaps": [32, 64, 128, 256], "image": (128, 512, 512)},
+    },
+    "2d_mae": {
+        "title": "2D ViT MAE",
+        "ndim": 2,
+        "config": {"PROBLEM": {"SELF_SUPERVISED": {"PRETEXT_TASK": "masking"}},
+                   "MODEL": {"ARCHITECTURE": "mae", "MAE_MASK_RATIO": 0.75, "MAE_MASK_TYPE": "random"},
+                   "AUGMENTOR": {"ENABLE": True, "VFLIP": True, "HFLIP": True}},
+        "cpu": {"patch": (128, 128), "batch": 16, "image": (1024, 1024),
+                "vit": {"VIT_TOKEN_SIZE": 16, "VIT_EMBED_DIM": 256, "VIT_NUM_LAYERS": 6, "VIT_NUM_HEADS": 8,
+                        "MAE_DEC_HIDDEN_SIZE": 128, "MAE_DEC_NUM_LAYERS": 2, "MAE_DEC_NUM_HEADS": 4,
+                        "MAE_DEC_MLP_DIMS": 512}},
+        "gpu": {"patch": (224, 224), "batch": 64, "image": (2048, 2048),
+                "vit": {"VIT_TOKEN_SIZE": 16, "VIT_EMBED_DIM": 768, "VIT_NUM_LAYERS": 12, "VIT_NUM_HEADS": 12,
+                        "MAE_DEC_HIDDEN_SIZE": 512, "MAE_DEC_NUM_LAYERS": 8, "MAE_DEC_NUM_HEADS": 16,
+                        "MAE_DEC_MLP_DIMS": 2048}},
+    },
+    "3d_masked_unet": {
+        "title": "3D masked U-Net",
+        "ndim": 3,
+        "config": {"PROBLEM": {"SELF_SUPERVISED": {"PRETEXT_TASK": "masking", "MASK_BLOCK_SIZE": 8}},
+                   "MODEL": {"ARCHITECTURE": "unet", "MAE_MASK_RATIO": 0.6, "Z_DOWN": [1, 2, 2]},
+                   "AUGMENTOR": {"ENABLE": True, "VFLIP": True, "HFLIP": True, "ZFLIP": True}},
+        "cpu": {"patch": (32, 64, 64), "batch": 2, "fmaps": [16, 32, 64, 128], "image": (48, 192, 192), "steps": 6},
+        "gpu": {"patch": (64, 128, 128), "batch": 4, "fmaps": [32, 64, 128, 256], "image": (128, 512, 512)},
+    },
+}
+QUICK = {"2d_crappify": {"patch": (64, 64), "batch": 4, "fmaps": [8, 16, 32], "image": (256, 256)},
+         "3d_crappify": {"patch": (16, 32, 32), "batch": 2, "fmaps": [8, 16, 32], "image": (32, 96, 96)},
+         "2d_mae": {"patch": (64, 64), "batch": 8, "image": (256, 256),
+                    "vit": {"VIT_TOKEN_SIZE": 16, "VIT_EMBED_DIM": 64, "VIT_NUM_LAYERS": 2, "VIT_NUM_HEADS": 4,
+                            "MAE_DEC_HIDDEN_SIZE": 32, "MAE_DEC_NUM_LAYERS": 1, "MAE_DEC_NUM_HEADS": 4,
+                            "MAE_DEC_MLP_DIMS": 64}},
+         "3d_masked_unet": {"patch": (16, 32, 32), "batch": 2, "fmaps": [8, 16, 32], "image": (32, 96, 96)}}
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def hwm_mb():
+    """Peak resident memory of this process (VmHWM; reset by exec, so a subprocess measures only itself)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def machine(device):
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    text = (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"Python {platform.python_version()}")
+    if device.startswith("cuda"):
+        text += f", GPU {torch.cuda.get_device_name(0)}"
+    try:
+        load = os.getloadavg()[0]
+        text += f", load average {load:.2f} at start"
+    except OSError:
+        pass
+    return text
+
+
+def write_images(folder, shape, count, ndim, seed):
+    """Synthetic nuclei images; big ones are tiled from a smaller draw (drawing nuclei is slow)."""
+    from biapy.data.io import write_image
+    from biapy.data.synthetic import nuclei_image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tile = tuple(min(s, 256 if ndim == 2 else 64) for s in shape)
+    for i in range(count):
+        img, _ = nuclei_image(tile, max(8, int(np.prod(tile) / (4000 if ndim == 2 else 40000))), seed=seed + i)
+        reps = [int(np.ceil(s / t)) for s, t in zip(shape, tile)] + [1]
+        img = np.tile(img, reps)[tuple(slice(0, s) for s in shape)]
+        write_image(folder / f"img_{i:02d}.tif", img, ndim)
+
+
+class TimedLoader:
+    """The trainer's loader with the time spent waiting in `next()` added up."""
+
+    def __init__(self, loader):
+        self.loader, self.wait = loader, 0.0
+
+    def __getattr__(self, name):  # sampler, dataset, ... (set_epoch reads them)
+        return getattr(self.loader, name)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        it = iter(self.loader)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            finally:
+                self.wait += time.perf_counter() - t0
+            yield batch
+
+
+# ---------------------------------------------------------------------------------------------- one case
+def case_config(name, size, data, steps, device):
+    spec = CASES[name]
+    ndim = spec["ndim"]
+    patch = tuple(size["patch"]) + (1,)
+    cfg = json.loads(json.dumps(spec["config"]))  # deep copy
+    cfg.setdefault("PROBLEM", {}).update({"TYPE": "SELF_SUPERVISED", "NDIM": f"{ndim}D"})
+    model = cfg.setdefault("MODEL", {})
+    if "fmaps" in size:
+        model.update({"FEATURE_MAPS": size["fmaps"], "DROPOUT_VALUES": [0.0] * len(size["fmaps"])})
+        if ndim == 3:
+            model["Z_DOWN"] = [1] + [2] * (len(size["fmaps"]) - 2)
+    model.update(size.get("vit", {}))
+    n_train = 2
+    cfg.update({
+        "SYSTEM": {"SEED": 0, "NUM_CPUS": -1, "NUM_WORKERS": -1},
+        "DATA": {"PATCH_SIZE": patch, "NORMALIZATION": {"TYPE": "zero_mean_unit_variance"},
+                 "TRAIN": {"PATH": str(data / "train"), "IN_MEMORY": True,
+                           "PATCHES_PER_IMAGE": steps * size["batch"] // n_train},
+                 "VAL": {"FROM_TRAIN": False, "PATH": str(data / "val"), "IN_MEMORY": True},
+                 "TEST": {"PATH": str(data / "test"), "OVERLAP": (0.25,) * ndim,
+                          "PADDING": tuple(max(1, p // 8) for p in size["patch"])}},
+        "TRAIN": {"ENABLE": True, "OPTIMIZER": "ADAMW", "LR": 1e-3, "BATCH_SIZE": size["batch"], "EPOCHS": 100},
+        "TEST": {"ENABLE": False},
+    })
+    if device.startswith("cuda"):
+        cfg["TRAIN"]["AMP"] = "bf16"
+    return cfg, n_train
+
+
+def run_case(args):
+    import torch
+
+    from biapy.config import check_config, finalize, load_config
+    from biapy.data.io import read_image
+    from biapy.data.patches import grid_starts
+    from biapy.engine.distributed import init_distributed
+    from biapy.engine.trainer import Trainer, _unwrap
+    from biapy.job import Job
+    from biapy.runner import setup_logging
+    from biapy.workflows import get_workflow
+
+    setup_logging(is_main=False)  # warnings only: the parent prints the table
+    device = args.device
+    spec = CASES[args.case]
+    size = dict(spec["gpu" if device.startswith("cuda") else "cpu"])
+    if args.quick:
+        size.update(QUICK[args.case])
+    ndim = spec["ndim"]
+    tmp = Path(args.workdir)
+    data = tmp / "data"
+    write_images(data / "train", size["image"], 2, ndim, seed=1)
+    write_images(data / "val", tuple(p * 2 for p in size["patch"]), 1, ndim, seed=20)
+    write_images(data / "test", size["image"], 1, ndim, seed=30)
+    steps = args.steps or (3 if args.quick else size.get("steps", 12))
+    cfg_dict, _ = case_config(args.case, size, data, steps, device)
+    cfg = load_config(cfg_dict)
+    check_config(cfg)
+    job = Job(tmp / "results", args.case, 1)
+    cfg = finalize(cfg, job)
+    torch.set_num_threads(max(1, cfg.SYSTEM.NUM_CPUS))
+    dist = init_distributed("gloo")
+    wf = get_workflow(cfg)(cfg, job, dist, torch.device(device))
+    wf.prepare_training()
+    trainer = Trainer(wf)
+    trainer._apply_freeze(0)  # builds the train/eval wrappers as fit() does
+    loader = wf.train_loader = TimedLoader(wf.train_loader)
+    steps = len(loader)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    x, y = next(iter(loader.loader))
+    batch = (x.to(device), y.to(device))
+
+    def bare(n):
+        model = trainer.model
+        model.train()
+        wf.model = trainer.train_model
+        opt = trainer.optimizer
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            with trainer._autocast():
+                loss, _ = wf.compute_loss(batch, train=True)
+            (trainer.scaler.scale(loss) if trainer.scaler else loss).backward()
+            if trainer.scaler:
+                trainer.scaler.step(opt)
+                trainer.scaler.update()
+            else:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+        sync()
+        return (time.perf_counter() - t0) / n
+
+    def real(epoch):
+        loader.wait = 0.0
+        sync()
+        t0 = time.perf_counter()
+        trainer._train_epoch(epoch)
+        sync()
+        total = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        trainer._validate(epoch)
+        sync()
+        return total / steps, loader.wait / total, time.perf_counter() - t1
+
+    # Warm-up: first calls allocate, pick kernels, fill caches (and compile when TRAIN.COMPILE is on).
+    bare(2)
+    real(0)
+    bares, reals, waits, vals = [], [], [], []
+    for r in range(args.repeats):
+        bares.append(bare(steps))
+        step_s, wait, val_s = real(r + 1)
+        reals.append(step_s)
+        waits.append(wait)
+        vals.append(val_s)
+
+    out = {"case": args.case, "title": spec["title"], "steps": steps, "batch": size["batch"],
+           "patch": list(size["patch"]), "bare_s": statistics.median(bares), "real_s": statistics.median(reals),
+           "wait": statistics.median(waits), "val_s": statistics.median(vals), "workers": cfg.SYSTEM.NUM_WORKERS}
+    out["patches_per_s"] = size["batch"] / out["real_s"]
+
+    if args.case == "2d_mae":  # the encoder sees only visible tokens: compare with nothing hidden
+        vit = _unwrap(trainer.model)
+        vit.mask_ratio = 0.0
+        bare(2)
+        full = statistics.median(bare(steps) for _ in range(args.repeats))
+        vit.mask_ratio = 0.75
+        masked = statistics.median(bare(steps) for _ in range(args.repeats))
+        out["mae_ratio"] = masked / full
+        out["mae_s"] = (masked, full)
+
+    # Whole-image inference: stitched prediction vs the bare forward passes it needs.
+    wf.model = trainer.eval_model
+    trainer.model.eval()
+    image = read_image(sorted((data / "test").iterdir())[0], ndim)
+    stats = wf.normalizer.stats(image)
+    norm = wf.normalizer.normalize(image, stats)
+    t = cfg.DATA.TEST
+    n_patches = len(grid_starts(image.shape[:-1], size["patch"], tuple(t.OVERLAP), tuple(t.PADDING)))
+    bs = cfg.TEST.BATCH_SIZE
+    probe = torch.randn((bs, 1) + tuple(size["patch"]), device=device)
+
+    def stitched():
+        sync()
+        t0 = time.perf_counter()
+        wf.predict_image(norm)
+        sync()
+        return time.perf_counter() - t0
+
+    @torch.no_grad()
+    def forward_only():
+        sync()
+        t0 = time.perf_counter()
+        for k in range(0, n_patches, bs):
+            wf.predict_patches(probe[: min(bs, n_patches - k)])
+        sync()
+        return time.perf_counter() - t0
+
+    stitched(), forward_only()  # warm-up
+    st, fw = [], []
+    for _ in range(args.repeats):
+        st.append(stitched())
+        fw.append(forward_only())
+    out.update({"voxels": int(np.prod(image.shape[:-1])), "n_patches": n_patches,
+                "stitched_s": statistics.median(st), "forward_s": statistics.median(fw)})
+    out["voxels_per_s"] = out["voxels"] / out["stitched_s"]
+    out["rss_mb"] = hwm_mb()
+    if device.startswith("cuda"):
+        out["gpu_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    print("RESULT " + json.dumps(out))
+
+
+# ---------------------------------------------------------------------------------------------- out of core
+def run_ooc(args):
+    """Train the 3D masked U-Net through the job runner on the volume in args.workdir; report peak RSS.
+
+    The volume is written by the parent: writing it through a memory map would leave every page of it
+    counted in this process's peak RSS.
+    """
+    from biapy import BiaPy
+    from biapy.runner import setup_logging
+
+    tmp = Path(args.workdir)
+    volume = tmp / "train" / "volume.tif"
+    batch, steps = OOC_BATCH, (args.steps or (3 if args.quick else 8))
+    cfg = {
+        "SYSTEM": {"SEED": 0},
+        "PROBLEM": {"TYPE": "SELF_SUPERVISED", "NDIM": "3D",
+                    "SELF_SUPERVISED": {"PRETEXT_TASK": "masking", "MASK_BLOCK_SIZE": 8}},
+        "DATA": {"PATCH_SIZE": OOC_PATCH + (1,), "NORMALIZATION": {"TYPE": "zero_mean_unit_variance"},
+                 "TRAIN": {"PATH": str(tmp / "train"), "IN_MEMORY": args.in_memory,
+                           "PATCHES_PER_IMAGE": steps * batch},
+                 "VAL": {"FROM_TRAIN": False, "PATH": str(tmp / "val"), "IN_MEMORY": args.in_memory}},
+        "MODEL": {"ARCHITECTURE": "unet", "FEATURE_MAPS": [16, 32, 64, 128], "DROPOUT_VALUES": [0.0] * 4,
+                  "Z_DOWN": [1, 2, 2], "MAE_MASK_RATIO": 0.6},
+        "TRAIN": {"EPOCHS": 1, "BATCH_SIZE": batch, "OPTIMIZER": "ADAMW", "LR": 1e-3},
+        "AUGMENTOR": {"ENABLE": True, "VFLIP": True, "HFLIP": True, "ZFLIP": True},
+        "TEST": {"ENABLE": False},
+    }
+    gpu = args.device.split(":")[1] if args.device.startswith("cuda") else None
+    setup_logging(is_main=False)
+    t0 = time.perf_counter()
+    BiaPy(cfg, result_dir=tmp / f"results_{int(args.in_memory)}", name="ooc", run_id=1, gpu=gpu).run_job()
+    print("RESULT " + json.dumps({"case": "ooc", "size_gb": volume.stat().st_size / 1e9, "steps": steps,
+                                  "in_memory": args.in_memory, "job_s": time.perf_counter() - t0,
+                                  "rss_mb": hwm_mb()}))
+
+
+def out_of_core(args):
+    """Peak RSS of training on a >= 4 GB volume read lazily, and of the same job on a small in-memory one."""
+    from bench_data import make_volume  # same folder
+
+    results = {}
+    for label, shape, in_memory in (("big", (64, 256, 512) if args.quick else (2048, 1024, 1024), False),
+                                    ("baseline", (64, 256, 256), True)):
+        work = Path(tempfile.mkdtemp(prefix=f"bench_ooc_{label}_", dir=args.workdir))
+        try:
+            t0 = time.perf_counter()
+            for folder in ("train", "val"):
+                (work / folder).mkdir()
+            make_volume(work / "train" / "volume.tif", shape)
+            make_volume(work / "val" / "volume.tif", (64, 256, 256), seed=1)
+            print(f"[bench] out of core: {label} volume {shape} written in {time.perf_counter() - t0:.0f} s",
+                  flush=True)
+            r = child(args, "ooc", extra=["--in-memory"] if in_memory else [], work=work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        if r is None:
+            return None
+        r["shape"] = shape
+        results[label] = r
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- parent
+def child(args, mode, case=None, extra=(), work=None):
+    """Run one measurement in a fresh process (its own peak memory); returns its RESULT dict or None."""
+    own_work = work is None
+    work = work or Path(tempfile.mkdtemp(prefix=f"bench_{case or mode}_", dir=args.workdir))
+    cmd = [sys.executable, __file__, "--child", mode, "--workdir", str(work), "--device", args.device,
+           "--repeats", str(args.repeats), *extra]
+    if args.steps:
+        cmd += ["--steps", str(args.steps)]
+    if case:
+        cmd += ["--case", case]
+    if args.quick:
+        cmd.append("--quick")
+    print(f"[bench] {case or mode}{' (in memory)' if extra else ''} ...", flush=True)
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    finally:
+        if own_work:
+            shutil.rmtree(work, ignore_errors=True)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    if out.returncode != 0 or not lines:
+        print(out.stdout[-2000:], out.stderr[-4000:], sep="\n", file=sys.stderr)
+        return None
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def verdict(value, target, below=True):
+    ok = value <= target if below else value >= target
+    return "ok" if ok else "MISSED"
+
+
+def print_table(rows, ooc, device, started):
+    gpu = device.startswith("cuda")
+    print(f"\nMachine: {started}")
+    head = (f"{'case':<19} {'patch x batch':<17} {'patches/s':>9} {'bare ms':>8} {'real ms':>8} "
+            f"{'real/bare':>9} {'data wait':>9} {'val s':>6} {'infer Mvox/s':>12} {'stitch/bare':>11} "
+            f"{'peak RSS MB':>11}" + (f" {'GPU MB':>7}" if gpu else ""))
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        shape = "x".join(map(str, r["patch"])) + f" x {r['batch']}"
+        step_ratio = r["real_s"] / r["bare_s"]
+        inf_ratio = r["stitched_s"] / r["forward_s"]
+        print(f"{r['title']:<19} {shape:<17} {r['patches_per_s']:>9.1f} {1000 * r['bare_s']:>8.1f} "
+              f"{1000 * r['real_s']:>8.1f} {step_ratio:>9.3f} {100 * r['wait']:>8.1f}% {r['val_s']:>6.2f} "
+              f"{r['voxels_per_s'] / 1e6:>12.2f} {inf_ratio:>11.3f} {r['rss_mb']:>11.0f}"
+              + (f" {r['gpu_mb']:>7.0f}" if gpu else ""))
+    print("\nAgainst the targets:")
+    for r in rows:
+        step_ratio = r["real_s"] / r["bare_s"]
+        inf_ratio = r["stitched_s"] / r["forward_s"]
+        print(f"  {r['title']:<19} real step {step_ratio:.3f}x bare (target <= {TARGETS['step']:.2f}): "
+              f"{verdict(step_ratio, TARGETS['step'])};  stitched inference {inf_ratio:.3f}x bare forwards over "
+              f"{r['n_patches']} patches (target <= {TARGETS['infer']:.2f}): {verdict(inf_ratio, TARGETS['infer'])}")
+        if "mae_ratio" in r:
+            masked, full = r["mae_s"]
+            print(f"  {'':<19} MAE step at mask ratio 0.75 vs 0: {1000 * masked:.1f} / {1000 * full:.1f} ms = "
+                  f"{r['mae_ratio']:.3f} (target < {TARGETS['mae']}): {verdict(r['mae_ratio'], TARGETS['mae'])}")
+    if ooc:
+        big, base = ooc["big"], ooc["baseline"]
+        patch = "x".join(map(str, OOC_PATCH))
+        print(f"  Out of core: 3D masked U-Net (patch {patch}, batch {OOC_BATCH}) trained {big['steps']} steps on a "
+              f"{big['size_gb']:.2f} GB volume {tuple(big['shape'])} with IN_MEMORY False: peak RSS "
+              f"{big['rss_mb']:.0f} MB (target < {TARGETS['ooc_mb']} MB): {verdict(big['rss_mb'], TARGETS['ooc_mb'])};\n"
+              f"  {'':<13}the same job on a {base['size_gb'] * 1000:.0f} MB volume held in memory: {base['rss_mb']:.0f} MB")
+    workers = sorted({r["workers"] for r in rows})
+    blocks = ", ".join(sorted({str(r["steps"]) for r in rows}))
+    print(f"\nLoader workers: {', '.join(map(str, workers))} (SYSTEM.NUM_WORKERS auto); medians of {blocks}-step "
+          "blocks; data made by the script (synthetic nuclei).")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--gpu", help="GPU index (default: CPU)")
+    ap.add_argument("--only", nargs="+", choices=list(CASES), help="run only these cases")
+    ap.add_argument("--skip-ooc", action="store_true", help="skip the >= 4 GB out-of-core training")
+    ap.add_argument("--quick", action="store_true", help="small sizes, few steps (tests the script)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="training steps per timed block (default 12, 6 for 3D cases on a CPU; quick 3)")
+    ap.add_argument("--repeats", type=int, default=None, help="alternating bare/real blocks (default 3, quick 1)")
+    ap.add_argument("--workdir", help="where temporary data goes (default: system temp)")
+    ap.add_argument("--child", choices=["case", "ooc"], help=argparse.SUPPRESS)
+    ap.add_argument("--case", help=argparse.SUPPRESS)
+    ap.add_argument("--device", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--in-memory", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    if args.device is None:
+        args.device = f"cuda:{args.gpu}" if args.gpu is not None else "cpu"
+    if args.child == "case":
+        return run_case(args)
+    if args.child == "ooc":
+        return run_ooc(args)
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    started = machine(args.device)
+    print(f"[bench] {started}", flush=True)
+    rows, failed = [], []
+    for name in args.only or list(CASES):
+        r = child(args, "case", name)
+        (rows.append(r) if r else failed.append(name))
+    ooc = None
+    if not args.skip_ooc:
+        ooc = out_of_core(args)
+        if ooc is None:
+            failed.append("out-of-core")
+    print_table(rows, ooc, args.device, started)
+    if failed:
+        print(f"\nFailed to run: {', '.join(failed)} (see the errors above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
