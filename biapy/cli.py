@@ -1,6 +1,8 @@
 """Command line: BiaPy's five flags, a few of ours, and trailing KEY VALUE config overrides."""
 import argparse
+import atexit
 import logging
+import os
 import signal
 import sys
 import threading
@@ -77,10 +79,21 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def exit_fast(code):
+    """End the process without the interpreter's teardown of every module, which takes ~0.8 s once torch
+    is loaded. The job has closed its files by now; atexit handlers (DataLoader workers,
+    torch.distributed) and the logging and stdio flushes still run."""
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main_entry():
     """Console-script entry point (`biapy ...` behaves like `python main.py ...`)."""
-    sys.exit(main())
+    exit_fast(main())
+
+
+if __name__ == "__main__":
+    exit_fast(main())

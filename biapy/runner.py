@@ -3,12 +3,10 @@
 `BiaPy(config, result_dir=..., name=..., run_id=...).run_job()` is the notebook API and what
 `main.py` calls.
 """
-import importlib
 import logging
 import os
 import re
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -70,21 +68,6 @@ def resolve_device(gpu, local_rank=0):
     return torch.device(f"cuda:{index}"), f"GPU {index} ({torch.cuda.get_device_name(index)})"
 
 
-def preload_optimizer_imports():
-    """Import torch._dynamo in a background thread while data and model are prepared.
-
-    Every torch optimizer imports it on first use (about 1.3 s on a 2-core machine); started here, most
-    of that overlaps with reading images and building the model instead of delaying the first step.
-    """
-    def _load():
-        try:
-            importlib.import_module("torch._dynamo")
-        except Exception:  # the optimizer will import it again and report any real problem
-            pass
-
-    threading.Thread(target=_load, name="preload-torch-dynamo", daemon=True).start()
-
-
 def _check_writable(result_dir):
     path = Path(result_dir)
     try:
@@ -127,8 +110,6 @@ class BiaPy:
         is_main_env = int(os.environ.get("RANK", 0)) == 0
         setup_logging(is_main_env, self.verbose)
         cfg = self._prepare()  # every rank checks, so a bad config stops all of them alike
-        if cfg.TRAIN.ENABLE:
-            preload_optimizer_imports()
         device, device_text = resolve_device(self.gpu, local_rank)
         backend = self.dist_backend or ("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":

@@ -190,11 +190,18 @@ def test_sigint_mid_epoch_saves_and_resumes_exactly(tmp_path):
 def test_nonfinite_loss_raises_and_keeps_last_good_checkpoint(tmp_path):
     cfg = make_cfg()
     wf = FakeWorkflow(cfg, tmp_path, nan_at=6)  # epoch 2, step 2
-    with pytest.raises(TrainingError, match=r"epoch 2, step 2"):
+    with pytest.raises(TrainingError, match=r"epoch 2, step 2; the last good checkpoint .*checkpoint-last.pth is kept"):
         Trainer(wf).fit()
     state = load_checkpoint(wf.job.checkpoint("last"))
     assert state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_nonfinite_loss_in_first_epoch_says_no_checkpoint_exists(tmp_path):
+    wf = FakeWorkflow(make_cfg(), tmp_path, nan_at=2)
+    with pytest.raises(TrainingError, match=r"epoch 1, step 2; no checkpoint was saved yet"):
+        Trainer(wf).fit()
+    assert not wf.job.checkpoint("last").exists()
 
 
 def test_early_stopping(tmp_path):

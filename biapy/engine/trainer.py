@@ -330,10 +330,14 @@ class Trainer:
                 bad_step = step - filled + 1 + j
                 raise TrainingError(
                     f"training loss became {value} at epoch {epoch + 1}, step {bad_step + 1}; "
-                    f"the last good checkpoint {self.job.checkpoint('last')} is kept. Lower TRAIN.LR, set "
-                    "TRAIN.GRADIENT_CLIP_NORM or TRAIN.AMP 'off', or check the input images")
+                    f"{self._kept_checkpoint()}. Lower TRAIN.LR, set TRAIN.GRADIENT_CLIP_NORM or TRAIN.AMP 'off', "
+                    "or check the input images")
         bar.set_postfix(loss=f"{sum(values) / max(1, filled):.4g}", refresh=False)
         return loss_sum + sum(values), loss_count + filled
+
+    def _kept_checkpoint(self) -> str:
+        last = self.job.checkpoint("last")
+        return f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint was saved yet"
 
     @torch.no_grad()
     def _validate(self, epoch):
@@ -357,6 +361,6 @@ class Trainer:
         averager.all_reduce(self.device)
         val_loss = float(totals[0] / totals[1].clamp_min(1))
         if not math.isfinite(val_loss):
-            raise TrainingError(f"validation loss became {val_loss} at epoch {epoch + 1}; the last good checkpoint "
-                                f"{self.job.checkpoint('last')} is kept. Lower TRAIN.LR or set TRAIN.AMP 'off'")
+            raise TrainingError(f"validation loss became {val_loss} at epoch {epoch + 1}; {self._kept_checkpoint()}. "
+                                "Lower TRAIN.LR or set TRAIN.AMP 'off'")
         return val_loss, averager.result()
