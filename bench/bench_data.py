@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,9 @@ def make_volume(path, shape, seed=0):
     yy, xx = np.meshgrid(np.arange(y, dtype=np.float32), np.arange(x, dtype=np.float32), indexing="ij")
     base = 2000 + 1500 * np.sin(yy / 37.0) * np.cos(xx / 53.0)
     noise = rng.integers(0, 400, size=(8, y, x), dtype=np.uint16)  # recycled: generating noise is the slow part
-    mm = tifffile.memmap(path, shape=shape, dtype=np.uint16, imagej=True, metadata={"axes": "ZYX"})
+    with warnings.catch_warnings():  # above 4 GB tifffile notes that ImageJ files hold one page per slice
+        warnings.filterwarnings("ignore", message=".*truncating ImageJ file")
+        mm = tifffile.memmap(path, shape=shape, dtype=np.uint16, imagej=True, metadata={"axes": "ZYX"})
     for k in range(z):
         mm[k] = (base * (1 + 0.3 * np.sin(k / 29.0))).astype(np.uint16) + noise[k % 8]
     mm.flush()

@@ -1,0 +1,51 @@
+"""bench/run_all.py: its case configs stay valid as the config evolves, and its loader timer is exact."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from biapy.config import check_config, load_config
+from biapy.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _suite():
+    spec = importlib.util.spec_from_file_location("run_all", ROOT / "bench" / "run_all.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda:0"])
+@pytest.mark.parametrize("case", ["2d_crappify", "3d_crappify", "2d_mae", "3d_masked_unet"])
+def test_every_case_config_is_valid_and_builds(tmp_path, case, device):
+    suite = _suite()
+    size = dict(suite.CASES[case]["gpu" if device.startswith("cuda") else "cpu"])
+    cfg_dict, _ = suite.case_config(case, size, tmp_path, steps=4, device=device)
+    cfg = load_config(cfg_dict)
+    check_config(cfg, check_paths=False)
+    assert tuple(cfg.DATA.PATCH_SIZE) == tuple(size["patch"]) + (1,)
+    assert cfg.DATA.TRAIN.PATCHES_PER_IMAGE * 2 == 4 * size["batch"]  # two training images -> 4 steps
+    assert sum(p.numel() for p in build_model(cfg).parameters()) > 0
+
+
+def test_timed_loader_counts_waiting_and_forwards_the_loader():
+    suite = _suite()
+
+    class Slow:
+        sampler, dataset = "s", "d"
+
+        def __len__(self):
+            return 3
+
+        def __iter__(self):
+            import time
+            for i in range(3):
+                time.sleep(0.02)
+                yield i
+
+    timed = suite.TimedLoader(Slow())
+    assert list(timed) == [0, 1, 2] and len(timed) == 3
+    assert (timed.sampler, timed.dataset) == ("s", "d")
+    assert 0.05 < timed.wait < 1.0
