@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from biapy.data.io import read_image, write_image
+from biapy.data.io import check_finite, read_image, write_image
 from biapy.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ def prepare_ssl_source(src_files, dst_dir, noise, resizing_factor, ndim, seed):
     files = dict(old_files)
     for src in todo:
         img = read_image(src, ndim)
+        check_finite(img, src)  # named here: degrading NaN/Inf pixels would only spread them
         out = crappify(img, noise, resizing_factor, ndim, _file_seed(seed, src.name))
         written = write_image(dst_dir / src.name, out, ndim)
         files[src.name] = dict(_source_entry(src), output=written.name)
