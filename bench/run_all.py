@@ -41,6 +41,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_data import _hwm_mb as hwm_mb, make_volume  # noqa: E402  (peak RSS; the big synthetic volume)
 
 TARGETS = {"step": 1.10, "infer": 1.20, "mae": 0.5, "ooc_mb": 1024}
 OOC_PATCH, OOC_BATCH = (32, 64, 64), 2  # as the 3D masked U-Net case
@@ -100,15 +102,6 @@ QUICK = {"2d_crappify": {"patch": (64, 64), "batch": 4, "fmaps": [8, 16, 32], "i
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def hwm_mb():
-    """Peak resident memory of this process (VmHWM; reset by exec, so a subprocess measures only itself)."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def machine(device):
     import torch
 
@@ -182,7 +175,7 @@ def case_config(name, size, data, steps, device):
         if ndim == 3:
             model["Z_DOWN"] = [1] + [2] * (len(size["fmaps"]) - 2)
     model.update(size.get("vit", {}))
-    n_train = 2
+    n_train = 2  # training images written by run_case
     cfg.update({
         "SYSTEM": {"SEED": 0, "NUM_CPUS": -1, "NUM_WORKERS": -1},
         "DATA": {"PATCH_SIZE": patch, "NORMALIZATION": {"TYPE": "zero_mean_unit_variance"},
@@ -196,7 +189,7 @@ def case_config(name, size, data, steps, device):
     })
     if device.startswith("cuda"):
         cfg["TRAIN"]["AMP"] = "bf16"
-    return cfg, n_train
+    return cfg
 
 
 def run_case(args):
@@ -224,7 +217,7 @@ def run_case(args):
     write_images(data / "val", tuple(p * 2 for p in size["patch"]), 1, ndim, seed=20)
     write_images(data / "test", size["image"], 1, ndim, seed=30)
     steps = args.steps or (3 if args.quick else size.get("steps", 12))
-    cfg_dict, _ = case_config(args.case, size, data, steps, device)
+    cfg_dict = case_config(args.case, size, data, steps, device)
     cfg = load_config(cfg_dict)
     check_config(cfg)
     job = Job(tmp / "results", args.case, 1)
@@ -379,8 +372,6 @@ def run_ooc(args):
 
 def out_of_core(args):
     """Peak RSS of training on a >= 4 GB volume read lazily, and of the same job on a small in-memory one."""
-    from bench_data import make_volume  # same folder
-
     results = {}
     for label, shape, in_memory in (("big", (64, 256, 512) if args.quick else (2048, 1024, 1024), False),
                                     ("baseline", (64, 256, 256), True)):
@@ -498,7 +489,6 @@ def main():
     if args.child == "ooc":
         return run_ooc(args)
 
-    sys.path.insert(0, str(ROOT / "bench"))
     started = machine(args.device)
     print(f"[bench] {started}", flush=True)
     rows, failed = [], []

@@ -22,7 +22,7 @@ def _suite():
 def test_every_case_config_is_valid_and_builds(tmp_path, case, device):
     suite = _suite()
     size = dict(suite.CASES[case]["gpu" if device.startswith("cuda") else "cpu"])
-    cfg_dict, _ = suite.case_config(case, size, tmp_path, steps=4, device=device)
+    cfg_dict = suite.case_config(case, size, tmp_path, steps=4, device=device)
     cfg = load_config(cfg_dict)
     check_config(cfg, check_paths=False)
     assert tuple(cfg.DATA.PATCH_SIZE) == tuple(size["patch"]) + (1,)
