@@ -70,3 +70,21 @@ def test_probability_zero_and_reproducibility():
     b = aug(x, y, np.random.default_rng(7), True)
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_scipy_is_imported_only_for_the_transforms_that_need_it():
+    """scipy.ndimage costs ~0.25 s of every job's start; flips and intensity changes do without it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; import biapy.workflows.crappify, biapy.workflows.masking, biapy.engine.trainer\n"
+            "from biapy.config.defaults import get_defaults\n"
+            "from biapy.data.augmentation import Augmentor\n"
+            "cfg = get_defaults().AUGMENTOR; cfg.ENABLE, cfg.DA_PROB, cfg.HFLIP, cfg.BRIGHTNESS = True, 1.0, True, True\n"
+            "Augmentor(cfg, 2)(np.zeros((8, 8, 1), np.float32), None, np.random.default_rng(0))\n"
+            "before = 'scipy' in sys.modules\n"
+            "cfg.G_BLUR = True\n"
+            "Augmentor(cfg, 2)(np.zeros((8, 8, 1), np.float32), None, np.random.default_rng(0))\n"
+            "print(before, 'scipy.ndimage' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True"]

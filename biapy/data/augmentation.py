@@ -6,7 +6,6 @@ input and target together (labels by nearest neighbour, so they stay integer cla
 intensity transforms touch the input only. Geometric ones come first, intensity ones after.
 """
 import numpy as np
-from scipy import ndimage
 
 GEOMETRIC = ("VFLIP", "HFLIP", "ZFLIP", "ROT90", "RANDOM_ROT")
 INTENSITY = ("BRIGHTNESS", "CONTRAST", "GAMMA_CONTRAST", "GAUSSIAN_NOISE", "G_BLUR")
@@ -41,6 +40,7 @@ class Augmentor:
                 x = np.rot90(x, k, axes=(y_ax, x_ax))
                 y = None if y is None else np.rot90(y, k, axes=(y_ax, x_ax))
             elif name == "RANDOM_ROT":
+                from scipy import ndimage  # imported on first use: scipy.ndimage adds ~0.25 s to every job's start
                 angle = float(rng.uniform(*self.cfg.RANDOM_ROT_RANGE))
                 x = ndimage.rotate(x, angle, axes=(y_ax, x_ax), reshape=False, order=1, mode="reflect")
                 if y is not None:
@@ -68,5 +68,7 @@ class Augmentor:
             noise = rng.normal(c.GAUSSIAN_NOISE_MEAN, np.sqrt(c.GAUSSIAN_NOISE_VAR), size=x.shape)
             return x + noise.astype(np.float32)
         # G_BLUR: spatial axes only, channels kept apart.
+        from scipy import ndimage
+
         sigma = float(rng.uniform(*c.G_SIGMA))
         return ndimage.gaussian_filter(x, sigma=(sigma,) * self.ndim + (0,))
