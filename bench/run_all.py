@@ -3,7 +3,7 @@
     python bench/run_all.py                # four cases + out-of-core training, ~10 min on 2 CPU cores
     python bench/run_all.py --quick        # small sizes and few steps: checks the script in ~1 min
     python bench/run_all.py --gpu 0        # on a GPU (bigger, GPU-sized cases; GPU memory reported)
-    python bench/run_all.py --only 2d_crappify 2d_mae --skip-ooc
+    python bench/run_all.py --only 2d_crappify 2d_mae   # some cases (--only ooc: the out-of-core line alone)
 
 Cases (each in its own process, so peak memory is its own): 2D crappify U-Net, 3D crappify U-Net,
 2D ViT MAE and 3D masked U-Net, built from this project's config and run by its own trainer and
@@ -341,6 +341,9 @@ def run_ooc(args):
     The volume is written by the parent: writing it through a memory map would leave every page of it
     counted in this process's peak RSS.
     """
+    import torch  # first, so its own share of the peak is known
+
+    torch_mb = hwm_mb()
     from biapy import BiaPy
     from biapy.runner import setup_logging
 
@@ -367,7 +370,8 @@ def run_ooc(args):
     BiaPy(cfg, result_dir=tmp / f"results_{int(args.in_memory)}", name="ooc", run_id=1, gpu=gpu).run_job()
     print("RESULT " + json.dumps({"case": "ooc", "size_gb": volume.stat().st_size / 1e9, "steps": steps,
                                   "in_memory": args.in_memory, "job_s": time.perf_counter() - t0,
-                                  "rss_mb": hwm_mb()}))
+                                  "rss_mb": hwm_mb(), "torch_mb": torch_mb, "torch": torch.__version__,
+                                  "torch_cuda_build": torch.version.cuda is not None}))
 
 
 def out_of_core(args):
@@ -425,9 +429,7 @@ def verdict(value, target, below=True):
     return "ok" if ok else "MISSED"
 
 
-def print_table(rows, ooc, device, started):
-    gpu = device.startswith("cuda")
-    print(f"\nMachine: {started}")
+def print_rows(rows, gpu):
     head = (f"{'case':<19} {'patch x batch':<17} {'patches/s':>9} {'bare ms':>8} {'real ms':>8} "
             f"{'real/bare':>9} {'data wait':>9} {'val s':>6} {'infer Mvox/s':>12} {'stitch/bare':>11} "
             f"{'peak RSS MB':>11}" + (f" {'GPU MB':>7}" if gpu else ""))
@@ -441,6 +443,13 @@ def print_table(rows, ooc, device, started):
               f"{1000 * r['real_s']:>8.1f} {step_ratio:>9.3f} {100 * r['wait']:>8.1f}% {r['val_s']:>6.2f} "
               f"{r['voxels_per_s'] / 1e6:>12.2f} {inf_ratio:>11.3f} {r['rss_mb']:>11.0f}"
               + (f" {r['gpu_mb']:>7.0f}" if gpu else ""))
+
+
+def print_table(rows, ooc, device, started):
+    gpu = device.startswith("cuda")
+    print(f"\nMachine: {started}")
+    if rows:
+        print_rows(rows, gpu)
     print("\nAgainst the targets:")
     for r in rows:
         step_ratio = r["real_s"] / r["bare_s"]
@@ -458,7 +467,12 @@ def print_table(rows, ooc, device, started):
         print(f"  Out of core: 3D masked U-Net (patch {patch}, batch {OOC_BATCH}) trained {big['steps']} steps on a "
               f"{big['size_gb']:.2f} GB volume {tuple(big['shape'])} with IN_MEMORY False: peak RSS "
               f"{big['rss_mb']:.0f} MB (target < {TARGETS['ooc_mb']} MB): {verdict(big['rss_mb'], TARGETS['ooc_mb'])};\n"
-              f"  {'':<13}the same job on a {base['size_gb'] * 1000:.0f} MB volume held in memory: {base['rss_mb']:.0f} MB")
+              f"  {'':<13}the same job on a {base['size_gb'] * 1000:.0f} MB volume held in memory: {base['rss_mb']:.0f} MB;\n"
+              f"  {'':<13}import torch alone: {big['torch_mb']:.0f} MB of that peak (torch {big['torch']}"
+              + (", a CUDA build, which maps its CUDA libraries even when no GPU is used)" if big["torch_cuda_build"]
+                 else ", a CPU-only build)"))
+    if not rows:
+        return
     workers = sorted({r["workers"] for r in rows})
     blocks = ", ".join(sorted({str(r["steps"]) for r in rows}))
     print(f"\nLoader workers: {', '.join(map(str, workers))} (SYSTEM.NUM_WORKERS auto); medians of {blocks}-step "
@@ -469,7 +483,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--gpu", help="GPU index (default: CPU)")
-    ap.add_argument("--only", nargs="+", choices=list(CASES), help="run only these cases")
+    ap.add_argument("--only", nargs="+", choices=[*CASES, "ooc"],
+                    help="run only these cases ('ooc': the out-of-core training)")
     ap.add_argument("--skip-ooc", action="store_true", help="skip the >= 4 GB out-of-core training")
     ap.add_argument("--quick", action="store_true", help="small sizes, few steps (tests the script)")
     ap.add_argument("--steps", type=int, default=None,
@@ -492,11 +507,11 @@ def main():
     started = machine(args.device)
     print(f"[bench] {started}", flush=True)
     rows, failed = [], []
-    for name in args.only or list(CASES):
+    for name in [c for c in args.only or CASES if c != "ooc"]:
         r = child(args, "case", name)
         (rows.append(r) if r else failed.append(name))
     ooc = None
-    if not args.skip_ooc:
+    if not args.skip_ooc and (not args.only or "ooc" in args.only):
         ooc = out_of_core(args)
         if ooc is None:
             failed.append("out-of-core")

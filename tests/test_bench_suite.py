@@ -49,3 +49,17 @@ def test_timed_loader_counts_waiting_and_forwards_the_loader():
     assert list(timed) == [0, 1, 2] and len(timed) == 3
     assert (timed.sampler, timed.dataset) == ("s", "d")
     assert 0.05 < timed.wait < 1.0
+
+
+@pytest.mark.parametrize("peak,cuda,verdict,build", [(1250.0, True, "MISSED", "a CUDA build"),
+                                                      (910.0, False, "ok", "a CPU-only build")])
+def test_out_of_core_verdict_names_the_peak_and_torch_share(capsys, peak, cuda, verdict, build):
+    suite = _suite()
+    big = {"steps": 8, "size_gb": 4.29, "shape": [2048, 1024, 1024], "rss_mb": peak, "torch_mb": 529.4,
+           "torch": "2.x", "torch_cuda_build": cuda}
+    suite.print_table([], {"big": big, "baseline": {"size_gb": 0.008, "rss_mb": 1200.0}}, "cpu", "test machine")
+    out = capsys.readouterr().out
+    assert f"peak RSS {peak:.0f} MB (target < 1024 MB): {verdict};" in out
+    assert "8 MB volume held in memory: 1200 MB" in out
+    assert f"import torch alone: 529 MB of that peak (torch 2.x, {build}" in out
+    assert "patch x batch" not in out  # no case rows: no empty table
