@@ -12,8 +12,15 @@ from biapy.errors import BiapyError
 EXIT_INTERRUPTED = 130
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes read like every other error here: one line naming the flag, exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"ERROR: {message} (--help lists the flags)\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="biapy",
         description="Self-supervised pretraining (crappify, masking) and fine-tuning for 2D/3D "
                     "microscopy images. Trailing KEY VALUE pairs override the YAML, e.g. TRAIN.EPOCHS 3.",

@@ -66,3 +66,16 @@ def test_next_run_id_counts_existing_runs(tmp_path):
         (tmp_path / "n" / "results" / f"n_{i}").mkdir(parents=True)
     (tmp_path / "n" / "results" / "n_x").mkdir()
     assert next_run_id(tmp_path, "n") == 5
+
+
+@pytest.mark.parametrize("argv, culprit", [
+    (["--config", "c.yaml", "--result_dir", "r", "--name", "n", "--run_id", "../x"], "--run_id"),
+    (["--config", "c.yaml", "--result_dir", "r"], "--name"),
+    (["--config", "c.yaml", "--result_dir", "r", "--name", "n", "--dist_backend", "mpi"], "--dist_backend"),
+])
+def test_usage_mistakes_exit_2_with_one_line_naming_the_flag(argv, culprit, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ERROR:") and culprit in err[0] and "--help" in err[0]
