@@ -5,8 +5,10 @@ import logging
 import numpy as np
 import pytest
 
+import biapy.data.crappify as crappify_module
 from biapy.data.crappify import MANIFEST, crappify, prepare_ssl_source
-from biapy.data.io import read_image, write_image
+from biapy.data.io import open_image_lazy, read_image, write_image, write_image_slices
+from biapy.errors import DataError
 
 
 def _smooth(shape, dtype=np.uint8, channels=1):
@@ -89,3 +91,76 @@ def test_reused_when_unchanged_rebuilt_when_params_or_sources_change(tmp_path, c
     out[0].unlink()  # a deleted copy is rebuilt
     prepare_ssl_source(files, dst, 0.2, 4, 2, seed=0)
     assert out[0].is_file()
+
+
+def _whole_image_reference(img, noise, factor, ndim, rng):
+    """The degradation computed on the whole image at once (noise, clip, F.interpolate down and up)."""
+    import torch
+    import torch.nn.functional as F
+
+    x = img.astype(np.float32)
+    lo, hi = float(x.min()), float(x.max())
+    if noise > 0:
+        x = np.clip(x + rng.standard_normal(x.shape, dtype=np.float32) * np.float32(noise * hi), lo, hi)
+    spatial = img.shape[:ndim]
+    small = tuple(max(1, int(round(s / np.sqrt(factor)))) for s in spatial)
+    if small != spatial:
+        mode = "bilinear" if ndim == 2 else "trilinear"
+        t = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 0)))[None]
+        t = F.interpolate(F.interpolate(t, size=small, mode=mode, align_corners=False),
+                          size=spatial, mode=mode, align_corners=False)
+        x = np.moveaxis(t[0].numpy(), 0, -1)
+    if np.issubdtype(img.dtype, np.integer):
+        x = np.clip(np.rint(x), np.iinfo(img.dtype).min, np.iinfo(img.dtype).max)
+    return x.astype(img.dtype)
+
+
+@pytest.mark.parametrize("ndim,shape,channels,dtype,factor", [
+    (2, (31, 27), 1, np.uint8, 4), (2, (20, 22), 3, np.uint16, 9), (2, (16, 16), 1, np.float32, 2),
+    (3, (7, 15, 13), 2, np.float32, 4), (3, (12, 10, 9), 1, np.float32, 9), (3, (1, 12, 12), 1, np.float32, 4),
+    (3, (9, 8, 8), 1, np.float32, 16)])
+def test_slice_by_slice_equals_the_whole_image_computation(ndim, shape, channels, dtype, factor):
+    img = _smooth(shape, dtype, channels) + np.arange(np.prod(shape[:ndim])).reshape(shape[:ndim] + (1,)).astype(dtype) % 7
+    ours = crappify(img, 0.2, factor, ndim, np.random.default_rng(1))
+    ref = _whole_image_reference(img, 0.2, factor, ndim, np.random.default_rng(1))
+    if ndim == 2:  # the same operations: bit for bit
+        np.testing.assert_array_equal(ours, ref)
+    else:  # separable vs joint trilinear: float rounding only
+        np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5 * float(img.max()))
+
+
+def test_volume_is_degraded_from_disk_slab_by_slab_as_in_memory(tmp_path, monkeypatch):
+    img = (_smooth((23, 18, 20), np.uint16) * 50 + np.arange(23 * 18 * 20).reshape(23, 18, 20, 1) % 11).astype(np.uint16)
+    src = write_image(tmp_path / "src" / "vol.tif", img, 3)
+    monkeypatch.setattr(crappify_module, "_SLAB_VOXELS", 18 * 20 * 3)  # 3-slice slabs: many reads
+    seen = []
+    lazy_open = crappify_module.open_image_lazy
+
+    def spy(path, ndim):
+        seen.append(type(lazy_open(path, ndim)).__name__)
+        return lazy_open(path, ndim)
+    monkeypatch.setattr(crappify_module, "open_image_lazy", spy)
+    out = prepare_ssl_source([src], tmp_path / "ssl", 0.2, 4, 3, seed=7)
+    assert seen == ["LazyTiff"]  # the volume was never read whole
+    expected = crappify(img, 0.2, 4, 3, crappify_module._file_seed(7, "vol.tif"))
+    np.testing.assert_array_equal(read_image(out[0], 3), expected)
+    assert type(open_image_lazy(out[0], 3)).__name__ == "LazyTiff"  # the copy can be read lazily too
+
+
+def test_non_finite_pixels_are_counted_across_slabs(tmp_path, monkeypatch):
+    img = np.ones((6, 4, 4, 1), np.float32)
+    img[0, 0, 0], img[5, 3, 3] = np.nan, np.inf
+    src = write_image(tmp_path / "vol.tif", img, 3)
+    monkeypatch.setattr(crappify_module, "_SLAB_VOXELS", 16)  # one slice per slab
+    with pytest.raises(DataError, match=r"vol.tif: 2 pixel\(s\) are NaN or Inf"):
+        prepare_ssl_source([src], tmp_path / "ssl", 0.1, 4, 3, seed=0)
+    assert not (tmp_path / "ssl" / "vol.tif").exists()
+
+
+def test_write_image_slices_round_trip_and_refuses_a_wrong_count(tmp_path):
+    vol = np.random.default_rng(0).integers(0, 60000, (5, 6, 7, 2)).astype(np.uint16)
+    path = write_image_slices(tmp_path / "v.tif", iter(vol), vol.shape, vol.dtype)
+    np.testing.assert_array_equal(read_image(path, 3), vol)
+    with pytest.raises(ValueError, match="4 slices, expected 5"):
+        write_image_slices(tmp_path / "w.tif", iter(vol[:4]), vol.shape, vol.dtype)
+    assert not list(tmp_path.glob("*w.tif*"))  # no partial file left behind

@@ -7,6 +7,7 @@ data. The noise of each file is seeded by (SYSTEM.SEED, file name): rebuilding g
 """
 import json
 import logging
+import math
 import os
 import zlib
 from pathlib import Path
@@ -15,42 +16,148 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from biapy.data.io import check_finite, read_image, write_image
+from biapy.data.io import open_image_lazy, read_image, write_image, write_image_slices
 from biapy.errors import DataError
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-_VERSION = 1  # bump when the degradation itself changes, so old copies are rebuilt
+_VERSION = 2  # bump when the degradation itself changes, so old copies are rebuilt
+_SLAB_VOXELS = 1 << 23  # voxels read from a lazy source per access (~16 MB of uint16)
 
 
 def crappify(img, noise, resizing_factor, ndim, rng):
-    """Degraded copy of a channel-last image (same shape and dtype).
-
-    Gaussian noise of std `noise * max(img)` (none when noise == 0), clipped to the image's own
-    [min, max]; then every spatial axis (Z too) is linearly down-sampled to round(size / sqrt(factor))
-    and linearly up-sampled back.
-    """
+    """Degraded copy of a channel-last image held in memory (same shape and dtype); see degraded_slices."""
     img = np.asarray(img)
-    x = img.astype(np.float32)
-    lo, hi = float(x.min()), float(x.max())
-    if noise > 0:
-        noise_map = rng.standard_normal(x.shape, dtype=np.float32)
-        noise_map *= np.float32(noise * hi)
-        x += noise_map
-        np.clip(x, lo, hi, out=x)
-    spatial = img.shape[:ndim]
-    small = tuple(max(1, int(round(s / np.sqrt(resizing_factor)))) for s in spatial)
-    if small != spatial:
-        mode = "bilinear" if ndim == 2 else "trilinear"
-        t = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 0)))[None]
-        t = F.interpolate(t, size=small, mode=mode, align_corners=False)
-        t = F.interpolate(t, size=spatial, mode=mode, align_corners=False)
-        x = np.moveaxis(t[0].numpy(), 0, -1)
-    if np.issubdtype(img.dtype, np.integer):
-        info = np.iinfo(img.dtype)
-        x = np.clip(np.rint(x), info.min, info.max)
-    return x.astype(img.dtype)
+    slices = list(degraded_slices(img, noise, resizing_factor, ndim, rng, value_range(img)))
+    return np.stack(slices) if ndim == 3 else slices[0]
+
+
+def degraded_slices(img, noise, resizing_factor, ndim, rng, bounds):
+    """The degraded image, yielded one (Y, X, C) z slice at a time (a 2D image is a single slice).
+
+    Gaussian noise of std `noise * hi` (none when noise == 0), clipped to `bounds` = (lo, hi), the
+    image's own range; then every spatial axis (Z too) is linearly down-sampled to
+    round(size / sqrt(factor)) and linearly up-sampled back, as F.interpolate does with
+    align_corners=False. Linear resampling is separable, so Y and X are resampled per slice and Z
+    between slices: a few slices are in memory at a time, whatever the volume's size. `img` may be
+    a lazy image (open_image_lazy); noise is drawn slice after slice, the same numbers a single
+    draw over the whole image gives.
+    """
+    lo, hi = bounds
+    shape = tuple(img.shape)
+    n_z = shape[0] if ndim == 3 else 1
+    plane, dtype = shape[ndim - 2:ndim], np.dtype(img.dtype)
+    small = tuple(max(1, int(round(s / math.sqrt(resizing_factor)))) for s in shape[:ndim])
+    small_z, small_plane = (small[0], small[1:]) if ndim == 3 else (1, small)
+    down, up = _linear_taps(n_z, small_z), _linear_taps(small_z, n_z)
+    needed = {i for i0, i1, _ in down for i in (i0, i1)}
+    source = _SlabReader(img) if ndim == 3 else None
+    reduced, reduced_next, smalls = {}, 0, {}
+
+    def reduced_slice(z):  # input slice z: noisy, clipped, down-sampled in Y and X
+        nonlocal reduced_next
+        while reduced_next <= z:
+            k = reduced_next
+            reduced_next += 1
+            noise_map = rng.standard_normal(shape[ndim - 2:], dtype=np.float32) if noise > 0 else None
+            if k not in needed:  # the noise is drawn all the same: later slices get the same numbers
+                continue
+            x = np.array(source[k] if source else img, dtype=np.float32)
+            if noise_map is not None:
+                noise_map *= np.float32(noise * hi)
+                x += noise_map
+                np.clip(x, lo, hi, out=x)
+            reduced[k] = _resize_plane(x, small_plane)
+        return reduced[z]
+
+    def small_slice(k):
+        if k not in smalls:
+            i0, i1, w = down[k]
+            smalls[k] = _lerp(reduced_slice(i0), reduced_slice(i1) if i1 != i0 else None, w)
+            for z in [z for z in reduced if z < i0]:  # later small slices start at i0 or after
+                del reduced[z]
+        return smalls[k]
+
+    for j in range(n_z):
+        k0, k1, w = up[j]
+        low = small_slice(k0)
+        x = _resize_plane(_lerp(low, small_slice(k1) if k1 != k0 else None, w), plane)
+        for k in [k for k in smalls if k < k0]:
+            del smalls[k]
+        if np.issubdtype(dtype, np.integer):
+            info = np.iinfo(dtype)
+            x = np.clip(np.rint(x), info.min, info.max)
+        yield x.astype(dtype)
+
+
+def value_range(img, path=None):
+    """(min, max) of an image, in memory or lazy (read in slabs), as float32 values; a DataError
+    naming `path` if a float image holds NaN or Inf pixels (degrading them would only spread them)."""
+    lo, hi, bad = math.inf, -math.inf, 0
+    for slab in _slabs(img):
+        if np.issubdtype(slab.dtype, np.floating):
+            finite = np.isfinite(slab)
+            if not finite.all():
+                bad += int(slab.size - np.count_nonzero(finite))
+                slab = slab[finite]
+        if slab.size:
+            lo, hi = min(lo, float(slab.min())), max(hi, float(slab.max()))
+    if bad:
+        raise DataError(f"{path or 'image'}: {bad} pixel(s) are NaN or Inf (expected finite values)")
+    return float(np.float32(lo)), float(np.float32(hi))
+
+
+def _slabs(img):
+    if isinstance(img, np.ndarray) or len(img.shape) < 4:
+        yield np.asarray(img)
+        return
+    step = _slab_depth(img.shape)
+    for z in range(0, img.shape[0], step):
+        yield np.asarray(img[z:z + step])
+
+
+def _slab_depth(shape):
+    return max(1, _SLAB_VOXELS // max(1, int(np.prod(shape[1:]))))
+
+
+class _SlabReader:
+    """z slices of a 3D image, read a slab at a time (chunked stores read whole chunks anyway)."""
+
+    def __init__(self, img):
+        self.img, self.depth = img, (img.shape[0] if isinstance(img, np.ndarray) else _slab_depth(img.shape))
+        self.start, self.slab = None, None
+
+    def __getitem__(self, z):
+        if self.start is None or not self.start <= z < self.start + len(self.slab):
+            self.start = z
+            self.slab = np.asarray(self.img[z:z + self.depth])
+        return self.slab[z - self.start]
+
+
+def _linear_taps(n_in, n_out):
+    """Per output index (i0, i1, w): linear interpolation from n_in to n_out samples with
+    align_corners=False, source = (dst + 0.5) * n_in / n_out - 0.5 clamped at 0, as torch computes it."""
+    scale = n_in / n_out
+    taps = []
+    for d in range(n_out):
+        src = max((d + 0.5) * scale - 0.5, 0.0) if n_in != n_out else float(d)
+        i0 = min(int(src), n_in - 1)
+        taps.append((i0, min(i0 + 1, n_in - 1), np.float32(src - i0)))
+    return taps
+
+
+def _lerp(a, b, w):
+    return a if b is None or w == 0 else a * (1 - w) + b * w
+
+
+def _resize_plane(x, size):
+    """Bilinear (align_corners=False) resize of a (Y, X, C) float32 slice to `size` (y, x)."""
+    if tuple(x.shape[:2]) == tuple(size):
+        return x
+    t = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 0)))[None]
+    t = F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False)
+    return np.moveaxis(t[0].numpy(), 0, -1)
 
 
 def _file_seed(seed, name):
@@ -103,10 +210,13 @@ def prepare_ssl_source(src_files, dst_dir, noise, resizing_factor, ndim, seed):
         log.info("Creating %d degraded copies in %s", len(todo), dst_dir)
     files = dict(old_files)
     for src in todo:
-        img = read_image(src, ndim)
-        check_finite(img, src)  # named here: degrading NaN/Inf pixels would only spread them
-        out = crappify(img, noise, resizing_factor, ndim, _file_seed(seed, src.name))
-        written = write_image(dst_dir / src.name, out, ndim)
+        img = read_image(src, ndim) if ndim == 2 else open_image_lazy(src, ndim)  # a volume: slab by slab
+        slices = degraded_slices(img, noise, resizing_factor, ndim, _file_seed(seed, src.name),
+                                 value_range(img, src))
+        if ndim == 2:
+            written = write_image(dst_dir / src.name, next(slices), ndim)
+        else:
+            written = write_image_slices(dst_dir / src.name, slices, img.shape, img.dtype)
         files[src.name] = dict(_source_entry(src), output=written.name)
     if todo or not same_params:
         _write_manifest(dst_dir / MANIFEST, {"params": params, "files": files})

@@ -396,28 +396,71 @@ def write_image(path, array, ndim: int) -> Path:
         arr = arr[..., None]
     if arr.ndim != ndim + 1:
         raise ValueError(f"write_image: array of shape {arr.shape} is not a {ndim}D channel-last image")
-    if arr.dtype == bool:
-        arr = arr.astype(np.uint8)
-    elif arr.dtype in (np.float64, np.float16):
-        arr = arr.astype(np.float32)
+    arr = arr.astype(_storable(arr.dtype), copy=False)
     ext = _suffix(path)
     plain = ext in PLAIN_EXTS and ndim == 2 and arr.shape[-1] in (1, 3, 4) and (
         arr.dtype == np.uint8 or (arr.dtype == np.uint16 and ext == ".png"))
-    if ext not in TIFF_EXTS and not plain:
-        path = path.with_name(path.name[: -len(ext)] + ".tif" if ext else path.name + ".tif")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        if plain:
+    if plain:
+        def write(tmp):
             from PIL import Image
 
             data = np.ascontiguousarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
             fmt, kw = ("PNG", {}) if ext == ".png" else ("JPEG", {"quality": 95})
             Image.fromarray(data).save(tmp, format=fmt, **kw)
-        else:
-            _write_tiff(tmp, arr, ndim)
+    else:
+        def write(tmp):
+            _write_tiff(tmp, _tiff_order(arr), arr.shape, arr.dtype, ndim)
+    return _write_atomically(path if plain else _tiff_path(path), write)
+
+
+def write_image_slices(path, slices, shape, dtype) -> Path:
+    """Write a 3D channel-last (Z, Y, X, C) image as a TIFF from an iterator of its (Y, X, C) z slices,
+    so the whole image never has to be in memory; atomic, as write_image."""
+    shape, dtype = tuple(int(s) for s in shape), _storable(dtype)
+    if len(shape) != 4:
+        raise ValueError(f"write_image_slices: shape {shape} is not a 3D channel-last (Z, Y, X, C) shape")
+
+    def pages():
+        n = 0
+        for sl in slices:
+            if sl.shape != shape[1:]:
+                raise ValueError(f"write_image_slices: slice of shape {sl.shape}, expected {shape[1:]}")
+            n += 1
+            yield _tiff_order(np.asarray(sl).astype(dtype, copy=False))
+        if n != shape[0]:
+            raise ValueError(f"write_image_slices: {n} slices, expected {shape[0]}")
+
+    return _write_atomically(_tiff_path(Path(path)), lambda tmp: _write_tiff(tmp, pages(), shape, dtype, 3))
+
+
+def _storable(dtype) -> np.dtype:
+    """The dtype an image is written with: bool -> uint8, float64/float16 -> float32."""
+    dtype = np.dtype(dtype)
+    if dtype == bool:
+        return np.dtype(np.uint8)
+    return np.dtype(np.float32) if dtype in (np.float64, np.float16) else dtype
+
+
+def _tiff_path(path):
+    ext = _suffix(path)
+    if ext in TIFF_EXTS:
+        return path
+    return path.with_name(path.name[: -len(ext)] + ".tif" if ext else path.name + ".tif")
+
+
+def _tiff_order(arr):
+    """Channel-last pixels in ImageJ's order (channels in front of Y), the channel axis dropped when single."""
+    return arr[..., 0] if arr.shape[-1] == 1 else np.moveaxis(arr, -1, -3)
+
+
+def _write_atomically(path, write) -> Path:
+    """`write(tmp)` then rename onto `path`; a failure names the file and leaves any earlier one intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
         os.replace(tmp, path)
-    except OSError as err:  # disk full, folder gone...: name the file, keep any earlier one intact
+    except OSError as err:  # disk full, folder gone...
         raise BiapyError(f"{path}: cannot write ({err.strerror or err})") from None
     finally:
         if tmp.exists():
@@ -425,13 +468,19 @@ def write_image(path, array, ndim: int) -> Path:
     return path
 
 
-def _write_tiff(tmp, arr, ndim):
+def _write_tiff(tmp, data, shape, dtype, ndim):
+    """`data`: pixels in _tiff_order, as one array or an iterator of parts in file order; `shape`
+    the channel-last shape. Above 4 GB an ImageJ file keeps one page header and contiguous pixels,
+    as ImageJ itself writes them (tifffile says so with a warning, silenced here)."""
+    import warnings
+
     import tifffile
 
-    if arr.shape[-1] == 1:
-        data, axes = arr[..., 0], ("ZYX" if ndim == 3 else "YX")
-    else:  # ImageJ wants TZCYXS order: channels go in front of Y
-        data, axes = np.moveaxis(arr, -1, -3), ("ZCYX" if ndim == 3 else "CYX")
-    imagej = arr.dtype in _IMAGEJ_DTYPES
-    with open(tmp, "wb") as fh:
-        tifffile.imwrite(fh, data, imagej=imagej, metadata={"axes": axes}, photometric="minisblack")
+    c = shape[-1]
+    spatial = tuple(shape[:-1])
+    axes = ("ZYX" if ndim == 3 else "YX") if c == 1 else ("ZCYX" if ndim == 3 else "CYX")
+    stored = spatial if c == 1 else spatial[:-2] + (c,) + spatial[-2:]
+    with open(tmp, "wb") as fh, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*truncating ImageJ file")
+        tifffile.imwrite(fh, data, shape=stored, dtype=dtype, imagej=np.dtype(dtype) in _IMAGEJ_DTYPES,
+                         metadata={"axes": axes}, photometric="minisblack")
