@@ -146,6 +146,10 @@ def test_unknown_keys_and_wrong_types_name_the_key(overrides, key):
     ({"TEST": {"METRICS": ["psnr", "iou"]}}, "TEST.METRICS"),
     ({"MODEL": {"DROPOUT_VALUES": [0.0]}}, "MODEL.DROPOUT_VALUES"),
     ({"DATA": {"NORMALIZATION": {"TYPE": "minmax"}}}, "DATA.NORMALIZATION.TYPE"),
+    ({"PROBLEM": {"SELF_SUPERVISED": {"PRETEXT_TASK": "masking"}}, "TEST": {"AUGMENTATION": True}},
+     "TEST.AUGMENTATION"),
+    ({"PROBLEM": {"SELF_SUPERVISED": {"PRETEXT_TASK": "masking"}}, "MODEL": {"ARCHITECTURE": "mae"},
+      "TEST": {"FULL_IMG": True}}, "TEST.FULL_IMG"),
 ])
 def test_values_out_of_range_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=re.escape(key)):

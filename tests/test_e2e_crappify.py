@@ -87,3 +87,42 @@ def test_run_id_omitted_takes_the_next_free_one_and_test_only_loads_best(data2d,
     second = BiaPy(test_only, result_dir=tmp_path / "out", name="auto").run_job()
     assert second.run_id == 2
     assert len(list(second.per_image.iterdir())) == 2
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_test_images_read_up_front_only_with_test_in_memory(in_memory, data2d, tmp_path, monkeypatch):
+    import biapy.workflows.base as base
+
+    events = []
+    read, predict = base.read_image, base.Workflow.predict_image
+    monkeypatch.setattr(base, "read_image", lambda path, ndim: events.append("read") or read(path, ndim))
+    monkeypatch.setattr(base.Workflow, "predict_image",
+                        lambda self, image: events.append("predict") or predict(self, image))
+    cfg = tiny_config(data2d, 2, TRAIN={"EPOCHS": 1}, DATA={"TEST": {"IN_MEMORY": in_memory}})
+    job = run(cfg, tmp_path)
+    n = len(list(data2d["test"][0].iterdir()))
+    assert n >= 2 and events.count("predict") == n
+    test_events = events[events.index("predict") - (n if in_memory else 1):]
+    assert test_events == (["read"] * n + ["predict"] * n if in_memory else ["read", "predict"] * n)
+    with open(job.metrics_csv) as fh:
+        assert len(list(csv.DictReader(fh))) == n
+
+
+def test_full_image_and_test_time_augmentation_predict_whole_images(data2d, tmp_path, monkeypatch):
+    import biapy.workflows.base as base
+
+    calls = []
+    augmented = base.predict_augmented
+    monkeypatch.setattr(base, "predict_augmented", lambda fn, batch: calls.append(tuple(batch.shape)) or
+                        augmented(fn, batch))
+    cfg = tiny_config(data2d, 2, TRAIN={"EPOCHS": 1}, TEST={"FULL_IMG": True, "AUGMENTATION": True})
+    job = run(cfg, tmp_path)
+    tests = sorted(data2d["test"][0].iterdir())
+    assert len(calls) == len(tests)  # one augmented forward per image: whole, not by patches
+    for src, shape in zip(tests, calls):
+        spatial = read_image(src, 2).shape[:-1]
+        assert shape[0] == 1 and all(s >= n and s % 4 == 0 for s, n in zip(shape[2:], spatial))  # 2 poolings
+        assert read_image(job.per_image / src.name, 2).shape[:-1] == spatial
+    with open(job.metrics_csv) as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(tests) and all(np.isfinite(float(r["psnr"])) for r in rows)

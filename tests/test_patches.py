@@ -89,3 +89,44 @@ def test_output_channels_may_differ_and_blending_is_smooth():
     jumps = (out[0, 1:] - out[0, :-1]).abs().max()
     spread = out.max() - out.min()
     assert jumps < spread  # no hard seam between patches
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 8, 8), (1, 2, 6, 10), (1, 1, 4, 8, 8), (2, 1, 3, 6, 10)])
+def test_test_time_augmentation_undoes_every_view(shape):
+    from biapy.data.patches import predict_augmented
+
+    batch = torch.randn(shape)
+    seen = []
+
+    def equivariant(v):
+        seen.append(tuple(v.shape))
+        return v * 2
+
+    np.testing.assert_allclose(predict_augmented(equivariant, batch).numpy(), (batch * 2).numpy(), atol=1e-6)
+    square = shape[-1] == shape[-2]
+    assert len(seen) == (8 if square else 4) and all(s == tuple(shape) for s in seen)
+    # A position-dependent output (a ramp along X) averages to its mean over the views only if each
+    # view is turned back correctly: X-1-j after a flip, the Y ramp after a quarter turn...
+    ramp = torch.arange(shape[-1], dtype=torch.float32)
+
+    def biased(v):
+        return v + torch.arange(v.shape[-1], dtype=torch.float32)
+
+    out = predict_augmented(biased, batch)
+    np.testing.assert_allclose((out - batch).numpy(), np.full(shape, float(ramp.mean())), atol=1e-5)
+
+
+@pytest.mark.parametrize("spatial,divisor", [((13, 22), (8, 8)), ((5, 9, 16), (2, 4, 4))])
+def test_full_image_prediction_pads_to_the_divisor_and_crops_back(spatial, divisor):
+    from biapy.data.patches import predict_full
+
+    img = torch.randn((2,) + spatial)
+    seen = []
+
+    def identity(b):
+        seen.append(tuple(b.shape[2:]))
+        return b
+
+    out = predict_full(img, identity, divisor)
+    assert torch.equal(out, img)
+    assert len(seen) == 1 and all(s % d == 0 and s >= n for s, d, n in zip(seen[0], divisor, spatial))

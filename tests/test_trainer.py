@@ -273,3 +273,18 @@ def test_load_for_test(tmp_path):
     cfg.PATHS.CHECKPOINT_FILE = str(tmp_path / "missing.pth")
     with pytest.raises(CheckpointError, match="missing.pth"):
         load_for_test(FakeWorkflow(cfg, tmp_path))
+
+
+def test_pinned_memory_only_when_asked_and_on_a_gpu(data2d, tmp_path, monkeypatch):
+    import biapy.workflows.base as base
+    from biapy import BiaPy
+    from tests.conftest import tiny_config
+
+    assert make_loader(EpochData(4), 2, False, None, pin_memory=True).pin_memory
+    assert not make_loader(EpochData(4), 2, False, None).pin_memory
+    asked = []
+    real = base.make_loader
+    monkeypatch.setattr(base, "make_loader", lambda *a, **k: asked.append(k["pin_memory"]) or real(*a, **k))
+    cfg = tiny_config(data2d, 2, SYSTEM={"PIN_MEM": True}, TRAIN={"EPOCHS": 1}, TEST={"ENABLE": False})
+    BiaPy(cfg, result_dir=tmp_path, name="p", run_id=1).run_job()
+    assert asked == [False, False]  # PIN_MEM on, but this job runs on the CPU: nothing to pin for

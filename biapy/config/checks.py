@@ -223,6 +223,9 @@ def _check_loss_and_metrics(cfg):
         _at_least("TEST.BATCH_SIZE", cfg.TEST.BATCH_SIZE, 1)
     if cfg.TEST.FULL_IMG and cfg.MODEL.ARCHITECTURE in ("mae", "unetr"):
         raise ConfigError("TEST.FULL_IMG: a ViT (MODEL.ARCHITECTURE mae/unetr) needs patches; set it to False")
+    if cfg.TEST.AUGMENTATION and problem == "SELF_SUPERVISED" and cfg.PROBLEM.SELF_SUPERVISED.PRETEXT_TASK == "masking":
+        raise ConfigError("TEST.AUGMENTATION: masking reconstructs what its random mask hides, so flipped views would "
+                          "hide different pixels; set it to False (it applies to crappify and SEMANTIC_SEG)")
 
 
 def _check_log(cfg):

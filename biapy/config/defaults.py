@@ -20,7 +20,7 @@ _C.SYSTEM.NUM_WORKERS = -1
 _C.SYSTEM.SEED = 0
 # Device set by --gpu ("cuda:0", "cpu"); derived, do not set it in a YAML.
 _C.SYSTEM.DEVICE = ""
-# Pin host memory in DataLoaders (only matters on GPU).
+# Pin host memory in the training and validation DataLoaders when training on a GPU (faster copies).
 _C.SYSTEM.PIN_MEM = True
 
 # --------------------------------------------------------------------------------------------
@@ -305,9 +305,9 @@ _C.TEST = CN()
 _C.TEST.ENABLE = True
 # Metrics on test images; [] = the workflow's default (psnr, ssim, mae, mse / iou, dice).
 _C.TEST.METRICS = []
-# Predict each test image whole in one pass instead of by patches (CNNs only; needs the memory).
+# Predict each test image whole in one forward pass (mirrored up to the pooling's multiple), not by patches (CNNs only).
 _C.TEST.FULL_IMG = False
-# Average predictions over the 8 flips/rotations (test-time augmentation).
+# Test-time augmentation (crappify, SEMANTIC_SEG): mean over the 8 flips/turns of the Y-X plane (4 if Y != X).
 _C.TEST.AUGMENTATION = False
 # Patches per forward pass in whole-image prediction; -1 = TRAIN.BATCH_SIZE.
 _C.TEST.BATCH_SIZE = -1

@@ -145,3 +145,36 @@ def predict_whole(img, predict_fn, patch, overlap=None, padding=None, batch_size
             weight[r] += window
     crop = tuple(slice(b, b + s) for b, s in zip(before, spatial))
     return acc[(slice(None),) + crop] / weight[crop]
+
+
+def predict_full(img, predict_fn, divisor):
+    """Network output over a whole (C, *spatial) tensor in one forward pass (TEST.FULL_IMG).
+
+    Each spatial axis is mirrored up to the next multiple of `divisor` (what the network's pooling
+    needs) and the output is cropped back: (C_out, *spatial).
+    """
+    spatial = tuple(img.shape[1:])
+    after = [(-s) % int(d) for s, d in zip(spatial, divisor)]
+    out = predict_fn(_reflect_pad(img, [0] * len(spatial), after)[None])[0]
+    return out[(slice(None),) + tuple(slice(0, s) for s in spatial)]
+
+
+def _views(ndim, square):
+    """The flips and quarter turns of the last two axes kept by TEST.AUGMENTATION: all 8 when Y == X,
+    else the 4 that keep the shape. Each is (quarter turns, flip X afterwards)."""
+    turns = (0, 1, 2, 3) if square else (0, 2)
+    return [(k, flip) for k in turns for flip in (False, True)]
+
+
+def predict_augmented(predict_fn, batch):
+    """Mean of `predict_fn` over flipped and rotated copies of a (B, C, *spatial) batch, each output
+    turned back (test-time augmentation). In 3D the views turn the Y-X plane, as BiaPy does."""
+    y, x = batch.ndim - 2, batch.ndim - 1
+    views = _views(batch.ndim - 2, batch.shape[y] == batch.shape[x])
+    total = None
+    for k, flip in views:
+        view = torch.rot90(batch, k, dims=(y, x))
+        out = predict_fn(view.flip(x) if flip else view).float()
+        out = torch.rot90(out.flip(x) if flip else out, -k, dims=(y, x))
+        total = out if total is None else total + out
+    return total / len(views)

@@ -36,10 +36,10 @@ def _seed_worker(worker_id):
     random.seed(seed)
 
 
-def make_loader(dataset, batch_size, shuffle, dist, num_workers=0, seed=0, drop_last=False):
+def make_loader(dataset, batch_size, shuffle, dist, num_workers=0, seed=0, drop_last=False, pin_memory=False):
     """A DataLoader for `dataset`: DistributedSampler across ranks, else a seeded `EpochSampler`.
 
-    Persistent workers when num_workers > 0; pinned memory when CUDA is available.
+    Persistent workers when num_workers > 0; pinned memory when asked (SYSTEM.PIN_MEM, on a GPU).
     """
     if dist is not None and dist.enabled:
         sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=shuffle,
@@ -50,7 +50,7 @@ def make_loader(dataset, batch_size, shuffle, dist, num_workers=0, seed=0, drop_
     rank = dist.rank if dist is not None else 0
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=workers,
-        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+        pin_memory=bool(pin_memory), persistent_workers=workers > 0,
         worker_init_fn=_seed_worker if workers > 0 else None,
         generator=torch.Generator().manual_seed(int(seed) + 7919 * rank),  # base worker seeds; keeps global RNG untouched
         prefetch_factor=2 if workers > 0 else None,

@@ -6,6 +6,7 @@ A subclass says what the network sees and learns (`input_target_files`, `compute
 """
 import logging
 from abc import ABC, abstractmethod
+from functools import partial
 
 import numpy as np
 import torch
@@ -16,10 +17,10 @@ from biapy.data.augmentation import Augmentor
 from biapy.data.datasets import PatchDataset, split_train_val
 from biapy.data.io import check_consistent_channels, image_shape, list_images, read_image, write_image
 from biapy.data.normalization import Normalizer
-from biapy.data.patches import predict_whole
+from biapy.data.patches import predict_augmented, predict_full, predict_whole
 from biapy.engine.loaders import make_loader
 from biapy.errors import DataError
-from biapy.models import build_model
+from biapy.models import build_model, required_divisor
 from biapy.workflows.report import gather_rows, print_metrics_table, write_metrics_csv
 
 log = logging.getLogger(__name__)
@@ -100,11 +101,11 @@ class Workflow(ABC):
         if n_train < cfg.TRAIN.BATCH_SIZE * self.dist.world_size:
             raise DataError(f"TRAIN.BATCH_SIZE: {cfg.TRAIN.BATCH_SIZE} is larger than the {n_train} training "
                             f"patches per epoch ({len(inputs)} image(s)); lower it or add images")
-        workers = cfg.SYSTEM.NUM_WORKERS
-        self.train_loader = make_loader(self.train_dataset, cfg.TRAIN.BATCH_SIZE, shuffle=True, dist=self.dist,
-                                        num_workers=workers, seed=cfg.SYSTEM.SEED, drop_last=True)
-        self.val_loader = make_loader(self.val_dataset, cfg.TRAIN.BATCH_SIZE, shuffle=False, dist=self.dist,
-                                      num_workers=workers, seed=cfg.SYSTEM.SEED, drop_last=False)
+        common = {"dist": self.dist, "num_workers": cfg.SYSTEM.NUM_WORKERS, "seed": cfg.SYSTEM.SEED,
+                  "pin_memory": bool(cfg.SYSTEM.PIN_MEM) and str(self.device).startswith("cuda")}
+        batch = cfg.TRAIN.BATCH_SIZE
+        self.train_loader = make_loader(self.train_dataset, batch, shuffle=True, drop_last=True, **common)
+        self.val_loader = make_loader(self.val_dataset, batch, shuffle=False, drop_last=False, **common)
         log.info("Data: %d training image(s), %d patches/epoch; %d validation image(s), %d patches",
                  len(inputs), n_train, len(val_inputs), len(self.val_dataset))
         if self.dist.is_main and cfg.AUGMENTOR.ENABLE and cfg.AUGMENTOR.AUG_SAMPLES:
@@ -164,9 +165,13 @@ class Workflow(ABC):
         """Whole normalized image (spatial..., C) -> network output (C_out, spatial...) by stitched patches."""
         x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(image_norm, -1, 0))).to(self.device)
         self.model.eval()
-        t = self.cfg.DATA.TEST
-        return predict_whole(x, self.predict_patches, self.patch, tuple(t.OVERLAP), tuple(t.PADDING),
-                             self.cfg.TEST.BATCH_SIZE)
+        cfg, t = self.cfg, self.cfg.DATA.TEST
+        predict = self.predict_patches
+        if cfg.TEST.AUGMENTATION:
+            predict = partial(predict_augmented, self.predict_patches)
+        if cfg.TEST.FULL_IMG:
+            return predict_full(x, predict, required_divisor(cfg))
+        return predict_whole(x, predict, self.patch, tuple(t.OVERLAP), tuple(t.PADDING), cfg.TEST.BATCH_SIZE)
 
     def predict_patches(self, batch):
         return self.model(batch)
@@ -178,9 +183,11 @@ class Workflow(ABC):
         mine = list(range(self.dist.rank, len(sources), self.dist.world_size))
         rows = []
         # disable=None: tqdm draws no bar when stderr is not a terminal, so log files stay clean.
+        # DATA.TEST.IN_MEMORY: every test image of this rank read up front, as BiaPy does, or each when its turn comes.
+        loaded = {i: read_image(inputs[i], self.ndim) for i in mine} if cfg.DATA.TEST.IN_MEMORY else {}
         bar = tqdm(mine, desc="Test", unit="image", disable=None if self.dist.is_main else True, leave=False)
         for i in bar:
-            image = read_image(inputs[i], self.ndim)
+            image = loaded.pop(i) if i in loaded else read_image(inputs[i], self.ndim)
             try:
                 stats = self.normalizer.stats(image)
             except DataError as exc:  # e.g. NaN pixels: the message must name the file
