@@ -78,6 +78,22 @@ def test_every_default_key_has_a_comment_line_above_it():
         assert lines[i - 1].startswith("# "), f"no comment above: {lines[i]}"
 
 
+def test_every_settable_default_key_is_read_outside_the_config_package():
+    """A key only the config code knows about would be an option that does nothing; keys the run
+    derives itself (commented 'Derived') are written into the resolved config instead."""
+    lines = DEFAULTS_FILE.read_text().splitlines()
+    package = DEFAULTS_FILE.parents[1]
+    code = "\n".join(p.read_text() for p in package.rglob("*.py") if p.parent.name != "config")
+    unread = []
+    for i, line in enumerate(lines):
+        m = re.match(r"_C\.([A-Z0-9_.]+) = (?!CN\(\))", line)
+        if m and not lines[i - 1].startswith("# Derived"):
+            leaf = m.group(1).rsplit(".", 1)[-1]
+            if not re.search(rf"\b{leaf}\b", code):
+                unread.append(m.group(1))
+    assert unread == []
+
+
 def test_defaults_pass_the_checks_without_paths():
     cfg = get_defaults()
     check_config(cfg, check_paths=False)
