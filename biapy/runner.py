@@ -114,6 +114,9 @@ class BiaPy:
         backend = self.dist_backend or ("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
             torch.cuda.set_device(device)
+            # Patch shapes are fixed, so cuDNN can time its convolution algorithms once per shape and keep
+            # the fastest (results then vary in the last bits between runs, as GPU reductions do anyway).
+            torch.backends.cudnn.benchmark = True
         dist = init_distributed(backend)
         try:
             if dist.is_main:
