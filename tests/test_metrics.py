@@ -73,3 +73,25 @@ def test_metric_averager_weights_by_count():
     avg.update_many({"mae": (1.0, 4), "skip": (float("nan"), 1)})
     avg.all_reduce()  # no process group: no-op
     assert avg.result() == pytest.approx({"psnr": 80 / 3, "mae": 0.25})
+
+
+@pytest.mark.parametrize("shape", [(23, 17, 19, 1), (6, 20, 18, 2), (13, 12, 12, 1)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_volume_scores_by_slab_equal_the_whole_volume(shape, masked, monkeypatch):
+    import numpy as np
+
+    from biapy.workflows import scoring
+
+    rng = np.random.default_rng(0)
+    target = rng.random(shape).astype(np.float32) * 100
+    noise_std = np.linspace(1, 40, shape[0]).reshape(-1, 1, 1, 1)  # the score changes along z: slabs must not overlap
+    pred = (target + rng.normal(0, 1, shape) * noise_std).astype(np.float32)
+    mask = (rng.random(shape[:3] + (1,)) > 0.6).astype(np.float32) if masked else None
+    names = ["psnr", "ssim", "mae", "mse"]
+    p, t = scoring._tensor(pred), scoring._tensor(target)
+    m = scoring._tensor(mask) if masked else None
+    whole = {n: scoring._score(n, p, t, scoring._data_range(target), m) for n in names}
+    monkeypatch.setattr(scoring, "_SLAB_VOXELS", shape[1] * shape[2] * shape[3] * 4)  # 4-slice slabs
+    by_slab = scoring.image_scores(pred, target, names, 3, mask=mask)
+    for n in names:
+        assert by_slab[n] == pytest.approx(whole[n], rel=1e-5), n

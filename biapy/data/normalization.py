@@ -196,8 +196,10 @@ class Normalizer:
             s = torch.as_tensor(scale, dtype=torch.float32, device=img.device).reshape(shape)
             o = torch.as_tensor(offset, dtype=torch.float32, device=img.device).reshape(shape)
             return (img.float() - o) / s
-        x = np.asarray(img, dtype=np.float32)
-        return ((x - offset.astype(np.float32)) / scale.astype(np.float32)).astype(np.float32)
+        x = np.array(img, dtype=np.float32)  # one copy, then in place (a whole test volume is large)
+        x -= offset.astype(np.float32)
+        x /= scale.astype(np.float32)
+        return x
 
     # ------------------------------------------------------------------ 'custom'
     def fit(self, images):

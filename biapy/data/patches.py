@@ -144,7 +144,7 @@ def predict_whole(img, predict_fn, patch, overlap=None, padding=None, batch_size
             acc[(slice(None),) + r] += o
             weight[r] += window
     crop = tuple(slice(b, b + s) for b, s in zip(before, spatial))
-    return acc[(slice(None),) + crop] / weight[crop]
+    return acc.div_(weight)[(slice(None),) + crop]  # in place: no second image-sized buffer
 
 
 def predict_full(img, predict_fn, divisor):

@@ -87,6 +87,27 @@ def _blur(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def ssim_window(spatial, win_size=11) -> int:
+    """The odd Gaussian window SSIM uses on an image of this spatial shape (shrunk to fit thin stacks)."""
+    win = min(win_size, *spatial)
+    return max(win if win % 2 == 1 else win - 1, 1)
+
+
+def ssim_valid_map(x, y, rng, win, sigma=1.5):
+    """SSIM map of float (B, C, *spatial) tensors where the whole window fits ('valid': every spatial
+    axis shrinks by win - 1); `rng` (B,) data ranges."""
+    kernel = _gaussian_1d(win, sigma, x.device, x.dtype)
+    rng = rng.reshape(-1, *([1] * (x.dim() - 1)))
+    c1, c2 = (0.01 * rng) ** 2, (0.03 * rng) ** 2
+    mu_x, mu_y = _blur(x, kernel), _blur(y, kernel)
+    sxx = _blur(x * x, kernel) - mu_x ** 2
+    syy = _blur(y * y, kernel) - mu_y ** 2
+    sxy = _blur(x * y, kernel) - mu_x * mu_y
+    num = (2 * mu_x * mu_y + c1) * (2 * sxy + c2)
+    den = (mu_x ** 2 + mu_y ** 2 + c1) * (sxx + syy + c2)
+    return num / den
+
+
 def ssim(pred, target, data_range=None, reduction="mean", win_size=11, sigma=1.5):
     """Structural similarity (Wang et al. 2004) with a Gaussian window, 2D or 3D, differentiable.
 
@@ -100,22 +121,12 @@ def ssim(pred, target, data_range=None, reduction="mean", win_size=11, sigma=1.5
     if pred.dim() not in (4, 5):
         raise ValueError(f"ssim expects (B,C,y,x) or (B,C,z,y,x), got shape {tuple(pred.shape)}")
     x, y = pred.float(), target.float()
-    win = min(win_size, *x.shape[2:])
-    win = max(win if win % 2 == 1 else win - 1, 1)
+    win = ssim_window(x.shape[2:], win_size)
     half = win // 2
-    kernel = _gaussian_1d(win, sigma, x.device, x.dtype)
-    rng = _data_range(target, data_range).reshape(-1, *([1] * (x.dim() - 1)))
-    c1, c2 = (0.01 * rng) ** 2, (0.03 * rng) ** 2
     if reduction == "none" and half:
         pad = [half] * (2 * (x.dim() - 2))
         x, y = F.pad(x, pad, mode="reflect"), F.pad(y, pad, mode="reflect")
-    mu_x, mu_y = _blur(x, kernel), _blur(y, kernel)
-    sxx = _blur(x * x, kernel) - mu_x ** 2
-    syy = _blur(y * y, kernel) - mu_y ** 2
-    sxy = _blur(x * y, kernel) - mu_x * mu_y
-    num = (2 * mu_x * mu_y + c1) * (2 * sxy + c2)
-    den = (mu_x ** 2 + mu_y ** 2 + c1) * (sxx + syy + c2)
-    ssim_map = num / den
+    ssim_map = ssim_valid_map(x, y, _data_range(target, data_range), win, sigma)
     if reduction == "none":
         return ssim_map
     return _reduce(_per_sample(ssim_map).mean(1), reduction)

@@ -47,14 +47,13 @@ class CrappifyWorkflow(Workflow):
 
     def finish_prediction(self, source, degraded, stats, output):
         restored = self.normalizer.denormalize(np.moveaxis(output.float().cpu().numpy(), 0, -1), stats)
-        write_image(self.job.per_image / Path(source).name, restored.astype(np.float32), self.ndim)
+        write_image(self.job.per_image / Path(source).name, restored.astype(np.float32, copy=False), self.ndim)
         if not self.cfg.DATA.TEST.LOAD_GT:
             return None
-        original = read_image(source, self.ndim).astype(np.float32)
+        original = read_image(source, self.ndim)  # scored in float32 a slab at a time (image_scores)
         row = {"file": Path(source).name}
         row.update(image_scores(restored, original, self.cfg.TEST.METRICS, self.ndim))
-        row.update(image_scores(degraded.astype(np.float32), original, self.cfg.TEST.METRICS, self.ndim,
-                                prefix="input_"))
+        row.update(image_scores(degraded, original, self.cfg.TEST.METRICS, self.ndim, prefix="input_"))
         return row
 
     def metric_table_title(self):

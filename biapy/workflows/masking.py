@@ -81,7 +81,7 @@ class MaskingWorkflow(Workflow):
         write_image(self.job.per_image / Path(source).name, recon, self.ndim)
         if not self.cfg.DATA.TEST.LOAD_GT:
             return None
-        original = image.astype(np.float32)  # the ground truth of a reconstruction is the image itself
+        original = image  # the ground truth of a reconstruction is the image itself
         row = {"file": Path(source).name}
         row.update(image_scores(recon, original, self.cfg.TEST.METRICS, self.ndim))
         row.update(image_scores(recon, original, self.cfg.TEST.METRICS, self.ndim, prefix="hidden_", mask=hidden))

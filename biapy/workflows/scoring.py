@@ -1,12 +1,15 @@
 """Image-quality scores of reconstructions: per batch during training, per whole image at test."""
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from biapy.engine import metrics as M
 
+_SLAB_VOXELS = 1 << 21  # 3D test images are scored about this many voxels at a time (~90 bytes each)
+
 
 def _data_range(target):
-    return float(max(target.max() - target.min(), 1e-6))
+    return max(float(target.max()) - float(target.min()), 1e-6)  # floats: no wrap-around for unsigned pixels
 
 
 def _score(name, pred, target, data_range, mask=None):
@@ -38,12 +41,71 @@ def _score(name, pred, target, data_range, mask=None):
 
 
 def image_scores(pred, target, names, ndim, prefix="", mask=None):
-    """Scores of one whole image in input units; arrays are channel-last (spatial..., C)."""
-    to_t = lambda a: torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(a, np.float32), -1, 0)))[None]
-    p, t = to_t(pred), to_t(target)
-    m = to_t(mask) if mask is not None else None
+    """Scores of one whole image in input units; arrays are channel-last (spatial..., C).
+
+    A 3D image is scored a z slab at a time (SSIM reads its window's halo around each slab), so the
+    memory needed is that of a slab, not of the ~15 volume-sized temporaries SSIM makes; sums over
+    the slabs give the whole-image values.
+    """
     rng = _data_range(target)
+    if ndim == 3:
+        scores = _volume_scores(pred, target, names, rng, mask)
+        return {f"{prefix}{name}": scores[name] for name in names}
+    p, t = _tensor(pred), _tensor(target)
+    m = _tensor(mask) if mask is not None else None
     return {f"{prefix}{name}": _score(name, p, t, rng, m) for name in names}
+
+
+def _tensor(a):
+    """Channel-last array -> float32 (1, C, *spatial) tensor."""
+    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(a, np.float32), -1, 0)))[None]
+
+
+def _reflect(indices, n):
+    """np.pad 'reflect' positions (edge not repeated) of possibly out-of-range indices into range(n)."""
+    return [-i if i < 0 else 2 * (n - 1) - i if i >= n else i for i in indices]
+
+
+def _volume_scores(pred, target, names, rng, mask):
+    """Whole-volume psnr/ssim/mae/mse of (Z, Y, X, C) arrays from z slabs of about _SLAB_VOXELS voxels."""
+    unknown = [n for n in names if n not in ("psnr", "ssim", "mae", "mse")]
+    if unknown:
+        raise ValueError(unknown[0])
+    z_size = pred.shape[0]
+    win = M.ssim_window(pred.shape[:3])
+    half = win // 2
+    depth = max(win, _SLAB_VOXELS // int(np.prod(pred.shape[1:])))  # at least a window: halos cost at most 2x
+    rng_t = torch.tensor([rng], dtype=torch.float32)
+    sq = ab = ssim_sum = 0.0
+    n_err = n_ssim = 0
+    for a in range(0, z_size, depth):
+        b = min(z_size, a + depth)
+        p, t = _tensor(pred[a:b]), _tensor(target[a:b])
+        keep = None if mask is None else _tensor(mask[a:b]).expand_as(p) > 0.5
+        diff = (p - t).double() if keep is None else (p - t)[keep].double()
+        sq, ab, n_err = sq + float((diff ** 2).sum()), ab + float(diff.abs().sum()), n_err + diff.numel()
+        if "ssim" not in names:
+            continue
+        if keep is None:  # the valid map, as M.ssim's mean: rows whose whole window lies in the volume
+            end = min(b, z_size - 2 * half)
+            if end > a:
+                rows = slice(a, end + 2 * half)
+                ssim_map = M.ssim_valid_map(_tensor(pred[rows]), _tensor(target[rows]), rng_t, win)
+                ssim_sum, n_ssim = ssim_sum + float(ssim_map.double().sum()), n_ssim + ssim_map.numel()
+        else:  # the full map with mirrored borders, as M.ssim(reduction='none'), at the kept voxels
+            rows = _reflect(range(a - half, b + half), z_size)
+            pad = [half, half, half, half, 0, 0]
+            xs = F.pad(_tensor(pred[rows]), pad, mode="reflect") if half else _tensor(pred[rows])
+            ys = F.pad(_tensor(target[rows]), pad, mode="reflect") if half else _tensor(target[rows])
+            kept = M.ssim_valid_map(xs, ys, rng_t, win)[keep]
+            ssim_sum, n_ssim = ssim_sum + float(kept.double().sum()), n_ssim + kept.numel()
+    if n_err == 0:  # nothing to score (an empty mask)
+        return dict.fromkeys(names, float("nan"))
+    mse = sq / n_err
+    values = {"mse": mse, "mae": ab / n_err, "psnr": float(M.psnr_from_mse(mse, rng))}
+    if "ssim" in names:
+        values["ssim"] = ssim_sum / n_ssim if n_ssim else float("nan")
+    return values
 
 
 def batch_image_metrics(pred, target, names):
