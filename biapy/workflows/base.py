@@ -162,7 +162,8 @@ class Workflow(ABC):
     # ---------------------------------------------------------------- test
     @torch.no_grad()
     def predict_image(self, image_norm):
-        """Whole normalized image (spatial..., C) -> network output (C_out, spatial...) by stitched patches."""
+        """Whole normalized image (spatial..., C) -> network output (C_out, spatial...): stitched patches, or
+        one pass with TEST.FULL_IMG; TEST.AUGMENTATION averages each forward over flipped/turned views."""
         x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(image_norm, -1, 0))).to(self.device)
         self.model.eval()
         cfg, t = self.cfg, self.cfg.DATA.TEST
@@ -182,9 +183,9 @@ class Workflow(ABC):
         self._check_channels(inputs, "DATA.TEST.PATH")
         mine = list(range(self.dist.rank, len(sources), self.dist.world_size))
         rows = []
-        # disable=None: tqdm draws no bar when stderr is not a terminal, so log files stay clean.
         # DATA.TEST.IN_MEMORY: every test image of this rank read up front, as BiaPy does, or each when its turn comes.
         loaded = {i: read_image(inputs[i], self.ndim) for i in mine} if cfg.DATA.TEST.IN_MEMORY else {}
+        # disable=None: tqdm draws no bar when stderr is not a terminal, so log files stay clean.
         bar = tqdm(mine, desc="Test", unit="image", disable=None if self.dist.is_main else True, leave=False)
         for i in bar:
             image = loaded.pop(i) if i in loaded else read_image(inputs[i], self.ndim)
