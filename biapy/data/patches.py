@@ -114,7 +114,10 @@ def predict_whole(img, predict_fn, patch, overlap=None, padding=None, batch_size
     """Network output over a whole (C, *spatial) tensor from overlapping patches, smoothly blended.
 
     `predict_fn(batch (B, C, *patch)) -> (B, C_out, *patch)`; the result is (C_out, *spatial),
-    float32, accumulated on the input's device.
+    float32, accumulated on the input's device. Patches that leave the image read it mirrored, one
+    patch at a time, and only their part inside the image is accumulated; the grid is a product of
+    per-axis starts and the window is separable, so the summed weights are a product of per-axis
+    sums: beside the output, no other image-sized buffer is needed.
     """
     patch = tuple(int(p) for p in patch)
     overlap, padding = _check(patch, overlap, padding)
@@ -123,28 +126,51 @@ def predict_whole(img, predict_fn, patch, overlap=None, padding=None, batch_size
         raise ConfigError(f"DATA.PATCH_SIZE: patch {patch} does not fit an image of spatial shape {spatial}")
     batch_size = max(1, int(batch_size))
     axes = [axis_starts(s, p, o, d) for s, p, o, d in zip(spatial, patch, overlap, padding)]
-    before = [-a[0] for a in axes]
-    after = [max(0, a[-1] + p - s) for a, p, s in zip(axes, patch, spatial)]
-    canvas = _reflect_pad(img, before, after)
-    starts = [tuple(s + b for s, b in zip(st, before)) for st in itertools.product(*axes)]
     window = blend_window(patch, padding, img.device)
-    acc = weight = None
+    sums = []  # per axis: the summed 1-D windows of every start, over the image's pixels
+    for n, p, d, starts in zip(spatial, patch, padding, axes):
+        w1 = blend_window((p,), (d,), img.device)
+        total = torch.zeros(n, dtype=torch.float32, device=img.device)
+        for st in starts:
+            lo, hi = max(0, -st), min(p, n - st)
+            total[st + lo:st + hi] += w1[lo:hi]
+        sums.append(total)
+    starts = list(itertools.product(*axes))
+    acc = None
     for k in range(0, len(starts), batch_size):
         chunk = starts[k:k + batch_size]
-        regions = [tuple(slice(s, s + p) for s, p in zip(st, patch)) for st in chunk]
-        batch = torch.stack([canvas[(slice(None),) + r] for r in regions])
+        batch = torch.stack([_take_patch(img, st, patch) for st in chunk])
         out = predict_fn(batch)
         if tuple(out.shape[2:]) != patch or out.shape[0] != len(chunk):
             raise ValueError(f"predict_fn returned {tuple(out.shape)} for a batch of {tuple(batch.shape)}")
         out = out.float() * window
         if acc is None:
-            acc = torch.zeros((out.shape[1],) + tuple(canvas.shape[1:]), dtype=torch.float32, device=img.device)
-            weight = torch.zeros(tuple(canvas.shape[1:]), dtype=torch.float32, device=img.device)
-        for r, o in zip(regions, out):
-            acc[(slice(None),) + r] += o
-            weight[r] += window
-    crop = tuple(slice(b, b + s) for b, s in zip(before, spatial))
-    return acc.div_(weight)[(slice(None),) + crop]  # in place: no second image-sized buffer
+            acc = torch.zeros((out.shape[1],) + spatial, dtype=torch.float32, device=img.device)
+        for st, o in zip(chunk, out):
+            kept = [(max(0, -s), min(p, n - s)) for s, p, n in zip(st, patch, spatial)]
+            acc[(slice(None),) + tuple(slice(s + lo, s + hi) for s, (lo, hi) in zip(st, kept))] += \
+                o[(slice(None),) + tuple(slice(lo, hi) for lo, hi in kept)]
+    for axis, total in enumerate(sums):  # in place, one axis at a time: no weight-sized temporary
+        shape = [1] * acc.dim()
+        shape[axis + 1] = -1
+        acc /= total.reshape(shape)
+    return acc
+
+
+def _take_patch(img, start, patch):
+    """The (C, *patch) region of a (C, *spatial) tensor at `start`, mirrored where it leaves the image."""
+    gathers = []
+    for axis, (s, p, n) in enumerate(zip(start, patch, img.shape[1:]), start=1):
+        if 0 <= s and s + p <= n:
+            img = img.narrow(axis, s, p)
+        else:  # narrowed to the mirrored pixels' span first, so the gather copies no more than the patch
+            idx = reflect_indices(s, p, n)
+            lo = int(idx.min())
+            img = img.narrow(axis, lo, int(idx.max()) + 1 - lo)
+            gathers.append((axis, torch.from_numpy(idx - lo).to(img.device)))
+    for axis, idx in gathers:
+        img = img.index_select(axis, idx)
+    return img
 
 
 def predict_full(img, predict_fn, divisor):
