@@ -1,0 +1,100 @@
+"""Test-phase memory on 3D volumes: how much the whole-image prediction and scoring of one test
+volume adds to a job's memory, for crappify and masking, at two volume depths.
+
+Each measurement runs in its own process: a tiny 3D U-Net is trained for one epoch on small
+synthetic volumes, then the test phase predicts, writes and scores one uint16 volume of
+Z x 256 x 256. The peak resident memory (VmHWM) is reset when the test phase starts
+(/proc/self/clear_refs), so the figure is the test phase's own: peak minus resident memory at its
+start. The difference between the two depths gives the cost per extra voxel, the fixed part aside.
+Linux only (VmHWM reset). Nothing is asserted.
+
+    python bench/bench_test_memory.py              # depths 64 and 128, about a minute
+    python bench/bench_test_memory.py --depths 32 64
+"""
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _status_mb(key):
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def worker(task, depth):
+    """One job; prints the test phase's peak above its starting resident memory."""
+    import biapy.workflows.base as base
+    from biapy import BiaPy
+    from biapy.data.io import write_image
+    from biapy.data.synthetic import nuclei_image
+
+    root = Path(tempfile.mkdtemp(prefix="bench_test_memory_"))
+    for split, n, shape in (("train", 2, (16, 64, 64)), ("test", 1, (depth, 256, 256))):
+        for i in range(n):
+            img, _ = nuclei_image(shape, 20 if split == "train" else depth, seed=i)
+            img = (img.astype(np.float32) / max(float(img.max()), 1e-6) * 3000).astype(np.uint16)
+            write_image(root / split / f"{split}_{i}.tif", img, 3)
+    measured = {}
+    test = base.Workflow.test
+
+    def measured_test(self):
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # resets VmHWM to the current resident memory
+        start = _status_mb("VmRSS")
+        test(self)
+        measured.update(start_mb=start, peak_mb=_status_mb("VmHWM"))
+
+    base.Workflow.test = measured_test
+    cfg = {
+        "PROBLEM": {"NDIM": "3D", "SELF_SUPERVISED": {"PRETEXT_TASK": task}},
+        "SYSTEM": {"NUM_WORKERS": 0, "SEED": 0},
+        "DATA": {"PATCH_SIZE": (16, 32, 32, 1), "TRAIN": {"PATH": str(root / "train")},
+                 "VAL": {"SPLIT_TRAIN": 0.5}, "TEST": {"PATH": str(root / "test")}},
+        "MODEL": {"ARCHITECTURE": "unet", "FEATURE_MAPS": [4, 8, 16], "DROPOUT_VALUES": [0.0] * 3, "Z_DOWN": [1, 2]},
+        "TRAIN": {"EPOCHS": 1, "BATCH_SIZE": 2},
+        "TEST": {"METRICS": ["psnr", "ssim", "mae", "mse"]},
+    }
+    BiaPy(cfg, result_dir=root / "out", name="m", run_id=1).run_job()
+    print(json.dumps({"task": task, "depth": depth, "voxels": depth * 256 * 256, **measured}))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--depths", type=int, nargs=2, default=(64, 128), help="two test-volume depths (Z)")
+    ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args.worker[0], int(args.worker[1]))
+    rows = []
+    for task in ("crappify", "masking"):
+        for depth in args.depths:
+            out = subprocess.run([sys.executable, __file__, "--worker", task, str(depth)], capture_output=True,
+                                 text=True, cwd=ROOT)
+            if out.returncode != 0:
+                print(out.stderr[-3000:], file=sys.stderr)
+                return 1
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"\n{'task':<9} {'test volume':>15} {'voxels':>9} {'test phase MB':>14}")
+    for r in rows:
+        print(f"{r['task']:<9} {str(r['depth']) + 'x256x256':>15} {r['voxels'] / 1e6:>8.1f}M "
+              f"{r['peak_mb'] - r['start_mb']:>14.0f}")
+    for task in ("crappify", "masking"):
+        small, big = [r for r in rows if r["task"] == task]
+        extra = (big["peak_mb"] - big["start_mb"]) - (small["peak_mb"] - small["start_mb"])
+        print(f"{task}: {extra * 2 ** 20 / (big['voxels'] - small['voxels']):.1f} bytes per extra test voxel")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
