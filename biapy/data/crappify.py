@@ -16,7 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from biapy.data.io import open_image_lazy, read_image, write_image, write_image_slices
+from biapy.data.io import (count_non_finite, non_finite_error, open_image_lazy, read_image, write_image,
+                           write_image_slices)
 from biapy.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -96,15 +97,13 @@ def value_range(img, path=None):
     naming `path` if a float image holds NaN or Inf pixels (degrading them would only spread them)."""
     lo, hi, bad = math.inf, -math.inf, 0
     for slab in _slabs(img):
-        if np.issubdtype(slab.dtype, np.floating):
-            finite = np.isfinite(slab)
-            if not finite.all():
-                bad += int(slab.size - np.count_nonzero(finite))
-                slab = slab[finite]
-        if slab.size:
+        n = count_non_finite(slab)
+        if n:  # counted over every slab, so the message gives the file's total
+            bad += n
+        elif slab.size:
             lo, hi = min(lo, float(slab.min())), max(hi, float(slab.max()))
     if bad:
-        raise DataError(f"{path or 'image'}: {bad} pixel(s) are NaN or Inf (expected finite values)")
+        raise non_finite_error(path or "image", bad)
     return float(np.float32(lo)), float(np.float32(hi))
 
 

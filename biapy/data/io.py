@@ -251,17 +251,25 @@ def check_consistent_channels(paths, ndim: int, key: str) -> int:
     return first[1] if first else 0
 
 
-def check_finite(img, path) -> None:
-    """DataError naming `path` if a float image holds NaN or Inf pixels."""
-    arr = np.asarray(img)
+def count_non_finite(arr) -> int:
+    """NaN/Inf pixels of a numpy array (0 for integer images)."""
     if not np.issubdtype(arr.dtype, np.floating):
-        return
+        return 0
     # One float64 sum is cheap and is NaN/Inf whenever a pixel is; only then count them.
     if np.isfinite(np.add.reduce(arr, axis=None, dtype=np.float64)):
-        return
-    bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        return 0
+    return int(arr.size - np.count_nonzero(np.isfinite(arr)))
+
+
+def non_finite_error(path, bad) -> DataError:
+    return DataError(f"{path}: {bad} pixel(s) are NaN or Inf (expected finite values)")
+
+
+def check_finite(img, path) -> None:
+    """DataError naming `path` if a float image holds NaN or Inf pixels."""
+    bad = count_non_finite(np.asarray(img))
     if bad:
-        raise DataError(f"{path}: {bad} pixel(s) are NaN or Inf (expected finite values)")
+        raise non_finite_error(path, bad)
 
 
 # ------------------------------------------------------------------------------------------

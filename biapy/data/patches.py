@@ -185,7 +185,7 @@ def predict_full(img, predict_fn, divisor):
     return out[(slice(None),) + tuple(slice(0, s) for s in spatial)]
 
 
-def _views(ndim, square):
+def _views(square):
     """The flips and quarter turns of the last two axes kept by TEST.AUGMENTATION: all 8 when Y == X,
     else the 4 that keep the shape. Each is (quarter turns, flip X afterwards)."""
     turns = (0, 1, 2, 3) if square else (0, 2)
@@ -196,7 +196,7 @@ def predict_augmented(predict_fn, batch):
     """Mean of `predict_fn` over flipped and rotated copies of a (B, C, *spatial) batch, each output
     turned back (test-time augmentation). In 3D the views turn the Y-X plane, as BiaPy does."""
     y, x = batch.ndim - 2, batch.ndim - 1
-    views = _views(batch.ndim - 2, batch.shape[y] == batch.shape[x])
+    views = _views(batch.shape[y] == batch.shape[x])
     total = None
     for k, flip in views:
         view = torch.rot90(batch, k, dims=(y, x))

@@ -3,6 +3,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from biapy.data.patches import reflect_indices
 from biapy.engine import metrics as M
 
 _SLAB_VOXELS = 1 << 21  # 3D test images are scored about this many voxels at a time (~90 bytes each)
@@ -61,11 +62,6 @@ def _tensor(a):
     return torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(a, np.float32), -1, 0)))[None]
 
 
-def _reflect(indices, n):
-    """np.pad 'reflect' positions (edge not repeated) of possibly out-of-range indices into range(n)."""
-    return [-i if i < 0 else 2 * (n - 1) - i if i >= n else i for i in indices]
-
-
 def _volume_scores(pred, target, names, rng, mask):
     """Whole-volume psnr/ssim/mae/mse of (Z, Y, X, C) arrays from z slabs of about _SLAB_VOXELS voxels."""
     unknown = [n for n in names if n not in ("psnr", "ssim", "mae", "mse")]
@@ -93,7 +89,7 @@ def _volume_scores(pred, target, names, rng, mask):
                 ssim_map = M.ssim_valid_map(_tensor(pred[rows]), _tensor(target[rows]), rng_t, win)
                 ssim_sum, n_ssim = ssim_sum + float(ssim_map.double().sum()), n_ssim + ssim_map.numel()
         else:  # the full map with mirrored borders, as M.ssim(reduction='none'), at the kept voxels
-            rows = _reflect(range(a - half, b + half), z_size)
+            rows = reflect_indices(a - half, b - a + 2 * half, z_size)
             pad = [half, half, half, half, 0, 0]
             xs = F.pad(_tensor(pred[rows]), pad, mode="reflect") if half else _tensor(pred[rows])
             ys = F.pad(_tensor(target[rows]), pad, mode="reflect") if half else _tensor(target[rows])
