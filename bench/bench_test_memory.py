@@ -1,5 +1,5 @@
-"""Test-phase memory on 3D volumes: how much the whole-image prediction and scoring of one test
-volume adds to a job's memory, for crappify and masking, at two volume depths.
+"""Test-phase memory on 3D volumes: how much the prediction, writing and scoring of one test volume
+adds to a job's memory, for crappify and masking, at two volume depths (and the test phase's seconds).
 
 Each measurement runs in its own process: a tiny 3D U-Net is trained for one epoch on small
 synthetic volumes, then the test phase predicts, writes and scores one uint16 volume of
@@ -13,9 +13,11 @@ Linux only (VmHWM reset). Nothing is asserted.
 """
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -51,9 +53,9 @@ def worker(task, depth):
     def measured_test(self):
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")  # resets VmHWM to the current resident memory
-        start = _status_mb("VmRSS")
+        start, t0 = _status_mb("VmRSS"), time.perf_counter()
         test(self)
-        measured.update(start_mb=start, peak_mb=_status_mb("VmHWM"))
+        measured.update(start_mb=start, peak_mb=_status_mb("VmHWM"), seconds=time.perf_counter() - t0)
 
     base.Workflow.test = measured_test
     cfg = {
@@ -65,7 +67,10 @@ def worker(task, depth):
         "TRAIN": {"EPOCHS": 1, "BATCH_SIZE": 2},
         "TEST": {"METRICS": ["psnr", "ssim", "mae", "mse"]},
     }
-    BiaPy(cfg, result_dir=root / "out", name="m", run_id=1).run_job()
+    try:
+        BiaPy(cfg, result_dir=root / "out", name="m", run_id=1).run_job()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     print(json.dumps({"task": task, "depth": depth, "voxels": depth * 256 * 256, **measured}))
 
 
@@ -85,10 +90,10 @@ def main():
                 print(out.stderr[-3000:], file=sys.stderr)
                 return 1
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"\n{'task':<9} {'test volume':>15} {'voxels':>9} {'test phase MB':>14}")
+    print(f"\n{'task':<9} {'test volume':>15} {'voxels':>9} {'test phase MB':>14} {'test phase s':>13}")
     for r in rows:
         print(f"{r['task']:<9} {str(r['depth']) + 'x256x256':>15} {r['voxels'] / 1e6:>8.1f}M "
-              f"{r['peak_mb'] - r['start_mb']:>14.0f}")
+              f"{r['peak_mb'] - r['start_mb']:>14.0f} {r['seconds']:>13.1f}")
     for task in ("crappify", "masking"):
         small, big = [r for r in rows if r["task"] == task]
         extra = (big["peak_mb"] - big["start_mb"]) - (small["peak_mb"] - small["start_mb"])

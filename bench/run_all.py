@@ -15,7 +15,7 @@ workflows on synthetic images written to a temp dir. Per case:
                progress bar), divided by its steps. Target: real / bare <= 1.10.
   data wait    share of the real epoch spent waiting for the next batch from the loader.
   val          seconds of the validation pass after each epoch (reported, not part of the step).
-  inference    voxels/s of whole-image stitched prediction (Workflow.predict_image: padding, patch
+  inference    voxels/s of whole-image stitched prediction (Workflow.predict_image: normalization, patch
                grid, batched forward passes, blending) against the same number of bare forward
                passes on batches already on the device. Target: stitched / bare <= 1.20.
   peak memory  VmHWM of the case's process (RSS); on a GPU also torch.cuda.max_memory_allocated.
@@ -296,9 +296,9 @@ def run_case(args):
     # Whole-image inference: stitched prediction vs the bare forward passes it needs.
     wf.model = trainer.eval_model
     trainer.model.eval()
-    image = read_image(sorted((data / "test").iterdir())[0], ndim)
+    test_file = sorted((data / "test").iterdir())[0]
+    image = read_image(test_file, ndim)
     stats = wf.normalizer.stats(image)
-    norm = wf.normalizer.normalize(image, stats)
     t = cfg.DATA.TEST
     n_patches = len(grid_starts(image.shape[:-1], size["patch"], tuple(t.OVERLAP), tuple(t.PADDING)))
     bs = cfg.TEST.BATCH_SIZE
@@ -307,7 +307,7 @@ def run_case(args):
     def stitched():
         sync()
         t0 = time.perf_counter()
-        wf.predict_image(norm)
+        wf.predict_image(image, stats, test_file)
         sync()
         return time.perf_counter() - t0
 

@@ -1,6 +1,7 @@
 """Crappify end to end, 2D and 3D: every file of the results tree, shapes, metrics."""
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,10 +95,12 @@ def test_test_images_read_up_front_only_with_test_in_memory(in_memory, data2d, t
     import biapy.workflows.base as base
 
     events = []
-    read, predict = base.read_image, base.Workflow.predict_image
-    monkeypatch.setattr(base, "read_image", lambda path, ndim: events.append("read") or read(path, ndim))
-    monkeypatch.setattr(base.Workflow, "predict_image",
-                        lambda self, image: events.append("predict") or predict(self, image))
+    read, predict = base.read_image, base.Workflow.predict_slabs
+    # Reads of the network's inputs (the degraded test copies), not of the originals read for scoring.
+    monkeypatch.setattr(base, "read_image", lambda path, ndim: (Path(path).parent.name.endswith("_ssl_source")
+                                                                and events.append("read")) or read(path, ndim))
+    monkeypatch.setattr(base.Workflow, "predict_slabs",
+                        lambda self, *args: events.append("predict") or predict(self, *args))
     cfg = tiny_config(data2d, 2, TRAIN={"EPOCHS": 1}, DATA={"TEST": {"IN_MEMORY": in_memory}})
     job = run(cfg, tmp_path)
     n = len(list(data2d["test"][0].iterdir()))
@@ -126,3 +129,54 @@ def test_full_image_and_test_time_augmentation_predict_whole_images(data2d, tmp_
     with open(job.metrics_csv) as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == len(tests) and all(np.isfinite(float(r["psnr"])) for r in rows)
+
+
+@pytest.mark.parametrize("task", ["crappify", "masking"])
+def test_3d_test_volumes_are_streamed_and_give_the_in_memory_results(task, data3d, tmp_path, monkeypatch):
+    """DATA.TEST.IN_MEMORY False opens a 3D test volume lazily and predicts, writes and scores it a slab
+    at a time; with the same statistics, outputs and scores equal those of the volume read whole (to
+    float rounding: the trained model runs channels-last, the reloaded one does not)."""
+    import functools
+
+    import biapy.data.normalization as normalization
+    import biapy.workflows.scoring as scoring
+    from biapy.data.io import LazyTiff
+
+    ssl = {"SELF_SUPERVISED": {"PRETEXT_TASK": task, "MASK_BLOCK_SIZE": 4}}
+    trained = run(tiny_config(data3d, 3, PROBLEM=ssl, TRAIN={"EPOCHS": 1}, DATA={"TEST": {"IN_MEMORY": True}}),
+                  tmp_path, name="whole")
+
+    def test_only(name, **test):
+        cfg = tiny_config(data3d, 3, PROBLEM=ssl, TRAIN={"ENABLE": False}, DATA={"TEST": {"IN_MEMORY": False}},
+                          MODEL={"LOAD_CHECKPOINT": True}, PATHS={"CHECKPOINT_FILE": str(trained.checkpoint("best"))},
+                          TEST=test)
+        return run(cfg, tmp_path, name=name)
+
+    streamed = test_only("streamed")
+    for out in trained.per_image.iterdir():
+        np.testing.assert_allclose(read_image(streamed.per_image / out.name, 3), read_image(out, 3), rtol=1e-5,
+                                   atol=1e-4)
+    with open(trained.metrics_csv) as a, open(streamed.metrics_csv) as b:
+        whole, slabs = list(csv.DictReader(a)), list(csv.DictReader(b))
+    assert len(whole) == len(slabs) == 1 and whole[0].keys() == slabs[0].keys()
+    for key in whole[0].keys() - {"file"}:
+        assert float(slabs[0][key]) == pytest.approx(float(whole[0][key]), rel=1e-4, abs=1e-5), key
+
+    # Statistics from a strided sample and small scoring slabs (SSIM's window would span this small
+    # volume): no read takes the whole volume.
+    depth = read_image(next(data3d["test"][0].iterdir()), 3).shape[0]
+    spans = []
+    getitem = LazyTiff.__getitem__
+
+    def recording(self, key):
+        out = getitem(self, key)
+        spans.append(out.shape[0] if out.ndim == 4 else 1)
+        return out
+
+    monkeypatch.setattr(LazyTiff, "__getitem__", recording)
+    monkeypatch.setattr(normalization, "_sample", functools.partial(normalization._sample, budget=2000))
+    monkeypatch.setattr(scoring, "_SLAB_VOXELS", 4000)
+    job = test_only("sliced", METRICS=["psnr", "mae", "mse"])
+    assert spans and max(spans) < depth
+    with open(job.metrics_csv) as fh:
+        assert all(np.isfinite(float(v)) for k, v in next(csv.DictReader(fh)).items() if k != "file")

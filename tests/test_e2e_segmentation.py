@@ -8,6 +8,7 @@ import torch
 from biapy import BiaPy
 from biapy.config import check_config, load_config
 from biapy.data.io import read_image
+from biapy.engine import metrics as M
 from biapy.engine.checkpoint import load_checkpoint
 from biapy.models import build_model
 from tests.conftest import tiny_config
@@ -33,18 +34,29 @@ def finetune_config(data, ndim, checkpoint, **sections):
 def test_finetune_from_crappify_end_to_end(ndim, data2d, data3d, tmp_path):
     data = data2d if ndim == 2 else data3d
     ssl = pretrain(data, ndim, tmp_path)
-    job = BiaPy(finetune_config(data, ndim, ssl.checkpoint("best")), result_dir=tmp_path / "out",
-                name="seg", run_id=1).run_job()
+    cfg = finetune_config(data, ndim, ssl.checkpoint("best"), TEST={"SAVE_PROBABILITIES": True})
+    job = BiaPy(cfg, result_dir=tmp_path / "out", name="seg", run_id=1).run_job()
     assert job.checkpoint("best").is_file()
     test_files = sorted(data["test"][0].iterdir())
     for src in test_files:
         labels = read_image(job.per_image / src.name, ndim)
         assert labels.shape[:-1] == read_image(src, ndim).shape[:-1]
         assert set(np.unique(labels)) <= {0, 1}
+        probs = read_image(job.per_image / f"{src.name.split('.')[0]}_probabilities.tif", ndim)
+        assert probs.shape == labels.shape[:-1] + (2,) and probs.dtype == np.float32
+        np.testing.assert_allclose(probs.sum(-1), 1, atol=1e-5)
+        assert (probs.argmax(-1) == labels[..., 0]).all()
     with open(job.metrics_csv) as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == len(test_files)
     assert all(0 <= float(r["iou"]) <= 1 and 0 <= float(r["dice"]) <= 1 for r in rows)
+    # Scores summed over the slabs of the prediction stream equal the whole-image ones.
+    for row in rows:
+        pred = torch.from_numpy(read_image(job.per_image / row["file"], ndim)[..., 0].astype(np.int64))[None]
+        gt = torch.from_numpy(read_image(data["test"][1] / row["file"], ndim)[..., 0].astype(np.int64))[None]
+        for name, fn in (("iou", M.iou_per_class), ("dice", M.dice_per_class)):
+            for c, value in enumerate(fn(pred, gt, 2).tolist()):
+                assert float(row[f"{name}_class{c}"]) == pytest.approx(value, abs=1e-5, nan_ok=True)  # the CSV keeps 6 digits
     lineage = (ssl.job_dir / "derived_models.log").read_text()
     assert str(job.results) in lineage
 

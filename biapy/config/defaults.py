@@ -124,7 +124,7 @@ _C.DATA.TEST = CN()
 _C.DATA.TEST.PATH = ""
 # Folder of test label masks (SEMANTIC_SEG with LOAD_GT).
 _C.DATA.TEST.GT_PATH = ""
-# Load every test image into memory first (True) or one at a time (False).
+# Read every test image up front (True) or each in turn (False; 3D: read, predicted, written, scored by slabs).
 _C.DATA.TEST.IN_MEMORY = False
 # Score test outputs against ground truth: for SELF_SUPERVISED the original image, for SEMANTIC_SEG GT_PATH.
 _C.DATA.TEST.LOAD_GT = True

@@ -114,47 +114,122 @@ def predict_whole(img, predict_fn, patch, overlap=None, padding=None, batch_size
     """Network output over a whole (C, *spatial) tensor from overlapping patches, smoothly blended.
 
     `predict_fn(batch (B, C, *patch)) -> (B, C_out, *patch)`; the result is (C_out, *spatial),
-    float32, accumulated on the input's device. Patches that leave the image read it mirrored, one
-    patch at a time, and only their part inside the image is accumulated; the grid is a product of
-    per-axis starts and the window is separable, so the summed weights are a product of per-axis
-    sums: beside the output, no other image-sized buffer is needed.
+    float32, on the input's device: the slabs of `predict_slabs` put together.
     """
-    patch = tuple(int(p) for p in patch)
+    slabs = predict_slabs(lambda lo, hi: img[:, lo:hi], tuple(img.shape[1:]), predict_fn, patch, overlap,
+                          padding, batch_size, img.device)
+    return assemble(slabs, tuple(img.shape[1:]), img.device)
+
+
+def assemble(slabs, spatial, device=None):
+    """One (C, *spatial) float32 tensor from `(row0, slab)` pieces along the first spatial axis."""
+    out = None
+    for row0, slab in slabs:
+        if out is None:
+            out = torch.empty((slab.shape[0],) + tuple(spatial), dtype=torch.float32, device=device)
+        out[:, row0:row0 + slab.shape[1]] = slab
+    return out
+
+
+def predict_slabs(read, spatial, predict_fn, patch, overlap=None, padding=None, batch_size=1, device=None):
+    """Blended patch prediction of an image streamed along its first spatial axis.
+
+    `read(lo, hi)` returns the network input of rows lo..hi-1 of that axis as a (C, hi-lo, *rest)
+    tensor; the rows are read as the patch grid reaches them, and each is read once. Yields
+    `(row0, slab)`, slab (C_out, rows, *rest) float32, in order, as soon as no later patch can
+    change it: besides the network's batches, memory holds about a patch's depth of input and
+    output rows, whatever the image's size. The values are those of one pass over the whole image.
+
+    Patches that leave the image read it mirrored, and only their part inside the image is
+    accumulated. The grid is a product of per-axis starts and the window is separable, so the
+    summed weights are a product of per-axis sums: no weight image is needed.
+    """
+    patch, spatial = tuple(int(p) for p in patch), tuple(int(s) for s in spatial)
     overlap, padding = _check(patch, overlap, padding)
-    spatial = tuple(img.shape[1:])
     if len(spatial) != len(patch):
         raise ConfigError(f"DATA.PATCH_SIZE: patch {patch} does not fit an image of spatial shape {spatial}")
     batch_size = max(1, int(batch_size))
     axes = [axis_starts(s, p, o, d) for s, p, o, d in zip(spatial, patch, overlap, padding)]
-    window = blend_window(patch, padding, img.device)
+    window = blend_window(patch, padding, device)
     sums = []  # per axis: the summed 1-D windows of every start, over the image's pixels
     for n, p, d, starts in zip(spatial, patch, padding, axes):
-        w1 = blend_window((p,), (d,), img.device)
-        total = torch.zeros(n, dtype=torch.float32, device=img.device)
+        w1 = blend_window((p,), (d,), device)
+        total = torch.zeros(n, dtype=torch.float32, device=device)
         for st in starts:
             lo, hi = max(0, -st), min(p, n - st)
             total[st + lo:st + hi] += w1[lo:hi]
         sums.append(total)
     starts = list(itertools.product(*axes))
-    acc = None
+    rows = _RowCache(read, spatial[0])
+    acc, acc0 = None, 0  # output rows acc0.. being summed
     for k in range(0, len(starts), batch_size):
         chunk = starts[k:k + batch_size]
-        batch = torch.stack([_take_patch(img, st, patch) for st in chunk])
+        batch = torch.stack([rows.patch(st, patch) for st in chunk])
         out = predict_fn(batch)
         if tuple(out.shape[2:]) != patch or out.shape[0] != len(chunk):
             raise ValueError(f"predict_fn returned {tuple(out.shape)} for a batch of {tuple(batch.shape)}")
         out = out.float() * window
-        if acc is None:
-            acc = torch.zeros((out.shape[1],) + spatial, dtype=torch.float32, device=img.device)
         for st, o in zip(chunk, out):
             kept = [(max(0, -s), min(p, n - s)) for s, p, n in zip(st, patch, spatial)]
-            acc[(slice(None),) + tuple(slice(s + lo, s + hi) for s, (lo, hi) in zip(st, kept))] += \
-                o[(slice(None),) + tuple(slice(lo, hi) for lo, hi in kept)]
-    for axis, total in enumerate(sums):  # in place, one axis at a time: no weight-sized temporary
-        shape = [1] * acc.dim()
+            end = st[0] + kept[0][1]
+            if acc is None or end > acc0 + acc.shape[1]:
+                acc = _grow(acc, o.shape[0], end - acc0, spatial[1:], device)
+            region = (slice(None), slice(st[0] + kept[0][0] - acc0, end - acc0))
+            region += tuple(slice(s + lo, s + hi) for s, (lo, hi) in zip(st[1:], kept[1:]))
+            acc[region] += o[(slice(None),) + tuple(slice(lo, hi) for lo, hi in kept)]
+        # Rows before the next patch's first row get nothing more.
+        done = spatial[0] if k + batch_size >= len(starts) else max(acc0, starts[k + batch_size][0])
+        if done > acc0:
+            slab, acc = acc[:, :done - acc0], acc[:, done - acc0:]
+            yield acc0, _divide(slab, [sums[0][acc0:done], *sums[1:]])
+            acc0 = done
+
+
+def _grow(acc, channels, length, rest, device):
+    """The accumulator extended with zero rows to `length` rows (a fresh, compact buffer)."""
+    fresh = torch.zeros((channels, length) + tuple(rest), dtype=torch.float32, device=device)
+    if acc is not None:
+        fresh[:, :acc.shape[1]] = acc
+    return fresh
+
+
+def _divide(slab, sums):
+    """Blended sums -> mean, in place, one axis at a time (no weight-sized temporary)."""
+    for axis, total in enumerate(sums):
+        shape = [1] * slab.dim()
         shape[axis + 1] = -1
-        acc /= total.reshape(shape)
-    return acc
+        slab /= total.reshape(shape)
+    return slab
+
+
+class _RowCache:
+    """The input rows the current patches need, read through `read(lo, hi)`. Patches come in grid
+    order, so the first row a patch needs never decreases: rows before it are dropped, and each row
+    is read once."""
+
+    def __init__(self, read, size):
+        self.read, self.size = read, size
+        self.rows, self.lo = None, 0
+
+    def _span(self, lo, hi):
+        """Input rows lo..hi-1 as (C, hi-lo, *rest)."""
+        if self.rows is None or not self.lo <= lo <= self.lo + self.rows.shape[1]:
+            self.rows, self.lo = self.read(lo, hi), lo
+        else:
+            self.rows, self.lo = self.rows[:, lo - self.lo:], lo
+            have = lo + self.rows.shape[1]
+            if hi > have:
+                self.rows = torch.cat([self.rows, self.read(have, hi)], dim=1)
+        return self.rows[:, :hi - lo]
+
+    def patch(self, start, patch):
+        """The (C, *patch) input at `start`, mirrored where it leaves the image."""
+        idx = reflect_indices(start[0], patch[0], self.size)
+        lo = int(idx.min())
+        span = self._span(lo, int(idx.max()) + 1)
+        if not (0 <= start[0] and start[0] + patch[0] <= self.size):
+            span = span.index_select(1, torch.from_numpy(idx - lo).to(span.device))
+        return _take_patch(span, (0,) + tuple(start[1:]), patch)
 
 
 def _take_patch(img, start, patch):

@@ -157,15 +157,23 @@ def intersection_union(pred_labels, labels, n_classes):
 def iou_per_class(pred_labels, labels, n_classes):
     """IoU per class (n_classes,) float tensor; NaN for a class absent from both prediction and labels."""
     inter, union, _ = intersection_union(pred_labels, labels, n_classes)
-    nan = torch.full_like(inter, float("nan"))
-    return torch.where(union > 0, inter / union.clamp_min(1), nan).float()
+    return iou_from_counts(inter, union)
 
 
 def dice_per_class(pred_labels, labels, n_classes):
     """Dice per class (n_classes,) float tensor; NaN for a class absent from both prediction and labels."""
     inter, _, sizes = intersection_union(pred_labels, labels, n_classes)
-    nan = torch.full_like(inter, float("nan"))
-    return torch.where(sizes > 0, 2 * inter / sizes.clamp_min(1), nan).float()
+    return dice_from_counts(inter, sizes)
+
+
+def iou_from_counts(inter, union):
+    """IoU per class from (summed) `intersection_union` counts; NaN where the union is empty."""
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.full_like(inter, float("nan"))).float()
+
+
+def dice_from_counts(inter, sizes):
+    """Dice per class from (summed) `intersection_union` counts; NaN where both sizes are 0."""
+    return torch.where(sizes > 0, 2 * inter / sizes.clamp_min(1), torch.full_like(inter, float("nan"))).float()
 
 
 class MetricAverager:

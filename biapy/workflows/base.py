@@ -15,9 +15,10 @@ from tqdm import tqdm
 from biapy.config import ndim_of
 from biapy.data.augmentation import Augmentor
 from biapy.data.datasets import PatchDataset, split_train_val
-from biapy.data.io import check_consistent_channels, image_shape, list_images, read_image, write_image
+from biapy.data.io import (check_consistent_channels, count_non_finite, image_shape, list_images, non_finite_error,
+                           open_image_lazy, read_image, write_image, write_image_slices)
 from biapy.data.normalization import Normalizer
-from biapy.data.patches import predict_augmented, predict_full, predict_whole
+from biapy.data.patches import assemble, predict_augmented, predict_full, predict_slabs
 from biapy.engine.loaders import make_loader
 from biapy.errors import DataError
 from biapy.models import build_model, required_divisor
@@ -160,22 +161,51 @@ class Workflow(ABC):
             self.test()
 
     # ---------------------------------------------------------------- test
+    def open_image(self, path):
+        """A test image or a saved prediction: a 3D one lazily (read a slab at a time where the format
+        allows, see `open_image_lazy`), a 2D one whole."""
+        return open_image_lazy(path, self.ndim) if self.ndim == 3 else read_image(path, self.ndim)
+
     @torch.no_grad()
-    def predict_image(self, image_norm):
-        """Whole normalized image (spatial..., C) -> network output (C_out, spatial...): stitched patches, or
-        one pass with TEST.FULL_IMG; TEST.AUGMENTATION averages each forward over flipped/turned views."""
-        x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(image_norm, -1, 0))).to(self.device)
+    def predict_slabs(self, image, stats, path):
+        """The network output over a whole channel-last image (numpy or lazy), streamed along its first
+        spatial axis: `(row0, slab (C_out, rows, *rest))` in order. The input is read, checked and
+        normalized a slab at a time; stitched patches, or one pass with TEST.FULL_IMG; TEST.AUGMENTATION
+        averages each forward over flipped/turned views."""
         self.model.eval()
         cfg, t = self.cfg, self.cfg.DATA.TEST
         predict = self.predict_patches
         if cfg.TEST.AUGMENTATION:
             predict = partial(predict_augmented, self.predict_patches)
+
+        def read(lo, hi):
+            region = np.asarray(image[lo:hi])
+            bad = count_non_finite(region)  # a lazy image's statistics come from a sample that may miss them
+            if bad:
+                raise non_finite_error(f"{path} (rows {lo}..{hi - 1})", bad)
+            x = self.normalizer.normalize(region, stats)
+            return torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 0))).to(self.device)
+
+        spatial = tuple(image.shape[:-1])
         if cfg.TEST.FULL_IMG:
-            return predict_full(x, predict, required_divisor(cfg))
-        return predict_whole(x, predict, self.patch, tuple(t.OVERLAP), tuple(t.PADDING), cfg.TEST.BATCH_SIZE)
+            yield 0, predict_full(read(0, spatial[0]), predict, required_divisor(cfg))
+            return
+        yield from predict_slabs(read, spatial, predict, self.patch, tuple(t.OVERLAP), tuple(t.PADDING),
+                                 cfg.TEST.BATCH_SIZE, self.device)
+
+    def predict_image(self, image, stats, path):
+        """The whole network output (C_out, spatial...) of a channel-last image, as one tensor."""
+        return assemble(self.predict_slabs(image, stats, path), tuple(image.shape[:-1]), self.device)
 
     def predict_patches(self, batch):
         return self.model(batch)
+
+    def write_slabs(self, path, slabs, shape, dtype):
+        """Write channel-last slabs (rows, *rest, C) as one image of `shape`; a 3D image z slice by z
+        slice, never whole. Returns the path written."""
+        if self.ndim == 3:
+            return write_image_slices(path, (s for slab in slabs for s in slab), shape, dtype)
+        return write_image(path, np.concatenate(list(slabs)).astype(dtype, copy=False), self.ndim)
 
     def test(self):
         cfg = self.cfg
@@ -183,18 +213,18 @@ class Workflow(ABC):
         self._check_channels(inputs, "DATA.TEST.PATH")
         mine = list(range(self.dist.rank, len(sources), self.dist.world_size))
         rows = []
-        # DATA.TEST.IN_MEMORY: every test image of this rank read up front, as BiaPy does, or each when its turn comes.
+        # DATA.TEST.IN_MEMORY: every test image of this rank read up front, as BiaPy does, or each when
+        # its turn comes (3D: opened lazily and predicted, written and scored a slab at a time).
         loaded = {i: read_image(inputs[i], self.ndim) for i in mine} if cfg.DATA.TEST.IN_MEMORY else {}
         # disable=None: tqdm draws no bar when stderr is not a terminal, so log files stay clean.
         bar = tqdm(mine, desc="Test", unit="image", disable=None if self.dist.is_main else True, leave=False)
         for i in bar:
-            image = loaded.pop(i) if i in loaded else read_image(inputs[i], self.ndim)
+            image = loaded.pop(i) if i in loaded else self.open_image(inputs[i])
             try:
                 stats = self.normalizer.stats(image)
             except DataError as exc:  # e.g. NaN pixels: the message must name the file
                 raise DataError(f"{inputs[i]}: {exc}") from None
-            output = self.predict_image(self.normalizer.normalize(image, stats))
-            row = self.finish_prediction(sources[i], image, stats, output)
+            row = self.finish_prediction(sources[i], image, stats, self.predict_slabs(image, stats, inputs[i]))
             if row is not None:
                 rows.append(row)
         rows = gather_rows(rows, self.dist)
@@ -208,8 +238,8 @@ class Workflow(ABC):
         return "Test metrics (mean over images)"
 
     @abstractmethod
-    def finish_prediction(self, source, image, stats, output):
-        """Save the prediction of `source` and return its metrics row (or None)."""
+    def finish_prediction(self, source, image, stats, slabs):
+        """Save the prediction of `source` from the `predict_slabs` stream; return its metrics row (or None)."""
 
 
 def _channel_last(t):

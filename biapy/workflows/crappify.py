@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 
 from biapy.data.crappify import prepare_ssl_source
-from biapy.data.io import list_images, read_image, write_image
+from biapy.data.io import list_images
 from biapy.engine.distributed import main_first
 from biapy.engine.losses import build_loss
 from biapy.workflows.base import Workflow
@@ -45,12 +45,15 @@ class CrappifyWorkflow(Workflow):
         pred, y = outputs
         return batch_image_metrics(pred, y, self.cfg.TRAIN.METRICS)
 
-    def finish_prediction(self, source, degraded, stats, output):
-        restored = self.normalizer.denormalize(np.moveaxis(output.float().cpu().numpy(), 0, -1), stats)
-        write_image(self.job.per_image / Path(source).name, restored.astype(np.float32, copy=False), self.ndim)
+    def finish_prediction(self, source, degraded, stats, slabs):
+        restored = (self.normalizer.denormalize(np.moveaxis(slab.float().cpu().numpy(), 0, -1), stats)
+                    for _, slab in slabs)
+        shape = tuple(degraded.shape[:-1]) + (self.channels,)
+        written = self.write_slabs(self.job.per_image / Path(source).name, restored, shape, np.float32)
         if not self.cfg.DATA.TEST.LOAD_GT:
             return None
-        original = read_image(source, self.ndim)  # scored in float32 a slab at a time (image_scores)
+        # Scored from the files, in float32 a slab at a time for 3D images (image_scores).
+        original, restored = self.open_image(source), self.open_image(written)
         row = {"file": Path(source).name}
         row.update(image_scores(restored, original, self.cfg.TEST.METRICS, self.ndim))
         row.update(image_scores(degraded, original, self.cfg.TEST.METRICS, self.ndim, prefix="input_"))

@@ -76,12 +76,21 @@ class MaskingWorkflow(Workflow):
         hidden = (out[..., self.channels:] > 0.5).astype(np.float32)
         return recon, hidden
 
-    def finish_prediction(self, source, image, stats, output):
-        recon, hidden = self.split_output(output, stats)
-        write_image(self.job.per_image / Path(source).name, recon, self.ndim)
+    def finish_prediction(self, source, image, stats, slabs):
+        spatial = tuple(image.shape[:-1])
+        hidden = np.zeros(spatial + (1,), dtype=bool)  # 1 byte a pixel: the scores need it whole
+
+        def reconstruction():
+            for row0, slab in slabs:
+                recon, hid = self.split_output(slab, stats)
+                hidden[row0:row0 + len(hid)] = hid > 0.5
+                yield recon
+
+        written = self.write_slabs(self.job.per_image / Path(source).name, reconstruction(),
+                                   spatial + (self.channels,), np.float32)
         if not self.cfg.DATA.TEST.LOAD_GT:
             return None
-        original = image  # the ground truth of a reconstruction is the image itself
+        recon, original = self.open_image(written), image  # a reconstruction's ground truth is its input
         row = {"file": Path(source).name}
         row.update(image_scores(recon, original, self.cfg.TEST.METRICS, self.ndim))
         row.update(image_scores(recon, original, self.cfg.TEST.METRICS, self.ndim, prefix="hidden_", mask=hidden))
@@ -106,7 +115,7 @@ class MaskingWorkflow(Workflow):
             path = Path(src.path)
             image = read_image(path, self.ndim)
             stats = self.normalizer.stats(image)
-            recon, hidden = self.split_output(self.predict_image(self.normalizer.normalize(image, stats)), stats)
+            recon, hidden = self.split_output(self.predict_image(image, stats, path), stats)
             original = image.astype(np.float32)
             panels = {
                 "original": original,

@@ -10,7 +10,27 @@ _SLAB_VOXELS = 1 << 21  # 3D test images are scored about this many voxels at a 
 
 
 def _data_range(target):
-    return max(float(target.max()) - float(target.min()), 1e-6)  # floats: no wrap-around for unsigned pixels
+    """max - min of a numpy array, or of a lazy 3D image read a slab at a time."""
+    if isinstance(target, np.ndarray) or torch.is_tensor(target):
+        lo, hi = float(target.min()), float(target.max())
+    else:
+        lo, hi = np.inf, -np.inf
+        for a, b in _slabs(target.shape):
+            part = np.asarray(target[a:b])
+            lo, hi = min(lo, float(part.min())), max(hi, float(part.max()))
+    return max(hi - lo, 1e-6)  # floats: no wrap-around for unsigned pixels
+
+
+def _slabs(shape, min_depth=1):
+    """(start, stop) z ranges of about _SLAB_VOXELS voxels (at least `min_depth` slices) over a volume."""
+    depth = max(min_depth, _SLAB_VOXELS // int(np.prod(shape[1:])))
+    return [(a, min(shape[0], a + depth)) for a in range(0, shape[0], depth)]
+
+
+def _rows(arr, index):
+    """arr[index] for an array of z indices, reading only their span (lazy images take slices)."""
+    lo = int(index.min())
+    return np.asarray(arr[lo:int(index.max()) + 1])[index - lo]
 
 
 def _score(name, pred, target, data_range, mask=None):
@@ -42,7 +62,8 @@ def _score(name, pred, target, data_range, mask=None):
 
 
 def image_scores(pred, target, names, ndim, prefix="", mask=None):
-    """Scores of one whole image in input units; arrays are channel-last (spatial..., C).
+    """Scores of one whole image in input units; arrays are channel-last (spatial..., C), numpy or,
+    in 3D, lazy (read a slab at a time).
 
     A 3D image is scored a z slab at a time (SSIM reads its window's halo around each slab), so the
     memory needed is that of a slab, not of the ~15 volume-sized temporaries SSIM makes; sums over
@@ -70,13 +91,14 @@ def _volume_scores(pred, target, names, rng, mask):
     z_size = pred.shape[0]
     win = M.ssim_window(pred.shape[:3])
     half = win // 2
-    depth = max(win, _SLAB_VOXELS // int(np.prod(pred.shape[1:])))  # at least a window: halos cost at most 2x
     rng_t = torch.tensor([rng], dtype=torch.float32)
     sq = ab = ssim_sum = 0.0
     n_err = n_ssim = 0
-    for a in range(0, z_size, depth):
-        b = min(z_size, a + depth)
-        p, t = _tensor(pred[a:b]), _tensor(target[a:b])
+    for a, b in _slabs(pred.shape, min_depth=win):  # at least a window deep: halos cost at most 2x
+        # Read once with the SSIM window's halo below the slab (the valid map needs it).
+        stop = min(z_size, b + 2 * half) if "ssim" in names and mask is None else b
+        p_halo, t_halo = _tensor(pred[a:stop]), _tensor(target[a:stop])
+        p, t = p_halo[:, :, :b - a], t_halo[:, :, :b - a]
         keep = None if mask is None else _tensor(mask[a:b]).expand_as(p) > 0.5
         diff = (p - t).double() if keep is None else (p - t)[keep].double()
         sq, ab, n_err = sq + float((diff ** 2).sum()), ab + float(diff.abs().sum()), n_err + diff.numel()
@@ -85,14 +107,15 @@ def _volume_scores(pred, target, names, rng, mask):
         if keep is None:  # the valid map, as M.ssim's mean: rows whose whole window lies in the volume
             end = min(b, z_size - 2 * half)
             if end > a:
-                rows = slice(a, end + 2 * half)
-                ssim_map = M.ssim_valid_map(_tensor(pred[rows]), _tensor(target[rows]), rng_t, win)
+                rows = slice(0, end + 2 * half - a)
+                ssim_map = M.ssim_valid_map(p_halo[:, :, rows], t_halo[:, :, rows], rng_t, win)
                 ssim_sum, n_ssim = ssim_sum + float(ssim_map.double().sum()), n_ssim + ssim_map.numel()
         else:  # the full map with mirrored borders, as M.ssim(reduction='none'), at the kept voxels
             rows = reflect_indices(a - half, b - a + 2 * half, z_size)
             pad = [half, half, half, half, 0, 0]
-            xs = F.pad(_tensor(pred[rows]), pad, mode="reflect") if half else _tensor(pred[rows])
-            ys = F.pad(_tensor(target[rows]), pad, mode="reflect") if half else _tensor(target[rows])
+            xs, ys = _tensor(_rows(pred, rows)), _tensor(_rows(target, rows))
+            if half:
+                xs, ys = F.pad(xs, pad, mode="reflect"), F.pad(ys, pad, mode="reflect")
             kept = M.ssim_valid_map(xs, ys, rng_t, win)[keep]
             ssim_sum, n_ssim = ssim_sum + float(kept.double().sum()), n_ssim + kept.numel()
     if n_err == 0:  # nothing to score (an empty mask)

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from biapy.data.io import list_images, read_image, write_image
+from biapy.data.io import list_images, write_image
 from biapy.engine import metrics as M
 from biapy.engine.losses import build_loss
 from biapy.errors import DataError
@@ -73,26 +73,42 @@ class SegmentationWorkflow(Workflow):
     def predict_patches(self, batch):
         return torch.softmax(self.model(batch).float(), dim=1)
 
-    def finish_prediction(self, label_source, image, stats, output):
-        probs = output.float().cpu()
-        labels = probs.argmax(0).numpy().astype(np.uint8 if self.n_classes < 256 else np.uint16)
+    def finish_prediction(self, label_source, image, stats, slabs):
+        spatial = tuple(image.shape[:-1])
+        labels = np.zeros(spatial, dtype=np.uint8 if self.n_classes < 256 else np.uint16)
         # `label_source` is the label file when ground truth is loaded, else the image itself.
         name = Path(label_source).name
-        write_image(self.job.per_image / name, labels[..., None], self.ndim)
+        gt = self.open_image(label_source) if self.cfg.DATA.TEST.LOAD_GT else None
+        if gt is not None and tuple(gt.shape[:-1]) != spatial:
+            raise DataError(f"{label_source}: label shape {tuple(gt.shape[:-1])} differs from its image {spatial}")
+        counts = None  # per-class (intersection, union, sizes), summed over the slabs
+
+        def probabilities():
+            nonlocal counts
+            for row0, slab in slabs:
+                probs = slab.float().cpu()
+                pred = probs.argmax(0)
+                labels[row0:row0 + pred.shape[0]] = pred.numpy()
+                if gt is not None:
+                    truth = torch.from_numpy(np.asarray(gt[row0:row0 + pred.shape[0]])[..., 0].astype(np.int64))
+                    c = M.intersection_union(pred[None], truth[None], self.n_classes)
+                    counts = c if counts is None else tuple(a + b for a, b in zip(counts, c))
+                yield np.moveaxis(probs.numpy(), 0, -1)
+
         if self.cfg.TEST.SAVE_PROBABILITIES:
             stem = name.split(".")[0]
-            write_image(self.job.per_image / f"{stem}_probabilities.tif",
-                        np.moveaxis(probs.numpy(), 0, -1).astype(np.float32), self.ndim)
-        if not self.cfg.DATA.TEST.LOAD_GT:
+            self.write_slabs(self.job.per_image / f"{stem}_probabilities.tif", probabilities(),
+                             spatial + (self.n_classes,), np.float32)
+        else:
+            for _ in probabilities():
+                pass
+        write_image(self.job.per_image / name, labels[..., None], self.ndim)
+        if gt is None:
             return None
-        gt = read_image(label_source, self.ndim)[..., 0]
-        if gt.shape != labels.shape:
-            raise DataError(f"{label_source}: label shape {gt.shape} differs from its image {labels.shape}")
-        pred_t, gt_t = torch.from_numpy(labels.astype(np.int64))[None], torch.from_numpy(gt.astype(np.int64))[None]
+        inter, union, sizes = counts
         row = {"file": name}
         for metric in self.cfg.TEST.METRICS:
-            fn = M.iou_per_class if metric == "iou" else M.dice_per_class
-            per_class = fn(pred_t, gt_t, self.n_classes)
+            per_class = M.iou_from_counts(inter, union) if metric == "iou" else M.dice_from_counts(inter, sizes)
             row[metric] = self._foreground_mean(per_class)
             for c, value in enumerate(per_class):
                 row[f"{metric}_class{c}"] = float(value)
