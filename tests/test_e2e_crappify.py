@@ -9,7 +9,7 @@ import tifffile
 
 from biapy import BiaPy
 from biapy.cli import main
-from biapy.data.io import read_image
+from biapy.data.io import open_image_lazy, read_image, write_image
 from tests.conftest import tiny_config
 
 
@@ -180,3 +180,25 @@ def test_3d_test_volumes_are_streamed_and_give_the_in_memory_results(task, data3
     assert spans and max(spans) < depth
     with open(job.metrics_csv) as fh:
         assert all(np.isfinite(float(v)) for k, v in next(csv.DictReader(fh)).items() if k != "file")
+
+
+def test_nan_voxels_missed_by_the_statistics_sample_stop_the_streamed_test(data3d, tmp_path, monkeypatch):
+    """A lazily read test volume's statistics come from a strided sample; a NaN voxel outside it is still
+    caught when its slab is read, with the file and rows named, and no partial output is left."""
+    import functools
+
+    import biapy.data.normalization as normalization
+    from biapy.errors import DataError
+
+    src = next(data3d["test"][0].iterdir())
+    spoilt = tmp_path / "spoilt"
+    img = read_image(src, 3).astype(np.float32)
+    img[1, 1, 1, 0] = np.nan
+    write_image(spoilt / src.name, img, 3)
+    monkeypatch.setattr(normalization, "_sample", functools.partial(normalization._sample, budget=2000))
+    assert np.isfinite(normalization._sample(open_image_lazy(spoilt / src.name, 3))).all()  # the sample misses it
+    ssl = {"SELF_SUPERVISED": {"PRETEXT_TASK": "masking", "MASK_BLOCK_SIZE": 4}}
+    cfg = tiny_config(data3d, 3, PROBLEM=ssl, TRAIN={"EPOCHS": 1}, DATA={"TEST": {"PATH": str(spoilt)}})
+    with pytest.raises(DataError, match=rf"{src.name} \(rows 0\.\.\d+\): 1 pixel\(s\) are NaN or Inf"):
+        run(cfg, tmp_path)
+    assert not [p for p in (tmp_path / "out").rglob("per_image/*") if p.is_file()]
