@@ -67,7 +67,7 @@ def test_default_length_patches_per_image_and_grid_mode(tmp_path):
     grid = PatchDataset(files, None, random_patches=False, overlap=(0.5, 0.5), **kw)
     assert len(grid) == 3 * 5 + 2 * 1
     # grid items are the exact regions of the normalized image
-    whole = grid.read_normalized(0)
+    whole = grid.normalizer.normalize(np.asarray(grid.image(0)), grid.sources[0].stats)
     torch.testing.assert_close(grid[1][0][0], torch.from_numpy(whole[0:16, 8:24, 0]))
     assert [s.path for s in grid.sources] == files and grid.sources[0].shape == (32, 48, 1)
 

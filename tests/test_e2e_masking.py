@@ -34,3 +34,55 @@ def test_masking_end_to_end(ndim, arch, data2d, data3d, tmp_path):
     visible = ~hidden & (original != 0)
     # Where the input was visible the composite shows the input, elsewhere the reconstruction.
     np.testing.assert_allclose(panels["_reconstruction_and_visible.tif"][visible], original[visible].astype(np.float32))
+
+
+@pytest.mark.parametrize("spatial, patch, budget, expected", [
+    ((40, 50), (16, 16), 10_000, (40, 50)),                # small enough: the whole image
+    ((400, 50), (16, 16), 5_000, (100, 50)),               # the long axis halved until it fits
+    ((64, 512, 512), (8, 64, 64), 64 * 128 * 128, (32, 128, 256)),  # ties: the longer axis first
+    ((10, 20, 20), (16, 32, 32), 100, (10, 20, 20)),       # never below the patch (or the image)
+])
+def test_mae_checks_region_is_a_centred_crop_within_budget(spatial, patch, budget, expected):
+    from biapy.workflows.masking import check_region
+
+    region = check_region(spatial, patch, budget)
+    assert tuple(r.stop - r.start for r in region) == expected
+    assert all(r.start == (n - e) // 2 for r, n, e in zip(region, spatial, expected))
+    assert np.prod(expected) <= budget or all(e == min(p, n) for e, p, n in zip(expected, patch, spatial))
+
+
+def test_mae_checks_of_a_large_lazily_read_volume_show_a_crop(data3d, tmp_path, monkeypatch):
+    """A validation volume above the budget is shown as a centred crop read alone, never whole."""
+    import biapy.workflows.masking as masking
+    from biapy.data.io import LazyTiff
+
+    monkeypatch.setattr(masking, "_CHECK_VOXELS", 8 * 16 * 16)
+    spans = []
+    getitem = LazyTiff.__getitem__
+    monkeypatch.setattr(masking.MaskingWorkflow, "write_mae_checks", _recording(masking.MaskingWorkflow.write_mae_checks,
+                                                                                LazyTiff, getitem, spans))
+    cfg = tiny_config(data3d, 3, PROBLEM={"SELF_SUPERVISED": {"PRETEXT_TASK": "masking", "MASK_BLOCK_SIZE": 4}},
+                      TRAIN={"EPOCHS": 1}, TEST={"ENABLE": False}, LOG={"RECONSTRUCTION_NUM_SAMPLES": 1},
+                      DATA={"VAL": {"IN_MEMORY": False}})
+    job = BiaPy(cfg, result_dir=tmp_path / "out", name="crop", run_id=1).run_job()
+    original = next(job.mae_checks.glob("*_original.tif"))
+    source = next(p for p in data3d["train"][0].iterdir() if original.name.startswith(p.name.split(".")[0]))
+    whole = read_image(source, 3)
+    region = masking.check_region(whole.shape[:-1], (8, 16, 16), 8 * 16 * 16)
+    np.testing.assert_allclose(read_image(original, 3), whole[region].astype(np.float32))
+    assert spans and max(spans) <= 8 * 16 * 16  # voxels read per access while writing the checks
+
+
+def _recording(method, lazy_class, getitem, spans):
+    """`method` with every lazy read it makes recorded (voxels per access)."""
+    def wrapped(self, *args, **kwargs):
+        def recording(img, key):
+            out = getitem(img, key)
+            spans.append(int(np.prod(out.shape[:-1])))
+            return out
+        lazy_class.__getitem__ = recording
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            lazy_class.__getitem__ = getitem
+    return wrapped

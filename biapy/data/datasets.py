@@ -174,12 +174,7 @@ class PatchDataset(Dataset):
                 if labels is not None and (sample := _sample(labels)).size]
 
     # ------------------------------------------------------------------ whole images
-    def read_normalized(self, i):
-        """Whole input image `i`, normalized, channel-last float32 (e.g. for reconstruction panels)."""
-        src = self.sources[i]
-        return self.normalizer.normalize(np.asarray(self._images[i]), src.stats)
-
-    def images(self):
-        """Yield (source record, whole normalized input) for every image, in order."""
-        for i, src in enumerate(self.sources):
-            yield src, self.read_normalized(i)
+    def image(self, i):
+        """Input image `i` as opened: a numpy array, or a lazy one (read region by region) when not in memory.
+        `sources[i].stats` normalizes it as its patches are."""
+        return self._images[i]

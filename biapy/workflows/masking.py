@@ -10,13 +10,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from biapy.data.io import list_images, read_image, write_image
+from biapy.data.io import list_images, write_image
 from biapy.engine.losses import masked_reconstruction_loss
 from biapy.models.masking import block_mask
 from biapy.workflows.base import Workflow
 from biapy.workflows.scoring import batch_image_metrics, image_scores
 
 log = logging.getLogger(__name__)
+
+
+_CHECK_VOXELS = 1 << 24  # MAE_checks show a larger image as a centred crop of about this many voxels
+
+
+def check_region(spatial, patch, budget):
+    """The region of an image that MAE_checks show, as slices: all of it up to `budget` voxels, else a
+    centred crop, its relatively longest axis (in patches; on ties the longer) halved, never below the
+    patch, until it fits."""
+    size = list(spatial)
+    while int(np.prod(size)) > budget:
+        axis = max(range(len(size)), key=lambda i: (size[i] / min(patch[i], spatial[i]), size[i]))
+        smaller = max(min(patch[axis], spatial[axis]), size[axis] // 2)
+        if smaller == size[axis]:
+            break
+        size[axis] = smaller
+    return tuple(slice((n - s) // 2, (n - s) // 2 + s) for n, s in zip(spatial, size))
 
 
 class MaskingWorkflow(Workflow):
@@ -108,14 +125,14 @@ class MaskingWorkflow(Workflow):
         self.write_mae_checks(epoch, tb)
 
     def write_mae_checks(self, epoch, tb):
-        """Original, masked, reconstruction and reconstruction+visible for a fixed set of images."""
-        sources = self.val_dataset.sources[: self.cfg.LOG.RECONSTRUCTION_NUM_SAMPLES]
+        """Original, masked, reconstruction and reconstruction+visible for a fixed set of validation images
+        (a centred crop of those above _CHECK_VOXELS, read alone from a lazily opened one)."""
+        count = min(self.cfg.LOG.RECONSTRUCTION_NUM_SAMPLES, len(self.val_dataset.sources))
         was_training = self.model.training
-        for src in sources:
-            path = Path(src.path)
-            image = read_image(path, self.ndim)
-            stats = self.normalizer.stats(image)
-            recon, hidden = self.split_output(self.predict_image(image, stats, path), stats)
+        for i, src in enumerate(self.val_dataset.sources[:count]):
+            path, image = Path(src.path), self.val_dataset.image(i)
+            image = np.asarray(image[check_region(tuple(image.shape[:-1]), self.patch, _CHECK_VOXELS)])
+            recon, hidden = self.split_output(self.predict_image(image, src.stats, path), src.stats)
             original = image.astype(np.float32)
             panels = {
                 "original": original,
