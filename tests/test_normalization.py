@@ -100,6 +100,26 @@ def test_custom_uses_given_or_fitted_values(tmp_path):
         Normalizer("custom").load(tmp_path / "empty")
 
 
+def test_custom_fit_on_lazy_images_reads_a_sample_weighted_by_image_size(tmp_path, monkeypatch):
+    """A lazily opened volume is measured on its strided sample, never read whole, and weighs in the pooled
+    mean by its own pixel count, not by the sample's."""
+    import biapy.data.normalization as normalization
+    from biapy.data.io import open_image_lazy, write_image
+
+    rng = np.random.default_rng(0)
+    big = rng.normal(100, 5, (16, 32, 32, 1)).astype(np.float32)  # 16384 voxels
+    small = rng.normal(10, 1, (2, 8, 8, 1)).astype(np.float32)    # 128 voxels
+    write_image(tmp_path / "big.tif", big, 3)
+    write_image(tmp_path / "small.tif", small, 3)
+    monkeypatch.setattr(normalization, "SAMPLE_BUDGET", 1024)
+    monkeypatch.setattr(normalization._sample, "__defaults__", (1024,))
+    lazy = [open_image_lazy(tmp_path / name, 3) for name in ("big.tif", "small.tif")]
+    n = Normalizer("custom")
+    n.fit(lazy)
+    expected = (big.mean() * big[..., 0].size + small.mean() * small[..., 0].size) / (big[..., 0].size + 128)
+    assert n.mean[0] == pytest.approx(expected, rel=0.01)  # weighting by sample size gives about 86
+
+
 def test_from_cfg_and_bad_type():
     cfg = get_defaults()
     cfg.DATA.NORMALIZATION.TYPE = "scale_range"

@@ -211,7 +211,7 @@ class Normalizer:
             data = _sample(img)
             flat = data.reshape(-1, data.shape[-1])
             _, _, mean, std = _moments(flat, *self._clip_bounds(flat))
-            n = flat.shape[0]
+            n = int(np.prod(img.shape[:-1]))  # a sample's moments stand for all of its image's pixels
             if total is None:
                 total, sums, squares = 0, np.zeros_like(mean), np.zeros_like(mean)
             # Pooled moments: each image's variance around its own mean keeps precision.

@@ -113,8 +113,10 @@ class Workflow(ABC):
             self._write_aug_samples()
 
     def _fit_custom_normalization(self, files):
-        """Dataset mean/std from the training images; saved beside the checkpoints for test time."""
-        self.normalizer.fit(read_image(f, self.ndim) for f in files)
+        """Dataset mean/std from the training images (lazily opened ones measured on a bounded sample, as
+        their per-image statistics are); saved beside the checkpoints for test time."""
+        read = read_image if self.cfg.DATA.TRAIN.IN_MEMORY else open_image_lazy
+        self.normalizer.fit(read(f, self.ndim) for f in files)
         if self.dist.is_main:
             self.normalizer.save(self.job.checkpoint_dir)
 
