@@ -207,7 +207,13 @@ class Workflow(ABC):
         slice, never whole. Returns the path written."""
         if self.ndim == 3:
             return write_image_slices(path, (s for slab in slabs for s in slab), shape, dtype)
-        return write_image(path, np.concatenate(list(slabs)).astype(dtype, copy=False), self.ndim)
+        whole, row = np.empty(shape, dtype), 0  # filled in place: no list of slabs beside the image
+        for slab in slabs:
+            whole[row:row + len(slab)] = slab
+            row += len(slab)
+        if row != shape[0]:
+            raise ValueError(f"write_slabs: {row} rows, expected {shape[0]}")
+        return write_image(path, whole, self.ndim)
 
     def test(self):
         cfg = self.cfg
