@@ -116,12 +116,15 @@ def test_biapy_3_7_list_forms_and_unused_keys_are_accepted(caplog):
     cfg = load_config({"TRAIN": {"OPTIMIZER": ["SGD"], "LR": [0.01], "OPT_BETAS": [[0.8, 0.9]]},
                        "LOSS": {"TYPE": ["MSE"]},
                        "MODEL": {"BMZ": {"EXPORT": {"ENABLE": True}}},
-                       "DATA": {"EXTRACT_RANDOM_PATCH": False, "N_CLASSES": 3}})
+                       "DATA": {"EXTRACT_RANDOM_PATCH": False, "N_CLASSES": 3},
+                       "TEST": {"BY_CHUNKS": {"ENABLE": True}}})
     assert (cfg.TRAIN.OPTIMIZER, cfg.TRAIN.LR, cfg.TRAIN.OPT_BETAS) == ("SGD", 0.01, (0.8, 0.9))
     assert cfg.LOSS.TYPE == "MSE"
     assert cfg.DATA.TRAIN.EXTRACT_RANDOM_PATCH is False  # BiaPy's older place for the key
     assert cfg.MODEL.N_CLASSES == 3
     assert "MODEL.BMZ.EXPORT.ENABLE" in caplog.text
+    chunks = next(r.getMessage() for r in caplog.records if "TEST.BY_CHUNKS.ENABLE" in r.getMessage())
+    assert "ignored (3D test volumes are read, predicted, written and scored by slabs" in chunks
 
 
 def test_command_line_overrides_win_over_the_yaml(tmp_path):

@@ -133,6 +133,13 @@ def _suggest(key, valid):
     return f"; did you mean {close[0]}?" if close else ""
 
 
+# What does the job of an unused BiaPy option here, told beside the warning.
+BIAPY_HINTS = {
+    "TEST.BY_CHUNKS.": " (3D test volumes are read, predicted, written and scored by slabs whenever "
+                       "DATA.TEST.IN_MEMORY is False, the default)",
+}
+
+
 def merge_values(cfg, values: dict, source: str):
     """Merge a flat {'A.B': value} mapping into cfg, checking each key and type."""
     valid = _leaf_keys(cfg)
@@ -143,7 +150,8 @@ def merge_values(cfg, values: dict, source: str):
         if target not in valid_set:
             biapy_keys = biapy_keys if biapy_keys is not None else _biapy_keys()
             if key in biapy_keys:
-                log.warning("%s: %s is a BiaPy option this tool does not use; ignored", source, key)
+                hint = next((h for prefix, h in BIAPY_HINTS.items() if key.startswith(prefix)), "")
+                log.warning("%s: %s is a BiaPy option this tool does not use; ignored%s", source, key, hint)
                 continue
             raise ConfigError(f"{source}: unknown key {key}{_suggest(key, valid)}")
         node = cfg
