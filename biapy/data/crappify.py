@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from biapy.data.io import (count_non_finite, non_finite_error, open_image_lazy, read_image, write_image,
-                           write_image_slices)
+from biapy.data.io import (count_non_finite, iter_slabs, non_finite_error, open_image_lazy, read_image,
+                           slab_depth, write_image, write_image_slices)
 from biapy.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def value_range(img, path=None):
     """(min, max) of an image, in memory or lazy (read in slabs), as float32 values; a DataError
     naming `path` if a float image holds NaN or Inf pixels (degrading them would only spread them)."""
     lo, hi, bad = math.inf, -math.inf, 0
-    for slab in _slabs(img):
+    for slab in iter_slabs(img, _SLAB_VOXELS):
         n = count_non_finite(slab)
         if n:  # counted over every slab, so the message gives the file's total
             bad += n
@@ -107,24 +107,12 @@ def value_range(img, path=None):
     return float(np.float32(lo)), float(np.float32(hi))
 
 
-def _slabs(img):
-    if isinstance(img, np.ndarray) or len(img.shape) < 4:
-        yield np.asarray(img)
-        return
-    step = _slab_depth(img.shape)
-    for z in range(0, img.shape[0], step):
-        yield np.asarray(img[z:z + step])
-
-
-def _slab_depth(shape):
-    return max(1, _SLAB_VOXELS // max(1, int(np.prod(shape[1:]))))
-
-
 class _SlabReader:
     """z slices of a 3D image, read a slab at a time (chunked stores read whole chunks anyway)."""
 
     def __init__(self, img):
-        self.img, self.depth = img, (img.shape[0] if isinstance(img, np.ndarray) else _slab_depth(img.shape))
+        self.img = img
+        self.depth = img.shape[0] if isinstance(img, np.ndarray) else slab_depth(img.shape, _SLAB_VOXELS)
         self.start, self.slab = None, None
 
     def __getitem__(self, z):

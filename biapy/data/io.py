@@ -275,6 +275,27 @@ def check_finite(img, path) -> None:
 # ------------------------------------------------------------------------------------------
 # Lazy access
 # ------------------------------------------------------------------------------------------
+def slab_depth(shape, voxels, min_depth=1):
+    """Rows of the first axis of `shape` that hold about `voxels` voxels (at least `min_depth`, and 1):
+    how much of a lazily opened volume is read at a time."""
+    return max(1, min_depth, voxels // max(1, int(np.prod(shape[1:]))))
+
+
+def slab_ranges(shape, voxels, min_depth=1):
+    """(start, stop) ranges along the first axis of `shape`, each `slab_depth` rows."""
+    depth = slab_depth(shape, voxels, min_depth)
+    return [(a, min(shape[0], a + depth)) for a in range(0, shape[0], depth)]
+
+
+def iter_slabs(img, voxels):
+    """A numpy or 2D image whole, a lazy 3D one as numpy slabs of about `voxels` voxels, in order."""
+    if isinstance(img, np.ndarray) or len(img.shape) < 4:
+        yield np.asarray(img)
+        return
+    for a, b in slab_ranges(img.shape, voxels):
+        yield np.asarray(img[a:b])
+
+
 class LazyTiff:
     """An uncompressed, contiguous TIFF read region by region: `.shape`, `.dtype`, numpy slicing.
 

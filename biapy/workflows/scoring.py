@@ -3,7 +3,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from biapy.data.patches import reflect_indices
+from biapy.data.io import iter_slabs, slab_ranges
+from biapy.data.patches import extract_patch
 from biapy.engine import metrics as M
 
 _SLAB_VOXELS = 1 << 21  # 3D test images are scored about this many voxels at a time (~90 bytes each)
@@ -15,22 +16,9 @@ def _data_range(target):
         lo, hi = float(target.min()), float(target.max())
     else:
         lo, hi = np.inf, -np.inf
-        for a, b in _slabs(target.shape):
-            part = np.asarray(target[a:b])
+        for part in iter_slabs(target, _SLAB_VOXELS):
             lo, hi = min(lo, float(part.min())), max(hi, float(part.max()))
     return max(hi - lo, 1e-6)  # floats: no wrap-around for unsigned pixels
-
-
-def _slabs(shape, min_depth=1):
-    """(start, stop) z ranges of about _SLAB_VOXELS voxels (at least `min_depth` slices) over a volume."""
-    depth = max(min_depth, _SLAB_VOXELS // int(np.prod(shape[1:])))
-    return [(a, min(shape[0], a + depth)) for a in range(0, shape[0], depth)]
-
-
-def _rows(arr, index):
-    """arr[index] for an array of z indices, reading only their span (lazy images take slices)."""
-    lo = int(index.min())
-    return np.asarray(arr[lo:int(index.max()) + 1])[index - lo]
 
 
 def _score(name, pred, target, data_range, mask=None):
@@ -94,7 +82,7 @@ def _volume_scores(pred, target, names, rng, mask):
     rng_t = torch.tensor([rng], dtype=torch.float32)
     sq = ab = ssim_sum = 0.0
     n_err = n_ssim = 0
-    for a, b in _slabs(pred.shape, min_depth=win):  # at least a window deep: halos cost at most 2x
+    for a, b in slab_ranges(pred.shape, _SLAB_VOXELS, min_depth=win):  # at least a window deep: halos cost at most 2x
         # Read once with the SSIM window's halo below the slab (the valid map needs it).
         stop = min(z_size, b + 2 * half) if "ssim" in names and mask is None else b
         p_halo, t_halo = _tensor(pred[a:stop]), _tensor(target[a:stop])
@@ -111,9 +99,10 @@ def _volume_scores(pred, target, names, rng, mask):
                 ssim_map = M.ssim_valid_map(p_halo[:, :, rows], t_halo[:, :, rows], rng_t, win)
                 ssim_sum, n_ssim = ssim_sum + float(ssim_map.double().sum()), n_ssim + ssim_map.numel()
         else:  # the full map with mirrored borders, as M.ssim(reduction='none'), at the kept voxels
-            rows = reflect_indices(a - half, b - a + 2 * half, z_size)
+            # The slab with its halo, mirrored at the volume's ends (read as its span only when lazy).
+            start, size = (a - half, 0, 0), (b - a + 2 * half,) + tuple(pred.shape[1:3])
             pad = [half, half, half, half, 0, 0]
-            xs, ys = _tensor(_rows(pred, rows)), _tensor(_rows(target, rows))
+            xs, ys = _tensor(extract_patch(pred, start, size)), _tensor(extract_patch(target, start, size))
             if half:
                 xs, ys = F.pad(xs, pad, mode="reflect"), F.pad(ys, pad, mode="reflect")
             kept = M.ssim_valid_map(xs, ys, rng_t, win)[keep]
