@@ -95,17 +95,19 @@ class MaskingWorkflow(Workflow):
 
     def finish_prediction(self, source, image, stats, slabs):
         spatial = tuple(image.shape[:-1])
-        hidden = np.zeros(spatial + (1,), dtype=bool)  # 1 byte a pixel: the scores need it whole
+        scored = self.cfg.DATA.TEST.LOAD_GT
+        hidden = np.zeros(spatial + (1,), dtype=bool) if scored else None  # 1 byte a pixel: scores need it whole
 
         def reconstruction():
             for row0, slab in slabs:
                 recon, hid = self.split_output(slab, stats)
-                hidden[row0:row0 + len(hid)] = hid > 0.5
+                if scored:
+                    hidden[row0:row0 + len(hid)] = hid > 0.5
                 yield recon
 
         written = self.write_slabs(self.job.per_image / Path(source).name, reconstruction(),
                                    spatial + (self.channels,), np.float32)
-        if not self.cfg.DATA.TEST.LOAD_GT:
+        if not scored:
             return None
         recon, original = self.open_image(written), image  # a reconstruction's ground truth is its input
         row = {"file": Path(source).name}
