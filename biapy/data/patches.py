@@ -101,15 +101,6 @@ def blend_window(patch, padding, device=None):
     return w
 
 
-def _reflect_pad(x, before, after):
-    """Pad the spatial axes of (C, *spatial) by reflection, any amount (gathers with folded indices)."""
-    for axis, (b, a) in enumerate(zip(before, after), start=1):
-        if b or a:
-            idx = torch.from_numpy(reflect_indices(-b, x.shape[axis] + b + a, x.shape[axis])).to(x.device)
-            x = x.index_select(axis, idx)
-    return x
-
-
 def predict_whole(img, predict_fn, patch, overlap=None, padding=None, batch_size=1):
     """Network output over a whole (C, *spatial) tensor from overlapping patches, smoothly blended.
 
@@ -255,8 +246,8 @@ def predict_full(img, predict_fn, divisor):
     needs) and the output is cropped back: (C_out, *spatial).
     """
     spatial = tuple(img.shape[1:])
-    after = [(-s) % int(d) for s, d in zip(spatial, divisor)]
-    out = predict_fn(_reflect_pad(img, [0] * len(spatial), after)[None])[0]
+    padded = tuple(s + (-s) % int(d) for s, d in zip(spatial, divisor))
+    out = predict_fn(_take_patch(img, (0,) * len(spatial), padded)[None])[0]
     return out[(slice(None),) + tuple(slice(0, s) for s in spatial)]
 
 
