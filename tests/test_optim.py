@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from biapy.config.defaults import get_defaults
+from biapy.engine import optimizers
 from biapy.engine.optim import build_optimizer, build_scheduler
 
 
@@ -26,8 +27,8 @@ def cfg_with(name="", epochs=8, lr=1e-3, **sched):
     return cfg
 
 
-@pytest.mark.parametrize("name,cls", [("SGD", torch.optim.SGD), ("ADAM", torch.optim.Adam),
-                                      ("ADAMW", torch.optim.AdamW)])
+@pytest.mark.parametrize("name,cls", [("SGD", optimizers.SGD), ("ADAM", optimizers.Adam),
+                                      ("ADAMW", optimizers.AdamW)])
 def test_optimizer_and_no_decay_groups(name, cls):
     cfg = cfg_with()
     cfg.TRAIN.OPTIMIZER, cfg.TRAIN.W_DECAY = name, 0.05

@@ -9,12 +9,10 @@ resumed run continues the same curve. Formulas, with T = EPOCHS * steps_per_epoc
 - 'onecycle' (as torch's OneCycleLR, cosine): from LR/25 up to LR over 30% of T, then down to LR/25/1e4.
 - 'reduceonplateau': LR * FACTOR^k after k reductions (per epoch, on the validation loss), floored at MIN.
 """
-import inspect
 import logging
 import math
 
-import torch
-
+from biapy.engine import optimizers
 from biapy.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -38,32 +36,21 @@ def param_groups(model, weight_decay):
     return [g for g in groups if g["params"]]
 
 
-def _fast_kwargs(cls, params):
-    """fused on CUDA where the optimizer supports it, else foreach (multi-tensor) kernels."""
-    sig = inspect.signature(cls.__init__).parameters
-    on_cuda = all(p.is_cuda for g in params for p in g["params"])
-    if on_cuda and "fused" in sig:
-        return {"fused": True}
-    return {"foreach": True} if "foreach" in sig else {}
-
-
 def build_optimizer(model, cfg):
+    """The TRAIN.OPTIMIZER update rule (biapy.engine.optimizers: torch.optim's foreach updates without its
+    1.35 s torch._dynamo import)."""
     t = cfg.TRAIN
     groups = param_groups(model, t.W_DECAY)
     name = str(t.OPTIMIZER).upper()
     table = {
-        "SGD": (torch.optim.SGD, {"lr": t.LR, "momentum": 0.9}),
-        "ADAM": (torch.optim.Adam, {"lr": t.LR, "betas": tuple(t.OPT_BETAS)}),
-        "ADAMW": (torch.optim.AdamW, {"lr": t.LR, "betas": tuple(t.OPT_BETAS)}),
+        "SGD": (optimizers.SGD, {"lr": t.LR, "momentum": 0.9}),
+        "ADAM": (optimizers.Adam, {"lr": t.LR, "betas": tuple(t.OPT_BETAS)}),
+        "ADAMW": (optimizers.AdamW, {"lr": t.LR, "betas": tuple(t.OPT_BETAS)}),
     }
     if name not in table:
         raise ConfigError(f"TRAIN.OPTIMIZER: {t.OPTIMIZER!r} is not supported; choose SGD, ADAM or ADAMW")
     cls, kwargs = table[name]
-    try:
-        return cls(groups, **kwargs, **_fast_kwargs(cls, groups))
-    except (RuntimeError, TypeError, ValueError) as err:  # e.g. fused not available for this dtype
-        log.debug("fast %s kernels unavailable (%s); using the default implementation", name, err)
-        return cls(groups, **kwargs)
+    return cls(groups, **kwargs)
 
 
 def warmup_steps(cfg, steps_per_epoch):
