@@ -105,3 +105,28 @@ def test_job_start_does_not_import_torch_dynamo():
             "print('torch._dynamo' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_grad_scaler_protocol():
+    """The trainer's AMP path (GradScaler on CUDA) unscales through param_groups and skips non-finite steps."""
+    a, b = net(), net()
+    opt_a = optimizers.AdamW(groups(a, 0.01), lr=0.01)
+    opt_b = optimizers.AdamW(groups(b, 0.01), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    x = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(3))
+    scaler.scale(a(x).mean()).backward()
+    scaler.unscale_(opt_a)
+    scaler.step(opt_a)
+    scaler.update()
+    b(x).mean().backward()
+    opt_b.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb)
+
+    before = [p.detach().clone() for p in a.parameters()]
+    opt_a.zero_grad()
+    (scaler.scale(a(x).mean()) * float("inf")).backward()
+    scaler.step(opt_a)
+    scaler.update()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), before))
+    assert scaler.get_scale() == 2.0 ** 9
