@@ -10,6 +10,7 @@ import tifffile
 from biapy import BiaPy
 from biapy.cli import main
 from biapy.data.io import open_image_lazy, read_image, write_image
+from biapy.engine.checkpoint import load_checkpoint
 from tests.conftest import tiny_config
 
 
@@ -202,3 +203,17 @@ def test_nan_voxels_missed_by_the_statistics_sample_stop_the_streamed_test(data3
     with pytest.raises(DataError, match=rf"{src.name} \(rows 0\.\.\d+\): 1 pixel\(s\) are NaN or Inf"):
         run(cfg, tmp_path)
     assert not [p for p in (tmp_path / "out").rglob("per_image/*") if p.is_file()]
+
+
+def test_compiled_model_trains_like_the_eager_one_and_saves_plain_weights(data2d, tmp_path):
+    """TRAIN.COMPILE (torch.compile, ~25 s to compile here): same first-epoch loss, checkpoint without wrapper names."""
+    losses, scores = [], []
+    for compile_ in (False, True):
+        job = run(tiny_config(data2d, 2, TRAIN={"EPOCHS": 1, "COMPILE": compile_}), tmp_path / str(compile_))
+        losses.append(train_log(job)[0]["train_loss"])
+        with open(job.metrics_csv) as fh:
+            scores.append([float(r["psnr"]) for r in csv.DictReader(fh)])
+        keys = list(load_checkpoint(job.checkpoint("best"))["model"])
+        assert keys and not any(k.startswith(("_orig_mod.", "module.")) for k in keys)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    assert scores[1] == pytest.approx(scores[0], abs=0.01)
