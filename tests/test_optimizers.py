@@ -91,6 +91,10 @@ def test_load_rejects_state_of_another_model():
         optimizers.AdamW(groups(wider, 0.01), lr=1e-3).load_state_dict(opt.state_dict())
     with pytest.raises(ValueError, match="parameter group"):
         optimizers.AdamW(list(a.parameters()), lr=1e-3).load_state_dict(opt.state_dict())
+    with pytest.raises(ValueError, match=r"\['momentum_buffer'\], AdamW keeps"):  # TRAIN.OPTIMIZER changed
+        sgd = optimizers.SGD(groups(a, 0.01), lr=1e-3, momentum=0.9)
+        train(a, sgd, 1)
+        opt.load_state_dict(sgd.state_dict())
 
 
 def test_job_start_does_not_import_torch_dynamo():

@@ -258,6 +258,17 @@ def test_starting_weights_skip_unmatched_and_freeze(tmp_path):
     assert str(wf.job.results) in (tmp_path / "src" / "job" / "derived_models.log").read_text()
 
 
+def test_continuing_with_another_optimizer_is_a_one_line_error(tmp_path):
+    src = FakeWorkflow(make_cfg(EPOCHS=1, OPTIMIZER="SGD"), tmp_path / "src")
+    Trainer(src).fit()
+    cfg = make_cfg(EPOCHS=2, OPTIMIZER="ADAMW", **{"MODEL.LOAD_CHECKPOINT": True,
+                                                   "MODEL.LOAD_CHECKPOINT_ONLY_WEIGHTS": False})
+    cfg.PATHS.CHECKPOINT_FILE = str(src.job.checkpoint("last"))
+    with pytest.raises(CheckpointError, match=r"TRAIN\.OPTIMIZER .*momentum_buffer.*AdamW keeps") as err:
+        Trainer(FakeWorkflow(cfg, tmp_path / "dst")).fit()
+    assert "\n" not in str(err.value)
+
+
 def test_load_for_test(tmp_path):
     cfg = make_cfg(EPOCHS=1)
     wf = FakeWorkflow(cfg, tmp_path)

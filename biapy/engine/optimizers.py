@@ -14,6 +14,7 @@ class ForeachOptimizer:
     """Parameter groups, zero_grad, step and state_dict; subclasses give `defaults` and `_update`."""
 
     defaults: dict = {}
+    state_keys: frozenset = frozenset()  # what a parameter's saved state must hold
 
     def __init__(self, params, **hyper):
         self.defaults = {**self.defaults, **hyper}
@@ -65,6 +66,9 @@ class ForeachOptimizer:
             by_index.update(zip(saved["params"], group["params"]))
         state = {}
         for i, saved in state_dict["state"].items():
+            if set(saved) != self.state_keys:  # e.g. SGD's momentum resumed by Adam
+                raise ValueError(f"saved state holds {sorted(saved)}, {type(self).__name__} keeps "
+                                 f"{sorted(self.state_keys)}")
             p = by_index[int(i)]
             state[p] = {k: self._restore(k, v, p) for k, v in saved.items()}
         self.state = state
@@ -87,6 +91,7 @@ class SGD(ForeachOptimizer):
     """SGD with heavy-ball momentum and L2 weight decay (torch.optim.SGD, dampening 0, no Nesterov)."""
 
     defaults = {"lr": 1e-3, "momentum": 0.0, "weight_decay": 0.0}
+    state_keys = frozenset({"momentum_buffer"})
 
     def _update(self, group, params, grads):
         lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
@@ -109,6 +114,7 @@ class Adam(ForeachOptimizer):
     """Adam; weight decay is L2 (added to the gradient) here and decoupled in AdamW."""
 
     defaults = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
+    state_keys = frozenset({"step", "exp_avg", "exp_avg_sq"})
     decoupled = False
 
     def _update(self, group, params, grads):
