@@ -1,7 +1,7 @@
 """What the trainer shows and writes each epoch (rank 0): the summary line, train logs, TensorBoard, charts."""
 import logging
 
-from biapy.utils.charts import plot_history, plot_model
+from biapy.utils.charts import HistoryCharts, plot_model
 from biapy.utils.tensorboard import TensorBoard
 from biapy.utils.train_log import write_train_log
 
@@ -40,6 +40,7 @@ class EpochReporter:
         self.tb = TensorBoard(job.tensorboard, enabled=is_main)
         self.train_log = job.train_logs / f"{job.id}_train_log.jsonl"
         self._charted = -1  # history length when the charts were last drawn
+        self._charts = HistoryCharts(job.charts, job.id)
 
     def epoch_end(self, record, history, is_best) -> None:
         if not self.is_main:
@@ -61,7 +62,7 @@ class EpochReporter:
             return
         self._charted = len(history)
         try:
-            plot_history(history, self.job.charts, self.job.id)
+            self._charts.draw(history)
         except Exception as err:  # a chart must never stop training
             log.warning("Could not draw the training charts: %s", err)
 
