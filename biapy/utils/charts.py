@@ -48,13 +48,15 @@ class HistoryCharts:
         """Paths written; a chart whose series have no value yet is skipped."""
         if not history:
             return []
-        charts = [("loss", "loss", "loss", [("train", "train_loss"), ("validation", "val_loss")], {})]
+        charts = [("loss", "loss", "loss", [("train", lambda r: r.get("train_loss")),
+                                            ("validation", lambda r: r.get("val_loss"))], {})]
         names = sorted({n for r in history for n in (r.get("metrics") or {})})
-        charts += [(name.replace("/", "_"), name, f"validation {name}", [(name, ("metrics", name))],
-                    {"color": "tab:green"}) for name in names]
+        charts += [(name.replace("/", "_"), name, f"validation {name}",
+                    [(name, lambda r, n=name: (r.get("metrics") or {}).get(n))], {"color": "tab:green"})
+                   for name in names]
         written = []
         for stem, ylabel, title, series, style in charts:
-            points = {label: _series(history, lambda r, k=key: _value(r, k)) for label, key in series}
+            points = {label: _series(history, getter) for label, getter in series}
             points = {label: xy for label, xy in points.items() if xy[0]}
             if points:
                 written.append(self._redraw(stem, ylabel, title, points, style, legend=len(series) > 1))
@@ -81,12 +83,6 @@ class HistoryCharts:
         path = self.charts_dir / f"{self.job_id}_{stem}.png"
         _save(fig, path)
         return path
-
-
-def _value(record, key):
-    if isinstance(key, tuple):  # ("metrics", name)
-        return (record.get(key[0]) or {}).get(key[1])
-    return record.get(key)
 
 
 def plot_model(model, path) -> None:
