@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 
 from biapy.errors import BiapyError
 
@@ -41,8 +42,32 @@ def build_parser():
     return parser
 
 
+def flags_first(argv, parser):
+    """`argv` with its flags moved before the KEY VALUE pairs: argparse's REMAINDER would otherwise take a flag
+    written after them (`... TRAIN.EPOCHS 3 --verbose`) for an override."""
+    takes_value = {opt: action.nargs != 0 for action in parser._actions for opt in action.option_strings}
+    flags, rest, i = [], [], 0
+    while i < len(argv):
+        token = argv[i]
+        name = token.split("=", 1)[0]
+        if name in takes_value:
+            width = 2 if takes_value[name] and "=" not in token else 1
+            flags += argv[i:i + width]
+            i += width
+        else:
+            rest.append(token)
+            i += 1
+    return flags + rest
+
+
+def _traceback_if(verbose):
+    if verbose:
+        traceback.print_exc(file=sys.stderr)
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(flags_first(list(sys.argv[1:] if argv is None else argv), parser))
     # SIGTERM (a scheduler, `kill`) stops like Ctrl-C outside training too: no traceback, exit 130.
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
@@ -52,22 +77,19 @@ def main(argv=None):
         BiaPy(args.config, result_dir=args.result_dir, name=args.name, run_id=args.run_id, gpu=args.gpu,
               dist_backend=args.dist_backend, overrides=args.overrides, verbose=args.verbose).run_job()
     except BiapyError as err:
-        if args.verbose:
-            logging.getLogger("biapy").exception("stopped")
+        _traceback_if(args.verbose)
         # One line even when a value in the message (a path, a key) holds a line break.
         print("ERROR: " + "\\n".join(str(err).splitlines()), file=sys.stderr)
         return err.exit_code
     except OSError as err:  # the environment, not a bug: a full disk, a folder that vanished, permissions
-        if args.verbose:
-            logging.getLogger("biapy").exception("stopped")
+        _traceback_if(args.verbose)
         where = f"{err.filename}: " if err.filename else ""
         print(f"ERROR: {where}{err.strerror or err}", file=sys.stderr)
         return 1
     except (MemoryError, RuntimeError) as err:
         if not (isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"):
             raise  # a bug: shown with its traceback
-        if args.verbose:
-            logging.getLogger("biapy").exception("stopped")
+        _traceback_if(args.verbose)
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         print(f"ERROR: out of memory ({first}); lower TRAIN.BATCH_SIZE or DATA.PATCH_SIZE",
               file=sys.stderr)

@@ -7,13 +7,14 @@ import logging
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
 import yaml
 
-from biapy.config import check_config, finalize, load_config
+from biapy.config import check_config, dump_config, finalize, load_config
 from biapy.errors import ConfigError
 from biapy.job import Job
 from biapy.utils.files import atomic_write_text
@@ -28,11 +29,15 @@ def setup_logging(is_main=True, verbose=False):
     level = logging.DEBUG if verbose else (logging.INFO if is_main else logging.WARNING)
     root = logging.getLogger("biapy")
     root.handlers.clear()
-    handler = logging.StreamHandler()
+    # The log is the job's output, on stdout as BiaPy prints it (`> run.log` keeps it); the final error line
+    # and tqdm's bars go to stderr.
+    handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", datefmt="%H:%M:%S"))
     root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False
+    # tifffile logs its own complaints about a damaged file; the read that fails names the file in one line.
+    logging.getLogger("tifffile").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
 
 
 def check_name(name):
@@ -133,9 +138,15 @@ class BiaPy:
                 log.info("Job %s (run %d) -> %s", self.name, run_id, self.job.results)
                 log.info("Device: %s%s", device_text,
                          f", {dist.world_size} processes ({backend})" if dist.world_size > 1 else "")
+            # A new run describes itself at once; a re-run (resume, or test only) only once its data and
+            # checkpoint were accepted, so a re-run that fails leaves the run's config files as they were.
+            rerun = self.job.resolved_config.exists()
+            if dist.is_main and not rerun:
                 self._write_configs()
             from biapy.workflows import get_workflow
             workflow = get_workflow(self.cfg)(self.cfg, self.job, dist, device)
+            if dist.is_main and rerun:
+                workflow.on_ready = self._write_configs
             workflow.run()
         finally:
             cleanup()
@@ -155,7 +166,7 @@ class BiaPy:
         else:
             atomic_write_text(job.config_files / f"{self.name}.yaml",
                               yaml.safe_dump(_plain(self.config_source), sort_keys=False))
-        atomic_write_text(job.resolved_config, self.cfg.dump())
+        atomic_write_text(job.resolved_config, dump_config(self.cfg))
 
 
 def _plain(tree):

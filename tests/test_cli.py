@@ -79,3 +79,16 @@ def test_usage_mistakes_exit_2_with_one_line_naming_the_flag(argv, culprit, caps
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ERROR:") and culprit in err[0] and "--help" in err[0]
+
+
+def test_flags_after_the_overrides_are_still_flags():
+    from biapy.cli import build_parser, flags_first
+
+    parser = build_parser()
+    argv = ["--config", "a.yaml", "TRAIN.EPOCHS", "3", "--verbose", "--gpu", "0", "--name=x", "--result_dir", "r",
+            "DATA.PATCH_SIZE", "(64,64,1)"]
+    assert flags_first(argv, parser) == ["--config", "a.yaml", "--verbose", "--gpu", "0", "--name=x",
+                                         "--result_dir", "r", "TRAIN.EPOCHS", "3", "DATA.PATCH_SIZE", "(64,64,1)"]
+    args = parser.parse_args(flags_first(argv, parser))
+    assert args.verbose and args.gpu == "0" and args.name == "x"
+    assert args.overrides == ["TRAIN.EPOCHS", "3", "DATA.PATCH_SIZE", "(64,64,1)"]

@@ -169,10 +169,36 @@ def test_unknown_keys_and_wrong_types_name_the_key(overrides, key):
      "TEST.AUGMENTATION"),
     ({"PROBLEM": {"SELF_SUPERVISED": {"PRETEXT_TASK": "masking"}}, "MODEL": {"ARCHITECTURE": "mae"},
       "TEST": {"FULL_IMG": True}}, "TEST.FULL_IMG"),
+    ({"SYSTEM": {"NUM_WORKERS": -3}}, "SYSTEM.NUM_WORKERS"),
+    ({"SYSTEM": {"NUM_CPUS": 0}}, "SYSTEM.NUM_CPUS"),
+    ({"PROBLEM": {"TYPE": "SEMANTIC_SEG", "SEMANTIC_SEG": {"IGNORE_CLASS_ID": 2}}, "MODEL": {"N_CLASSES": 2}},
+     "PROBLEM.SEMANTIC_SEG.IGNORE_CLASS_ID"),
+    ({"PROBLEM": {"TYPE": "SEMANTIC_SEG", "SEMANTIC_SEG": {"IGNORE_CLASS_ID": -5}}}, "IGNORE_CLASS_ID"),
+    ({"DATA": {"NORMALIZATION": {"TYPE": "custom", "ZERO_MEAN_UNIT_VAR": {"STD_VAL": [0.0]}}}},
+     "ZERO_MEAN_UNIT_VAR.STD_VAL"),
+    ({"AUGMENTOR": {"ENABLE": True, "GAUSSIAN_NOISE": True, "GAUSSIAN_NOISE_VAR": -1.0}},
+     "AUGMENTOR.GAUSSIAN_NOISE_VAR"),
+    ({"AUGMENTOR": {"ENABLE": True, "G_BLUR": True, "G_SIGMA": (-1.0, 2.0)}}, "AUGMENTOR.G_SIGMA"),
+    ({"AUGMENTOR": {"ENABLE": True, "RANDOM_ROT": True, "RANDOM_ROT_RANGE": (10,)}}, "AUGMENTOR.RANDOM_ROT_RANGE"),
+    ({"AUGMENTOR": {"ENABLE": True, "GAMMA_CONTRAST": True, "GC_GAMMA": (1.5, 1.2)}}, "AUGMENTOR.GC_GAMMA"),
+    ({"AUGMENTOR": {"ENABLE": True, "CONTRAST": True, "CONTRAST_FACTOR": (-1.0, 0.1)}}, "AUGMENTOR.CONTRAST_FACTOR"),
+    ({"TRAIN": {"LR_SCHEDULER": {"NAME": "warmupcosine", "MIN_LR": 0.01}, "LR": 0.001}},
+     "TRAIN.LR_SCHEDULER.MIN_LR"),
+    ({"TRAIN": {"LR_SCHEDULER": {"REDUCEONPLATEAU_PATIENCE": -4}}}, "REDUCEONPLATEAU_PATIENCE"),
+    ({"TRAIN": {"LR_SCHEDULER": {"WARMUP_COSINE_DECAY_EPOCHS": -2.0}}}, "WARMUP_COSINE_DECAY_EPOCHS"),
 ])
 def test_values_out_of_range_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=re.escape(key)):
         checked(overrides)
+
+
+def test_ranges_of_augmentations_that_do_not_run_are_not_checked_and_valid_values_pass():
+    checked({"AUGMENTOR": {"ENABLE": True, "G_SIGMA": (-1.0, 2.0), "GC_GAMMA": (2.0, 1.0)}})  # G_BLUR, GAMMA off
+    checked({"SYSTEM": {"NUM_WORKERS": 0, "NUM_CPUS": 1},
+             "PROBLEM": {"TYPE": "SEMANTIC_SEG", "SEMANTIC_SEG": {"IGNORE_CLASS_ID": -1}},
+             "DATA": {"NORMALIZATION": {"TYPE": "custom", "ZERO_MEAN_UNIT_VAR": {"STD_VAL": [2.5]}}},
+             "AUGMENTOR": {"ENABLE": True, "G_BLUR": True, "G_SIGMA": (0.0, 1.0), "RANDOM_ROT": True},
+             "TRAIN": {"LR_SCHEDULER": {"NAME": "reduceonplateau", "MIN_LR": 0.0, "REDUCEONPLATEAU_PATIENCE": 0}}})
 
 
 def test_patch_not_divisible_by_the_unet_depth_is_rejected():
@@ -213,6 +239,23 @@ def test_finalize_fills_derived_values_and_the_resolved_config_round_trips(tmp_p
     assert cfg.TEST.BATCH_SIZE == cfg.TRAIN.BATCH_SIZE
     reloaded = load_config(yaml.safe_load(cfg.dump()))
     assert reloaded == cfg
+
+
+def test_a_derived_key_given_in_the_yaml_is_named_in_one_warning_and_replaced(tmp_path, folders, caplog):
+    train, test = folders
+    given = {"DATA": {"TRAIN": {"PATH": str(train)}, "TEST": {"PATH": str(test)}},
+             "PATHS": {"RESULT_DIR": "/elsewhere", "CHARTS": "/charts", "CHECKPOINT_FILE": ""}}
+    with caplog.at_level("WARNING", logger="biapy"):
+        cfg = checked(given, folders)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "PATHS.RESULT_DIR, PATHS.CHARTS set from --result_dir" in warned[0]
+    assert "CHECKPOINT_FILE" not in warned[0]
+    finalize(cfg, Job(tmp_path / "out", "demo", 1))
+    assert cfg.PATHS.RESULT_DIR == str(tmp_path / "out" / "demo" / "results" / "demo_1")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="biapy"):
+        checked({"DATA": given["DATA"]}, folders)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
 
 
 def test_3d_problem_gets_3d_overlap_and_padding_defaults():

@@ -41,4 +41,5 @@ def test_torchrun_two_processes_on_cpu(data2d, tmp_path):
     assert len(log) == 2 and all(json.loads(line)["train_loss"] > 0 for line in log)
     assert len(list(job.per_image.iterdir())) == len(list(data2d["test"][0].iterdir()))
     # Only rank 0 prints the per-epoch summary.
-    assert done.stderr.count("Epoch 1/2  train") == 1
+    assert done.stdout.count("Epoch 1/2  train") == 1
+    assert "Epoch" not in done.stderr  # the log is on stdout (errors and progress bars on stderr)

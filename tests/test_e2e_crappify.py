@@ -26,7 +26,7 @@ def train_log(job):
 
 def check_results_tree(job, data, ndim, extra_columns=()):
     assert (job.config_files / f"{job.name}.yaml").is_file()
-    assert job.resolved_config.is_file()
+    assert job.resolved_config.is_file() and "&id" not in job.resolved_config.read_text()  # no shared values
     assert job.checkpoint("best").is_file() and job.checkpoint("last").is_file()
     assert (job.charts / f"{job.id}_loss.png").is_file()
     assert list(job.tensorboard.glob("events.out.tfevents*"))
@@ -89,6 +89,23 @@ def test_run_id_omitted_takes_the_next_free_one_and_test_only_loads_best(data2d,
     second = BiaPy(test_only, result_dir=tmp_path / "out", name="auto").run_job()
     assert second.run_id == 2
     assert len(list(second.per_image.iterdir())) == 2
+
+
+def test_custom_normalization_of_a_test_only_job_comes_from_the_tested_checkpoint(data2d, tmp_path):
+    """A test-only job on another job's checkpoint uses the dataset mean/std stored in that checkpoint, even
+    with the .npy copies beside it gone, and restores the images exactly as the training job did."""
+    norm = {"NORMALIZATION": {"TYPE": "custom"}}
+    trained = run(tiny_config(data2d, 2, TRAIN={"EPOCHS": 1}, DATA=norm), tmp_path, name="trained")
+    for npy in trained.checkpoint_dir.glob("normalization_*.npy"):
+        npy.unlink()
+    cfg = tiny_config(data2d, 2, TRAIN={"ENABLE": False}, DATA=norm, MODEL={"LOAD_CHECKPOINT": True},
+                      PATHS={"CHECKPOINT_FILE": str(trained.checkpoint("best"))})
+    tested = run(cfg, tmp_path, name="tested")
+    outputs = sorted(trained.per_image.iterdir())
+    assert len(outputs) == 2
+    for out in outputs:
+        np.testing.assert_allclose(read_image(tested.per_image / out.name, 2), read_image(out, 2), rtol=1e-5,
+                                   atol=1e-4)
 
 
 @pytest.mark.parametrize("in_memory", [True, False])

@@ -86,3 +86,32 @@ def _recording(method, lazy_class, getitem, spans):
         finally:
             lazy_class.__getitem__ = getitem
     return wrapped
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_norm_pix_outputs_and_metrics_are_in_the_input_units(norm_pix):
+    """A network that predicts the per-token normalized target exactly: with NORM_PIX_LOSS its output maps back
+    to the input itself (outputs, MAE_checks and metrics all read `predict_patches`/`batch_metrics`)."""
+    import torch
+
+    from biapy.config import get_defaults
+    from biapy.engine.losses import normalize_tokens
+    from biapy.workflows.masking import MaskingWorkflow
+
+    cfg = get_defaults()
+    cfg.PROBLEM.SELF_SUPERVISED.NORM_PIX_LOSS = norm_pix
+    cfg.TRAIN.METRICS = ["psnr"]
+    wf = object.__new__(MaskingWorkflow)
+    wf.cfg, wf.token_size = cfg, 4
+    x = torch.rand(2, 3, 16, 12) * 50 + 10
+    mask = (torch.rand(2, 1, 16, 12) > 0.5).float()
+    wf.masked_forward = lambda batch, generator=None: (normalize_tokens(batch, 4), mask)
+    out = wf.predict_patches(x)
+    assert out.shape == (2, 4, 16, 12) and torch.equal(out[:, 3:], mask)
+    if norm_pix:
+        torch.testing.assert_close(out[:, :3], x, rtol=1e-4, atol=1e-3)
+    else:
+        torch.testing.assert_close(out[:, :3], normalize_tokens(x, 4))
+    metrics = wf.batch_metrics(None, (normalize_tokens(x, 4), x, mask))
+    hidden_mse = metrics["hidden_mse"][0] / metrics["hidden_mse"][1]
+    assert (hidden_mse < 1e-5) if norm_pix else (hidden_mse > 100)

@@ -36,6 +36,7 @@ def _wait_for(predicate, proc, timeout=180):
 
 
 def _interrupt(command, sig, ready, env):
+    """(exit code, the log on stdout and the error lines on stderr, joined)."""
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(ready, proc)
@@ -44,7 +45,7 @@ def _interrupt(command, sig, ready, env):
     finally:
         if proc.poll() is None:
             proc.kill()
-    return proc.returncode, err
+    return proc.returncode, out + err
 
 
 def test_signals_save_a_checkpoint_exit_130_and_the_same_command_resumes(tmp_path):

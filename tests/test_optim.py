@@ -53,6 +53,19 @@ def test_constant():
     assert all(s.lr_at(i) == 1e-3 for i in (0, 7, 39))
 
 
+def test_warmup_as_long_as_training_is_a_linear_ramp_to_lr():
+    """WARMUP_COSINE_DECAY_EPOCHS == EPOCHS (accepted, as BiaPy does): no cosine phase, LR reached at the end."""
+    from biapy.config import check_config
+
+    cfg = cfg_with("warmupcosine", epochs=2, WARMUP_COSINE_DECAY_EPOCHS=2.0)
+    check_config(cfg, check_paths=False)
+    _, s = make(cfg)
+    assert [s.lr_at(i) for i in range(10)] == pytest.approx([1e-3 * (i + 1) / 10 for i in range(10)])
+    cfg.TRAIN.LR_SCHEDULER.WARMUP_COSINE_DECAY_EPOCHS = 3.0
+    with pytest.raises(Exception, match="WARMUP_COSINE_DECAY_EPOCHS: 3.0 must not exceed TRAIN.EPOCHS"):
+        check_config(cfg, check_paths=False)
+
+
 @pytest.mark.parametrize("warmup", [2.0, 0.25])  # 2 epochs, or 25% of 8 epochs: both 10 steps
 def test_warmupcosine_formula(warmup):
     cfg = cfg_with("warmupcosine", MIN_LR=1e-5, WARMUP_COSINE_DECAY_EPOCHS=warmup)

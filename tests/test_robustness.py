@@ -95,8 +95,8 @@ def intact(world):
 def one_error_line(capsys, *culprits):
     err = capsys.readouterr().err
     assert "Traceback" not in err, err
-    lines = [ln for ln in err.splitlines() if ln.startswith("ERROR:")]
-    assert len(lines) == 1, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ERROR:"), err  # nothing else on stderr (the log is on stdout)
     for culprit in culprits:
         assert str(culprit) in lines[0], (culprit, lines[0])
     print(lines[0])  # shown by `pytest -rP`: the messages quoted in the README table
@@ -188,6 +188,40 @@ def test_unreadable_image(world, intact, capsys, how):
     x, _, victim = _spoil_first(world, f"unreadable_{how}", spoil)
     assert world.run(world.cfg(DATA={"TRAIN": {"PATH": str(x)}}), f"unreadable_{how}") == 3
     one_error_line(capsys, victim.name)
+
+
+def test_image_without_pixels(world, intact, capsys):
+    import warnings
+
+    import tifffile
+
+    def spoil(p):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tifffile warns that such a file is nonconformant: the point here
+            tifffile.imwrite(p, np.zeros((0, 0), np.uint8))
+    x, _, victim = _spoil_first(world, "no_pixels", spoil)
+    assert world.run(world.cfg(DATA={"TRAIN": {"PATH": str(x)}}), "no_pixels") == 3
+    one_error_line(capsys, victim.name, "holds no pixels")
+
+
+def test_a_bad_test_image_stops_the_job_before_training(world, intact, capsys):
+    x, _, victim = _spoil_first(world, "bad_test", lambda p: p.write_bytes(b"this is not a TIFF" * 10))
+    cfg = world.cfg(TEST={"ENABLE": True}, DATA={"TEST": {"PATH": str(x)}})
+    assert world.run(cfg, "bad_test", run_id=90) == 3
+    one_error_line(capsys, victim.name)
+    assert not Job(world.out, GOOD, 90).checkpoint("last").exists()
+
+
+def test_a_failed_rerun_of_a_finished_run_leaves_its_files_as_they_were(world, intact, capsys):
+    """Bad training data, or another pretext task, under the finished run's ID: the run's config copies,
+    outputs and checkpoints are untouched (`intact`)."""
+    x, _, victim = _spoil_first(world, "rerun_bad", lambda p: p.write_bytes(b"this is not a TIFF" * 10))
+    assert world.run(world.cfg(TRAIN={"EPOCHS": 2}, DATA={"TRAIN": {"PATH": str(x)}}), "rerun_bad", run_id=1) == 3
+    one_error_line(capsys, victim.name)
+    masking = world.cfg(TEST={"ENABLE": True}, PROBLEM={"SELF_SUPERVISED": {"PRETEXT_TASK": "masking"}})
+    assert world.run(masking, "rerun_masking", run_id=1) == 4
+    one_error_line(capsys, "run good_1 was trained for SELF_SUPERVISED crappify",
+                   "asks for SELF_SUPERVISED masking")
 
 
 def test_images_with_different_channel_counts(world, intact, capsys):
@@ -288,7 +322,10 @@ def _from_checkpoint(world, ckpt, **sections):
 def test_checkpoint_missing(world, intact, capsys):
     ckpt = world.root / "none.pth"
     assert world.run(_from_checkpoint(world, ckpt), "ckpt_missing") == 4
-    one_error_line(capsys, "none.pth", "not found")
+    one_error_line(capsys, "none.pth", "not found", "PATHS.CHECKPOINT_FILE")
+    # Found before any work: no run of the job was started (the config checks run first).
+    assert world.run(_from_checkpoint(world, ckpt, TRAIN={"EPOCHS": 1}), "ckpt_missing_train", name="fresh") == 4
+    assert not (world.out / "fresh").exists()
 
 
 @pytest.mark.parametrize("how", ["truncated", "garbage"])
@@ -324,6 +361,14 @@ def test_checkpoint_of_another_architecture(world, intact, capsys):
     cfg = _from_checkpoint(world, ckpt, MODEL={"ARCHITECTURE": "resunet"})
     assert world.run(cfg, "ckpt_arch") == 4
     one_error_line(capsys, ckpt.name, "'unet'", "resunet")
+
+
+def test_checkpoint_of_other_widths_names_the_keys_to_set(world, intact, capsys):
+    ckpt = world.good_job.checkpoint("best")
+    model = dict(world.cfg()["MODEL"], FEATURE_MAPS=[4, 8, 32])
+    assert world.run(_from_checkpoint(world, ckpt, MODEL=model), "ckpt_widths") == 4
+    one_error_line(capsys, ckpt.name, "do not fit the model",
+                   "Set as in the pretraining: MODEL.FEATURE_MAPS [4, 8, 16] in the checkpoint, [4, 8, 32] here")
 
 
 def test_checkpoint_and_config_disagree_on_ndim(world, intact, capsys):

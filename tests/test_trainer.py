@@ -13,7 +13,7 @@ from biapy.engine.checkpoint import load_checkpoint
 from biapy.engine.distributed import DistInfo
 from biapy.engine.loaders import make_loader
 from biapy.engine.trainer import Trainer, load_for_test
-from biapy.errors import CheckpointError, TrainingError
+from biapy.errors import CheckpointError, ConfigError, TrainingError
 from biapy.job import Job
 
 
@@ -230,7 +230,7 @@ def test_accumulation_equals_big_batch_for_sgd(tmp_path):
         torch.testing.assert_close(big[k], small[k], rtol=1e-5, atol=1e-6)
 
 
-def test_starting_weights_skip_unmatched_and_freeze(tmp_path):
+def test_starting_weights_skip_unmatched_and_freeze(tmp_path, caplog):
     cfg = make_cfg(EPOCHS=1)
     src = FakeWorkflow(cfg, tmp_path / "src")
     Trainer(src).fit()
@@ -251,9 +251,16 @@ def test_starting_weights_skip_unmatched_and_freeze(tmp_path):
         return original(epoch)
 
     trainer._train_epoch = spy
-    trainer.fit()
+    with caplog.at_level("INFO", logger="biapy"):
+        trainer.fit()
+    # The model table counts the frozen encoder as not trainable: only the head's 4 * 2 + 2 parameters.
+    assert any("parameters (10 trainable)" in r.getMessage() for r in caplog.records)
     assert torch.equal(seen[0]["0.weight"], loaded["encoder.0.weight"])
     assert torch.equal(seen[1]["0.weight"], loaded["encoder.0.weight"])  # frozen during epoch 1
+    # A frozen encoder is a fixed feature extractor: its BatchNorm statistics do not drift either.
+    assert torch.equal(seen[1]["1.running_mean"], loaded["encoder.1.running_mean"])
+    assert torch.equal(seen[1]["1.running_var"], loaded["encoder.1.running_var"])
+    assert not torch.equal(wf.model.encoder[1].running_mean, loaded["encoder.1.running_mean"])  # epoch 2 trains it
     assert not torch.equal(wf.model.encoder[0].weight, loaded["encoder.0.weight"])  # trained in epoch 2
     assert str(wf.job.results) in (tmp_path / "src" / "job" / "derived_models.log").read_text()
 
@@ -279,6 +286,9 @@ def test_load_for_test(tmp_path):
     nn.init.zeros_(fresh.model.head.weight)
     assert load_for_test(fresh) == wf.job.checkpoint("best")
     assert_same(weights(fresh.model), weights(wf.model))
+    cfg.MODEL.LOAD_CHECKPOINT_EPOCH = "last_on_train"
+    assert load_for_test(fresh) == wf.job.checkpoint("last")
+    cfg.MODEL.LOAD_CHECKPOINT_EPOCH = "best_on_val"
     cfg.TRAIN.ENABLE = False
     cfg.MODEL.LOAD_CHECKPOINT = True
     cfg.PATHS.CHECKPOINT_FILE = str(tmp_path / "missing.pth")
@@ -299,3 +309,19 @@ def test_pinned_memory_only_when_asked_and_on_a_gpu(data2d, tmp_path, monkeypatc
     cfg = tiny_config(data2d, 2, SYSTEM={"PIN_MEM": True}, TRAIN={"EPOCHS": 1}, TEST={"ENABLE": False})
     BiaPy(cfg, result_dir=tmp_path, name="p", run_id=1).run_job()
     assert asked == [False, False]  # PIN_MEM on, but this job runs on the CPU: nothing to pin for
+
+
+def test_continuing_a_checkpoint_that_already_holds_all_epochs_is_a_one_line_error(tmp_path):
+    """Nothing would be trained or saved, and the test phase would find no checkpoint of this job."""
+    src = FakeWorkflow(make_cfg(EPOCHS=2), tmp_path / "src")
+    Trainer(src).fit()
+    cfg = make_cfg(EPOCHS=2, **{"MODEL.LOAD_CHECKPOINT": True, "MODEL.LOAD_CHECKPOINT_ONLY_WEIGHTS": False})
+    cfg.PATHS.CHECKPOINT_FILE = str(src.job.checkpoint("last"))
+    dst = FakeWorkflow(cfg, tmp_path / "dst")
+    with pytest.raises(ConfigError, match=r"TRAIN\.EPOCHS: 2, but .*checkpoint-last\.pth already holds 2 epoch") as err:
+        Trainer(dst).fit()
+    assert "\n" not in str(err.value)
+    assert not dst.job.checkpoint_dir.exists() or not any(dst.job.checkpoint_dir.iterdir())
+    cfg.TRAIN.EPOCHS = 3
+    Trainer(FakeWorkflow(cfg, tmp_path / "dst")).fit()
+    assert FakeWorkflow(cfg, tmp_path / "dst").job.checkpoint("last").is_file()

@@ -1,6 +1,6 @@
 """Configuration: defaults (the manual), loading with BiaPy compatibility, and checks."""
 from biapy.config.checks import check_config, finalize, ndim_of
 from biapy.config.defaults import get_defaults
-from biapy.config.load import load_config
+from biapy.config.load import dump_config, load_config
 
-__all__ = ["check_config", "finalize", "get_defaults", "load_config", "ndim_of"]
+__all__ = ["check_config", "dump_config", "finalize", "get_defaults", "load_config", "ndim_of"]

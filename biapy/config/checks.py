@@ -6,7 +6,7 @@ was expected. `finalize` is the one place where "-1 = automatic" and paths are r
 import os
 from pathlib import Path
 
-from biapy.errors import ConfigError
+from biapy.errors import CheckpointError, ConfigError
 from biapy.models import ARCHITECTURES  # torch-free import: the table only
 
 LOSSES = {
@@ -37,6 +37,21 @@ def _in_open_range(key, value, low, high, include_low=False):
     if not ok:
         bracket = "[" if include_low else "("
         raise ConfigError(f"{key}: {value} is out of range; expected a value in {bracket}{low}, {high})")
+
+
+def _minus_one_or_at_least(key, value, low):
+    """'-1 = automatic' keys: -1, or a value of at least `low`."""
+    if value != -1 and value < low:
+        raise ConfigError(f"{key}: {value} is out of range; expected -1 (automatic) or at least {low}")
+
+
+def _range_pair(key, value, low=None, low_open=False):
+    """A (min, max) range: two numbers, min <= max, both above `low` when given."""
+    v = tuple(value)
+    if len(v) != 2 or v[0] > v[1]:
+        raise ConfigError(f"{key}: {v} must be two values (min, max) with min <= max")
+    if low is not None and (v[0] <= low if low_open else v[0] < low):
+        raise ConfigError(f"{key}: {v} is out of range; expected values {'above' if low_open else 'of at least'} {low}")
 
 
 def ndim_of(cfg) -> int:
@@ -82,8 +97,17 @@ def _check_patch(cfg):
                         raise ConfigError(f"{key}: {value} must be whole pixels below half the patch {spatial}")
 
 
+def _check_system(cfg):
+    _minus_one_or_at_least("SYSTEM.NUM_CPUS", cfg.SYSTEM.NUM_CPUS, 1)
+    _minus_one_or_at_least("SYSTEM.NUM_WORKERS", cfg.SYSTEM.NUM_WORKERS, 0)
+
+
 def _check_data(cfg):
     norm = cfg.DATA.NORMALIZATION
+    std = list(norm.ZERO_MEAN_UNIT_VAR.STD_VAL)
+    if norm.TYPE == "custom" and std and any(v != -1 for v in std) and not all(v > 0 for v in std):
+        raise ConfigError(f"DATA.NORMALIZATION.ZERO_MEAN_UNIT_VAR.STD_VAL: {std} must hold positive values "
+                          "(or be [-1.0] to measure them)")
     _one_of("DATA.NORMALIZATION.TYPE", norm.TYPE, ("zero_mean_unit_variance", "div", "scale_range", "custom"))
     clip = norm.PERC_CLIP
     if clip.ENABLE:
@@ -119,6 +143,9 @@ def _check_folders(cfg):
             _check_folder("DATA.VAL.PATH", cfg.DATA.VAL.PATH)
             if seg:
                 _check_folder("DATA.VAL.GT_PATH", cfg.DATA.VAL.GT_PATH)
+    ckpt = cfg.PATHS.CHECKPOINT_FILE
+    if cfg.MODEL.LOAD_CHECKPOINT and ckpt and not Path(ckpt).is_file():
+        raise CheckpointError(f"{ckpt}: checkpoint file not found (PATHS.CHECKPOINT_FILE)")
     if cfg.TEST.ENABLE:
         _check_folder("DATA.TEST.PATH", cfg.DATA.TEST.PATH)
         if seg and cfg.DATA.TEST.LOAD_GT:
@@ -156,6 +183,10 @@ def _check_model(cfg):
     _at_least("MODEL.FREEZE_ENCODER_EPOCHS", m.FREEZE_ENCODER_EPOCHS, 0)
     if cfg.PROBLEM.TYPE == "SEMANTIC_SEG":
         _at_least("MODEL.N_CLASSES", m.N_CLASSES, 2)
+        ignore = cfg.PROBLEM.SEMANTIC_SEG.IGNORE_CLASS_ID
+        if ignore != -1 and not 0 <= ignore < m.N_CLASSES:
+            raise ConfigError(f"PROBLEM.SEMANTIC_SEG.IGNORE_CLASS_ID: {ignore} is not a class of MODEL.N_CLASSES "
+                              f"{m.N_CLASSES}; expected -1 (none) or 0..{m.N_CLASSES - 1}")
     if m.ARCHITECTURE in ("mae", "unetr"):
         _check_vit(cfg)
 
@@ -196,9 +227,14 @@ def _check_train(cfg):
     _one_of("TRAIN.AMP", t.AMP, ("auto", "bf16", "fp16", "off"))
     s = t.LR_SCHEDULER
     _one_of("TRAIN.LR_SCHEDULER.NAME", s.NAME, ("", "warmupcosine", "reduceonplateau", "onecycle"))
-    if s.NAME == "warmupcosine" and s.WARMUP_COSINE_DECAY_EPOCHS >= t.EPOCHS:
+    if s.NAME == "warmupcosine" and s.WARMUP_COSINE_DECAY_EPOCHS > t.EPOCHS:  # equal: warmup only, as BiaPy allows
         raise ConfigError(f"TRAIN.LR_SCHEDULER.WARMUP_COSINE_DECAY_EPOCHS: {s.WARMUP_COSINE_DECAY_EPOCHS} "
-                          f"must be below TRAIN.EPOCHS ({t.EPOCHS})")
+                          f"must not exceed TRAIN.EPOCHS ({t.EPOCHS})")
+    _minus_one_or_at_least("TRAIN.LR_SCHEDULER.REDUCEONPLATEAU_PATIENCE", s.REDUCEONPLATEAU_PATIENCE, 0)
+    _minus_one_or_at_least("TRAIN.LR_SCHEDULER.WARMUP_COSINE_DECAY_EPOCHS", s.WARMUP_COSINE_DECAY_EPOCHS, 0)
+    if s.MIN_LR != -1 and not 0 <= s.MIN_LR < t.LR:
+        raise ConfigError(f"TRAIN.LR_SCHEDULER.MIN_LR: {s.MIN_LR} is out of range; expected -1 (automatic) or a "
+                          f"value in [0, TRAIN.LR {t.LR})")
     if not 0 < s.REDUCEONPLATEAU_FACTOR < 1:
         raise ConfigError(f"TRAIN.LR_SCHEDULER.REDUCEONPLATEAU_FACTOR: {s.REDUCEONPLATEAU_FACTOR} is out of range; "
                           "expected a value in (0, 1)")
@@ -233,9 +269,25 @@ def _check_log(cfg):
     if cfg.LOG.RECONSTRUCTION_FREQ != -1:
         _at_least("LOG.RECONSTRUCTION_FREQ", cfg.LOG.RECONSTRUCTION_FREQ, 1)
     _at_least("LOG.RECONSTRUCTION_NUM_SAMPLES", cfg.LOG.RECONSTRUCTION_NUM_SAMPLES, 0)
-    _at_least("AUGMENTOR.AUG_NUM_SAMPLES", cfg.AUGMENTOR.AUG_NUM_SAMPLES, 0)
-    if not 0 <= cfg.AUGMENTOR.DA_PROB <= 1:
-        raise ConfigError(f"AUGMENTOR.DA_PROB: {cfg.AUGMENTOR.DA_PROB} is out of range; expected a value in [0, 1]")
+
+
+def _check_augmentor(cfg):
+    a = cfg.AUGMENTOR
+    _at_least("AUGMENTOR.AUG_NUM_SAMPLES", a.AUG_NUM_SAMPLES, 0)
+    if not 0 <= a.DA_PROB <= 1:
+        raise ConfigError(f"AUGMENTOR.DA_PROB: {a.DA_PROB} is out of range; expected a value in [0, 1]")
+    if not a.ENABLE:
+        return  # the ranges of augmentations that never run are not read
+    # (switch, its range key, lowest value, whether the lowest value itself is excluded)
+    for switch, key, low, low_open in (("RANDOM_ROT", "RANDOM_ROT_RANGE", None, False),
+                                       ("BRIGHTNESS", "BRIGHTNESS_FACTOR", None, False),
+                                       ("CONTRAST", "CONTRAST_FACTOR", -1, True),  # multiplier 1 + factor > 0
+                                       ("GAMMA_CONTRAST", "GC_GAMMA", 0, True),
+                                       ("G_BLUR", "G_SIGMA", 0, False)):
+        if a[switch]:
+            _range_pair(f"AUGMENTOR.{key}", a[key], low, low_open)
+    if a.GAUSSIAN_NOISE:
+        _at_least("AUGMENTOR.GAUSSIAN_NOISE_VAR", a.GAUSSIAN_NOISE_VAR, 0)
 
 
 def _fix_axis_tuples(cfg):
@@ -253,6 +305,7 @@ def _fix_axis_tuples(cfg):
 def check_config(cfg, check_paths=True):
     """Raise ConfigError on the first problem found, in the order a user would fix them."""
     _check_problem(cfg)
+    _check_system(cfg)
     _fix_axis_tuples(cfg)
     _check_patch(cfg)
     _check_data(cfg)
@@ -260,6 +313,7 @@ def check_config(cfg, check_paths=True):
     _check_train(cfg)
     _check_loss_and_metrics(cfg)
     _check_log(cfg)
+    _check_augmentor(cfg)
     # Late import: models depend on torch, the cheap checks above do not.
     from biapy.models import check_patch_fits
     check_patch_fits(cfg)

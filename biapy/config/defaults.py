@@ -43,7 +43,7 @@ _C.PROBLEM.SELF_SUPERVISED.NOISE = 0.2
 _C.PROBLEM.SELF_SUPERVISED.MASK_BLOCK_SIZE = 8
 # masking (new): compute the loss on hidden regions only (True, as MAE) or on the whole image.
 _C.PROBLEM.SELF_SUPERVISED.LOSS_ON_MASKED_ONLY = True
-# masking (new): normalize each token/block target to zero mean, unit variance (MAE's norm_pix_loss).
+# masking (new): each token's target at zero mean, unit variance (MAE norm_pix_loss); outputs mapped back per token.
 _C.PROBLEM.SELF_SUPERVISED.NORM_PIX_LOSS = False
 
 _C.PROBLEM.SEMANTIC_SEG = CN()
@@ -57,7 +57,7 @@ _C.PROBLEM.SEMANTIC_SEG.IGNORE_CLASS_ID = 0
 _C.DATA = CN()
 # Patch fed to the network: (y, x, channels) in 2D, (z, y, x, channels) in 3D.
 _C.DATA.PATCH_SIZE = (256, 256, 1)
-# Images smaller than the patch are reflect-padded (True) or rejected with an error (False).
+# Train/val images smaller than the patch: reflect-padded (True) or an error (False); test images may be any size.
 _C.DATA.REFLECT_TO_COMPLETE_SHAPE = True
 
 _C.DATA.NORMALIZATION = CN()
@@ -232,7 +232,7 @@ _C.MODEL.MAE_DEC_MLP_DIMS = 2048
 _C.MODEL.LOAD_CHECKPOINT = False
 # Load only the model weights (True) or also optimizer, scheduler and epoch to continue (False).
 _C.MODEL.LOAD_CHECKPOINT_ONLY_WEIGHTS = True
-# Which of this job's checkpoints to load when CHECKPOINT_FILE is empty: 'best_on_val' or 'last_on_train'.
+# This job's checkpoint to test with, or to load when CHECKPOINT_FILE is empty: 'best_on_val' or 'last_on_train'.
 _C.MODEL.LOAD_CHECKPOINT_EPOCH = "best_on_val"
 # Drop checkpoint tensors whose name or shape does not fit the model (listed) instead of failing.
 _C.MODEL.SKIP_UNMATCHED_LAYERS = False
@@ -290,7 +290,7 @@ _C.TRAIN.LR_SCHEDULER = CN()
 _C.TRAIN.LR_SCHEDULER.NAME = ""
 # Floor of the learning rate for 'warmupcosine' and 'reduceonplateau'; -1 = 0 / 1e-6 respectively.
 _C.TRAIN.LR_SCHEDULER.MIN_LR = -1.0
-# 'warmupcosine': warmup length in epochs (>= 1), or as a fraction of EPOCHS (0 < value < 1).
+# 'warmupcosine': warmup length in epochs (>= 1), or as a fraction of EPOCHS (0 < value < 1); -1 = no warmup.
 _C.TRAIN.LR_SCHEDULER.WARMUP_COSINE_DECAY_EPOCHS = -1.0
 # 'reduceonplateau': factor by which the LR is multiplied.
 _C.TRAIN.LR_SCHEDULER.REDUCEONPLATEAU_FACTOR = 0.5

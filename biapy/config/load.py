@@ -139,12 +139,21 @@ BIAPY_HINTS = {
                        "DATA.TEST.IN_MEMORY is False, the default)",
 }
 
+# Filled in at start from the command line (the results tree, --gpu); a value given for them is replaced.
+DERIVED = ("SYSTEM.DEVICE", "PATHS.CHECKPOINT", "PATHS.RESULT_DIR", "PATHS.PER_IMAGE", "PATHS.CHARTS",
+           "PATHS.DA_SAMPLES", "PATHS.MAE_OUT_DIR", "PATHS.TRAIN_LOGS", "PATHS.TEST_METRICS_FILE",
+           "LOG.TENSORBOARD_LOG_DIR")
+
 
 def merge_values(cfg, values: dict, source: str):
     """Merge a flat {'A.B': value} mapping into cfg, checking each key and type."""
     valid = _leaf_keys(cfg)
     valid_set = set(valid)
     biapy_keys = None
+    derived = [k for k in values if ALIASES.get(k, k) in DERIVED and values[k] not in ("", None)]
+    if derived:
+        log.warning("%s: %s set from --result_dir, --name, --run_id and --gpu; the value%s given %s replaced",
+                    source, ", ".join(derived), "s" if len(derived) > 1 else "", "are" if len(derived) > 1 else "is")
     for key, value in values.items():
         target = ALIASES.get(key, key)
         if target not in valid_set:
@@ -159,6 +168,17 @@ def merge_values(cfg, values: dict, source: str):
         for part in parents:
             node = node[part]
         node[leaf] = coerce(target, value, node[leaf])
+
+
+class _NoAliasDumper(yaml.SafeDumper):
+    def ignore_aliases(self, data):
+        return True
+
+
+def dump_config(cfg) -> str:
+    """The config as YAML with every value written out: yacs' own dump shares equal tuples through &id anchors,
+    so that editing one value in the file would change several keys."""
+    return yaml.dump(yaml.safe_load(cfg.dump()), Dumper=_NoAliasDumper)
 
 
 def read_yaml(path) -> dict:

@@ -69,9 +69,15 @@ class _AxesPlan:
         return arr[..., None] if self.add_channel else arr
 
 
+def _not_empty(shape, path):
+    if 0 in shape:
+        raise DataError(f"{path}: image of shape {shape} holds no pixels (expected at least one along every axis)")
+
+
 def _plain_plan(shape, ndim, path) -> _AxesPlan:
     """Arrays stored without axis names: (z,) y, x (, c), leading singleton axes ignored."""
     shape = tuple(int(s) for s in shape)
+    _not_empty(shape, path)
     lead = 0
     while len(shape) - lead > ndim + 1 and shape[lead] == 1:
         lead += 1
@@ -84,6 +90,7 @@ def _plain_plan(shape, ndim, path) -> _AxesPlan:
 
 def _named_plan(shape, axes, ndim, path) -> _AxesPlan:
     shape, axes = tuple(int(s) for s in shape), axes.upper()
+    _not_empty(shape, path)
     if len(axes) != len(shape) or "Y" not in axes or "X" not in axes:
         raise DataError(f"{path}: cannot interpret stored axes '{axes}' of shape {shape}")
     # Singleton axes go, except Y/X and Z in 3D (a one-slice volume stays a volume).

@@ -26,6 +26,16 @@ SAMPLE_BUDGET = 1 << 23  # pixels measured on a lazily opened image (strided alo
 MEAN_FILE, STD_FILE = "normalization_mean_value.npy", "normalization_std_value.npy"
 
 
+def _read_saved(path):
+    try:
+        return np.atleast_1d(np.load(path)).astype(np.float64)
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found; 'custom' normalization needs the mean/std saved by training "
+                        "(in the checkpoint or beside it), or ZERO_MEAN_UNIT_VAR.MEAN_VAL/STD_VAL") from None
+    except Exception as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from None
+
+
 def _floor(spread, level):
     """std/range below which an image counts as constant: relative to its level, never 0."""
     return np.maximum(spread, 1e-6 * np.maximum(np.abs(level), 1.0))
@@ -238,23 +248,21 @@ class Normalizer:
                 np.save(fh, np.asarray(value, dtype=np.float64))
             os.replace(tmp, folder / name)
 
-    def load(self, folder):
-        """Read the saved dataset mean/std ('custom'); values given in the config still win."""
+    def load(self, folder, saved=None):
+        """The dataset mean/std ('custom') to test with. Per value, the first found: given in the config, in
+        `saved` (the `state()` stored in the checkpoint being tested), in `folder`'s .npy files."""
         if self.kind != "custom":
             return
+        saved = saved if saved and saved.get("type") == "custom" else {}
         loaded = []
-        for name, given in ((MEAN_FILE, self.given_mean), (STD_FILE, self.given_std)):
+        for name, key, given in ((MEAN_FILE, "mean", self.given_mean), (STD_FILE, "std", self.given_std)):
             path = Path(folder) / name
             if given is not None:
                 loaded.append(given)
-                continue
-            try:
-                loaded.append(np.atleast_1d(np.load(path)).astype(np.float64))
-            except FileNotFoundError:
-                raise DataError(f"{path}: not found; 'custom' normalization needs the mean/std saved by training "
-                                "(or ZERO_MEAN_UNIT_VAR.MEAN_VAL/STD_VAL)") from None
-            except Exception as exc:
-                raise DataError(f"{path}: cannot read ({exc})") from None
+            elif saved.get(key) is not None:
+                loaded.append(np.asarray(saved[key], dtype=np.float64))
+            else:
+                loaded.append(_read_saved(path))
         self.mean, self.std = loaded
 
     def state(self):

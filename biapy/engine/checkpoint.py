@@ -110,6 +110,33 @@ def load_weights(model, state_dict, skip_unmatched=False, source="checkpoint"):
     return sorted(loadable), problems
 
 
+# Config keys that set the shapes of a family's weights (pooling and head counts do not).
+_SHAPE_KEYS = {"unet": ("MODEL.FEATURE_MAPS", "MODEL.KERNEL_SIZE", "MODEL.Z_DOWN"),
+               "resunet": ("MODEL.FEATURE_MAPS", "MODEL.KERNEL_SIZE", "MODEL.Z_DOWN"),
+               "vit": ("MODEL.VIT_TOKEN_SIZE", "MODEL.VIT_EMBED_DIM", "MODEL.VIT_NUM_LAYERS", "MODEL.VIT_MLP_RATIO")}
+
+
+def shape_key_differences(saved_config: str, cfg) -> list:
+    """'KEY saved -> now' for the weight-shaping keys on which the checkpoint's own config (YAML text) and
+    `cfg` differ: the likely reason its tensors do not fit."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load(saved_config or "") or {}
+    except yaml.YAMLError:
+        return []
+    family = _FAMILIES.get(str(cfg.MODEL.ARCHITECTURE), "")
+    out = []
+    for key in _SHAPE_KEYS.get(family, ()):
+        section, name = key.split(".")
+        if name not in saved.get(section, {}):
+            continue
+        theirs, mine = (list(v) if isinstance(v, (list, tuple)) else v for v in (saved[section][name], cfg[section][name]))
+        if theirs != mine:
+            out.append(f"{key} {theirs} in the checkpoint, {mine} here")
+    return out
+
+
 def checkpoint_metadata(cfg) -> dict:
     ndim = 3 if str(cfg.PROBLEM.NDIM).upper() == "3D" else 2
     return {"ndim": ndim, "in_channels": int(cfg.DATA.PATCH_SIZE[-1]), "architecture": str(cfg.MODEL.ARCHITECTURE),
@@ -131,6 +158,23 @@ def check_compatible(meta: dict, cfg, path) -> None:
     if _FAMILIES.get(theirs, theirs) != _FAMILIES.get(mine["architecture"], mine["architecture"]):
         raise CheckpointError(f"{path}: checkpoint is a '{theirs}' model but MODEL.ARCHITECTURE is "
                               f"'{mine['architecture']}'")
+
+
+def _task(meta) -> str:
+    if meta.get("problem") == "SELF_SUPERVISED":
+        return f"SELF_SUPERVISED {meta.get('pretext_task')}"
+    return str(meta.get("problem"))
+
+
+def check_same_task(meta: dict, cfg, path, run) -> None:
+    """A run's own checkpoint continues only the task it was trained for: CheckpointError otherwise (testing
+    crappify weights as masking, say, would replace the run's outputs with meaningless ones)."""
+    if not meta or "problem" not in meta:
+        return
+    theirs, mine = _task(meta), _task(checkpoint_metadata(cfg))
+    if theirs != mine:
+        raise CheckpointError(f"{path}: run {run} was trained for {theirs} but this config asks for {mine}; "
+                              "use a new --run_id or --name")
 
 
 # ------------------------------------------------------------------ RNG states as plain values

@@ -84,13 +84,10 @@ def _expand(stat: torch.Tensor, token, spatial):
     return stat[(slice(None), slice(None)) + tuple(slice(0, s) for s in spatial)]
 
 
-def normalize_tokens(target: torch.Tensor, token_size, eps=1e-6) -> torch.Tensor:
-    """Each token (token_size pixels per side, all channels) to zero mean, unit variance (MAE norm_pix).
-
-    Uses the unbiased variance as MAE does. A last partial token (size not divisible) is
-    normalized over the pixels it holds.
-    """
-    x = target.float()
+def token_moments(x: torch.Tensor, token_size, eps=1e-6):
+    """Per token (token_size pixels per side, all channels): (mean, std) at pixel resolution, as MAE's
+    norm_pix: unbiased variance plus eps under the root; a last partial token uses the pixels it holds."""
+    x = x.float()
     spatial = x.shape[2:]
     token = _as_tuple(token_size, len(spatial))
     pool = F.avg_pool2d if len(spatial) == 2 else F.avg_pool3d
@@ -100,7 +97,19 @@ def normalize_tokens(target: torch.Tensor, token_size, eps=1e-6) -> torch.Tensor
     n = pool(torch.ones_like(x[:, :1]), **kw) * x.shape[1]
     mean = s1 / n
     var = ((s2 - s1 * mean) / (n - 1).clamp_min(1)).clamp_min(0)
-    return (x - _expand(mean, token, spatial)) / _expand((var + eps).sqrt(), token, spatial)
+    return _expand(mean, token, spatial), _expand((var + eps).sqrt(), token, spatial)
+
+
+def normalize_tokens(target: torch.Tensor, token_size) -> torch.Tensor:
+    """Each token of `target` to zero mean, unit variance (MAE norm_pix targets)."""
+    mean, std = token_moments(target, token_size)
+    return (target.float() - mean) / std
+
+
+def denormalize_tokens(pred: torch.Tensor, reference: torch.Tensor, token_size) -> torch.Tensor:
+    """A norm_pix prediction back in the units of `reference`, each token with that token's own mean/std."""
+    mean, std = token_moments(reference, token_size)
+    return pred.float() * std + mean
 
 
 def masked_reconstruction_loss(pred, target, mask, token_size, norm_pix=False, on_masked_only=True, kind="mse"):

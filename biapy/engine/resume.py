@@ -7,9 +7,10 @@ stopped_early, history, rng (torch/numpy/python/cuda), config (YAML text), metad
 import logging
 from pathlib import Path
 
-from biapy.engine.checkpoint import (check_compatible, checkpoint_metadata, load_checkpoint, load_weights,
-                                     rng_states, save_checkpoint, set_rng_states, to_plain)
-from biapy.errors import CheckpointError
+from biapy.engine.checkpoint import (check_compatible, check_same_task, checkpoint_metadata, load_checkpoint,
+                                     load_weights, rng_states, save_checkpoint, set_rng_states, shape_key_differences,
+                                     to_plain)
+from biapy.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +64,24 @@ def restore_training(t, state, path, with_rng=True) -> None:
         set_rng_states(state.get("rng"))
 
 
-def load_model_from(t_model, cfg, path, skip_unmatched):
+def load_model_from(t_model, cfg, path, skip_unmatched, own_run=None):
+    """`own_run`: the job ID when `path` is that job's own checkpoint, which must be of the same task."""
     state = load_checkpoint(path)
     check_compatible(state.get("metadata") or {}, cfg, path)
-    loaded, skipped = load_weights(t_model, state["model"], skip_unmatched, source=str(path))
+    if own_run is not None:
+        check_same_task(state.get("metadata") or {}, cfg, path, own_run)
+    try:
+        loaded, skipped = load_weights(t_model, state["model"], skip_unmatched, source=str(path))
+    except CheckpointError as err:
+        differ = shape_key_differences(state.get("config"), cfg)
+        if not differ:
+            raise
+        raise CheckpointError(f"{err}. Set as in the pretraining: {'; '.join(differ)}") from None
+    if skipped:
+        more = f", ... {len(skipped) - 6} more (--verbose lists them)" if len(skipped) > 6 else ""
+        shown = ", ".join(skipped[:6]) + more
+        log.info("Skipped %d tensor(s): %s", len(skipped), shown)
+        log.debug("Skipped tensors: %s", ", ".join(skipped))
     return state, loaded, skipped
 
 
@@ -85,7 +100,7 @@ def resume_or_start(t) -> bool:
     cfg, job = t.cfg, t.job
     last = job.checkpoint("last")
     if last.exists():
-        state, _, _ = load_model_from(t.model, cfg, last, skip_unmatched=False)
+        state, _, _ = load_model_from(t.model, cfg, last, skip_unmatched=False, own_run=job.id)
         restore_training(t, state, last)
         if t.stopped_early or (t.start_epoch >= cfg.TRAIN.EPOCHS and t.skip_steps == 0):
             log.info("Training of %s already finished (%d epoch(s)%s); %s kept. Use a new --run_id to train again",
@@ -99,11 +114,13 @@ def resume_or_start(t) -> bool:
     path = starting_checkpoint(cfg, job)
     state, loaded, skipped = load_model_from(t.model, cfg, path, cfg.MODEL.SKIP_UNMATCHED_LAYERS)
     log.info("Loaded %d tensor(s) from %s", len(loaded), path)
-    if skipped:
-        log.info("Skipped %d tensor(s): %s", len(skipped), ", ".join(skipped))
     log.debug("Loaded tensors: %s", ", ".join(loaded))
     if not cfg.MODEL.LOAD_CHECKPOINT_ONLY_WEIGHTS:
         restore_training(t, state, path, with_rng=False)
+        if t.start_epoch >= cfg.TRAIN.EPOCHS and t.skip_steps == 0:
+            raise ConfigError(f"TRAIN.EPOCHS: {cfg.TRAIN.EPOCHS}, but {path.name} already holds {t.start_epoch} epoch(s) "
+                              "and MODEL.LOAD_CHECKPOINT_ONLY_WEIGHTS False continues its count; raise TRAIN.EPOCHS "
+                              "above it, or set TRAIN.ENABLE False to only test it")
         log.info("Continuing from epoch %d of %s (optimizer and schedule restored)", t.start_epoch, path.name)
     if t.dist.is_main and cfg.PATHS.CHECKPOINT_FILE:
         from biapy.runner import record_derived_model
@@ -112,22 +129,24 @@ def resume_or_start(t) -> bool:
 
 
 def load_for_test(wf) -> Path:
-    """Weights for the test phase: this job's best checkpoint (else last) after training; with TRAIN.ENABLE
-    False and MODEL.LOAD_CHECKPOINT True, PATHS.CHECKPOINT_FILE (or this job's, by LOAD_CHECKPOINT_EPOCH)."""
+    """Weights for the test phase: this job's checkpoint by LOAD_CHECKPOINT_EPOCH (best, else last; or last) after
+    training; with TRAIN.ENABLE False and MODEL.LOAD_CHECKPOINT True, PATHS.CHECKPOINT_FILE (or this job's, the same way)."""
     cfg, job = wf.cfg, wf.job
     if not cfg.TRAIN.ENABLE and cfg.MODEL.LOAD_CHECKPOINT:
         path = starting_checkpoint(cfg, job)
     else:
         best, last = job.checkpoint("best"), job.checkpoint("last")
-        path = best if best.exists() else last
+        path = last if cfg.MODEL.LOAD_CHECKPOINT_EPOCH == "last_on_train" or not best.exists() else best
         if not path.exists():
             raise CheckpointError(f"{best}: no checkpoint of this job to test (train first, or set "
                                   "MODEL.LOAD_CHECKPOINT True with PATHS.CHECKPOINT_FILE)")
     model = getattr(wf.model, "module", wf.model)
     model = getattr(model, "_orig_mod", model)
-    state, loaded, skipped = load_model_from(model, cfg, path, cfg.MODEL.SKIP_UNMATCHED_LAYERS)
+    external = not cfg.TRAIN.ENABLE and cfg.MODEL.LOAD_CHECKPOINT and cfg.PATHS.CHECKPOINT_FILE
+    own = None if external else job.id
+    state, loaded, skipped = load_model_from(model, cfg, path, cfg.MODEL.SKIP_UNMATCHED_LAYERS, own_run=own)
+    if hasattr(wf, "restore_extras"):
+        wf.restore_extras(state.get("extras"), path)
     epoch = state.get("epoch")
     log.info("Test weights: %s%s", path, f" (after {epoch} epoch(s))" if epoch is not None else "")
-    if skipped:
-        log.info("Skipped %d tensor(s): %s", len(skipped), ", ".join(skipped))
     return path

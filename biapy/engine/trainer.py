@@ -29,6 +29,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from tqdm import tqdm
 
+from biapy.config import dump_config
 from biapy.engine import resume as R
 from biapy.engine.checkpoint import rng_states, set_rng_states
 from biapy.engine.distributed import all_reduce_sum
@@ -138,7 +139,7 @@ class Trainer:
         self.start_epoch, self.skip_steps, self.partial_loss = 0, 0, (0.0, 0)
         self.best_val, self.bad_epochs, self.stopped_early = math.inf, 0, False
         self.history = []
-        self.config_text = self.cfg.dump()  # stored in every checkpoint; dumping takes ~20 ms
+        self.config_text = dump_config(self.cfg)  # stored in every checkpoint; dumping takes ~20 ms
         self.stop = StopRequest()
         self.train_model = self.eval_model = self.ddp = None
         self._frozen = None
@@ -181,8 +182,12 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def fit(self):
         """Train (or resume) for TRAIN.EPOCHS; returns the per-epoch history."""
-        if not R.resume_or_start(self):
+        resumed = R.resume_or_start(self)
+        if hasattr(self.wf, "ready"):
+            self.wf.ready()
+        if not resumed:
             return self.history
+        self._apply_freeze(self.start_epoch)  # first, so the model table counts a frozen encoder as such
         describe_model(self.model, self.job, self.dist.is_main)
         reporter = EpochReporter(self.cfg, self.job, self.dist.is_main)
         plain = self.wf.model
@@ -273,6 +278,8 @@ class Trainer:
     def _train_epoch(self, epoch) -> float:
         wf, loader = self.wf, self.wf.train_loader
         self.model.train()
+        if self._frozen:  # a frozen encoder is a fixed feature extractor: BatchNorm statistics kept, no dropout
+            self.model.encoder.eval()
         wf.model = self.train_model
         set_epoch(loader, epoch)
         n = len(loader)

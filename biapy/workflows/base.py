@@ -7,6 +7,7 @@ A subclass says what the network sees and learns (`input_target_files`, `compute
 import logging
 from abc import ABC, abstractmethod
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ class Workflow(ABC):
         self.model = build_model(cfg).to(device)
         self.train_loader = self.val_loader = None
         self.train_dataset = self.val_dataset = None
+        self.on_ready = None  # called once by `ready()` (the runner's config copies, on a re-run)
 
     # ---------------------------------------------------------------- data
     def input_target_files(self, split):
@@ -149,18 +151,38 @@ class Workflow(ABC):
     def checkpoint_extras(self):
         return {"normalization": self.normalizer.state()}
 
+    def restore_extras(self, extras, checkpoint):
+        """What `checkpoint_extras` saved, back from the `checkpoint` the test phase loaded. Without training in
+        this run, 'custom' normalization takes that checkpoint's mean/std (else the .npy files beside it)."""
+        if not self.cfg.TRAIN.ENABLE:
+            self.normalizer.load(Path(checkpoint).parent, saved=(extras or {}).get("normalization"))
+
     # ---------------------------------------------------------------- run
     def run(self):
         from biapy.engine.trainer import Trainer, load_for_test
 
         if self.cfg.TRAIN.ENABLE:
             self.prepare_training()
+            if self.cfg.TEST.ENABLE:
+                self.check_test_inputs()
             Trainer(self).fit()
         if self.cfg.TEST.ENABLE:
             load_for_test(self)
-            if self.cfg.DATA.NORMALIZATION.TYPE == "custom" and not self.cfg.TRAIN.ENABLE:
-                self.normalizer.load(self.job.checkpoint_dir)
+            self.ready()
             self.test()
+
+    def ready(self):
+        """The data passed its checks and the run's checkpoint (if any) was accepted: from here on the job
+        does its work, so a re-run may now replace what describes the run (`on_ready`, called once)."""
+        callback, self.on_ready = self.on_ready, None
+        if callback is not None:
+            callback()
+
+    def check_test_inputs(self):
+        """The test images (and labels) listed and their headers read before training, so that a bad test
+        folder stops the job now rather than after the last epoch."""
+        _, inputs = self.input_target_files("test")
+        self._check_channels(inputs, "DATA.TEST.PATH")
 
     # ---------------------------------------------------------------- test
     def open_image(self, path):

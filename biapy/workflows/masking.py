@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from biapy.data.io import list_images, write_image
-from biapy.engine.losses import masked_reconstruction_loss
+from biapy.engine.losses import denormalize_tokens, masked_reconstruction_loss
 from biapy.models.masking import block_mask
 from biapy.workflows.base import Workflow
 from biapy.workflows.scoring import batch_image_metrics, image_scores
@@ -66,11 +66,20 @@ class MaskingWorkflow(Workflow):
                                           ssl.LOSS_ON_MASKED_ONLY, kind=self._loss_kind())
         return loss, (pred, x, mask)
 
+    def in_image_units(self, pred, x):
+        """With NORM_PIX_LOSS the network predicts per-token normalized pixels; outputs, metrics and MAE_checks
+        map each token back with the mean/std of the same token of `x` (hidden ones included), as MAE-style
+        visualizations do. Without it, `pred` already is in the input's units."""
+        if not self.cfg.PROBLEM.SELF_SUPERVISED.NORM_PIX_LOSS:
+            return pred
+        return denormalize_tokens(pred, x, self.token_size)
+
     def _loss_kind(self):
         return "mae" if self.cfg.LOSS.TYPE == "MAE" else "mse"
 
     def batch_metrics(self, batch, outputs):
         pred, x, mask = outputs
+        pred = self.in_image_units(pred.detach(), x)
         # Hidden pixels are what the network had to invent; score them (visible ones are near-copies).
         hidden = mask.expand_as(pred) > 0.5
         out = batch_image_metrics(pred, x, self.cfg.TRAIN.METRICS)
@@ -84,7 +93,7 @@ class MaskingWorkflow(Workflow):
         # A fixed generator per call keeps test masks reproducible for a seed.
         gen = torch.Generator(device=batch.device).manual_seed(self.cfg.SYSTEM.SEED)
         pred, mask = self.masked_forward(batch, gen)
-        return torch.cat([pred.float(), mask.float()], dim=1)
+        return torch.cat([self.in_image_units(pred, batch).float(), mask.float()], dim=1)
 
     def split_output(self, output, stats):
         """Stitched (C+1, spatial...) -> reconstruction in input units and hidden mask, channel-last."""
