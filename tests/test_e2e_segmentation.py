@@ -77,11 +77,20 @@ def test_loading_an_ssl_checkpoint_copies_the_encoder_exactly(data2d, tmp_path):
     assert any(k.startswith("head.") for k in (s if isinstance(s, str) else s[0] for s in skipped))
 
 
-def test_mae_weights_go_into_unetr(data2d, tmp_path):
+def test_mae_weights_go_into_unetr(data2d, tmp_path, capsys):
     ssl = pretrain(data2d, 2, tmp_path, PROBLEM={"SELF_SUPERVISED": {"PRETEXT_TASK": "masking"}}, MODEL=MAE_TINY)
     cfg = finetune_config(data2d, 2, ssl.checkpoint("best"), MODEL=dict(MAE_TINY, ARCHITECTURE="unetr"),
                           TRAIN={"EPOCHS": 1})
+    capsys.readouterr()
     job = BiaPy(cfg, result_dir=tmp_path / "out", name="unetr", run_id=1).run_job()
     state = load_checkpoint(job.checkpoint("last"))["model"]
     assert any(k.startswith("encoder.blocks.") for k in state)
     assert job.metrics_csv.is_file()
+    log = capsys.readouterr().out  # the job's log (stdout)
+    assert "Loaded 28 tensor(s)" in log and "other model settings" not in log
+    # Another head count fits every tensor but reads the attention weights another way: said in a warning.
+    heads = finetune_config(data2d, 2, ssl.checkpoint("best"), MODEL=dict(MAE_TINY, ARCHITECTURE="unetr",
+                                                                          VIT_NUM_HEADS=4),
+                            TRAIN={"EPOCHS": 1}, TEST={"ENABLE": False})
+    BiaPy(heads, result_dir=tmp_path / "out", name="heads", run_id=1).run_job()
+    assert "other model settings (MODEL.VIT_NUM_HEADS 2 in the checkpoint, 4 here)" in capsys.readouterr().out

@@ -90,7 +90,8 @@ class PatchDataset(Dataset):
                 origin = f"as {first}" if first is not None else "as DATA.PATCH_SIZE asks"
                 raise DataError(f"{path}: has {img.shape[-1]} channel(s), expected {channels} {origin}")
             if any(s < p for s, p in zip(spatial, self.patch)) and not reflect_to_complete:
-                raise DataError(f"{path}: image of shape {spatial} is smaller than DATA.PATCH_SIZE {self.patch}; "
+                known = target if self.target_mode == "image" else path  # crappify: the original, not its copy
+                raise DataError(f"{known}: image of shape {spatial} is smaller than DATA.PATCH_SIZE {self.patch}; "
                                 "use a smaller patch or set DATA.REFLECT_TO_COMPLETE_SHAPE True")
             self._images.append(img)
             self._targets.append(target_data)

@@ -147,7 +147,7 @@ class Normalizer:
         lo, hi = self._clip_bounds(flat)
         mn, mx, mean, std = _moments(flat, lo, hi)
         if not (np.isfinite(mean).all() and np.isfinite(std).all()):
-            raise DataError("image contains NaN or infinite pixel values")
+            raise DataError("pixel values are NaN or Inf (expected finite values)")
         out = {"min": mn, "max": mx, "mean": mean, "std": std, "lo": lo, "hi": hi, "dtype": str(data.dtype)}
         out["scale"], out["offset"] = self._affine(out, data.dtype)
         return out

@@ -110,15 +110,16 @@ def load_weights(model, state_dict, skip_unmatched=False, source="checkpoint"):
     return sorted(loadable), problems
 
 
-# Config keys that set the shapes of a family's weights (pooling and head counts do not).
-_SHAPE_KEYS = {"unet": ("MODEL.FEATURE_MAPS", "MODEL.KERNEL_SIZE", "MODEL.Z_DOWN"),
-               "resunet": ("MODEL.FEATURE_MAPS", "MODEL.KERNEL_SIZE", "MODEL.Z_DOWN"),
-               "vit": ("MODEL.VIT_TOKEN_SIZE", "MODEL.VIT_EMBED_DIM", "MODEL.VIT_NUM_LAYERS", "MODEL.VIT_MLP_RATIO")}
+# Config keys that lay out a family's weights: their shapes, or (ViT heads) how they are read.
+_LAYOUT_KEYS = {"unet": ("MODEL.FEATURE_MAPS", "MODEL.KERNEL_SIZE", "MODEL.Z_DOWN"),
+                "resunet": ("MODEL.FEATURE_MAPS", "MODEL.KERNEL_SIZE", "MODEL.Z_DOWN"),
+                "vit": ("MODEL.VIT_TOKEN_SIZE", "MODEL.VIT_EMBED_DIM", "MODEL.VIT_NUM_LAYERS", "MODEL.VIT_NUM_HEADS",
+                        "MODEL.VIT_MLP_RATIO")}
 
 
-def shape_key_differences(saved_config: str, cfg) -> list:
-    """'KEY saved -> now' for the weight-shaping keys on which the checkpoint's own config (YAML text) and
-    `cfg` differ: the likely reason its tensors do not fit."""
+def layout_key_differences(saved_config: str, cfg) -> list:
+    """'KEY value in the checkpoint, value here' for the layout keys on which the checkpoint's own config (YAML
+    text) and `cfg` differ: why its tensors do not fit, or (head count) fit but are read another way."""
     import yaml
 
     try:
@@ -127,7 +128,7 @@ def shape_key_differences(saved_config: str, cfg) -> list:
         return []
     family = _FAMILIES.get(str(cfg.MODEL.ARCHITECTURE), "")
     out = []
-    for key in _SHAPE_KEYS.get(family, ()):
+    for key in _LAYOUT_KEYS.get(family, ()):
         section, name = key.split(".")
         if name not in saved.get(section, {}):
             continue

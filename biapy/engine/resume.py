@@ -7,9 +7,9 @@ stopped_early, history, rng (torch/numpy/python/cuda), config (YAML text), metad
 import logging
 from pathlib import Path
 
-from biapy.engine.checkpoint import (check_compatible, check_same_task, checkpoint_metadata, load_checkpoint,
-                                     load_weights, rng_states, save_checkpoint, set_rng_states, shape_key_differences,
-                                     to_plain)
+from biapy.engine.checkpoint import (check_compatible, check_same_task, checkpoint_metadata,
+                                     layout_key_differences, load_checkpoint, load_weights, rng_states,
+                                     save_checkpoint, set_rng_states, to_plain)
 from biapy.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -70,13 +70,16 @@ def load_model_from(t_model, cfg, path, skip_unmatched, own_run=None):
     check_compatible(state.get("metadata") or {}, cfg, path)
     if own_run is not None:
         check_same_task(state.get("metadata") or {}, cfg, path, own_run)
+    differ = layout_key_differences(state.get("config"), cfg)
     try:
         loaded, skipped = load_weights(t_model, state["model"], skip_unmatched, source=str(path))
     except CheckpointError as err:
-        differ = shape_key_differences(state.get("config"), cfg)
         if not differ:
             raise
         raise CheckpointError(f"{err}. Set as in the pretraining: {'; '.join(differ)}") from None
+    if differ:
+        log.warning("%s was trained with other model settings (%s); its weights were loaded where they fit",
+                    path.name, "; ".join(differ))
     if skipped:
         more = f", ... {len(skipped) - 6} more (--verbose lists them)" if len(skipped) > 6 else ""
         shown = ", ".join(skipped[:6]) + more
