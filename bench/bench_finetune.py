@@ -1,11 +1,14 @@
 """Does self-supervised pretraining help segmentation with few labels? Prints both Dice scores.
 
-1. Pretrain a U-Net with crappify on all training images (no labels used).
-2. Fine-tune it for semantic segmentation on only --labeled images with labels.
+1. Pretrain a U-Net with crappify (or masking, --pretext masking) on all training images (no labels used).
+2. Fine-tune it for semantic segmentation on only --labeled images with labels (a quarter of them, at
+   least one, held out for validation).
 3. Train the same U-Net from scratch on the same labeled images, same epochs, same seed.
-Both are scored on the same labeled test images (Dice and IoU of the foreground).
+Both are scored on the same labeled test images (Dice and IoU of the foreground). With --seeds N, steps
+2 and 3 are repeated for seeds 0..N-1 (one pretraining), and the gain is given per seed and on average.
 
     python bench/bench_finetune.py                # synthetic nuclei made offline, ~5 min on 2 CPU cores
+    python bench/bench_finetune.py --photons 4 --seeds 3   # noisy images (low photon counts), 3 seeds
     python bench/bench_finetune.py --quick        # a smoke run
 """
 import argparse
@@ -24,25 +27,25 @@ from biapy.data.io import write_image  # noqa: E402
 from biapy.data.synthetic import nuclei_image  # noqa: E402
 
 
-def make_data(root, n_unlabeled, n_labeled, n_test, size, seed=7):
+def make_data(root, n_unlabeled, n_labeled, n_test, size, photons, seed=7):
     """Unlabeled pool (all train images), a few labeled ones (a subset), and labeled test images."""
     folders = {k: root / k for k in ("all_x", "few_x", "few_y", "test_x", "test_y")}
     for i in range(n_unlabeled):
-        img, lab = nuclei_image((size, size), 35, seed=seed + i)
+        img, lab = nuclei_image((size, size), 35, seed=seed + i, photons=photons)
         write_image(folders["all_x"] / f"img_{i:03d}.tif", img, 2)
         if i < n_labeled:
             write_image(folders["few_x"] / f"img_{i:03d}.tif", img, 2)
             write_image(folders["few_y"] / f"img_{i:03d}.tif", lab[..., None], 2)
     for i in range(n_test):
-        img, lab = nuclei_image((size, size), 35, seed=seed + 1000 + i)
+        img, lab = nuclei_image((size, size), 35, seed=seed + 1000 + i, photons=photons)
         write_image(folders["test_x"] / f"t_{i:03d}.tif", img, 2)
         write_image(folders["test_y"] / f"t_{i:03d}.tif", lab[..., None], 2)
     return folders
 
 
-def common(args):
+def common(args, seed=0):
     return {
-        "SYSTEM": {"NUM_WORKERS": 0, "SEED": 0},
+        "SYSTEM": {"NUM_WORKERS": 0, "SEED": seed},
         "PROBLEM": {"NDIM": "2D"},
         "DATA": {"PATCH_SIZE": (64, 64, 1), "VAL": {"SPLIT_TRAIN": 0.25}},
         "MODEL": {"ARCHITECTURE": "unet", "FEATURE_MAPS": [16, 32, 64, 128], "DROPOUT_VALUES": [0.0] * 4},
@@ -59,8 +62,8 @@ def merge(base, extra):
     return out
 
 
-def segmentation(args, f, checkpoint=None):
-    cfg = merge(common(args), {
+def segmentation(args, f, checkpoint=None, seed=0):
+    cfg = merge(common(args, seed), {
         "PROBLEM": {"TYPE": "SEMANTIC_SEG", "NDIM": "2D"},
         "DATA": {"PATCH_SIZE": (64, 64, 1), "VAL": {"SPLIT_TRAIN": 0.25},
                  # Few labeled images: more random patches per image and epoch (same for both arms).
@@ -90,6 +93,11 @@ def main():
     p.add_argument("--size", type=int, default=192)
     p.add_argument("--pretrain-epochs", type=int, default=40)
     p.add_argument("--finetune-epochs", type=int, default=25)
+    p.add_argument("--photons", type=float, default=60.0,
+                   help="photon count at full brightness of the synthetic images (lower = noisier)")
+    p.add_argument("--pretext", choices=["crappify", "masking"], default="crappify",
+                   help="pretext task of the pretraining (masking: the U-Net with hidden blocks)")
+    p.add_argument("--seeds", type=int, default=1, help="fine-tune and scratch runs per arm (seeds 0..N-1)")
     p.add_argument("--quick", action="store_true", help="tiny run to check the script")
     args = p.parse_args()
     if args.quick:
@@ -97,11 +105,11 @@ def main():
         args.pretrain_epochs, args.finetune_epochs = 2, 2
     work = Path(tempfile.mkdtemp(prefix="bench_finetune_"))
     try:
-        f = make_data(work / "data", args.unlabeled, args.labeled, args.test, args.size)
+        f = make_data(work / "data", args.unlabeled, args.labeled, args.test, args.size, args.photons)
         out = work / "out"
         t0 = time.perf_counter()
         pre = merge(common(args), {
-            "PROBLEM": {"TYPE": "SELF_SUPERVISED", "NDIM": "2D", "SELF_SUPERVISED": {"PRETEXT_TASK": "crappify"}},
+            "PROBLEM": {"TYPE": "SELF_SUPERVISED", "NDIM": "2D", "SELF_SUPERVISED": {"PRETEXT_TASK": args.pretext}},
             "DATA": {"PATCH_SIZE": (64, 64, 1), "VAL": {"SPLIT_TRAIN": 0.25},
                      "TRAIN": {"PATH": str(f["all_x"])}},
             "TRAIN": {"EPOCHS": args.pretrain_epochs},
@@ -110,20 +118,28 @@ def main():
         ssl = BiaPy(pre, result_dir=out, name="pretrain", run_id=1).run_job()
         t_pre = time.perf_counter() - t0
         t0 = time.perf_counter()
-        tuned = BiaPy(segmentation(args, f, ssl.checkpoint("best")), result_dir=out, name="finetuned", run_id=1).run_job()
-        t_ft = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        scratch = BiaPy(segmentation(args, f), result_dir=out, name="scratch", run_id=1).run_job()
-        t_sc = time.perf_counter() - t0
-        a, b = mean_scores(tuned), mean_scores(scratch)
+        rows = []
+        for seed in range(args.seeds):
+            tuned = BiaPy(segmentation(args, f, ssl.checkpoint("best"), seed), result_dir=out, name="finetuned",
+                          run_id=seed + 1).run_job()
+            scratch = BiaPy(segmentation(args, f, seed=seed), result_dir=out, name="scratch",
+                            run_id=seed + 1).run_job()
+            rows.append((seed, mean_scores(tuned), mean_scores(scratch)))
+        t_ft = (time.perf_counter() - t0) / max(1, args.seeds)
+        n_val = min(max(1, round(args.labeled * 0.25)), args.labeled - 1)  # as split_train_val
         print()
-        print(f"Segmentation with {args.labeled} labeled image(s) of {args.size}x{args.size}, "
-              f"{args.finetune_epochs} epochs, {args.test} test image(s); pretraining: crappify on "
-              f"{args.unlabeled} unlabeled images, {args.pretrain_epochs} epochs ({t_pre:.0f} s)")
-        print(f"{'':28}{'Dice':>8}{'IoU':>8}{'seconds':>10}")
-        print(f"{'pretrained + fine-tuned':28}{a['dice']:8.4f}{a['iou']:8.4f}{t_ft:10.0f}")
-        print(f"{'from scratch':28}{b['dice']:8.4f}{b['iou']:8.4f}{t_sc:10.0f}")
-        print(f"Dice gain from pretraining: {a['dice'] - b['dice']:+.4f}")
+        print(f"Segmentation on {args.labeled} labeled image(s) of {args.size}x{args.size} ({args.labeled - n_val} "
+              f"trained on, {n_val} for validation), photons {args.photons:g}, {args.finetune_epochs} epochs, "
+              f"{args.test} test image(s); pretraining: {args.pretext} on {args.unlabeled} unlabeled images, "
+              f"{args.pretrain_epochs} epochs ({t_pre:.0f} s); both arms of a seed take {t_ft:.0f} s")
+        print(f"{'seed':>4}  {'pretrained Dice':>15}{'scratch Dice':>14}{'gain':>9}  {'pretrained IoU':>14}{'scratch IoU':>13}")
+        for seed, a, b in rows:
+            print(f"{seed:>4}  {a['dice']:15.4f}{b['dice']:14.4f}{a['dice'] - b['dice']:+9.4f}  "
+                  f"{a['iou']:14.4f}{b['iou']:13.4f}")
+        gains = [a["dice"] - b["dice"] for _, a, b in rows]
+        mean = lambda values: sum(values) / len(values)  # noqa: E731
+        print(f"mean  {mean([a['dice'] for _, a, _ in rows]):15.4f}{mean([b['dice'] for _, _, b in rows]):14.4f}"
+              f"{mean(gains):+9.4f}   (gain from {min(gains):+.4f} to {max(gains):+.4f})")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

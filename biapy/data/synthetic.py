@@ -8,8 +8,10 @@ import numpy as np
 from scipy import ndimage
 
 
-def nuclei_image(shape, n_nuclei, radius=(4, 9), channels=1, seed=0):
-    """(image uint8 (*shape, channels), labels uint8 (*shape)) with 0 = background, 1 = nucleus."""
+def nuclei_image(shape, n_nuclei, radius=(4, 9), channels=1, seed=0, photons=60.0):
+    """(image uint8 (*shape, channels), labels uint8 (*shape)) with 0 = background, 1 = nucleus.
+
+    `photons`: expected photon count at full brightness (Poisson noise); lower is noisier."""
     rng = np.random.default_rng(seed)
     ndim = len(shape)
     grids = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij")
@@ -30,8 +32,8 @@ def nuclei_image(shape, n_nuclei, radius=(4, 9), channels=1, seed=0):
     stack = []
     for c in range(channels):
         gain = 1.0 if c == 0 else rng.uniform(0.5, 0.9)
-        photons = rng.poisson(clean * gain * 60.0).astype(np.float32) / 60.0
-        noisy = photons + rng.normal(0, 0.02, shape).astype(np.float32)
+        counts = rng.poisson(clean * gain * photons).astype(np.float32) / photons
+        noisy = counts + rng.normal(0, 0.02, shape).astype(np.float32)
         stack.append(np.clip(noisy * 200.0, 0, 255).astype(np.uint8))
     return np.stack(stack, axis=-1), labels
 
