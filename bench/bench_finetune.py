@@ -27,17 +27,52 @@ from biapy.data.io import write_image  # noqa: E402
 from biapy.data.synthetic import nuclei_image  # noqa: E402
 
 
-def make_data(root, n_unlabeled, n_labeled, n_test, size, photons, seed=7):
+def textured_image(shape, n_objects, seed, photons):
+    """Bright objects of which only the textured ones (striped at random angles) are labeled 1; smooth ones of
+    the same brightness are background. Intensity alone cannot tell them apart, unlike `nuclei_image`."""
+    import numpy as np
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij")
+    signal = np.zeros(shape, np.float32)
+    labels = np.zeros(shape, np.uint8)
+    for _ in range(n_objects):
+        cy, cx = rng.uniform(0, shape[0]), rng.uniform(0, shape[1])
+        ry, rx = rng.uniform(5, 10), rng.uniform(5, 10)
+        inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
+        level = rng.uniform(0.45, 0.9)
+        textured = rng.random() < 0.5
+        if textured:  # stripes of period 3-5 pixels; their mean brightness matches the smooth objects'
+            angle, period = rng.uniform(0, np.pi), rng.uniform(3, 5)
+            phase = (np.cos(angle) * yy + np.sin(angle) * xx) * 2 * np.pi / period
+            pattern = level * (1.0 + 0.6 * np.sign(np.sin(phase)))
+        else:
+            pattern = np.full(shape, level, np.float32)
+        signal = np.where(inside, pattern, signal)  # a later object covers an earlier one, label included
+        labels = np.where(inside, np.uint8(textured), labels)
+    clean = ndimage.gaussian_filter(signal, sigma=0.7) * 0.6 + 0.05
+    counts = rng.poisson(clean * photons).astype(np.float32) / photons
+    return np.clip(counts * 200.0, 0, 255).astype(np.uint8)[..., None], labels
+
+
+def make_image(task, size, seed, photons):
+    if task == "textured":
+        return textured_image((size, size), 30, seed, photons)
+    return nuclei_image((size, size), 35, seed=seed, photons=photons)
+
+
+def make_data(root, n_unlabeled, n_labeled, n_test, size, photons, task="nuclei", seed=7):
     """Unlabeled pool (all train images), a few labeled ones (a subset), and labeled test images."""
     folders = {k: root / k for k in ("all_x", "few_x", "few_y", "test_x", "test_y")}
     for i in range(n_unlabeled):
-        img, lab = nuclei_image((size, size), 35, seed=seed + i, photons=photons)
+        img, lab = make_image(task, size, seed + i, photons)
         write_image(folders["all_x"] / f"img_{i:03d}.tif", img, 2)
         if i < n_labeled:
             write_image(folders["few_x"] / f"img_{i:03d}.tif", img, 2)
             write_image(folders["few_y"] / f"img_{i:03d}.tif", lab[..., None], 2)
     for i in range(n_test):
-        img, lab = nuclei_image((size, size), 35, seed=seed + 1000 + i, photons=photons)
+        img, lab = make_image(task, size, seed + 1000 + i, photons)
         write_image(folders["test_x"] / f"t_{i:03d}.tif", img, 2)
         write_image(folders["test_y"] / f"t_{i:03d}.tif", lab[..., None], 2)
     return folders
@@ -69,9 +104,10 @@ def segmentation(args, f, checkpoint=None, seed=0):
                  # Few labeled images: more random patches per image and epoch (same for both arms).
                  "TRAIN": {"PATH": str(f["few_x"]), "GT_PATH": str(f["few_y"]), "PATCHES_PER_IMAGE": 16},
                  "TEST": {"PATH": str(f["test_x"]), "GT_PATH": str(f["test_y"]), "LOAD_GT": True}},
-        "MODEL": {"N_CLASSES": 2, "LOAD_CHECKPOINT": checkpoint is not None, "SKIP_UNMATCHED_LAYERS": True},
+        "MODEL": {"N_CLASSES": 2, "LOAD_CHECKPOINT": checkpoint is not None, "SKIP_UNMATCHED_LAYERS": True,
+                  "FREEZE_ENCODER_EPOCHS": args.freeze_epochs if checkpoint is not None else 0},
         "LOSS": {"TYPE": "CE_DICE"},
-        "TRAIN": {"EPOCHS": args.finetune_epochs},
+        "TRAIN": {"EPOCHS": args.finetune_epochs, "LR": args.finetune_lr},
     })
     cfg["MODEL"].update({"ARCHITECTURE": "unet", "FEATURE_MAPS": [16, 32, 64, 128], "DROPOUT_VALUES": [0.0] * 4})
     if checkpoint is not None:
@@ -95,6 +131,12 @@ def main():
     p.add_argument("--finetune-epochs", type=int, default=25)
     p.add_argument("--photons", type=float, default=60.0,
                    help="photon count at full brightness of the synthetic images (lower = noisier)")
+    p.add_argument("--finetune-lr", type=float, default=2e-3, help="learning rate of both segmentation arms")
+    p.add_argument("--freeze-epochs", type=int, default=0,
+                   help="MODEL.FREEZE_ENCODER_EPOCHS of the pretrained arm (the scratch arm has nothing to keep)")
+    p.add_argument("--task", choices=["nuclei", "textured"], default="nuclei",
+                   help="nuclei: bright blobs are foreground; textured: only striped objects are, smooth ones of the "
+                        "same brightness are background")
     p.add_argument("--pretext", choices=["crappify", "masking"], default="crappify",
                    help="pretext task of the pretraining (masking: the U-Net with hidden blocks)")
     p.add_argument("--seeds", type=int, default=1, help="fine-tune and scratch runs per arm (seeds 0..N-1)")
@@ -105,7 +147,7 @@ def main():
         args.pretrain_epochs, args.finetune_epochs = 2, 2
     work = Path(tempfile.mkdtemp(prefix="bench_finetune_"))
     try:
-        f = make_data(work / "data", args.unlabeled, args.labeled, args.test, args.size, args.photons)
+        f = make_data(work / "data", args.unlabeled, args.labeled, args.test, args.size, args.photons, args.task)
         out = work / "out"
         t0 = time.perf_counter()
         pre = merge(common(args), {
@@ -129,7 +171,8 @@ def main():
         n_val = min(max(1, round(args.labeled * 0.25)), args.labeled - 1)  # as split_train_val
         print()
         print(f"Segmentation on {args.labeled} labeled image(s) of {args.size}x{args.size} ({args.labeled - n_val} "
-              f"trained on, {n_val} for validation), photons {args.photons:g}, {args.finetune_epochs} epochs, "
+              f"trained on, {n_val} for validation), task {args.task}, photons {args.photons:g}, {args.finetune_epochs} epochs "
+              f"at LR {args.finetune_lr:g} (pretrained encoder frozen for {args.freeze_epochs}), "
               f"{args.test} test image(s); pretraining: {args.pretext} on {args.unlabeled} unlabeled images, "
               f"{args.pretrain_epochs} epochs ({t_pre:.0f} s); both arms of a seed take {t_ft:.0f} s")
         print(f"{'seed':>4}  {'pretrained Dice':>15}{'scratch Dice':>14}{'gain':>9}  {'pretrained IoU':>14}{'scratch IoU':>13}")
