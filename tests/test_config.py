@@ -169,6 +169,7 @@ def test_unknown_keys_and_wrong_types_name_the_key(overrides, key):
      "TEST.AUGMENTATION"),
     ({"PROBLEM": {"SELF_SUPERVISED": {"PRETEXT_TASK": "masking"}}, "MODEL": {"ARCHITECTURE": "mae"},
       "TEST": {"FULL_IMG": True}}, "TEST.FULL_IMG"),
+    ({"MODEL": {"KERNEL_SIZE": 4}}, "MODEL.KERNEL_SIZE: 4 must be odd"),
     ({"SYSTEM": {"NUM_WORKERS": -3}}, "SYSTEM.NUM_WORKERS"),
     ({"SYSTEM": {"NUM_CPUS": 0}}, "SYSTEM.NUM_CPUS"),
     ({"PROBLEM": {"TYPE": "SEMANTIC_SEG", "SEMANTIC_SEG": {"IGNORE_CLASS_ID": 2}}, "MODEL": {"N_CLASSES": 2}},

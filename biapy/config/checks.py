@@ -170,6 +170,9 @@ def _check_model(cfg):
     for p in m.DROPOUT_VALUES:
         _in_open_range("MODEL.DROPOUT_VALUES", p, 0, 1, include_low=True)
     _at_least("MODEL.KERNEL_SIZE", m.KERNEL_SIZE, 1)
+    if m.KERNEL_SIZE % 2 == 0:  # 'same' padding of an even kernel is lopsided: skip and decoder features misalign
+        raise ConfigError(f"MODEL.KERNEL_SIZE: {m.KERNEL_SIZE} must be odd (3, 5, ...) so that 'same' padding is "
+                          "symmetric")
     if cfg.PROBLEM.NDIM == "3D" and len(m.Z_DOWN) != levels - 1:
         raise ConfigError(f"MODEL.Z_DOWN: {list(m.Z_DOWN)} must have {levels - 1} values "
                           f"(one per down-sampling of MODEL.FEATURE_MAPS)")

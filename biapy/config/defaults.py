@@ -195,7 +195,7 @@ _C.MODEL.FEATURE_MAPS = [16, 32, 64, 128, 256]
 _C.MODEL.DROPOUT_VALUES = [0.0, 0.0, 0.0, 0.0, 0.0]
 # Normalization layer in CNNs: 'bn', 'in' (instance), 'gn' (group) or 'none'.
 _C.MODEL.NORMALIZATION = "bn"
-# Convolution kernel size of CNNs.
+# Convolution kernel size of CNNs (odd: 3, 5, ...).
 _C.MODEL.KERNEL_SIZE = 3
 # Activation of CNNs: 'elu', 'relu', 'leaky_relu', 'gelu' or 'silu'.
 _C.MODEL.ACTIVATION = "elu"
