@@ -14,25 +14,30 @@ Both are scored on the same labeled test images (Dice and IoU of the foreground)
 import argparse
 import csv
 import shutil
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+from scipy import ndimage
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from biapy import BiaPy  # noqa: E402
+from biapy.data.datasets import split_train_val  # noqa: E402
 from biapy.data.io import write_image  # noqa: E402
 from biapy.data.synthetic import nuclei_image  # noqa: E402
+
+
+VAL_SPLIT = 0.25  # validation share of every job here (when fine-tuning: of the labeled images, at least one)
 
 
 def textured_image(shape, n_objects, seed, photons):
     """Bright objects of which only the textured ones (striped at random angles) are labeled 1; smooth ones of
     the same brightness are background. Intensity alone cannot tell them apart, unlike `nuclei_image`."""
-    import numpy as np
-    from scipy import ndimage
-
     rng = np.random.default_rng(seed)
     yy, xx = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij")
     signal = np.zeros(shape, np.float32)
@@ -82,7 +87,7 @@ def common(args, seed=0):
     return {
         "SYSTEM": {"NUM_WORKERS": 0, "SEED": seed},
         "PROBLEM": {"NDIM": "2D"},
-        "DATA": {"PATCH_SIZE": (64, 64, 1), "VAL": {"SPLIT_TRAIN": 0.25}},
+        "DATA": {"PATCH_SIZE": (64, 64, 1), "VAL": {"SPLIT_TRAIN": VAL_SPLIT}},
         "MODEL": {"ARCHITECTURE": "unet", "FEATURE_MAPS": [16, 32, 64, 128], "DROPOUT_VALUES": [0.0] * 4},
         "TRAIN": {"OPTIMIZER": "ADAMW", "LR": 2e-3, "BATCH_SIZE": 8},
         "AUGMENTOR": {"ENABLE": True, "VFLIP": True, "HFLIP": True, "ROT90": True},
@@ -100,7 +105,7 @@ def merge(base, extra):
 def segmentation(args, f, checkpoint=None, seed=0):
     cfg = merge(common(args, seed), {
         "PROBLEM": {"TYPE": "SEMANTIC_SEG", "NDIM": "2D"},
-        "DATA": {"PATCH_SIZE": (64, 64, 1), "VAL": {"SPLIT_TRAIN": 0.25},
+        "DATA": {"PATCH_SIZE": (64, 64, 1), "VAL": {"SPLIT_TRAIN": VAL_SPLIT},
                  # Few labeled images: more random patches per image and epoch (same for both arms).
                  "TRAIN": {"PATH": str(f["few_x"]), "GT_PATH": str(f["few_y"]), "PATCHES_PER_IMAGE": 16},
                  "TEST": {"PATH": str(f["test_x"]), "GT_PATH": str(f["test_y"]), "LOAD_GT": True}},
@@ -152,7 +157,7 @@ def main():
         t0 = time.perf_counter()
         pre = merge(common(args), {
             "PROBLEM": {"TYPE": "SELF_SUPERVISED", "NDIM": "2D", "SELF_SUPERVISED": {"PRETEXT_TASK": args.pretext}},
-            "DATA": {"PATCH_SIZE": (64, 64, 1), "VAL": {"SPLIT_TRAIN": 0.25},
+            "DATA": {"PATCH_SIZE": (64, 64, 1), "VAL": {"SPLIT_TRAIN": VAL_SPLIT},
                      "TRAIN": {"PATH": str(f["all_x"])}},
             "TRAIN": {"EPOCHS": args.pretrain_epochs},
             "TEST": {"ENABLE": False},
@@ -168,7 +173,7 @@ def main():
                             run_id=seed + 1).run_job()
             rows.append((seed, mean_scores(tuned), mean_scores(scratch)))
         t_ft = (time.perf_counter() - t0) / max(1, args.seeds)
-        n_val = min(max(1, round(args.labeled * 0.25)), args.labeled - 1)  # as split_train_val
+        n_val = len(split_train_val(range(args.labeled), VAL_SPLIT)[1])
         print()
         print(f"Segmentation on {args.labeled} labeled image(s) of {args.size}x{args.size} ({args.labeled - n_val} "
               f"trained on, {n_val} for validation), task {args.task}, photons {args.photons:g}, {args.finetune_epochs} epochs "
@@ -180,8 +185,8 @@ def main():
             print(f"{seed:>4}  {a['dice']:15.4f}{b['dice']:14.4f}{a['dice'] - b['dice']:+9.4f}  "
                   f"{a['iou']:14.4f}{b['iou']:13.4f}")
         gains = [a["dice"] - b["dice"] for _, a, b in rows]
-        mean = lambda values: sum(values) / len(values)  # noqa: E731
-        print(f"mean  {mean([a['dice'] for _, a, _ in rows]):15.4f}{mean([b['dice'] for _, _, b in rows]):14.4f}"
+        mean = statistics.mean
+        print(f"mean  {mean(a['dice'] for _, a, _ in rows):15.4f}{mean(b['dice'] for _, _, b in rows):14.4f}"
               f"{mean(gains):+9.4f}   (gain from {min(gains):+.4f} to {max(gains):+.4f})")
     finally:
         shutil.rmtree(work, ignore_errors=True)

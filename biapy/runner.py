@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from biapy.config import check_config, dump_config, finalize, load_config
+from biapy.config.load import plain_tree
 from biapy.errors import ConfigError
 from biapy.job import Job
 from biapy.utils.files import atomic_write_text
@@ -165,17 +166,8 @@ class BiaPy:
                 os.replace(tmp, dst)
         else:
             atomic_write_text(job.config_files / f"{self.name}.yaml",
-                              yaml.safe_dump(_plain(self.config_source), sort_keys=False))
+                              yaml.safe_dump(plain_tree(self.config_source), sort_keys=False))
         atomic_write_text(job.resolved_config, dump_config(self.cfg))
-
-
-def _plain(tree):
-    """Tuples -> lists, so a dict config dumps with the safe YAML writer."""
-    if isinstance(tree, dict):
-        return {k: _plain(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return [_plain(v) for v in tree]
-    return tree
 
 
 def _agree(dist, value):

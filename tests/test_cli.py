@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from biapy.cli import main
-from biapy.runner import _plain, next_run_id
+from biapy.config.load import plain_tree
+from biapy.runner import next_run_id
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).parents[1]
@@ -22,7 +23,7 @@ def test_help_lists_the_biapy_flags():
 
 def write_yaml(tmp_path, cfg, name="c.yaml"):
     path = tmp_path / name
-    path.write_text(yaml.safe_dump(_plain(cfg)))
+    path.write_text(yaml.safe_dump(plain_tree(cfg)))
     return path
 
 

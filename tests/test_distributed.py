@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from biapy.config.load import plain_tree
 from biapy.job import Job
-from biapy.runner import _plain
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).parents[1]
@@ -25,7 +25,7 @@ def _free_port():
 def test_torchrun_two_processes_on_cpu(data2d, tmp_path):
     cfg = tiny_config(data2d, 2, TRAIN={"EPOCHS": 2, "BATCH_SIZE": 2})
     path = tmp_path / "dist.yaml"
-    path.write_text(yaml.safe_dump(_plain(cfg)))
+    path.write_text(yaml.safe_dump(plain_tree(cfg)))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",

@@ -67,9 +67,9 @@ def test_lazy_and_in_memory_datasets_give_the_same_first_epoch_loss(data2d, tmp_
 def test_command_line_override_beats_the_yaml(data2d, tmp_path):
     cfg = tiny_config(data2d, 2, TRAIN={"EPOCHS": 3}, TEST={"ENABLE": False})
     import yaml
-    from biapy.runner import _plain
+    from biapy.config.load import plain_tree
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(_plain(cfg)))
+    path.write_text(yaml.safe_dump(plain_tree(cfg)))
     code = main(["--config", str(path), "--result_dir", str(tmp_path / "out"), "--name", "cli", "--run_id", "1",
                  "TRAIN.EPOCHS", "2"])
     assert code == 0

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from biapy.config.load import plain_tree
 from biapy.job import Job
-from biapy.runner import _plain
 from tests.conftest import make_dataset, tiny_config
 
 ROOT = Path(__file__).parents[1]
@@ -54,7 +54,7 @@ def test_signals_save_a_checkpoint_exit_130_and_the_same_command_resumes(tmp_pat
                       DATA={"TRAIN": {"PATCHES_PER_IMAGE": 2}}, SYSTEM={"NUM_CPUS": 1},
                       LOG={"CHART_CREATION_FREQ": 100})  # 3 steps per epoch: short, yet signals land mid-epoch
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(_plain(cfg)))
+    path.write_text(yaml.safe_dump(plain_tree(cfg)))
     command = [sys.executable, str(ROOT / "main.py"), "--config", str(path), "--result_dir", str(tmp_path / "out"),
                "--name", "sig", "--run_id", "1"]
     env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")

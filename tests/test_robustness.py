@@ -18,10 +18,11 @@ import torch
 import yaml
 
 from biapy.cli import main
+from biapy.config.load import plain_tree
 from biapy.data.io import read_image, write_image
 from biapy.errors import BiapyError, ConfigError
 from biapy.job import Job
-from biapy.runner import _plain, resolve_device
+from biapy.runner import resolve_device
 from tests.conftest import make_dataset, tiny_config
 
 ROOT = Path(__file__).parents[1]
@@ -51,7 +52,7 @@ class World:
 
     def write_cfg(self, cfg, stem):
         path = self.cfgs / f"{stem}.yaml"
-        path.write_text(yaml.safe_dump(_plain(cfg)))
+        path.write_text(yaml.safe_dump(plain_tree(cfg)))
         return path
 
     def run(self, cfg, stem, name=GOOD, run_id="new", extra=(), result_dir=None):

@@ -104,11 +104,11 @@ def _check_system(cfg):
 
 def _check_data(cfg):
     norm = cfg.DATA.NORMALIZATION
+    _one_of("DATA.NORMALIZATION.TYPE", norm.TYPE, ("zero_mean_unit_variance", "div", "scale_range", "custom"))
     std = list(norm.ZERO_MEAN_UNIT_VAR.STD_VAL)
     if norm.TYPE == "custom" and std and any(v != -1 for v in std) and not all(v > 0 for v in std):
         raise ConfigError(f"DATA.NORMALIZATION.ZERO_MEAN_UNIT_VAR.STD_VAL: {std} must hold positive values "
                           "(or be [-1.0] to measure them)")
-    _one_of("DATA.NORMALIZATION.TYPE", norm.TYPE, ("zero_mean_unit_variance", "div", "scale_range", "custom"))
     clip = norm.PERC_CLIP
     if clip.ENABLE:
         for name in ("LOWER_PERC", "UPPER_PERC"):

@@ -175,10 +175,19 @@ class _NoAliasDumper(yaml.SafeDumper):
         return True
 
 
+def plain_tree(tree):
+    """Nested dicts (CfgNodes too) with tuples as lists: what the safe YAML writer takes."""
+    if isinstance(tree, dict):
+        return {k: plain_tree(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [plain_tree(v) for v in tree]
+    return tree
+
+
 def dump_config(cfg) -> str:
     """The config as YAML with every value written out: yacs' own dump shares equal tuples through &id anchors,
     so that editing one value in the file would change several keys."""
-    return yaml.dump(yaml.safe_load(cfg.dump()), Dumper=_NoAliasDumper)
+    return yaml.dump(plain_tree(cfg), Dumper=_NoAliasDumper)
 
 
 def read_yaml(path) -> dict:

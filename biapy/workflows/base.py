@@ -179,10 +179,11 @@ class Workflow(ABC):
             callback()
 
     def check_test_inputs(self):
-        """The test images (and labels) listed and their headers read before training, so that a bad test
-        folder stops the job now rather than after the last epoch."""
-        _, inputs = self.input_target_files("test")
+        """(sources, inputs) of the test phase, listed and their headers read: run before training too, so that
+        a bad test folder stops the job then rather than after the last epoch."""
+        sources, inputs = self.input_target_files("test")
         self._check_channels(inputs, "DATA.TEST.PATH")
+        return sources, inputs
 
     # ---------------------------------------------------------------- test
     def open_image(self, path):
@@ -239,8 +240,7 @@ class Workflow(ABC):
 
     def test(self):
         cfg = self.cfg
-        sources, inputs = self.input_target_files("test")
-        self._check_channels(inputs, "DATA.TEST.PATH")
+        sources, inputs = self.check_test_inputs()
         mine = list(range(self.dist.rank, len(sources), self.dist.world_size))
         rows = []
         # DATA.TEST.IN_MEMORY: every test image of this rank read up front, as BiaPy does, or each when
