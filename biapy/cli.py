@@ -65,6 +65,21 @@ def _traceback_if(verbose):
         traceback.print_exc(file=sys.stderr)
 
 
+def _rank_tag() -> str:
+    """'[rank N] ' in a process of a several-process job (each may fail alone), else ''."""
+    return f"[rank {os.environ.get('RANK', '0')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+
+
+def _error(message):
+    """One line on stderr, in one write: lines of several processes sharing the terminal stay whole."""
+    sys.stderr.write(f"ERROR: {_rank_tag()}{message}\n")
+    sys.stderr.flush()
+
+
+# What a process of a several-process job sees when another one failed and exited (gloo, NCCL).
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing", "Broken pipe")
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(flags_first(list(sys.argv[1:] if argv is None else argv), parser))
@@ -79,24 +94,27 @@ def main(argv=None):
     except BiapyError as err:
         _traceback_if(args.verbose)
         # One line even when a value in the message (a path, a key) holds a line break.
-        print("ERROR: " + "\\n".join(str(err).splitlines()), file=sys.stderr)
+        _error("\\n".join(str(err).splitlines()))
         return err.exit_code
     except OSError as err:  # the environment, not a bug: a full disk, a folder that vanished, permissions
         _traceback_if(args.verbose)
         where = f"{err.filename}: " if err.filename else ""
-        print(f"ERROR: {where}{err.strerror or err}", file=sys.stderr)
+        _error(f"{where}{err.strerror or err}")
         return 1
     except (MemoryError, RuntimeError) as err:
+        _traceback_if(args.verbose)
+        if _rank_tag() and any(text in str(err) for text in _PEER_GONE):
+            _error("stopped because another process of this job failed (its error is above)")
+            return 1
         if not (isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"):
             raise  # a bug: shown with its traceback
-        _traceback_if(args.verbose)
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        print(f"ERROR: out of memory ({first}); lower TRAIN.BATCH_SIZE or DATA.PATCH_SIZE",
-              file=sys.stderr)
+        _error(f"out of memory ({first}); lower TRAIN.BATCH_SIZE or DATA.PATCH_SIZE")
         return 1
     except KeyboardInterrupt:
-        print("Interrupted: the checkpoints saved so far are kept; run the same command again to resume.",
-              file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # torchrun stops the other processes when one fails: rank 0 speaks
+            print("Interrupted: the checkpoints saved so far are kept; run the same command again to resume.",
+                  file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
         if previous is not None:

@@ -27,7 +27,8 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
 def setup_logging(is_main=True, verbose=False):
-    level = logging.DEBUG if verbose else (logging.INFO if is_main else logging.WARNING)
+    # Other ranks: errors only; their warnings would repeat rank 0's (each rank runs the same checks).
+    level = logging.DEBUG if verbose else (logging.INFO if is_main else logging.ERROR)
     root = logging.getLogger("biapy")
     root.handlers.clear()
     # The log is the job's output, on stdout as BiaPy prints it (`> run.log` keeps it); the final error line
@@ -39,6 +40,8 @@ def setup_logging(is_main=True, verbose=False):
     root.propagate = False
     # tifffile logs its own complaints about a damaged file; the read that fails names the file in one line.
     logging.getLogger("tifffile").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+    # TRAIN.COMPILE on a machine without CUDA: torch notes that it found no CUDA runtime, which is expected.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.DEBUG if verbose else logging.ERROR)
 
 
 def check_name(name):
@@ -124,6 +127,7 @@ class BiaPy:
             # the fastest (results then vary in the last bits between runs, as GPU reductions do anyway).
             torch.backends.cudnn.benchmark = True
         dist = init_distributed(backend)
+        finished = False
         try:
             if dist.is_main:
                 _check_writable(self.result_dir)
@@ -139,18 +143,16 @@ class BiaPy:
                 log.info("Job %s (run %d) -> %s", self.name, run_id, self.job.results)
                 log.info("Device: %s%s", device_text,
                          f", {dist.world_size} processes ({backend})" if dist.world_size > 1 else "")
-            # A new run describes itself at once; a re-run (resume, or test only) only once its data and
-            # checkpoint were accepted, so a re-run that fails leaves the run's config files as they were.
-            rerun = self.job.resolved_config.exists()
-            if dist.is_main and not rerun:
-                self._write_configs()
             from biapy.workflows import get_workflow
             workflow = get_workflow(self.cfg)(self.cfg, self.job, dist, device)
-            if dist.is_main and rerun:
+            # The run describes itself only once its data and checkpoint were accepted (training starts, or
+            # a test-only run finished): a run that fails before leaves no new folder, a re-run the old files.
+            if dist.is_main:
                 workflow.on_ready = self._write_configs
             workflow.run()
+            finished = True
         finally:
-            cleanup()
+            cleanup(wait=finished)
         return self.job
 
     def _write_configs(self):

@@ -187,6 +187,15 @@ def test_unknown_keys_and_wrong_types_name_the_key(overrides, key):
      "TRAIN.LR_SCHEDULER.MIN_LR"),
     ({"TRAIN": {"LR_SCHEDULER": {"REDUCEONPLATEAU_PATIENCE": -4}}}, "REDUCEONPLATEAU_PATIENCE"),
     ({"TRAIN": {"LR_SCHEDULER": {"WARMUP_COSINE_DECAY_EPOCHS": -2.0}}}, "WARMUP_COSINE_DECAY_EPOCHS"),
+    ({"TRAIN": {"LR_SCHEDULER": {"NAME": "cosine"}}}, "expected one of '' (none), warmupcosine"),
+    ({"DATA": {"NORMALIZATION": {"PERC_CLIP": {"ENABLE": True, "LOWER_VALUE": [300.0], "UPPER_VALUE": [200.0]}}}},
+     "LOWER_VALUE [300.0] must be below UPPER_VALUE [200.0]"),
+    ({"DATA": {"NORMALIZATION": {"PERC_CLIP": {"ENABLE": True, "LOWER_VALUE": [1.0, 2.0],
+                                               "UPPER_VALUE": [5.0, 6.0, 7.0]}}}}, "PERC_CLIP: LOWER_VALUE"),
+    ({"PROBLEM": {"SELF_SUPERVISED": {"PRETEXT_TASK": "masking", "MASK_BLOCK_SIZE": 64}},
+      "DATA": {"PATCH_SIZE": (32, 32, 1)}}, "hides none of the 1 block(s) of 64 pixels"),
+    ({"PROBLEM": {"SELF_SUPERVISED": {"PRETEXT_TASK": "masking"}}, "MODEL": {"MAE_MASK_RATIO": 0.0}},
+     "MODEL.MAE_MASK_RATIO: 0.0 hides none"),
 ])
 def test_values_out_of_range_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=re.escape(key)):
@@ -263,3 +272,46 @@ def test_3d_problem_gets_3d_overlap_and_padding_defaults():
     cfg = checked({"PROBLEM": {"NDIM": "3D"}, "DATA": {"PATCH_SIZE": (16, 32, 32, 1)},
                    "MODEL": {"FEATURE_MAPS": [8, 16, 32], "DROPOUT_VALUES": [0, 0, 0], "Z_DOWN": [1, 1]}})
     assert cfg.DATA.TEST.OVERLAP == (0, 0, 0) and cfg.DATA.TRAIN.PADDING == (0, 0, 0)
+
+
+def test_choices_ignore_letter_case_and_store_the_canonical_spelling():
+    """BiaPy writes ACTIVATION 'ELU'; 'adamw' or 'mse' name a choice just as well."""
+    cfg = checked({"MODEL": {"ACTIVATION": "ELU", "ARCHITECTURE": "ResUNet", "NORMALIZATION": "BN"},
+                   "TRAIN": {"OPTIMIZER": "adamw", "LR_SCHEDULER": {"NAME": "WarmUpCosine"}},
+                   "LOSS": {"TYPE": "mse"}, "PROBLEM": {"NDIM": "2d", "SELF_SUPERVISED": {"PRETEXT_TASK": "Crappify"}}})
+    assert (cfg.MODEL.ACTIVATION, cfg.MODEL.ARCHITECTURE, cfg.MODEL.NORMALIZATION) == ("elu", "resunet", "bn")
+    assert (cfg.TRAIN.OPTIMIZER, cfg.TRAIN.LR_SCHEDULER.NAME, cfg.LOSS.TYPE) == ("ADAMW", "warmupcosine", "MSE")
+    assert (cfg.PROBLEM.NDIM, cfg.PROBLEM.SELF_SUPERVISED.PRETEXT_TASK) == ("2D", "crappify")
+
+
+def test_masking_settings_that_hide_blocks_pass():
+    checked({"PROBLEM": {"SELF_SUPERVISED": {"PRETEXT_TASK": "masking", "MASK_BLOCK_SIZE": 16}},
+             "DATA": {"PATCH_SIZE": (32, 32, 1)}, "MODEL": {"MAE_MASK_RATIO": 0.5}})  # 4 blocks, 2 hidden
+
+
+def test_workers_are_capped_to_the_usable_cores(tmp_path, folders, monkeypatch):
+    import os
+    train, test = folders
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    cfg = checked({"SYSTEM": {"NUM_WORKERS": 5}, "DATA": {"TRAIN": {"PATH": str(train)}, "TEST": {"PATH": str(test)}}},
+                  folders)
+    finalize(cfg, Job(tmp_path, "w", 1))
+    assert cfg.SYSTEM.NUM_WORKERS == 2  # BiaPy's templates ask for 5; more than the cores only adds processes
+
+
+@pytest.mark.parametrize("text, message", [
+    ("TRAIN:\n  EPOCHS: 2\nDATA:\n  PATCH_SIZE: (32, 32, 1)\nTRAIN:\n  LR: 0.1\n", "(line 5): TRAIN appears twice"),
+    ("TRAIN:\n  EPOCHS: 2\n  EPOCHS: 3\n", "(line 3): EPOCHS appears twice"),
+    ("TRAIN: 5\n", "TRAIN is a section of keys, not a value"),
+])
+def test_yaml_mistakes_that_would_pass_silently_are_named(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(path)
+
+
+def test_a_folder_given_as_config_and_lower_case_booleans_on_the_command_line(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder; expected a YAML file"):
+        load_config(tmp_path)
+    assert load_config(None, ["TEST.ENABLE", "false", "TRAIN.ENABLE", "True"]).TEST.ENABLE is False

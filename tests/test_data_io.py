@@ -178,3 +178,41 @@ def test_optional_formats_explain_the_missing_package(tmp_path):
     with pytest.raises(DataError, match="notes.txt.*unsupported"):
         (tmp_path / "notes.txt").write_text("x")
         read_image(tmp_path / "notes.txt", 2)
+
+
+@pytest.mark.parametrize("stored, ndim, channel_axis", [
+    ((3, 40, 52), 2, 0),      # tifffile's default writer stores it as planar RGB (axes SYX)
+    ((2, 40, 52), 2, 0),      # no samples axis: a first axis of at most 3 is channels, as BiaPy reads it
+    ((40, 52, 2), 2, 2),
+    ((40, 52, 5), 2, 2),
+    ((2, 5, 40, 52), 3, 0),   # CZYX
+    ((5, 3, 40, 52), 3, 1),   # ZCYX: tifffile's samples axis S
+    ((5, 40, 52, 2), 3, 3),
+    ((3, 40, 52), 3, None),   # a 3-slice volume without channels stays a volume
+])
+def test_tiffs_without_axis_names_find_their_channel_axis(tmp_path, stored, ndim, channel_axis):
+    arr = np.arange(np.prod(stored)).reshape(stored).astype(np.uint16)
+    path = tmp_path / "plain.tif"
+    tifffile.imwrite(path, arr)
+    want = arr[..., None] if channel_axis is None else np.moveaxis(arr, channel_axis, -1)
+    np.testing.assert_array_equal(read_image(path, ndim), want)
+    assert image_shape(path, ndim) == want.shape
+    np.testing.assert_array_equal(np.asarray(open_image_lazy(path, ndim)[:]), want)
+
+
+def test_output_stems_and_their_collisions(tmp_path):
+    from biapy.data.io import check_unique_stems, image_stem
+
+    assert [image_stem(n) for n in ("a.tif", "a.ome.tif", "cell.v0.tif", "b.nii.gz", "c.PNG")] == \
+        ["a", "a", "cell.v0", "b", "c"]
+    check_unique_stems([tmp_path / "cell.v0.tif", tmp_path / "cell.v1.tif"], "DATA.TEST.PATH")
+    with pytest.raises(DataError, match=r"DATA.TEST.PATH: cell.png and cell.tif would write the same output"):
+        check_unique_stems([tmp_path / "cell.png", tmp_path / "cell.tif"], "DATA.TEST.PATH")
+
+
+def test_fixed_clip_values_for_more_channels_than_the_image_has():
+    from biapy.data.normalization import Normalizer
+
+    norm = Normalizer("zero_mean_unit_variance", clip=True, lower_value=(10.0, 20.0))
+    with pytest.raises(DataError, match=r"PERC_CLIP.LOWER_VALUE holds 2 channel value\(s\) but the image has 1"):
+        norm.stats(np.zeros((8, 8, 1), np.float32))

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -22,16 +23,20 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_torchrun_two_processes_on_cpu(data2d, tmp_path):
-    cfg = tiny_config(data2d, 2, TRAIN={"EPOCHS": 2, "BATCH_SIZE": 2})
-    path = tmp_path / "dist.yaml"
+def _torchrun(cfg, tmp_path, name):
+    """Job NAME (run 1) of `cfg` in two CPU processes under torchrun, results in tmp_path/out."""
+    path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(plain_tree(cfg)))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={_free_port()}", str(ROOT / "main.py"), "--config", str(path),
-           "--result_dir", str(tmp_path / "out"), "--name", "dist", "--run_id", "1", "--dist_backend", "gloo"]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+           "--result_dir", str(tmp_path / "out"), "--name", name, "--run_id", "1", "--dist_backend", "gloo"]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_torchrun_two_processes_on_cpu(data2d, tmp_path):
+    done = _torchrun(tiny_config(data2d, 2, TRAIN={"EPOCHS": 2, "BATCH_SIZE": 2}), tmp_path, "dist")
     assert done.returncode == 0, done.stderr[-3000:]
     job = Job(tmp_path / "out", "dist", 1)
     assert sorted(p.name for p in (tmp_path / "out" / "dist" / "results").iterdir()) == ["dist_1"]
@@ -43,3 +48,24 @@ def test_torchrun_two_processes_on_cpu(data2d, tmp_path):
     # Only rank 0 prints the per-epoch summary.
     assert done.stdout.count("Epoch 1/2  train") == 1
     assert "Epoch" not in done.stderr  # the log is on stdout (errors and progress bars on stderr)
+
+
+def test_a_failure_on_one_process_stops_the_job_with_its_error_and_no_hang(data2d, tmp_path):
+    """The second test image (rank 1's share) holds a NaN: rank 1 fails alone while rank 0 waits to gather
+    the metrics. Rank 1 must exit at once with its error (no barrier at cleanup), and rank 0 stop too."""
+    from biapy.data.io import read_image, write_image
+
+    test_dir = tmp_path / "test"
+    test_dir.mkdir()
+    for i, src in enumerate(sorted(data2d["test"][0].iterdir())):
+        img = read_image(src, 2).astype(np.float32)
+        if i == 1:
+            img[2, 3, 0] = np.nan
+        write_image(test_dir / src.name, img, 2)
+    cfg = tiny_config(data2d, 2, TRAIN={"EPOCHS": 1, "BATCH_SIZE": 2}, DATA={"TEST": {"PATH": str(test_dir)}})
+    done = _torchrun(cfg, tmp_path, "fail")  # a hang would run into the 600 s timeout (gloo's own is 30 min)
+    assert done.returncode != 0
+    errors = [ln for ln in done.stderr.splitlines() if ln.startswith("ERROR:")]
+    assert any(ln.startswith("ERROR: [rank 1] ") and "NaN" in ln for ln in errors), done.stderr[-3000:]
+    assert "Traceback (most recent call last):\n  File \"" + str(ROOT) not in done.stderr  # no traceback of ours
+    assert not (Job(tmp_path / "out", "fail", 1).per_image).exists()  # nothing half-written in per_image/

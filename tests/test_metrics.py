@@ -95,3 +95,50 @@ def test_volume_scores_by_slab_equal_the_whole_volume(shape, masked, monkeypatch
     by_slab = scoring.image_scores(pred, target, names, 3, mask=mask)
     for n in names:
         assert by_slab[n] == pytest.approx(whole[n], rel=1e-5), n
+
+
+@pytest.mark.parametrize("offset, span, dtype", [(0, 400, np.uint16), (60000, 400, np.uint16), (1e6, 10, np.float32)])
+def test_test_ssim_is_exact_on_bright_and_offset_images(offset, span, dtype):
+    """E[x^2] - mu^2 in float32 cancels away on a signal riding on a large offset; SSIM must match skimage's
+    float64 value wherever the image sits."""
+    from scipy.ndimage import gaussian_filter
+    from skimage.metrics import structural_similarity
+
+    from biapy.workflows.scoring import image_scores
+
+    rng = np.random.default_rng(0)
+    base = gaussian_filter(rng.random((64, 64)), 3)
+    base = (base - base.min()) / np.ptp(base)
+    gt = (base * span + offset).astype(dtype)
+    pred = (gt.astype(np.float64) + rng.normal(0, span / 40, gt.shape)).astype(np.float32)
+    ref = structural_similarity(gt.astype(np.float64), pred.astype(np.float64), data_range=float(np.ptp(gt)),
+                                gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+    ours = image_scores(pred[..., None], gt[..., None], ["ssim"], 2)["ssim"]
+    assert ours == pytest.approx(ref, abs=2e-3)
+
+
+def test_huge_pixel_values_give_finite_scores_in_2d_3d_and_under_a_mask():
+    from biapy.workflows.scoring import image_scores
+
+    rng = np.random.default_rng(1)
+    names = ["psnr", "ssim", "mae", "mse"]
+    for shape, ndim in (((40, 40), 2), ((12, 30, 30), 3)):
+        gt = (1e30 + rng.random(shape) * 1e30).astype(np.float32)[..., None]
+        pred = (gt * 1.01).astype(np.float32)
+        for mask in (None, (rng.random(gt.shape) > 0.5).astype(np.float32)):
+            scores = image_scores(pred, gt, names, ndim, mask=mask)
+            assert all(math.isfinite(v) for v in scores.values()), scores
+            assert 30 < scores["psnr"] < 60 and 0.9 < scores["ssim"] <= 1
+
+
+def test_the_metrics_table_skips_missing_values_and_fits_big_numbers():
+    from biapy.workflows.report import format_table, mean_columns, skipped_note
+
+    rows = [{"file": "a", "psnr": 20.0, "hidden_psnr": 10.0, "mse": 2.5e56},
+            {"file": "b", "psnr": 30.0, "hidden_psnr": float("nan"), "mse": 1.5e56}]
+    means = mean_columns(rows)
+    assert means == {"psnr": 25.0, "hidden_psnr": 10.0, "mse": 2e56}
+    assert skipped_note(rows) == "Means over the images with a value; 1 image(s) have none for hidden_psnr"
+    assert skipped_note(rows[:1]) == ""
+    table = format_table({"psnr": 25.0, "mse": 2e56, "mae": 0.0001}, "T")
+    assert table.splitlines()[2] == "mean       25.0000  2.0000e+56  1.0000e-04"

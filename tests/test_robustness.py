@@ -519,3 +519,41 @@ def test_traceback_only_with_verbose(world, intact, capsys):
     assert main(args + ["--verbose"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("ERROR: ")
+
+
+# ------------------------------------------------------------------ failed runs leave nothing changed
+@pytest.mark.parametrize("train", [False, True])  # True: training already finished, so only the test runs
+def test_a_test_rerun_that_fails_midway_keeps_the_runs_outputs_and_metrics(world, intact, capsys, train):
+    """The first test image is written before the second (NaN) one fails: the staged outputs are dropped,
+    per_image/, the metrics CSV and the config copies of run 1 stay as they were (`intact`)."""
+    def spoil(p):
+        img = read_image(p, 2).astype(np.float32)
+        img[3, 4, 0] = np.nan
+        write_image(p, img, 2)
+    x, _, victim = _spoil_first(world, f"rerun_nan_test_{train}", spoil)
+    cfg = world.cfg(TRAIN={"ENABLE": train, "EPOCHS": 1}, TEST={"ENABLE": True}, DATA={"TEST": {"PATH": str(x)}})
+    assert world.run(cfg, f"rerun_nan_test_{train}", run_id=1) == 3
+    one_error_line(capsys, victim.name, "NaN")
+    assert not (world.good_job.results / ".per_image.partial").exists()
+
+
+def test_a_new_test_only_run_without_a_checkpoint_leaves_no_run_behind(world, intact, capsys):
+    cfg = world.cfg(TRAIN={"ENABLE": False}, TEST={"ENABLE": True})
+    assert world.run(cfg, "no_ckpt_new", run_id=None) == 4  # the next free ID: it has no checkpoint
+    line = one_error_line(capsys, "no checkpoint of run", "runs with checkpoints: 1", "(pass --run_id)")
+    new_id = int(line.split("no checkpoint of run ")[1].split()[0])
+    assert not Job(world.out, GOOD, new_id).results.exists()
+
+
+def test_test_images_that_would_write_the_same_output(world, intact, capsys):
+    x, _ = world.bad_folder("same_stem", split="test")
+    first = sorted(x.iterdir())[0]
+    shutil.copy(first, x / (first.stem + ".tiff"))
+    cfg = _from_checkpoint(world, world.good_job.checkpoint("best"), DATA={"TEST": {"PATH": str(x)}})
+    assert world.run(cfg, "same_stem") == 3
+    one_error_line(capsys, "DATA.TEST.PATH", first.name, first.stem + ".tiff", "rename one")
+
+
+def test_nothing_to_do_is_a_config_error(world, intact, capsys):
+    assert world.run(world.cfg(TRAIN={"ENABLE": False}, TEST={"ENABLE": False}), "nothing", run_id=1) == 2
+    one_error_line(capsys, "TRAIN.ENABLE and TEST.ENABLE are both False")

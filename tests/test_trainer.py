@@ -325,3 +325,45 @@ def test_continuing_a_checkpoint_that_already_holds_all_epochs_is_a_one_line_err
     cfg.TRAIN.EPOCHS = 3
     Trainer(FakeWorkflow(cfg, tmp_path / "dst")).fit()
     assert FakeWorkflow(cfg, tmp_path / "dst").job.checkpoint("last").is_file()
+
+
+def test_a_mid_epoch_checkpoint_of_another_epoch_length_restarts_that_epoch(tmp_path, caplog):
+    """Stopped at step 5 of 4-step epochs, resumed where an epoch has 2 steps (TRAIN.BATCH_SIZE or the number of
+    processes changed): the saved position means nothing here, so that epoch restarts instead of crashing."""
+    cfg = make_cfg()
+    wf = FakeWorkflow(cfg, tmp_path, sigint_at=7)  # epoch 2, step 3 of 4
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(wf).fit()
+    state = load_checkpoint(wf.job.checkpoint("last"))
+    assert (state["epoch"], state["step_in_epoch"], state["epoch_steps"], state["world_size"]) == (1, 3, 4, 1)
+    shorter = FakeWorkflow(cfg, tmp_path, n=6)  # 2 steps per epoch: step 3 does not exist
+    history = Trainer(shorter).fit()
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]
+    assert shorter.steps == 3 * 2  # epochs 2, 3 and 4, whole
+    assert "stopped at step 3 of 4, but an epoch here has 2 steps" in caplog.text
+
+
+def test_continuing_another_runs_checkpoint_keeps_a_best_checkpoint_of_its_own(tmp_path):
+    src = FakeWorkflow(make_cfg(EPOCHS=2), tmp_path / "src", val_losses=[0.001, 0.0001])
+    Trainer(src).fit()
+    cfg = make_cfg(EPOCHS=4, **{"MODEL.LOAD_CHECKPOINT": True, "MODEL.LOAD_CHECKPOINT_ONLY_WEIGHTS": False})
+    cfg.PATHS.CHECKPOINT_FILE = str(src.job.checkpoint("last"))
+    dst = FakeWorkflow(cfg, tmp_path / "dst", val_losses=[0.5, 0.7])  # worse than the source's best
+    history = Trainer(dst).fit()
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]
+    assert dst.job.checkpoint("best").is_file()
+    assert load_checkpoint(dst.job.checkpoint("best"))["epoch"] == 3  # this run's best (0.5), not the source's
+
+
+def test_weights_whose_layouts_coincide_get_plain_strides():
+    """A 1x1x1 head after channels_last_3d has strides DDP compares literally against its plain gradient."""
+    from biapy.engine.trainer import _standard_strides_where_equivalent
+
+    model = nn.Sequential(nn.Conv3d(2, 8, 3), nn.Conv3d(8, 1, 1)).to(memory_format=torch.channels_last_3d)
+    big_before = model[0].weight.stride()
+    _standard_strides_where_equivalent(model)
+    assert model[1].weight.stride() == (8, 1, 1, 1, 1)
+    assert model[0].weight.stride() == big_before  # a real channels-last weight keeps its layout
+    out = model(torch.rand(1, 2, 4, 4, 4).contiguous(memory_format=torch.channels_last_3d))
+    out.sum().backward()
+    assert model[1].weight.grad.stride() == model[1].weight.stride()

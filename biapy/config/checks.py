@@ -3,6 +3,7 @@
 Each problem stops the run with one ConfigError line that names the key, the value and what
 was expected. `finalize` is the one place where "-1 = automatic" and paths are resolved.
 """
+import math
 import os
 from pathlib import Path
 
@@ -23,8 +24,19 @@ DEFAULT_TRAIN_METRICS = {"SELF_SUPERVISED": ["psnr"], "SEMANTIC_SEG": ["iou"]}
 
 
 def _one_of(key, value, choices):
-    if value not in choices:
-        raise ConfigError(f"{key}: {value!r} is not valid; expected one of {', '.join(map(str, choices))}")
+    """The choice `value` names, its letter case ignored ('ELU' as BiaPy writes it, 'adamw'); ConfigError if none."""
+    for choice in choices:
+        if value == choice or (isinstance(value, str) and isinstance(choice, str) and value.lower() == choice.lower()):
+            return choice
+    shown = ", ".join("'' (none)" if c == "" else str(c) for c in choices)
+    raise ConfigError(f"{key}: {value!r} is not valid; expected one of {shown}")
+
+
+def _pick(node, name, key, choices):
+    """Check node[name] against `choices` and store the canonical spelling of the one it names."""
+    canonical = _one_of(key, node[name], choices)
+    if canonical != node[name]:  # only then: a frozen config that is already canonical passes too
+        node[name] = canonical
 
 
 def _at_least(key, value, low):
@@ -59,10 +71,10 @@ def ndim_of(cfg) -> int:
 
 
 def _check_problem(cfg):
-    _one_of("PROBLEM.TYPE", cfg.PROBLEM.TYPE, ("SELF_SUPERVISED", "SEMANTIC_SEG"))
-    _one_of("PROBLEM.NDIM", cfg.PROBLEM.NDIM, ("2D", "3D"))
+    _pick(cfg.PROBLEM, "TYPE", "PROBLEM.TYPE", ("SELF_SUPERVISED", "SEMANTIC_SEG"))
+    _pick(cfg.PROBLEM, "NDIM", "PROBLEM.NDIM", ("2D", "3D"))
     ssl = cfg.PROBLEM.SELF_SUPERVISED
-    _one_of("PROBLEM.SELF_SUPERVISED.PRETEXT_TASK", ssl.PRETEXT_TASK, ("crappify", "masking"))
+    _pick(ssl, "PRETEXT_TASK", "PROBLEM.SELF_SUPERVISED.PRETEXT_TASK", ("crappify", "masking"))
     _one_of("PROBLEM.SELF_SUPERVISED.RESIZING_FACTOR", ssl.RESIZING_FACTOR, (2, 4, 6))
     if not 0 <= ssl.NOISE <= 1:
         raise ConfigError(f"PROBLEM.SELF_SUPERVISED.NOISE: {ssl.NOISE} is out of range; expected a value in [0, 1]")
@@ -104,7 +116,7 @@ def _check_system(cfg):
 
 def _check_data(cfg):
     norm = cfg.DATA.NORMALIZATION
-    _one_of("DATA.NORMALIZATION.TYPE", norm.TYPE, ("zero_mean_unit_variance", "div", "scale_range", "custom"))
+    _pick(norm, "TYPE", "DATA.NORMALIZATION.TYPE", ("zero_mean_unit_variance", "div", "scale_range", "custom"))
     std = list(norm.ZERO_MEAN_UNIT_VAR.STD_VAL)
     if norm.TYPE == "custom" and std and any(v != -1 for v in std) and not all(v > 0 for v in std):
         raise ConfigError(f"DATA.NORMALIZATION.ZERO_MEAN_UNIT_VAR.STD_VAL: {std} must hold positive values "
@@ -117,6 +129,13 @@ def _check_data(cfg):
                 raise ConfigError(f"DATA.NORMALIZATION.PERC_CLIP.{name}: {v} is out of range; expected -1 or 0..100")
         if clip.LOWER_PERC != -1 and clip.UPPER_PERC != -1 and clip.LOWER_PERC >= clip.UPPER_PERC:
             raise ConfigError("DATA.NORMALIZATION.PERC_CLIP: LOWER_PERC must be below UPPER_PERC")
+        lower, upper = list(clip.LOWER_VALUE), list(clip.UPPER_VALUE)
+        if clip.LOWER_PERC == -1 and clip.UPPER_PERC == -1 and lower != [-1.0] and upper != [-1.0]:
+            n = max(len(lower), len(upper))
+            fits = all(len(v) in (1, n) for v in (lower, upper))  # a single value applies to every channel
+            if not fits or any(lower[min(i, len(lower) - 1)] >= upper[min(i, len(upper) - 1)] for i in range(n)):
+                raise ConfigError(f"DATA.NORMALIZATION.PERC_CLIP: LOWER_VALUE {lower} must be below UPPER_VALUE "
+                                  f"{upper}, channel by channel (1 value, or one per channel)")
     _in_open_range("DATA.VAL.SPLIT_TRAIN", cfg.DATA.VAL.SPLIT_TRAIN, 0, 1)
     ppi = cfg.DATA.TRAIN.PATCHES_PER_IMAGE
     if ppi != -1 and ppi < 1:
@@ -157,6 +176,9 @@ def _check_model(cfg):
     task = cfg.PROBLEM.SELF_SUPERVISED.PRETEXT_TASK if cfg.PROBLEM.TYPE == "SELF_SUPERVISED" else None
     allowed = ARCHITECTURES[(cfg.PROBLEM.TYPE, task)]
     what = f"{cfg.PROBLEM.TYPE}" + (f" with PRETEXT_TASK {task}" if task else "")
+    canonical = next((a for a in allowed if str(m.ARCHITECTURE).lower() == a), m.ARCHITECTURE)
+    if canonical != m.ARCHITECTURE:
+        m.ARCHITECTURE = canonical
     if m.ARCHITECTURE not in allowed:
         raise ConfigError(f"MODEL.ARCHITECTURE: {m.ARCHITECTURE!r} is not available for {what}; "
                           f"expected one of {', '.join(allowed)}")
@@ -178,11 +200,11 @@ def _check_model(cfg):
                           f"(one per down-sampling of MODEL.FEATURE_MAPS)")
     for z in m.Z_DOWN:
         _one_of("MODEL.Z_DOWN values", z, (0, 1, 2))
-    _one_of("MODEL.NORMALIZATION", m.NORMALIZATION, ("bn", "in", "gn", "none"))
-    _one_of("MODEL.ACTIVATION", m.ACTIVATION, ("elu", "relu", "leaky_relu", "gelu", "silu"))
-    _one_of("MODEL.MAE_MASK_TYPE", m.MAE_MASK_TYPE, ("random", "grid"))
+    _pick(m, "NORMALIZATION", "MODEL.NORMALIZATION", ("bn", "in", "gn", "none"))
+    _pick(m, "ACTIVATION", "MODEL.ACTIVATION", ("elu", "relu", "leaky_relu", "gelu", "silu"))
+    _pick(m, "MAE_MASK_TYPE", "MODEL.MAE_MASK_TYPE", ("random", "grid"))
     _in_open_range("MODEL.MAE_MASK_RATIO", m.MAE_MASK_RATIO, 0, 1, include_low=True)
-    _one_of("MODEL.LOAD_CHECKPOINT_EPOCH", m.LOAD_CHECKPOINT_EPOCH, ("best_on_val", "last_on_train"))
+    _pick(m, "LOAD_CHECKPOINT_EPOCH", "MODEL.LOAD_CHECKPOINT_EPOCH", ("best_on_val", "last_on_train"))
     _at_least("MODEL.FREEZE_ENCODER_EPOCHS", m.FREEZE_ENCODER_EPOCHS, 0)
     if cfg.PROBLEM.TYPE == "SEMANTIC_SEG":
         _at_least("MODEL.N_CLASSES", m.N_CLASSES, 2)
@@ -192,6 +214,27 @@ def _check_model(cfg):
                               f"{m.N_CLASSES}; expected -1 (none) or 0..{m.N_CLASSES - 1}")
     if m.ARCHITECTURE in ("mae", "unetr"):
         _check_vit(cfg)
+    if task == "masking":
+        _check_masking(cfg)
+
+
+def _check_masking(cfg):
+    """A random mask must hide at least one block (U-Net) or token (MAE) of a patch, or nothing is learned."""
+    m = cfg.MODEL
+    if m.ARCHITECTURE == "mae":
+        if m.MAE_MASK_TYPE == "grid":  # a fixed pattern, whatever the ratio
+            return
+        unit, unit_key = m.VIT_TOKEN_SIZE, "MODEL.VIT_TOKEN_SIZE"
+    else:
+        unit, unit_key = cfg.PROBLEM.SELF_SUPERVISED.MASK_BLOCK_SIZE, "PROBLEM.SELF_SUPERVISED.MASK_BLOCK_SIZE"
+    spatial = tuple(cfg.DATA.PATCH_SIZE[:-1])
+    blocks = math.prod(-(-s // min(unit, s)) for s in spatial)
+    ratio = m.MAE_MASK_RATIO
+    hidden = min(round(blocks * ratio), blocks - 1) if ratio > 0 else 0  # as models.masking.hidden_count
+    if hidden < 1:
+        raise ConfigError(f"MODEL.MAE_MASK_RATIO: {ratio} hides none of the {blocks} block(s) of {unit} pixels "
+                          f"({unit_key}) in a DATA.PATCH_SIZE {spatial} patch, so masking would learn nothing; "
+                          "raise the ratio or use smaller blocks")
 
 
 def _check_vit(cfg):
@@ -215,7 +258,9 @@ def _check_vit(cfg):
 
 def _check_train(cfg):
     t = cfg.TRAIN
-    _one_of("TRAIN.OPTIMIZER", t.OPTIMIZER, ("SGD", "ADAM", "ADAMW"))
+    if not t.ENABLE and not cfg.TEST.ENABLE:
+        raise ConfigError("TRAIN.ENABLE and TEST.ENABLE are both False: the job would do nothing; set one to True")
+    _pick(t, "OPTIMIZER", "TRAIN.OPTIMIZER", ("SGD", "ADAM", "ADAMW"))
     if t.LR <= 0:
         raise ConfigError(f"TRAIN.LR: {t.LR} is out of range; expected a positive number")
     _at_least("TRAIN.W_DECAY", t.W_DECAY, 0)
@@ -227,9 +272,9 @@ def _check_train(cfg):
     if t.PATIENCE != -1:
         _at_least("TRAIN.PATIENCE", t.PATIENCE, 1)
     _at_least("TRAIN.GRADIENT_CLIP_NORM", t.GRADIENT_CLIP_NORM, 0)
-    _one_of("TRAIN.AMP", t.AMP, ("auto", "bf16", "fp16", "off"))
+    _pick(t, "AMP", "TRAIN.AMP", ("auto", "bf16", "fp16", "off"))
     s = t.LR_SCHEDULER
-    _one_of("TRAIN.LR_SCHEDULER.NAME", s.NAME, ("", "warmupcosine", "reduceonplateau", "onecycle"))
+    _pick(s, "NAME", "TRAIN.LR_SCHEDULER.NAME", ("", "warmupcosine", "reduceonplateau", "onecycle"))
     if s.NAME == "warmupcosine" and s.WARMUP_COSINE_DECAY_EPOCHS > t.EPOCHS:  # equal: warmup only, as BiaPy allows
         raise ConfigError(f"TRAIN.LR_SCHEDULER.WARMUP_COSINE_DECAY_EPOCHS: {s.WARMUP_COSINE_DECAY_EPOCHS} "
                           f"must not exceed TRAIN.EPOCHS ({t.EPOCHS})")
@@ -249,7 +294,7 @@ def _check_loss_and_metrics(cfg):
     problem = cfg.PROBLEM.TYPE
     if cfg.LOSS.TYPE:
         masking = problem == "SELF_SUPERVISED" and cfg.PROBLEM.SELF_SUPERVISED.PRETEXT_TASK == "masking"
-        _one_of("LOSS.TYPE", cfg.LOSS.TYPE, ("MAE", "MSE") if masking else LOSSES[problem])
+        _pick(cfg.LOSS, "TYPE", "LOSS.TYPE", ("MAE", "MSE") if masking else LOSSES[problem])
     w = list(cfg.LOSS.WEIGHTS)
     if w and (len(w) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
                                      and v < float("inf") for v in w)):
@@ -338,6 +383,8 @@ def finalize(cfg, job):
     if cfg.SYSTEM.NUM_WORKERS == -1:
         # On a 1-2 core machine worker processes only compete with the model for the cores.
         cfg.SYSTEM.NUM_WORKERS = 0 if cfg.SYSTEM.NUM_CPUS <= 2 else min(cfg.SYSTEM.NUM_CPUS - 1, 4)
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cpus
+    cfg.SYSTEM.NUM_WORKERS = min(cfg.SYSTEM.NUM_WORKERS, usable)  # more only adds processes (BiaPy templates ask 5)
     problem = cfg.PROBLEM.TYPE
     if not cfg.LOSS.TYPE:
         masking = problem == "SELF_SUPERVISED" and cfg.PROBLEM.SELF_SUPERVISED.PRETEXT_TASK == "masking"

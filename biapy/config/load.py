@@ -97,6 +97,8 @@ def coerce(key, value, default):
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):  # `TEST.ENABLE false` on the command line
+            return value.lower() == "true"
     elif isinstance(default, int):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -137,6 +139,8 @@ def _suggest(key, valid):
 BIAPY_HINTS = {
     "TEST.BY_CHUNKS.": " (3D test volumes are read, predicted, written and scored by slabs whenever "
                        "DATA.TEST.IN_MEMORY is False, the default)",
+    "MODEL.": " (the network built here may differ from the one BiaPy builds with it)",
+    "AUGMENTOR.": " (that augmentation is not applied)",
 }
 
 # Filled in at start from the command line (the results tree, --gpu); a value given for them is replaced.
@@ -162,6 +166,10 @@ def merge_values(cfg, values: dict, source: str):
                 hint = next((h for prefix, h in BIAPY_HINTS.items() if key.startswith(prefix)), "")
                 log.warning("%s: %s is a BiaPy option this tool does not use; ignored%s", source, key, hint)
                 continue
+            inside = [v for v in valid if v.startswith(f"{target}.")]
+            if inside:
+                raise ConfigError(f"{source}: {key} is a section of keys, not a value; write its keys under it "
+                                  f"(e.g. {inside[0]})")
             raise ConfigError(f"{source}: unknown key {key}{_suggest(key, valid)}")
         node = cfg
         *parents, leaf = target.split(".")
@@ -190,13 +198,29 @@ def dump_config(cfg) -> str:
     return yaml.dump(plain_tree(cfg), Dumper=_NoAliasDumper)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """The safe loader, refusing a key written twice in one mapping (YAML would keep the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"{key} appears twice in the same section",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path) -> dict:
     """The YAML file as a flat {'A.B': value} mapping (safe loader: no code is run)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--config: {path} is a folder; expected a YAML file")
     if not path.is_file():
         raise ConfigError(f"--config: file {path} does not exist")
     try:
-        tree = yaml.safe_load(path.read_text())
+        tree = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""

@@ -34,6 +34,24 @@ def _suffix(path) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
 
 
+def image_stem(path) -> str:
+    """The file name without its image extension ('a.ome.tif' -> 'a', 'cell.v0.tif' -> 'cell.v0')."""
+    name = Path(path).name
+    ext = _suffix(name)
+    stem = name[: len(name) - len(ext)] if ext else name
+    return stem[:-4] if stem.lower().endswith(".ome") else stem
+
+
+def check_unique_stems(paths, key: str) -> None:
+    """Outputs are named after their input's stem: 'cell.png' and 'cell.tif' would overwrite each other."""
+    seen = {}
+    for path in paths:
+        other = seen.setdefault(image_stem(path), path)
+        if other is not path:
+            raise DataError(f"{key}: {Path(other).name} and {Path(path).name} would write the same output files "
+                            f"('{image_stem(path)}'); rename one of them")
+
+
 def list_images(folder, key: str) -> list[Path]:
     """Supported images of `folder` sorted by name (hidden files skipped)."""
     if not folder or not Path(folder).is_dir():
@@ -74,8 +92,13 @@ def _not_empty(shape, path):
         raise DataError(f"{path}: image of shape {shape} holds no pixels (expected at least one along every axis)")
 
 
-def _plain_plan(shape, ndim, path) -> _AxesPlan:
-    """Arrays stored without axis names: (z,) y, x (, c), leading singleton axes ignored."""
+def _plain_plan(shape, ndim, path, guess=None) -> _AxesPlan:
+    """Arrays stored without axis names: (z,) y, x (, c), leading singleton axes ignored.
+
+    `guess` (files that may not hold channels last: TIFF, Zarr/HDF5): the channel axis is the samples axis S
+    of the writer's guess (tifffile's axes, `guess` as a string) where it has one; else, as BiaPy reads such
+    files, the first axis when it has at most 3 values and the last more.
+    """
     shape = tuple(int(s) for s in shape)
     _not_empty(shape, path)
     lead = 0
@@ -85,7 +108,16 @@ def _plain_plan(shape, ndim, path) -> _AxesPlan:
     if n not in (ndim, ndim + 1):
         raise DataError(f"{path}: array of shape {shape} does not fit a {ndim}D image (expected "
                         f"{'(z, y, x[, c])' if ndim == 3 else '(y, x[, c])'})")
-    return _AxesPlan(shape, tuple(range(lead, len(shape))), tuple(range(n)), n == ndim)
+    keep = tuple(range(lead, len(shape)))
+    channel = n - 1
+    if n == ndim + 1 and guess is not None:
+        axes = guess if isinstance(guess, str) and len(guess) == len(shape) else ""
+        if axes.find("S") >= lead:
+            channel = axes.index("S") - lead
+        elif shape[lead] <= 3 < shape[-1]:
+            channel = 0
+    order = tuple(i for i in range(n) if i != channel) + (channel,)
+    return _AxesPlan(shape, keep, order, n == ndim)
 
 
 def _named_plan(shape, axes, ndim, path) -> _AxesPlan:
@@ -144,7 +176,7 @@ def _tiff_header(path, ndim):
     except Exception as e:  # tifffile raises many types for broken files
         raise DataError(f"{path}: cannot read TIFF ({type(e).__name__}: {e})") from None
     if shaped is not None and "axes" not in shaped and not tif.is_imagej:
-        plan = _plain_plan(shape, ndim, path)
+        plan = _plain_plan(shape, ndim, path, guess=axes)
     else:
         plan = _named_plan(shape, axes, ndim, path)
     return plan, dtype, offset
@@ -186,7 +218,7 @@ def read_image(path, ndim: int) -> np.ndarray:
             plan = _plain_plan(arr.shape, 2, path)
         elif ext in CHUNKED_EXTS:
             arr = np.asarray(_open_chunked(path)[...])
-            plan = _plain_plan(arr.shape, ndim, path)
+            plan = _plain_plan(arr.shape, ndim, path, guess=True)
         else:
             arr = _read_nifti(path, ndim)
             plan = _plain_plan(arr.shape, ndim, path)
@@ -238,7 +270,7 @@ def image_shape(path, ndim: int) -> tuple:
         return _tiff_header(path, ndim)[0].shape
     if ext in CHUNKED_EXTS:
         try:
-            return _plain_plan(_open_chunked(path).shape, ndim, path).shape
+            return _plain_plan(_open_chunked(path).shape, ndim, path, guess=True).shape
         except DataError:
             raise
         except Exception as e:
@@ -391,7 +423,7 @@ def open_image_lazy(path, ndim: int):
     elif ext in CHUNKED_EXTS:
         try:
             arr = _open_chunked(path)
-            return LazyStore(path, _plain_plan(arr.shape, ndim, path), lambda: _open_chunked(path))
+            return LazyStore(path, _plain_plan(arr.shape, ndim, path, guess=True), lambda: _open_chunked(path))
         except DataError:
             raise
         except Exception as e:

@@ -131,6 +131,10 @@ class Normalizer:
                 lo = np.percentile(some, self.lower_perc, axis=0)
             if self.upper_perc != -1:
                 hi = np.percentile(some, self.upper_perc, axis=0)
+        for name, given in (("LOWER_VALUE", self.lower_value), ("UPPER_VALUE", self.upper_value)):
+            if given is not None and len(given) not in (1, c):
+                raise DataError(f"DATA.NORMALIZATION.PERC_CLIP.{name} holds {len(given)} channel value(s) but the "
+                                f"image has {c} channel(s); expected 1 or {c}")
         if lo is None and self.lower_value is not None:
             lo = np.broadcast_to(self.lower_value, (c,)).astype(np.float64)
         if hi is None and self.upper_value is not None:

@@ -66,9 +66,14 @@ def broadcast_object(value, src=0):
     return box[0]
 
 
-def cleanup() -> None:
-    """Wait for every rank, then leave the process group (safe to call when none exists)."""
+def cleanup(wait=True) -> None:
+    """Wait for every rank, then leave the process group (safe to call when none exists).
+
+    `wait=False` after a failure: this rank exits at once, so the others (blocked in a collective) see it
+    gone and torchrun stops them; a barrier here would hang against their collective until the timeout."""
     if not is_initialized():
+        return
+    if not wait:
         return
     try:
         tdist.barrier()

@@ -38,14 +38,19 @@ def _data_range(target: torch.Tensor, data_range) -> torch.Tensor:
     return rng.clamp_min(1e-8)
 
 
+def _diff(pred, target) -> torch.Tensor:
+    """pred - target in float64 (B, N): squares and sums of huge pixel values (1e20 and up) stay finite."""
+    return _per_sample(pred.float() - target.float()).double()
+
+
 def mse(pred, target, reduction="mean"):
-    """Mean squared error; 'none'/'per_sample' -> one value per sample (B,)."""
-    return _reduce(_per_sample((pred.float() - target.float()) ** 2).mean(1), reduction)
+    """Mean squared error (float64); 'none'/'per_sample' -> one value per sample (B,)."""
+    return _reduce((_diff(pred, target) ** 2).mean(1), reduction)
 
 
 def mae(pred, target, reduction="mean"):
-    """Mean absolute error; 'none'/'per_sample' -> one value per sample (B,)."""
-    return _reduce(_per_sample((pred.float() - target.float()).abs()).mean(1), reduction)
+    """Mean absolute error (float64); 'none'/'per_sample' -> one value per sample (B,)."""
+    return _reduce(_diff(pred, target).abs().mean(1), reduction)
 
 
 def psnr_from_mse(mse_value, data_range):
@@ -64,7 +69,7 @@ def psnr_from_mse(mse_value, data_range):
 def psnr(pred, target, data_range=None, reduction="mean"):
     """PSNR per sample (capped at PSNR_CAP), then reduced; data_range None = target's max - min per sample."""
     err = mse(pred, target, reduction="none")
-    rng2 = _data_range(target, data_range) ** 2
+    rng2 = _data_range(target, data_range).double() ** 2
     floor = rng2 * 10.0 ** (-PSNR_CAP / 10.0)
     values = 10.0 * torch.log10(rng2 / torch.maximum(err, floor))
     return _reduce(values, reduction)
@@ -95,16 +100,25 @@ def ssim_window(spatial, win_size=11) -> int:
 
 def ssim_valid_map(x, y, rng, win, sigma=1.5):
     """SSIM map of float (B, C, *spatial) tensors where the whole window fits ('valid': every spatial
-    axis shrinks by win - 1); `rng` (B,) data ranges."""
+    axis shrinks by win - 1); `rng` (B,) data ranges.
+
+    Computed on (v - offset) / range, one offset per sample (the target's mean): the same SSIM, but
+    the variances E[v^2] - mu^2 do not cancel away in float32 on bright or offset images (uint16 near
+    60000, floats near 1e6) and huge values do not overflow. The luminance term adds the offset back.
+    """
     kernel = _gaussian_1d(win, sigma, x.device, x.dtype)
-    rng = rng.reshape(-1, *([1] * (x.dim() - 1)))
-    c1, c2 = (0.01 * rng) ** 2, (0.03 * rng) ** 2
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    rng = rng.to(x.dtype).reshape(shape)
+    offset = y.detach().mean(dim=tuple(range(1, y.dim())), keepdim=True, dtype=torch.float64).to(x.dtype)
+    x, y = (x - offset) / rng, (y - offset) / rng
+    c1, c2 = 0.01 ** 2, 0.03 ** 2  # (K * range)^2 in units of the range
     mu_x, mu_y = _blur(x, kernel), _blur(y, kernel)
     sxx = _blur(x * x, kernel) - mu_x ** 2
     syy = _blur(y * y, kernel) - mu_y ** 2
     sxy = _blur(x * y, kernel) - mu_x * mu_y
-    num = (2 * mu_x * mu_y + c1) * (2 * sxy + c2)
-    den = (mu_x ** 2 + mu_y ** 2 + c1) * (sxx + syy + c2)
+    lum_x, lum_y = mu_x + offset / rng, mu_y + offset / rng
+    num = (2 * lum_x * lum_y + c1) * (2 * sxy + c2)
+    den = (lum_x ** 2 + lum_y ** 2 + c1) * (sxx + syy + c2)
     return num / den
 
 

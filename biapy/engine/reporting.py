@@ -8,12 +8,13 @@ from biapy.utils.train_log import write_train_log
 log = logging.getLogger(__name__)
 
 
-def describe_model(model, job, is_main) -> None:
+def describe_model(model, job, is_main, architecture) -> None:
     """Model summary with parameter counts in the log, and model_plot_<job id>.png in the charts."""
     if not is_main:
         return
     from biapy.models.summary import count_parameters, model_summary
-    log.info("Model %s: %s parameters (%s trainable)\n%s", type(model).__name__, f"{count_parameters(model):,}",
+    log.info("Model %s (%s): %s parameters (%s trainable)\n%s", architecture, type(model).__name__,
+             f"{count_parameters(model):,}",
              f"{count_parameters(model, trainable_only=True):,}", model_summary(model))
     try:
         plot_model(model, job.charts / f"model_plot_{job.id}.png")

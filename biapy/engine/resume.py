@@ -1,10 +1,12 @@
 """What a training checkpoint holds and how it is restored: exact resume, starting weights, test weights.
 
 Payload keys: model, optimizer, scheduler, scaler, epoch (epochs completed, or the epoch in progress when
-step_in_epoch > 0), step_in_epoch, partial_loss (sum, count of that partial epoch), best_val, bad_epochs,
+step_in_epoch > 0), step_in_epoch, partial_loss (sum, count of that partial epoch over all ranks),
+epoch_steps and world_size (the layout step_in_epoch refers to), best_val, bad_epochs,
 stopped_early, history, rng (torch/numpy/python/cuda), config (YAML text), metadata, extras.
 """
 import logging
+import re
 from pathlib import Path
 
 from biapy.engine.checkpoint import (check_compatible, check_same_task, checkpoint_metadata,
@@ -25,7 +27,9 @@ def build_payload(t, epoch, step_in_epoch=0, partial_loss=(0.0, 0)) -> dict:
         "scaler": t.scaler.state_dict() if t.scaler is not None else None,
         "epoch": int(epoch),
         "step_in_epoch": int(step_in_epoch),
-        "partial_loss": [float(partial_loss[0]), int(partial_loss[1])],
+        "partial_loss": [float(partial_loss[0]), int(partial_loss[1])],  # summed over every rank
+        "epoch_steps": len(t.wf.train_loader),  # per rank: where step_in_epoch is valid
+        "world_size": int(t.dist.world_size),
         "best_val": float(t.best_val),
         "bad_epochs": int(t.bad_epochs),
         "stopped_early": bool(t.stopped_early),
@@ -56,6 +60,7 @@ def restore_training(t, state, path, with_rng=True) -> None:
     t.start_epoch = int(state.get("epoch", 0))
     t.skip_steps = int(state.get("step_in_epoch", 0))
     t.partial_loss = tuple(state.get("partial_loss", (0.0, 0)))
+    t.saved_layout = {k: int(state[k]) for k in ("epoch_steps", "world_size") if k in state}
     t.best_val = float(state.get("best_val", float("inf")))
     t.bad_epochs = int(state.get("bad_epochs", 0))
     t.stopped_early = bool(state.get("stopped_early", False))
@@ -124,11 +129,21 @@ def resume_or_start(t) -> bool:
             raise ConfigError(f"TRAIN.EPOCHS: {cfg.TRAIN.EPOCHS}, but {path.name} already holds {t.start_epoch} epoch(s) "
                               "and MODEL.LOAD_CHECKPOINT_ONLY_WEIGHTS False continues its count; raise TRAIN.EPOCHS "
                               "above it, or set TRAIN.ENABLE False to only test it")
+        # This run keeps its own best checkpoint and patience: another run's best validation loss would stop
+        # it from ever writing one (and early stopping from counting its own epochs).
+        t.best_val, t.bad_epochs, t.stopped_early = float("inf"), 0, False
         log.info("Continuing from epoch %d of %s (optimizer and schedule restored)", t.start_epoch, path.name)
     if t.dist.is_main and cfg.PATHS.CHECKPOINT_FILE:
         from biapy.runner import record_derived_model
         record_derived_model(path, job)
     return True
+
+
+def _runs_with_checkpoints(job) -> str:
+    """'runs with checkpoints: 1, 3 (pass --run_id); ' for this job, or '' when it has none."""
+    pattern = re.compile(re.escape(job.name) + r"_(\d+)-checkpoint-")
+    ids = sorted({int(m.group(1)) for f in job.checkpoint_dir.glob("*.pth") if (m := pattern.match(f.name))})
+    return f"runs with checkpoints: {', '.join(map(str, ids))} (pass --run_id); " if ids else ""
 
 
 def load_for_test(wf) -> Path:
@@ -141,8 +156,10 @@ def load_for_test(wf) -> Path:
         best, last = job.checkpoint("best"), job.checkpoint("last")
         path = last if cfg.MODEL.LOAD_CHECKPOINT_EPOCH == "last_on_train" or not best.exists() else best
         if not path.exists():
-            raise CheckpointError(f"{best}: no checkpoint of this job to test (train first, or set "
-                                  "MODEL.LOAD_CHECKPOINT True with PATHS.CHECKPOINT_FILE)")
+            raise CheckpointError(f"{best}: no checkpoint of run {job.run_id} to test ({_runs_with_checkpoints(job)}"
+                                  "train first, or set MODEL.LOAD_CHECKPOINT True with PATHS.CHECKPOINT_FILE)")
+        if path == last and cfg.MODEL.LOAD_CHECKPOINT_EPOCH == "best_on_val":
+            log.info("No %s (no validation loss was recorded): testing the last weights", best.name)
     model = getattr(wf.model, "module", wf.model)
     model = getattr(model, "_orig_mod", model)
     external = not cfg.TRAIN.ENABLE and cfg.MODEL.LOAD_CHECKPOINT and cfg.PATHS.CHECKPOINT_FILE

@@ -120,6 +120,16 @@ class StopRequest:
         return False
 
 
+def _standard_strides_where_equivalent(model):
+    """Weights whose channels-last and contiguous layouts hold the same bytes (a 1x1 head [1, C, 1, 1, 1])
+    get plain strides back: their gradients come out plain, and DDP warns on every step when a gradient's
+    strides differ from its parameter's."""
+    for p in model.parameters():
+        plain = p.data.clone(memory_format=torch.contiguous_format)
+        if p.is_contiguous() and p.stride() != plain.stride():
+            p.data = plain
+
+
 class Trainer:
     def __init__(self, wf):
         self.wf, self.cfg, self.job, self.dist = wf, wf.cfg, wf.job, wf.dist
@@ -133,10 +143,12 @@ class Trainer:
         if t.CHANNELS_LAST and self.cfg.MODEL.ARCHITECTURE in CNN_ARCHS:
             is3d = str(self.cfg.PROBLEM.NDIM).upper() == "3D"
             self.model.to(memory_format=torch.channels_last_3d if is3d else torch.channels_last)
+            _standard_strides_where_equivalent(self.model)
         self.optimizer = build_optimizer(self.model, self.cfg)
         self.steps_per_epoch = math.ceil(len(wf.train_loader) / self.accum)
         self.scheduler = build_scheduler(self.optimizer, self.cfg, self.steps_per_epoch)
         self.start_epoch, self.skip_steps, self.partial_loss = 0, 0, (0.0, 0)
+        self.saved_layout = {}  # epoch_steps and world_size of the run that saved a mid-epoch checkpoint
         self.best_val, self.bad_epochs, self.stopped_early = math.inf, 0, False
         self.history = []
         self.config_text = dump_config(self.cfg)  # stored in every checkpoint; dumping takes ~6 ms
@@ -183,12 +195,12 @@ class Trainer:
     def fit(self):
         """Train (or resume) for TRAIN.EPOCHS; returns the per-epoch history."""
         resumed = R.resume_or_start(self)
+        if not resumed:  # already finished: nothing new yet (a test phase that follows calls `ready` when done)
+            return self.history
         if hasattr(self.wf, "ready"):
             self.wf.ready()
-        if not resumed:
-            return self.history
         self._apply_freeze(self.start_epoch)  # first, so the model table counts a frozen encoder as such
-        describe_model(self.model, self.job, self.dist.is_main)
+        describe_model(self.model, self.job, self.dist.is_main, self.cfg.MODEL.ARCHITECTURE)
         reporter = EpochReporter(self.cfg, self.job, self.dist.is_main)
         plain = self.wf.model
         try:
@@ -283,8 +295,9 @@ class Trainer:
         wf.model = self.train_model
         set_epoch(loader, epoch)
         n = len(loader)
-        skip = self.skip_steps if epoch == self.start_epoch else 0
-        loss_sum, loss_count = self.partial_loss if skip else (0.0, 0)
+        skip = self._resume_position(n) if epoch == self.start_epoch else 0
+        # The saved partial loss is every rank's total: rank 0 carries it into the epoch's all-reduce.
+        loss_sum, loss_count = self.partial_loss if skip and self.dist.is_main else (0.0, 0)
         self.skip_steps, self.partial_loss = 0, (0.0, 0)
         with tqdm(total=n, initial=skip, desc=f"Epoch {epoch + 1}/{self.epochs}", unit="step", leave=False,
                   disable=None if self.dist.is_main else True, dynamic_ncols=True) as bar:
@@ -292,6 +305,19 @@ class Trainer:
         totals = all_reduce_sum(torch.tensor([loss_sum, float(loss_count)], dtype=torch.float64,
                                              device=self.device))
         return float(totals[0] / totals[1].clamp_min(1))
+
+    def _resume_position(self, n) -> int:
+        """Steps of the interrupted epoch to skip; 0 (the epoch restarts) when the saved position belongs to
+        another epoch layout (TRAIN.BATCH_SIZE, the data or the number of processes changed)."""
+        skip, saved = self.skip_steps, self.saved_layout
+        if skip and (skip >= n or saved.get("epoch_steps", n) != n
+                     or saved.get("world_size", self.dist.world_size) != self.dist.world_size):
+            log.warning("The checkpoint stopped at step %d of %s, but an epoch here has %d steps on %d process(es): "
+                        "epoch %d restarts from its first step", skip, saved.get("epoch_steps", "?"), n,
+                        self.dist.world_size, self.start_epoch + 1)
+            self.partial_loss = (0.0, 0)
+            return 0
+        return skip
 
     def _steps(self, epoch, n, skip, loss_sum, loss_count, bar):
         wf = self.wf
@@ -322,9 +348,11 @@ class Trainer:
                 loss_sum, loss_count = self._flush(window, filled, step, epoch, loss_sum, loss_count, bar)
                 filled = 0
             if stopping and step < n - 1:
+                partial = all_reduce_sum(torch.tensor([loss_sum, float(loss_count)], dtype=torch.float64,
+                                                      device=self.device))
                 if self.dist.is_main:
                     R.save(self, self.job.checkpoint("last"), epoch=epoch, step_in_epoch=step + 1,
-                           partial_loss=(loss_sum, loss_count))
+                           partial_loss=(float(partial[0]), int(partial[1])))
                 log.warning("Stopped at epoch %d, step %d/%d; %s saved, run the same command again to resume",
                             epoch + 1, step + 1, n, self.job.checkpoint("last").name)
                 raise KeyboardInterrupt

@@ -5,6 +5,7 @@ A subclass says what the network sees and learns (`input_target_files`, `compute
 (`finish_prediction`). The training loop itself lives in `biapy.engine.trainer`.
 """
 import logging
+import shutil
 from abc import ABC, abstractmethod
 from functools import partial
 from pathlib import Path
@@ -16,13 +17,15 @@ from tqdm import tqdm
 from biapy.config import ndim_of
 from biapy.data.augmentation import Augmentor
 from biapy.data.datasets import PatchDataset, split_train_val
-from biapy.data.io import (check_consistent_channels, count_non_finite, image_shape, list_images, non_finite_error,
-                           open_image_lazy, read_image, write_image, write_image_slices)
+from biapy.data.io import (check_consistent_channels, check_unique_stems, count_non_finite, image_shape, list_images,
+                           non_finite_error, open_image_lazy, read_image, write_image, write_image_slices)
 from biapy.data.normalization import Normalizer
 from biapy.data.patches import assemble, predict_augmented, predict_full, predict_slabs
+from biapy.engine.distributed import barrier
 from biapy.engine.loaders import make_loader
 from biapy.errors import DataError
 from biapy.models import build_model, required_divisor
+from biapy.utils.files import replace_folder
 from biapy.workflows.report import gather_rows, print_metrics_table, write_metrics_csv
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,7 @@ class Workflow(ABC):
         self.train_loader = self.val_loader = None
         self.train_dataset = self.val_dataset = None
         self.on_ready = None  # called once by `ready()` (the runner's config copies, on a re-run)
+        self.per_image = job.per_image  # where test outputs go; a staging folder while the test phase runs
 
     # ---------------------------------------------------------------- data
     def input_target_files(self, split):
@@ -54,8 +58,11 @@ class Workflow(ABC):
     def _check_channels(self, files, key):
         found = check_consistent_channels(files, self.ndim, key)
         if found != self.channels:
+            # Many 'channels' usually mean a file without axis names whose last axis is not its channels.
+            layout = (" (a file without axis names reads as (z,) y, x, channels; if it is a stack of slices or "
+                      "holds channels elsewhere, save it with ImageJ or OME axes)") if found > 8 else ""
             raise DataError(f"{files[0]}: has {found} channel(s) but DATA.PATCH_SIZE {tuple(self.cfg.DATA.PATCH_SIZE)} "
-                            f"asks for {self.channels}; set its last value to {found}")
+                            f"asks for {self.channels}; set its last value to {found}{layout}")
 
     def _check_patch_fits_images(self, files, key):
         """Stop when every training image is smaller than the patch along an axis: each patch would be mostly
@@ -168,7 +175,6 @@ class Workflow(ABC):
             Trainer(self).fit()
         if self.cfg.TEST.ENABLE:
             load_for_test(self)
-            self.ready()
             self.test()
 
     def ready(self):
@@ -182,6 +188,7 @@ class Workflow(ABC):
         """(sources, inputs) of the test phase, listed and their headers read: run before training too, so that
         a bad test folder stops the job then rather than after the last epoch."""
         sources, inputs = self.input_target_files("test")
+        check_unique_stems(sources, "DATA.TEST.PATH")
         self._check_channels(inputs, "DATA.TEST.PATH")
         return sources, inputs
 
@@ -239,8 +246,35 @@ class Workflow(ABC):
         return write_image(path, whole, self.ndim)
 
     def test(self):
-        cfg = self.cfg
+        """Predict, write and score every test image. Outputs go to a staging folder that replaces per_image/
+        only when all images succeeded: a failed re-run leaves the run's outputs and metrics as they were."""
         sources, inputs = self.check_test_inputs()
+        staging = self.job.results / ".per_image.partial"
+        if self.dist.is_main:
+            shutil.rmtree(staging, ignore_errors=True)  # left by a killed run
+        barrier()
+        self.per_image = staging
+        try:
+            rows = self._test_images(sources, inputs)
+        except BaseException:
+            if self.dist.is_main:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        finally:
+            self.per_image = self.job.per_image
+        if self.dist.is_main:
+            self.ready()
+            staging.mkdir(parents=True, exist_ok=True)  # no output file at all: per_image/ still ends up empty
+            replace_folder(staging, self.job.per_image)
+            if rows:
+                rows.sort(key=lambda r: r["file"])
+                write_metrics_csv(self.job.metrics_csv, rows)
+                print_metrics_table(rows, self.metric_table_title(), self.table_groups)
+        log.info("Test outputs in %s", self.job.per_image)
+
+    def _test_images(self, sources, inputs):
+        """This rank's share of the test images predicted and written to `self.per_image`; every rank's rows."""
+        cfg = self.cfg
         mine = list(range(self.dist.rank, len(sources), self.dist.world_size))
         rows = []
         # DATA.TEST.IN_MEMORY: every test image of this rank read up front, as BiaPy does, or each when
@@ -257,12 +291,7 @@ class Workflow(ABC):
             row = self.finish_prediction(sources[i], image, stats, self.predict_slabs(image, stats, inputs[i]))
             if row is not None:
                 rows.append(row)
-        rows = gather_rows(rows, self.dist)
-        if self.dist.is_main and rows:
-            rows.sort(key=lambda r: r["file"])
-            write_metrics_csv(self.job.metrics_csv, rows)
-            print_metrics_table(rows, self.metric_table_title(), self.table_groups)
-        log.info("Test outputs in %s", self.job.per_image)
+        return gather_rows(rows, self.dist)
 
     def metric_table_title(self):
         return "Test metrics (mean over images)"

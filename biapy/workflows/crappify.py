@@ -26,7 +26,9 @@ class CrappifyWorkflow(Workflow):
     def input_target_files(self, split):
         """Degraded copies (built once, rebuilt when parameters or sources change) and the originals."""
         node = self.cfg.DATA[split.upper()]
-        originals = list_images(node.PATH, f"DATA.{split.upper()}.PATH")
+        key = f"DATA.{split.upper()}.PATH"
+        originals = list_images(node.PATH, key)
+        self._check_channels(originals, key)  # before any degraded copy is made: the error names the user's file
         ssl = self.cfg.PROBLEM.SELF_SUPERVISED
         with main_first(self.dist):
             degraded = prepare_ssl_source(originals, Path(node.SSL_SOURCE_DIR), ssl.NOISE, ssl.RESIZING_FACTOR,
@@ -49,7 +51,7 @@ class CrappifyWorkflow(Workflow):
         restored = (self.normalizer.denormalize(np.moveaxis(slab.float().cpu().numpy(), 0, -1), stats)
                     for _, slab in slabs)
         shape = tuple(degraded.shape[:-1]) + (self.channels,)
-        written = self.write_slabs(self.job.per_image / Path(source).name, restored, shape, np.float32)
+        written = self.write_slabs(self.per_image / Path(source).name, restored, shape, np.float32)
         if not self.cfg.DATA.TEST.LOAD_GT:
             return None
         # Scored from the files, in float32 a slab at a time for 3D images (image_scores).

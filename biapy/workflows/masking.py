@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from biapy.data.io import list_images, write_image
+from biapy.data.io import image_stem, list_images, write_image
 from biapy.engine.losses import denormalize_tokens, masked_reconstruction_loss
 from biapy.models.masking import block_mask
 from biapy.workflows.base import Workflow
@@ -114,7 +114,7 @@ class MaskingWorkflow(Workflow):
                     hidden[row0:row0 + len(hid)] = hid > 0.5
                 yield recon
 
-        written = self.write_slabs(self.job.per_image / Path(source).name, reconstruction(),
+        written = self.write_slabs(self.per_image / Path(source).name, reconstruction(),
                                    spatial + (self.channels,), np.float32)
         if not scored:
             return None
@@ -151,7 +151,7 @@ class MaskingWorkflow(Workflow):
                 "reconstruction": recon,
                 "reconstruction_and_visible": recon * hidden + original * (1 - hidden),
             }
-            stem = path.name.split(".")[0]
+            stem = image_stem(path)
             for name, panel in panels.items():
                 write_image(self.job.mae_checks / f"{stem}_{name}.tif", panel.astype(np.float32), self.ndim)
             if tb is not None:

@@ -30,9 +30,37 @@ def write_metrics_csv(path, rows):
     atomic_write_text(path, buf.getvalue())
 
 
+def _numeric(rows):
+    return [k for k, v in rows[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
 def mean_columns(rows):
-    numeric = [k for k, v in rows[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    return {k: float(np.mean([r[k] for r in rows])) for k in numeric}
+    """Per-column means over the images that have a value (NaN: e.g. no hidden pixel in a small image)."""
+    means = {}
+    for k in _numeric(rows):
+        values = [r[k] for r in rows if not np.isnan(r[k])]
+        means[k] = float(np.mean(values)) if values else float("nan")
+    return means
+
+
+def skipped_note(rows):
+    """One line naming the columns some images had no value for, or '' when every image has all."""
+    missing = {k: sum(bool(np.isnan(r[k])) for r in rows) for k in _numeric(rows)}
+    missing = {k: n for k, n in missing.items() if n}
+    if not missing:
+        return ""
+    by_count = {}
+    for k, n in missing.items():
+        by_count.setdefault(n, []).append(k)
+    return "Means over the images with a value; " + "; ".join(
+        f"{n} image(s) have none for {', '.join(keys)}" for n, keys in by_count.items())
+
+
+def _cell(value) -> str:
+    """12 characters: fixed-point, or scientific where fixed-point would not fit or would show only zeros."""
+    if np.isfinite(value) and value != 0 and not 1e-3 <= abs(value) < 1e7:
+        return f"{value:>12.4e}"
+    return f"{value:>12.4f}"
 
 
 def format_table(means, title, groups=None):
@@ -44,12 +72,14 @@ def format_table(means, title, groups=None):
     width = max(len(label) for label in groups) + 2
     lines = [title, " " * width + "".join(f"{m:>12}" for m in metrics)]
     for label, prefix in groups.items():
-        cells = "".join(f"{means[prefix + m]:>12.4f}" if prefix + m in means else f"{'-':>12}" for m in metrics)
+        cells = "".join(_cell(means[prefix + m]) if prefix + m in means else f"{'-':>12}" for m in metrics)
         lines.append(f"{label:<{width}}{cells}")
     return "\n".join(lines)
 
 
 def print_metrics_table(rows, title, groups=None):
     text = format_table(mean_columns(rows), f"{title} over {len(rows)} image(s)", groups)
-    log.info("\n%s", text)
+    note = skipped_note(rows)
+    text += f"\n{note}" if note else ""
+    log.info("%s", text)
     return text

@@ -27,7 +27,7 @@ def _score(name, pred, target, data_range, mask=None):
         keep = mask.expand_as(pred) > 0.5
         if not keep.any():
             return float("nan")
-        diff = (pred - target)[keep]
+        diff = (pred - target)[keep].double()
         mse = float((diff ** 2).mean())
         if name == "mae":
             return float(diff.abs().mean())
@@ -37,7 +37,7 @@ def _score(name, pred, target, data_range, mask=None):
             return float(M.psnr_from_mse(mse, data_range))
         if name == "ssim":
             ssim_map = M.ssim(pred, target, data_range=data_range, reduction="none")
-            return float(ssim_map[keep].mean())
+            return float(ssim_map[keep].double().mean())
     if name == "psnr":
         return float(M.psnr(pred, target, data_range=data_range))
     if name == "ssim":

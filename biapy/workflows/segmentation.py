@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from biapy.data.io import list_images, write_image
+from biapy.data.io import image_stem, list_images, write_image
 from biapy.engine import metrics as M
 from biapy.engine.losses import build_loss
 from biapy.errors import DataError
@@ -96,13 +96,13 @@ class SegmentationWorkflow(Workflow):
                 yield np.moveaxis(probs.numpy(), 0, -1)
 
         if self.cfg.TEST.SAVE_PROBABILITIES:
-            stem = name.split(".")[0]
-            self.write_slabs(self.job.per_image / f"{stem}_probabilities.tif", probabilities(),
+            stem = image_stem(name)
+            self.write_slabs(self.per_image / f"{stem}_probabilities.tif", probabilities(),
                              spatial + (self.n_classes,), np.float32)
         else:
             for _ in probabilities():
                 pass
-        write_image(self.job.per_image / name, labels[..., None], self.ndim)
+        write_image(self.per_image / name, labels[..., None], self.ndim)
         if gt is None:
             return None
         inter, union, sizes = counts
