@@ -102,12 +102,13 @@ def main(argv=None):
         _error(f"{where}{err.strerror or err}")
         return 1
     except (MemoryError, RuntimeError) as err:
+        peer_gone = _rank_tag() and any(text in str(err) for text in _PEER_GONE)
+        if not (peer_gone or isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"):
+            raise  # a bug: shown with its traceback
         _traceback_if(args.verbose)
-        if _rank_tag() and any(text in str(err) for text in _PEER_GONE):
+        if peer_gone:
             _error("stopped because another process of this job failed (its error is above)")
             return 1
-        if not (isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"):
-            raise  # a bug: shown with its traceback
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         _error(f"out of memory ({first}); lower TRAIN.BATCH_SIZE or DATA.PATCH_SIZE")
         return 1

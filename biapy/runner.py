@@ -114,6 +114,7 @@ class BiaPy:
 
     def run_job(self):
         from biapy.engine.distributed import cleanup, init_distributed
+        from biapy.engine.trainer import AgreedStop
 
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         is_main_env = int(os.environ.get("RANK", 0)) == 0
@@ -151,6 +152,9 @@ class BiaPy:
                 workflow.on_ready = self._write_configs
             workflow.run()
             finished = True
+        except AgreedStop:
+            finished = True  # wait for every rank: rank 0 may still be writing the checkpoint of the stop
+            raise
         finally:
             cleanup(wait=finished)
         return self.job

@@ -315,3 +315,11 @@ def test_a_folder_given_as_config_and_lower_case_booleans_on_the_command_line(tm
     with pytest.raises(ConfigError, match="is a folder; expected a YAML file"):
         load_config(tmp_path)
     assert load_config(None, ["TEST.ENABLE", "false", "TRAIN.ENABLE", "True"]).TEST.ENABLE is False
+
+
+def test_yaml_merge_keys_still_work_and_may_be_overridden(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text("DATA:\n  TRAIN: &common\n    PATH: /x\n    IN_MEMORY: true\n"
+                    "  VAL:\n    <<: *common\n    IN_MEMORY: false\n")
+    cfg = load_config(path)
+    assert (cfg.DATA.VAL.PATH, cfg.DATA.VAL.IN_MEMORY, cfg.DATA.TRAIN.IN_MEMORY) == ("/x", False, True)

@@ -218,7 +218,7 @@ _C.MODEL.VIT_MLP_RATIO = 4.0
 _C.MODEL.VIT_NORM_EPS = 1e-6
 # MAE: 'random' (per-sample random tokens, MAE_MASK_RATIO of them) or 'grid' (a regular pattern).
 _C.MODEL.MAE_MASK_TYPE = "grid"
-# Fraction of tokens (mae) or blocks (unet/resunet masking) hidden from the network.
+# Fraction of tokens (mae) or blocks (unet/resunet masking) hidden from the network (at least one per patch).
 _C.MODEL.MAE_MASK_RATIO = 0.5
 # MAE decoder width.
 _C.MODEL.MAE_DEC_HIDDEN_SIZE = 512

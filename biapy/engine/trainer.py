@@ -93,6 +93,10 @@ def forked_rng():
         set_rng_states(states)
 
 
+class AgreedStop(KeyboardInterrupt):
+    """Every rank stops here together after a signal, the last checkpoint saved: a clean end, unlike a failure."""
+
+
 class StopRequest:
     """SIGINT/SIGTERM handlers (main thread only) that ask the loop to stop at the next update."""
 
@@ -252,7 +256,7 @@ class Trainer:
             if self._stop_agreed():
                 log.warning("Stopped after epoch %d; %s saved, run the same command again to resume",
                             epoch + 1, self.job.checkpoint("last").name)
-                raise KeyboardInterrupt
+                raise AgreedStop
             if self.stopped_early:
                 log.info("Early stopping: no better validation loss for %d epochs (best %.4f)", patience,
                          self.best_val)
@@ -355,7 +359,7 @@ class Trainer:
                            partial_loss=(float(partial[0]), int(partial[1])))
                 log.warning("Stopped at epoch %d, step %d/%d; %s saved, run the same command again to resume",
                             epoch + 1, step + 1, n, self.job.checkpoint("last").name)
-                raise KeyboardInterrupt
+                raise AgreedStop
         return loss_sum, loss_count
 
     def _flush(self, window, filled, step, epoch, loss_sum, loss_count, bar):
