@@ -90,8 +90,9 @@ def _recording(method, lazy_class, getitem, spans):
 
 @pytest.mark.parametrize("norm_pix", [True, False])
 def test_norm_pix_outputs_and_metrics_are_in_the_input_units(norm_pix):
-    """A network that predicts the per-token normalized target exactly: with NORM_PIX_LOSS its output maps back
-    to the input itself (outputs, MAE_checks and metrics all read `predict_patches`/`batch_metrics`)."""
+    """A network that predicts the per-token normalized target exactly: with NORM_PIX_LOSS its visible tokens map
+    back to the input itself, its hidden ones with visible statistics only (outputs, MAE_checks and metrics all
+    read `predict_patches`/`batch_metrics`)."""
     import torch
 
     from biapy.config import get_defaults
@@ -101,17 +102,89 @@ def test_norm_pix_outputs_and_metrics_are_in_the_input_units(norm_pix):
     cfg = get_defaults()
     cfg.PROBLEM.SELF_SUPERVISED.NORM_PIX_LOSS = norm_pix
     cfg.TRAIN.METRICS = ["psnr"]
+    from biapy.models.masking import block_mask
+
     wf = object.__new__(MaskingWorkflow)
-    wf.cfg, wf.token_size = cfg, 4
+    wf.cfg, wf.token_size, wf._mask_generator = cfg, 4, None
     x = torch.rand(2, 3, 16, 12) * 50 + 10
-    mask = (torch.rand(2, 1, 16, 12) > 0.5).float()
+    mask = block_mask(2, (16, 12), 4, 0.5, torch.Generator().manual_seed(0))
     wf.masked_forward = lambda batch, generator=None: (normalize_tokens(batch, 4), mask)
     out = wf.predict_patches(x)
     assert out.shape == (2, 4, 16, 12) and torch.equal(out[:, 3:], mask)
-    if norm_pix:
-        torch.testing.assert_close(out[:, :3], x, rtol=1e-4, atol=1e-3)
+    hidden = mask.bool().expand_as(x)
+    if norm_pix:  # visible tokens come back exactly; hidden ones with the visible tokens' statistics only
+        torch.testing.assert_close(out[:, :3][~hidden], x[~hidden], rtol=1e-4, atol=1e-3)
+        moved = torch.where(hidden, x * 3 + 100, x)  # what the network never saw must not reach its outputs
+        torch.testing.assert_close(wf.in_image_units(normalize_tokens(x, 4), moved, mask), out[:, :3])
     else:
         torch.testing.assert_close(out[:, :3], normalize_tokens(x, 4))
     metrics = wf.batch_metrics(None, (normalize_tokens(x, 4), x, mask))
     hidden_mse = metrics["hidden_mse"][0] / metrics["hidden_mse"][1]
-    assert (hidden_mse < 1e-5) if norm_pix else (hidden_mse > 100)
+    assert hidden_mse > (1 if norm_pix else 100)  # with NORM_PIX_LOSS a hidden token's own mean/std made it ~0
+
+
+def test_mae_checks_of_validation_images_sharing_a_stem_do_not_overwrite_each_other(data2d, tmp_path):
+    import shutil
+
+    val = tmp_path / "val"
+    val.mkdir()
+    first = sorted(data2d["train"][0].iterdir())[0]
+    shutil.copy(first, val / "cell.tif")
+    shutil.copy(first, val / "cell.tiff")
+    cfg = tiny_config(data2d, 2, PROBLEM={"SELF_SUPERVISED": {"PRETEXT_TASK": "masking", "MASK_BLOCK_SIZE": 4}},
+                      MODEL={"MAE_MASK_RATIO": 0.5}, TRAIN={"EPOCHS": 1}, TEST={"ENABLE": False},
+                      DATA={"VAL": {"FROM_TRAIN": False, "PATH": str(val)}},
+                      LOG={"RECONSTRUCTION_FREQ": 1, "RECONSTRUCTION_NUM_SAMPLES": 2})
+    job = BiaPy(cfg, result_dir=tmp_path / "out", name="stems", run_id=1).run_job()
+    originals = sorted(p.name for p in job.mae_checks.glob("*_original.tif"))
+    assert originals == ["cell_0_original.tif", "cell_1_original.tif"]
+
+
+def test_test_masks_do_not_depend_on_the_test_batch_size(data2d, tmp_path):
+    """Masks are drawn patch after patch from one seeded generator per image: TEST.BATCH_SIZE, a speed setting,
+    leaves the outputs and scores unchanged (a generator re-seeded per batch gave every batch the same masks)."""
+    import csv
+
+    cfg = tiny_config(data2d, 2, PROBLEM={"SELF_SUPERVISED": {"PRETEXT_TASK": "masking", "MASK_BLOCK_SIZE": 4}},
+                      MODEL={"MAE_MASK_RATIO": 0.5}, TRAIN={"EPOCHS": 1})
+    BiaPy(cfg, result_dir=tmp_path / "out", name="bs", run_id=1).run_job()
+    results = {}
+    for batch in (1, 5):
+        cfg["TRAIN"] = {"ENABLE": False}
+        cfg["TEST"] = {"BATCH_SIZE": batch}
+        job = BiaPy(cfg, result_dir=tmp_path / "out", name="bs", run_id=1).run_job()
+        with open(job.metrics_csv) as fh:
+            results[batch] = list(csv.DictReader(fh))
+        results[batch, "img"] = read_image(sorted(job.per_image.iterdir())[0], 2)
+    assert results[1] == results[5]
+    np.testing.assert_allclose(results[1, "img"], results[5, "img"], rtol=1e-5, atol=1e-4)
+
+
+def test_a_pixel_counts_as_hidden_only_where_every_covering_patch_hid_it():
+    import torch
+
+    from biapy.config import get_defaults
+    from biapy.data.normalization import Normalizer
+    from biapy.workflows.masking import MaskingWorkflow
+
+    wf = object.__new__(MaskingWorkflow)
+    wf.cfg, wf.channels, wf.normalizer = get_defaults(), 1, Normalizer("div")
+    stats = wf.normalizer.stats(np.full((4, 1), 255, np.uint8))
+    blended_mask = torch.tensor([0.0, 0.4, 0.75, 0.9999999, 1.0]).reshape(1, 5)
+    _, hidden = wf.split_output(torch.cat([torch.zeros(1, 5), blended_mask]), stats)
+    assert hidden[:, 0].tolist() == [0, 0, 0, 1, 1]
+
+
+def test_norm_pix_token_statistics_of_a_patch_thinner_than_the_block():
+    """block_mask clips a block to a short axis (a 3D patch 4 deep, blocks of 8): so do the token statistics."""
+    import torch
+
+    from biapy.engine.losses import masked_reconstruction_loss, token_moments
+    from biapy.models.masking import block_mask
+
+    x = torch.rand(2, 1, 4, 16, 16)
+    mean, std = token_moments(x, 8)
+    assert mean.shape == x.shape and std.shape == x.shape
+    torch.testing.assert_close(mean[0, 0, :, :8, :8], x[0, 0, :, :8, :8].mean().expand(4, 8, 8))
+    mask = block_mask(2, (4, 16, 16), 8, 0.5, torch.Generator().manual_seed(0))
+    assert torch.isfinite(masked_reconstruction_loss(torch.zeros_like(x), x, mask, 8, norm_pix=True))

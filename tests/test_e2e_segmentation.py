@@ -1,5 +1,6 @@
 """Fine-tuning semantic segmentation from a self-supervised run, 2D and 3D."""
 import csv
+import re
 
 import numpy as np
 import pytest
@@ -94,3 +95,49 @@ def test_mae_weights_go_into_unetr(data2d, tmp_path, capsys):
                             TRAIN={"EPOCHS": 1}, TEST={"ENABLE": False})
     BiaPy(heads, result_dir=tmp_path / "out", name="heads", run_id=1).run_job()
     assert "other model settings (MODEL.VIT_NUM_HEADS 2 in the checkpoint, 4 here)" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def seg_run(data2d, tmp_path_factory):
+    """A tiny segmentation run (1 epoch, no test phase) whose checkpoint the bad-label cases test from."""
+    out = tmp_path_factory.mktemp("seg_labels")
+    cfg = tiny_config(data2d, 2, TRAIN={"EPOCHS": 1}, TEST={"ENABLE": False}, MODEL={"N_CLASSES": 2})
+    cfg["PROBLEM"]["TYPE"] = "SEMANTIC_SEG"
+    cfg["DATA"]["TRAIN"]["GT_PATH"] = str(data2d["train"][1])
+    return out, BiaPy(cfg, result_dir=out, name="seg", run_id=1).run_job()
+
+
+@pytest.mark.parametrize("spoil, message", [
+    (lambda y: y * 255, "holds class id 255 but MODEL.N_CLASSES is 2"),            # 0/255 masks
+    (lambda y: y.astype(np.float32) * 0.5, "labels must be integer class ids"),    # 0 / 0.5
+    (lambda y: np.repeat(y, 2, axis=-1), "label shape"),                            # two channels
+    (lambda y: y[:30, :30], "label shape (30, 30, 1) does not match its image"),   # another size
+])
+def test_bad_test_labels_are_named_not_scored(seg_run, data2d, tmp_path, spoil, message):
+    """Test labels get the checks training labels get; before, ids out of range were dropped from the scores
+    and other layouts truncated or cut, with exit 0."""
+    from biapy.data.io import write_image
+    from biapy.errors import DataError
+
+    out, job = seg_run
+    gt = tmp_path / "y"
+    for src in sorted(data2d["test"][1].iterdir()):
+        write_image(gt / src.name, spoil(read_image(src, 2)), 2)
+    cfg = tiny_config(data2d, 2, TRAIN={"ENABLE": False}, MODEL={"N_CLASSES": 2, "LOAD_CHECKPOINT": True})
+    cfg["PROBLEM"]["TYPE"] = "SEMANTIC_SEG"
+    cfg["DATA"]["TEST"]["GT_PATH"] = str(gt)
+    cfg["PATHS"] = {"CHECKPOINT_FILE": str(job.checkpoint("best"))}
+    with pytest.raises(DataError, match=re.escape(message)):
+        BiaPy(cfg, result_dir=out, name="bad_labels", run_id=1).run_job()
+
+
+def test_out_of_range_ids_that_a_sampled_check_missed_stop_training_with_one_line(seg_run, data2d, tmp_path):
+    from biapy.errors import DataError
+    from biapy.workflows.segmentation import SegmentationWorkflow
+
+    wf = object.__new__(SegmentationWorkflow)
+    wf.n_classes = 2
+    x, y = torch.zeros(2, 1, 8, 8), torch.zeros(2, 8, 8, dtype=torch.int64)
+    y[1, 3, 4] = 255
+    with pytest.raises(DataError, match=r"a training patch of DATA.TRAIN.GT_PATH: holds class id 255"):
+        wf.compute_loss((x, y), train=True)

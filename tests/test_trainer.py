@@ -367,3 +367,8 @@ def test_weights_whose_layouts_coincide_get_plain_strides():
     out = model(torch.rand(1, 2, 4, 4, 4).contiguous(memory_format=torch.channels_last_3d))
     out.sum().backward()
     assert model[1].weight.grad.stride() == model[1].weight.stride()
+
+
+def test_freezing_an_encoder_that_no_checkpoint_filled_is_warned_about(tmp_path, caplog):
+    Trainer(FakeWorkflow(make_cfg(EPOCHS=1, **{"MODEL.FREEZE_ENCODER_EPOCHS": 1}), tmp_path)).fit()
+    assert "the frozen encoder keeps its random initial weights" in caplog.text

@@ -136,7 +136,8 @@ _C.DATA.TEST.OVERLAP = (0, 0)
 _C.DATA.TEST.PADDING = (0, 0)
 
 # --------------------------------------------------------------------------------------------
-# AUGMENTOR: data augmentation of training patches (applied identically to input and target)
+# AUGMENTOR: data augmentation of training patches (geometric ones identical on input and target;
+# intensity ones, blur and noise on the input only)
 # --------------------------------------------------------------------------------------------
 _C.AUGMENTOR = CN()
 # Turn augmentation on.

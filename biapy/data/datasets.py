@@ -45,7 +45,7 @@ def split_train_val(items, fraction, random=True, seed=0):
     return [x for i, x in enumerate(items) if i not in val], [x for i, x in enumerate(items) if i in val]
 
 
-def _is_integer_valued(arr):
+def is_integer_valued(arr):
     if np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_:
         return True
     return bool(np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)))
@@ -115,7 +115,7 @@ class PatchDataset(Dataset):
             if tuple(data.shape[:-1]) != tuple(img.shape[:-1]) or data.shape[-1] != 1:
                 raise DataError(f"{target}: label shape {tuple(data.shape)} does not match its image {path} "
                                 f"{tuple(img.shape[:-1]) + (1,)}")
-            if not _is_integer_valued(_sample(data)):
+            if not is_integer_valued(_sample(data)):
                 raise DataError(f"{target}: labels must be integer class ids, found non-integer values")
         else:
             if tuple(data.shape) != tuple(img.shape):

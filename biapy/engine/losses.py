@@ -89,7 +89,8 @@ def token_moments(x: torch.Tensor, token_size, eps=1e-6):
     norm_pix: unbiased variance plus eps under the root; a last partial token uses the pixels it holds."""
     x = x.float()
     spatial = x.shape[2:]
-    token = _as_tuple(token_size, len(spatial))
+    # Clipped to a shorter axis, as block_mask clips its blocks (a 3D patch thinner than MASK_BLOCK_SIZE).
+    token = tuple(min(t, s) for t, s in zip(_as_tuple(token_size, len(spatial)), spatial))
     pool = F.avg_pool2d if len(spatial) == 2 else F.avg_pool3d
     kw = dict(kernel_size=token, stride=token, ceil_mode=True, divisor_override=1)
     s1 = pool(x.sum(1, keepdim=True), **kw)
@@ -106,9 +107,18 @@ def normalize_tokens(target: torch.Tensor, token_size) -> torch.Tensor:
     return (target.float() - mean) / std
 
 
-def denormalize_tokens(pred: torch.Tensor, reference: torch.Tensor, token_size) -> torch.Tensor:
-    """A norm_pix prediction back in the units of `reference`, each token with that token's own mean/std."""
+def denormalize_tokens(pred: torch.Tensor, reference: torch.Tensor, token_size, mask=None) -> torch.Tensor:
+    """A norm_pix prediction back in the units of `reference`: each visible token with its own mean/std; with
+    `mask` (B, 1, *spatial), 1 = hidden, each hidden token with the average mean/std of the sample's visible
+    tokens, so that outputs and scores of hidden pixels use nothing the network did not see."""
     mean, std = token_moments(reference, token_size)
+    if mask is not None:
+        hidden = mask.float()
+        visible = 1 - hidden
+        dims = tuple(range(1, mean.dim()))
+        count = visible.sum(dims, keepdim=True).clamp_min(1)
+        mean = mean * visible + (mean * visible).sum(dims, keepdim=True) / count * hidden
+        std = std * visible + (std * visible).sum(dims, keepdim=True) / count * hidden
     return pred.float() * std + mean
 
 

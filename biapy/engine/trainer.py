@@ -186,6 +186,9 @@ class Trainer:
         if n > 0 and encoder is None and self._frozen is None:
             log.warning("MODEL.FREEZE_ENCODER_EPOCHS: %s has no 'encoder' submodule; nothing is frozen",
                         type(self.model).__name__)
+        if frozen and self._frozen is None and not self.cfg.MODEL.LOAD_CHECKPOINT:
+            log.warning("MODEL.FREEZE_ENCODER_EPOCHS: no pretrained weights are loaded (MODEL.LOAD_CHECKPOINT "
+                        "False), so the frozen encoder keeps its random initial weights")
         if frozen != self._frozen and encoder is not None and n > 0:
             for p in encoder.parameters():
                 p.requires_grad_(not frozen)

@@ -46,6 +46,7 @@ class MaskingWorkflow(Workflow):
         ssl = cfg.PROBLEM.SELF_SUPERVISED
         self.token_size = cfg.MODEL.VIT_TOKEN_SIZE if self.is_vit else ssl.MASK_BLOCK_SIZE
         self.ratio = cfg.MODEL.MAE_MASK_RATIO
+        self._mask_generator = None  # test masks: set per image by predict_slabs
 
     def input_target_files(self, split):
         files = list_images(self.cfg.DATA[split.upper()].PATH, f"DATA.{split.upper()}.PATH")
@@ -66,20 +67,20 @@ class MaskingWorkflow(Workflow):
                                           ssl.LOSS_ON_MASKED_ONLY, kind=self._loss_kind())
         return loss, (pred, x, mask)
 
-    def in_image_units(self, pred, x):
+    def in_image_units(self, pred, x, mask):
         """With NORM_PIX_LOSS the network predicts per-token normalized pixels; outputs, metrics and MAE_checks
-        map each token back with the mean/std of the same token of `x` (hidden ones included), as MAE-style
-        visualizations do. Without it, `pred` already is in the input's units."""
+        map them back with the statistics of visible tokens only (`denormalize_tokens`): a hidden token's own
+        mean/std would hand its scores what the network never saw. Without it, `pred` is in the input's units."""
         if not self.cfg.PROBLEM.SELF_SUPERVISED.NORM_PIX_LOSS:
             return pred
-        return denormalize_tokens(pred, x, self.token_size)
+        return denormalize_tokens(pred, x, self.token_size, mask)
 
     def _loss_kind(self):
         return "mae" if self.cfg.LOSS.TYPE == "MAE" else "mse"
 
     def batch_metrics(self, batch, outputs):
         pred, x, mask = outputs
-        pred = self.in_image_units(pred.detach(), x)
+        pred = self.in_image_units(pred.detach(), x, mask)
         # Hidden pixels are what the network had to invent; score them (visible ones are near-copies).
         hidden = mask.expand_as(pred) > 0.5
         out = batch_image_metrics(pred, x, self.cfg.TRAIN.METRICS)
@@ -89,17 +90,23 @@ class MaskingWorkflow(Workflow):
         return out
 
     # ------------------------------------------------------------ whole images
+    def predict_slabs(self, image, stats, path):
+        # One mask generator per image, seeded, drawn patch after patch: the masks of an image depend on the
+        # seed and the patch grid only, not on TEST.BATCH_SIZE (a generator re-seeded per batch repeated them).
+        self._mask_generator = torch.Generator(device=self.device).manual_seed(self.cfg.SYSTEM.SEED)
+        yield from super().predict_slabs(image, stats, path)
+
     def predict_patches(self, batch):
-        # A fixed generator per call keeps test masks reproducible for a seed.
-        gen = torch.Generator(device=batch.device).manual_seed(self.cfg.SYSTEM.SEED)
-        pred, mask = self.masked_forward(batch, gen)
-        return torch.cat([self.in_image_units(pred, batch).float(), mask.float()], dim=1)
+        pred, mask = self.masked_forward(batch, self._mask_generator)
+        return torch.cat([self.in_image_units(pred, batch, mask).float(), mask.float()], dim=1)
 
     def split_output(self, output, stats):
-        """Stitched (C+1, spatial...) -> reconstruction in input units and hidden mask, channel-last."""
+        """Stitched (C+1, spatial...) -> reconstruction in input units and hidden mask, channel-last. Hidden
+        means hidden in every patch that covers the pixel (blended mask 1): where overlapping patches disagree,
+        part of the blended reconstruction comes from a patch that saw the pixel, so it is not scored as hidden."""
         out = np.moveaxis(output.float().cpu().numpy(), 0, -1)
         recon = self.normalizer.denormalize(out[..., : self.channels], stats).astype(np.float32)
-        hidden = (out[..., self.channels:] > 0.5).astype(np.float32)
+        hidden = (out[..., self.channels:] > 1 - 1e-3).astype(np.float32)
         return recon, hidden
 
     def finish_prediction(self, source, image, stats, slabs):
@@ -140,6 +147,7 @@ class MaskingWorkflow(Workflow):
         (a centred crop of those above _CHECK_VOXELS, read alone from a lazily opened one)."""
         count = min(self.cfg.LOG.RECONSTRUCTION_NUM_SAMPLES, len(self.val_dataset.sources))
         was_training = self.model.training
+        stems = [image_stem(src.path) for src in self.val_dataset.sources[:count]]
         for i, src in enumerate(self.val_dataset.sources[:count]):
             path, image = Path(src.path), self.val_dataset.image(i)
             image = np.asarray(image[check_region(tuple(image.shape[:-1]), self.patch, _CHECK_VOXELS)])
@@ -151,7 +159,7 @@ class MaskingWorkflow(Workflow):
                 "reconstruction": recon,
                 "reconstruction_and_visible": recon * hidden + original * (1 - hidden),
             }
-            stem = image_stem(path)
+            stem = stems[i] if stems.count(stems[i]) == 1 else f"{stems[i]}_{i}"  # cell.png and cell.tif
             for name, panel in panels.items():
                 write_image(self.job.mae_checks / f"{stem}_{name}.tif", panel.astype(np.float32), self.ndim)
             if tb is not None:

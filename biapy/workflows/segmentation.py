@@ -5,7 +5,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from biapy.data.io import image_stem, list_images, write_image
+from biapy.data.datasets import is_integer_valued
+from biapy.data.io import image_shape, image_stem, list_images, write_image
 from biapy.engine import metrics as M
 from biapy.engine.losses import build_loss
 from biapy.errors import DataError
@@ -37,16 +38,36 @@ class SegmentationWorkflow(Workflow):
         matched = [by_name[p.name] for p in images]
         return (matched, images) if split == "test" else (images, matched)
 
+    def _check_ids(self, where, low, high):
+        """A class id outside [0, N_CLASSES) would stop the loss with an index error (a device assert on GPU),
+        or, at test, drop those pixels from the scores without a word."""
+        if low < 0 or high >= self.n_classes:
+            raise DataError(f"{where}: holds class id {high if high >= self.n_classes else low} but "
+                            f"MODEL.N_CLASSES is {self.n_classes} (ids must be 0..{self.n_classes - 1})")
+
     def prepare_training(self):
         super().prepare_training()
-        # A class id outside [0, N_CLASSES) would stop the loss with an index error (a device assert on GPU).
         for ds in (self.train_dataset, self.val_dataset):
             for path, low, high in ds.label_ranges():
-                if low < 0 or high >= self.n_classes:
-                    raise DataError(f"{path}: holds class id {high if high >= self.n_classes else low} but "
-                                    f"MODEL.N_CLASSES is {self.n_classes} (ids must be 0..{self.n_classes - 1})")
+                self._check_ids(path, low, high)
+
+    def check_test_inputs(self):
+        """Test labels too: one channel and their image's size, read from the headers before training."""
+        sources, inputs = super().check_test_inputs()
+        if self.cfg.DATA.TEST.LOAD_GT:
+            for label, image in zip(sources, inputs):
+                shape, want = image_shape(label, self.ndim), image_shape(image, self.ndim)[:-1] + (1,)
+                if tuple(shape) != tuple(want):
+                    raise DataError(f"{label}: label shape {tuple(shape)} does not match its image {image} {want}")
+        return sources, inputs
 
     def compute_loss(self, batch, train):
+        # Exact on every patch used, on the CPU batch (no device sync): lazily read labels were checked on a
+        # sample only when opened.
+        low, high = int(batch[1].min()), int(batch[1].max())
+        if low < 0 or high >= self.n_classes:
+            self._check_ids(f"a {'training' if train else 'validation'} patch of DATA.{'TRAIN' if train else 'VAL'}"
+                            ".GT_PATH", low, high)
         x, y = self.to_device(batch)
         logits = self.model(x)
         return self.loss_fn(logits, y), (logits, y)
@@ -79,8 +100,8 @@ class SegmentationWorkflow(Workflow):
         # `label_source` is the label file when ground truth is loaded, else the image itself.
         name = Path(label_source).name
         gt = self.open_image(label_source) if self.cfg.DATA.TEST.LOAD_GT else None
-        if gt is not None and tuple(gt.shape[:-1]) != spatial:
-            raise DataError(f"{label_source}: label shape {tuple(gt.shape[:-1])} differs from its image {spatial}")
+        if gt is not None and tuple(gt.shape) != spatial + (1,):
+            raise DataError(f"{label_source}: label shape {tuple(gt.shape)} does not match its image {spatial + (1,)}")
         counts = None  # per-class (intersection, union, sizes), summed over the slabs
 
         def probabilities():
@@ -90,7 +111,12 @@ class SegmentationWorkflow(Workflow):
                 pred = probs.argmax(0)
                 labels[row0:row0 + pred.shape[0]] = pred.numpy()
                 if gt is not None:
-                    truth = torch.from_numpy(np.asarray(gt[row0:row0 + pred.shape[0]])[..., 0].astype(np.int64))
+                    part = np.asarray(gt[row0:row0 + pred.shape[0]])[..., 0]
+                    if not is_integer_valued(part):
+                        raise DataError(f"{label_source}: labels must be integer class ids, found non-integer values")
+                    if part.size:
+                        self._check_ids(label_source, int(part.min()), int(part.max()))
+                    truth = torch.from_numpy(part.astype(np.int64))
                     c = M.intersection_union(pred[None], truth[None], self.n_classes)
                     counts = c if counts is None else tuple(a + b for a, b in zip(counts, c))
                 yield np.moveaxis(probs.numpy(), 0, -1)
