@@ -188,3 +188,10 @@ def test_norm_pix_token_statistics_of_a_patch_thinner_than_the_block():
     torch.testing.assert_close(mean[0, 0, :, :8, :8], x[0, 0, :, :8, :8].mean().expand(4, 8, 8))
     mask = block_mask(2, (4, 16, 16), 8, 0.5, torch.Generator().manual_seed(0))
     assert torch.isfinite(masked_reconstruction_loss(torch.zeros_like(x), x, mask, 8, norm_pix=True))
+
+
+def test_unique_mae_check_names_never_take_a_name_in_use():
+    from biapy.workflows.masking import _unique_names
+
+    names = _unique_names(["cell", "cell", "cell_1", "other"])
+    assert len(set(names)) == 4 and names[2:] == ["cell_1", "other"]

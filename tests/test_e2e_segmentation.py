@@ -141,3 +141,21 @@ def test_out_of_range_ids_that_a_sampled_check_missed_stop_training_with_one_lin
     y[1, 3, 4] = 255
     with pytest.raises(DataError, match=r"a training patch of DATA.TRAIN.GT_PATH: holds class id 255"):
         wf.compute_loss((x, y), train=True)
+
+
+def test_test_labels_out_of_range_stop_the_job_before_training(seg_run, data2d, tmp_path):
+    from biapy.data.io import write_image
+    from biapy.errors import DataError
+    from biapy.job import Job
+
+    out, _ = seg_run
+    gt = tmp_path / "y"
+    for src in sorted(data2d["test"][1].iterdir()):
+        write_image(gt / src.name, read_image(src, 2) * 5, 2)
+    cfg = tiny_config(data2d, 2, TRAIN={"EPOCHS": 1}, MODEL={"N_CLASSES": 2})
+    cfg["PROBLEM"]["TYPE"] = "SEMANTIC_SEG"
+    cfg["DATA"]["TRAIN"]["GT_PATH"] = str(data2d["train"][1])
+    cfg["DATA"]["TEST"]["GT_PATH"] = str(gt)
+    with pytest.raises(DataError, match="holds class id 5 but MODEL.N_CLASSES is 2"):
+        BiaPy(cfg, result_dir=out, name="bad_ids_train", run_id=1).run_job()
+    assert not Job(out, "bad_ids_train", 1).checkpoint("last").exists()

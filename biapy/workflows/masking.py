@@ -36,6 +36,20 @@ def check_region(spatial, patch, budget):
     return tuple(slice((n - s) // 2, (n - s) // 2 + s) for n, s in zip(spatial, size))
 
 
+def _unique_names(stems):
+    """File-name stems made unique (cell.png and cell.tif): a repeated one gets its index, never a name in use."""
+    names, used = [], set()
+    for i, stem in enumerate(stems):
+        name = stem
+        if stems.count(stem) > 1:
+            name = f"{stem}_{i}"
+        while name in used or (name != stem and name in stems):
+            name += f"_{i}"
+        used.add(name)
+        names.append(name)
+    return names
+
+
 class MaskingWorkflow(Workflow):
     target_mode = "same"
     table_groups = {"all pixels": "", "hidden pixels": "hidden_"}
@@ -93,7 +107,8 @@ class MaskingWorkflow(Workflow):
     def predict_slabs(self, image, stats, path):
         # One mask generator per image, seeded, drawn patch after patch: the masks of an image depend on the
         # seed and the patch grid only, not on TEST.BATCH_SIZE (a generator re-seeded per batch repeated them).
-        self._mask_generator = torch.Generator(device=self.device).manual_seed(self.cfg.SYSTEM.SEED)
+        # A CPU one: its numbers run in sequence whatever the batch, where CUDA's depend on each draw's shape.
+        self._mask_generator = torch.Generator().manual_seed(self.cfg.SYSTEM.SEED)
         yield from super().predict_slabs(image, stats, path)
 
     def predict_patches(self, batch):
@@ -147,7 +162,7 @@ class MaskingWorkflow(Workflow):
         (a centred crop of those above _CHECK_VOXELS, read alone from a lazily opened one)."""
         count = min(self.cfg.LOG.RECONSTRUCTION_NUM_SAMPLES, len(self.val_dataset.sources))
         was_training = self.model.training
-        stems = [image_stem(src.path) for src in self.val_dataset.sources[:count]]
+        names = _unique_names([image_stem(src.path) for src in self.val_dataset.sources[:count]])
         for i, src in enumerate(self.val_dataset.sources[:count]):
             path, image = Path(src.path), self.val_dataset.image(i)
             image = np.asarray(image[check_region(tuple(image.shape[:-1]), self.patch, _CHECK_VOXELS)])
@@ -159,7 +174,7 @@ class MaskingWorkflow(Workflow):
                 "reconstruction": recon,
                 "reconstruction_and_visible": recon * hidden + original * (1 - hidden),
             }
-            stem = stems[i] if stems.count(stems[i]) == 1 else f"{stems[i]}_{i}"  # cell.png and cell.tif
+            stem = names[i]
             for name, panel in panels.items():
                 write_image(self.job.mae_checks / f"{stem}_{name}.tif", panel.astype(np.float32), self.ndim)
             if tb is not None:

@@ -7,6 +7,7 @@ import torch
 
 from biapy.data.datasets import is_integer_valued
 from biapy.data.io import image_shape, image_stem, list_images, write_image
+from biapy.data.normalization import _sample
 from biapy.engine import metrics as M
 from biapy.engine.losses import build_loss
 from biapy.errors import DataError
@@ -59,7 +60,17 @@ class SegmentationWorkflow(Workflow):
                 shape, want = image_shape(label, self.ndim), image_shape(image, self.ndim)[:-1] + (1,)
                 if tuple(shape) != tuple(want):
                     raise DataError(f"{label}: label shape {tuple(shape)} does not match its image {image} {want}")
+                self._check_label_values(label, self.open_image(label))
         return sources, inputs
+
+    def _check_label_values(self, path, labels):
+        """Integer ids in 0..N_CLASSES-1, on a bounded sample of a large (lazily read) label image; the test
+        phase checks every slab it scores again."""
+        sample = _sample(labels)
+        if not is_integer_valued(sample):
+            raise DataError(f"{path}: labels must be integer class ids, found non-integer values")
+        if sample.size:
+            self._check_ids(path, int(sample.min()), int(sample.max()))
 
     def compute_loss(self, batch, train):
         # Exact on every patch used, on the CPU batch (no device sync): lazily read labels were checked on a
@@ -112,10 +123,7 @@ class SegmentationWorkflow(Workflow):
                 labels[row0:row0 + pred.shape[0]] = pred.numpy()
                 if gt is not None:
                     part = np.asarray(gt[row0:row0 + pred.shape[0]])[..., 0]
-                    if not is_integer_valued(part):
-                        raise DataError(f"{label_source}: labels must be integer class ids, found non-integer values")
-                    if part.size:
-                        self._check_ids(label_source, int(part.min()), int(part.max()))
+                    self._check_label_values(label_source, part)
                     truth = torch.from_numpy(part.astype(np.int64))
                     c = M.intersection_union(pred[None], truth[None], self.n_classes)
                     counts = c if counts is None else tuple(a + b for a, b in zip(counts, c))
