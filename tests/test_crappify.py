@@ -164,3 +164,24 @@ def test_write_image_slices_round_trip_and_refuses_a_wrong_count(tmp_path):
     with pytest.raises(ValueError, match="4 slices, expected 5"):
         write_image_slices(tmp_path / "w.tif", iter(vol[:4]), vol.shape, vol.dtype)
     assert not list(tmp_path.glob("*w.tif*"))  # no partial file left behind
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="advisory file locks: POSIX")
+def test_jobs_sharing_the_copies_folder_take_turns(tmp_path):
+    """Two jobs with other NOISE building at once left one's manifest beside the other's copies; a build waits
+    for the folder's lock."""
+    import fcntl
+    import threading
+
+    src = tmp_path / "src"
+    write_image(src / "a.tif", np.random.default_rng(0).integers(0, 255, (32, 32)).astype(np.uint8), 2)
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    done = threading.Event()
+    with open(dst / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another job is building
+        worker = threading.Thread(target=lambda: (prepare_ssl_source([src / "a.tif"], dst, 0.2, 2, 2, 0), done.set()))
+        worker.start()
+        assert not done.wait(0.5)  # waits for the lock
+    worker.join(30)
+    assert done.is_set() and json.loads((dst / MANIFEST).read_text())["params"]["noise"] == 0.2

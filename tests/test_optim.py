@@ -86,14 +86,21 @@ def test_warmupcosine_formula(warmup):
     assert opt2.param_groups[0]["lr"] == pytest.approx(s.lr_at(17))
 
 
-def test_onecycle_formula():
+def test_onecycle_formula_is_torchs_one_cycle():
+    import torch
+
     _, s = make(cfg_with("onecycle"))
     T, lr = 40, 1e-3
     assert s.lr_at(0) == pytest.approx(lr / 25)
-    assert s.lr_at(12) == pytest.approx(lr)  # peak at 30% of the updates
-    assert max(s.lr_at(i) for i in range(T)) == pytest.approx(lr)
-    assert s.lr_at(T) == pytest.approx(lr / 25 / 1e4)
-    assert s.lr_at(20) < s.lr_at(13)
+    assert s.lr_at(11) == pytest.approx(lr)  # peak at update 0.3 * T - 1
+    assert s.lr_at(T - 1) == pytest.approx(lr / 25 / 1e4)  # the last update anneals all the way
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    ref = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=T, pct_start=0.3, anneal_strategy="cos",
+                                              cycle_momentum=False, div_factor=25.0, final_div_factor=1e4)
+    for step in range(T):
+        assert s.lr_at(step) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-6, abs=1e-12), step
+        opt.step()
+        ref.step() if step < T - 1 else None
 
 
 def test_reduceonplateau_reduces_after_patience_with_floor():

@@ -372,3 +372,10 @@ def test_weights_whose_layouts_coincide_get_plain_strides():
 def test_freezing_an_encoder_that_no_checkpoint_filled_is_warned_about(tmp_path, caplog):
     Trainer(FakeWorkflow(make_cfg(EPOCHS=1, **{"MODEL.FREEZE_ENCODER_EPOCHS": 1}), tmp_path)).fit()
     assert "the frozen encoder keeps its random initial weights" in caplog.text
+
+
+def test_the_epoch_record_shows_the_learning_rate_its_last_update_used(tmp_path):
+    cfg = make_cfg(EPOCHS=2, **{"LR_SCHEDULER.NAME": "warmupcosine", "LR_SCHEDULER.WARMUP_COSINE_DECAY_EPOCHS": 1.0})
+    trainer = Trainer(FakeWorkflow(cfg, tmp_path))  # 4 updates per epoch
+    history = trainer.fit()
+    assert history[1]["lr"] == pytest.approx(trainer.scheduler.lr_at(7)) and history[1]["lr"] > 0  # not lr_at(8) = 0

@@ -167,6 +167,23 @@ def prepare_ssl_source(src_files, dst_dir, noise, resizing_factor, ndim, seed):
     names = [p.name for p in src_files]
     if len(set(names)) != len(names):
         raise DataError(f"{dst_dir}: two source images share a file name; degraded copies need unique names")
+    # Jobs sharing the folder take turns: two builds with other NOISE at once left the manifest of one
+    # beside the copies of the other, and later jobs trusted it.
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    with open(dst_dir / ".lock", "w") as lock:
+        _lock(lock)
+        return _prepare_locked(src_files, names, dst_dir, noise, resizing_factor, ndim, seed)
+
+
+def _lock(fh):
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here; one job per folder at a time
+        return
+    fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file is closed
+
+
+def _prepare_locked(src_files, names, dst_dir, noise, resizing_factor, ndim, seed):
     params = {"version": _VERSION, "noise": float(noise), "resizing_factor": float(resizing_factor),
               "ndim": int(ndim), "seed": int(seed)}
     old = _read_manifest(dst_dir / MANIFEST)
@@ -189,7 +206,7 @@ def prepare_ssl_source(src_files, dst_dir, noise, resizing_factor, ndim, seed):
         changed = [f"{k} {old.get('params', {}).get(k)} -> {v}" for k, v in params.items()
                    if old.get("params", {}).get(k) != v]
         log.info("Rebuilding degraded copies in %s: parameters changed (%s)", dst_dir, ", ".join(changed))
-    elif old is None and dst_dir.exists() and any(dst_dir.iterdir()):
+    elif old is None and any(f.name != ".lock" for f in dst_dir.iterdir()):
         log.info("Rebuilding degraded copies in %s: no valid %s found", dst_dir, MANIFEST)
     elif todo and old is not None:
         log.info("Updating %d degraded copies in %s: %s", len(todo), dst_dir, ", ".join(sorted(reasons)))

@@ -6,7 +6,8 @@ resumed run continues the same curve. Formulas, with T = EPOCHS * steps_per_epoc
 - '' constant: LR.
 - 'warmupcosine': W warmup updates (WARMUP_COSINE_DECAY_EPOCHS epochs, or that fraction of EPOCHS when
   0 < v < 1; -1/0 = none): LR * (step + 1) / W, then MIN + (LR - MIN) * (1 + cos(pi * (step - W) / (T - W))) / 2.
-- 'onecycle' (as torch's OneCycleLR, cosine): from LR/25 up to LR over 30% of T, then down to LR/25/1e4.
+- 'onecycle' (torch's OneCycleLR, cosine annealing, the same value at every step): from LR/25 at update 0 up
+  to LR at update 0.3 * T - 1, then down to LR/25/1e4 at the last update, T - 1.
 - 'reduceonplateau': LR * FACTOR^k after k reductions (per epoch, on the validation loss), floored at MIN.
 """
 import logging
@@ -88,10 +89,10 @@ class LRSchedule:
             return _cos(lr, self.min_lr, (step - W) / max(1, T - W))
         if self.name == "onecycle":
             initial, final = lr / 25.0, lr / 25.0 / 1e4
-            up = max(1, int(round(0.3 * T)))
-            if step < up:
-                return _cos(initial, lr, step / up)
-            return _cos(lr, final, (step - up) / max(1, T - up))
+            up = 0.3 * T - 1  # torch's phase end: a float, as in OneCycleLR
+            if step <= up:
+                return _cos(initial, lr, step / up if up > 0 else 1.0)
+            return _cos(lr, final, (step - up) / (T - 1 - up) if T - 1 > up else 1.0)
         if self.name == "reduceonplateau":
             return max(lr * self.factor ** self.reductions, self.min_lr)
         return lr

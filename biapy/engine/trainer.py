@@ -151,6 +151,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, self.cfg)
         self.steps_per_epoch = math.ceil(len(wf.train_loader) / self.accum)
         self.scheduler = build_scheduler(self.optimizer, self.cfg, self.steps_per_epoch)
+        self.last_lr = self.optimizer.param_groups[0]["lr"]
         self.start_epoch, self.skip_steps, self.partial_loss = 0, 0, (0.0, 0)
         self.saved_layout = {}  # epoch_steps and world_size of the run that saved a mid-epoch checkpoint
         self.best_val, self.bad_epochs, self.stopped_early = math.inf, 0, False
@@ -246,7 +247,7 @@ class Trainer:
             patience = int(self.cfg.TRAIN.PATIENCE)
             self.stopped_early = patience > 0 and self.bad_epochs >= patience and epoch + 1 < self.epochs
             record = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "metrics": metrics,
-                      "lr": self.optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - start, 3)}
+                      "lr": self.last_lr, "seconds": round(time.perf_counter() - start, 3)}
             self.history.append(record)
             if self.dist.is_main:
                 self._save_epoch(epoch, is_best)
@@ -281,6 +282,7 @@ class Trainer:
                     tmp.write_bytes(last.read_bytes())
 
     def _optimizer_step(self):
+        self.last_lr = self.optimizer.param_groups[0]["lr"]  # the epoch's record shows the LR its updates used
         if self.scaler is not None:
             if self.clip > 0:
                 self.scaler.unscale_(self.optimizer)
