@@ -499,7 +499,7 @@ def test_sigterm_outside_training_exits_130_without_traceback(world, intact, cap
 
     from biapy.workflows.crappify import CrappifyWorkflow
 
-    def killed(self):
+    def killed(self, files=None):
         os.kill(os.getpid(), signal.SIGTERM)
     monkeypatch.setattr(CrappifyWorkflow, "test", killed)
     before = signal.getsignal(signal.SIGTERM)

@@ -23,20 +23,31 @@ DEFAULT_LOSS = {"SELF_SUPERVISED": "MAE", "SEMANTIC_SEG": "CE"}
 DEFAULT_TRAIN_METRICS = {"SELF_SUPERVISED": ["psnr"], "SEMANTIC_SEG": ["iou"]}
 
 
-def _one_of(key, value, choices):
-    """The choice `value` names, its letter case ignored ('ELU' as BiaPy writes it, 'adamw'); ConfigError if none."""
+def _named_choice(value, choices):
+    """The choice `value` names, its letter case ignored ('ELU' as BiaPy writes it, 'adamw'); None if none."""
     for choice in choices:
         if value == choice or (isinstance(value, str) and isinstance(choice, str) and value.lower() == choice.lower()):
             return choice
-    shown = ", ".join("'' (none)" if c == "" else str(c) for c in choices)
-    raise ConfigError(f"{key}: {value!r} is not valid; expected one of {shown}")
+    return None
+
+
+def _one_of(key, value, choices):
+    """The choice `value` names (`_named_choice`); ConfigError if none."""
+    choice = _named_choice(value, choices)
+    if choice is None:
+        shown = ", ".join("'' (none)" if c == "" else str(c) for c in choices)
+        raise ConfigError(f"{key}: {value!r} is not valid; expected one of {shown}")
+    return choice
+
+
+def _store(node, name, value):
+    if value != node[name]:  # only then: a frozen config that is already canonical passes too
+        node[name] = value
 
 
 def _pick(node, name, key, choices):
     """Check node[name] against `choices` and store the canonical spelling of the one it names."""
-    canonical = _one_of(key, node[name], choices)
-    if canonical != node[name]:  # only then: a frozen config that is already canonical passes too
-        node[name] = canonical
+    _store(node, name, _one_of(key, node[name], choices))
 
 
 def _at_least(key, value, low):
@@ -176,12 +187,11 @@ def _check_model(cfg):
     task = cfg.PROBLEM.SELF_SUPERVISED.PRETEXT_TASK if cfg.PROBLEM.TYPE == "SELF_SUPERVISED" else None
     allowed = ARCHITECTURES[(cfg.PROBLEM.TYPE, task)]
     what = f"{cfg.PROBLEM.TYPE}" + (f" with PRETEXT_TASK {task}" if task else "")
-    canonical = next((a for a in allowed if str(m.ARCHITECTURE).lower() == a), m.ARCHITECTURE)
-    if canonical != m.ARCHITECTURE:
-        m.ARCHITECTURE = canonical
-    if m.ARCHITECTURE not in allowed:
+    architecture = _named_choice(m.ARCHITECTURE, allowed)
+    if architecture is None:
         raise ConfigError(f"MODEL.ARCHITECTURE: {m.ARCHITECTURE!r} is not available for {what}; "
                           f"expected one of {', '.join(allowed)}")
+    _store(m, "ARCHITECTURE", architecture)
     levels = len(m.FEATURE_MAPS)
     _at_least("MODEL.FEATURE_MAPS (number of levels)", levels, 2)
     if not all(isinstance(f, int) and f >= 1 for f in m.FEATURE_MAPS):
@@ -230,8 +240,8 @@ def _check_masking(cfg):
     spatial = tuple(cfg.DATA.PATCH_SIZE[:-1])
     blocks = math.prod(-(-s // min(unit, s)) for s in spatial)
     ratio = m.MAE_MASK_RATIO
-    hidden = min(round(blocks * ratio), blocks - 1) if ratio > 0 else 0  # as models.masking.hidden_count
-    if hidden < 1:
+    from biapy.models.masking import hidden_count  # late: torch (check_config imports it for check_patch_fits too)
+    if hidden_count(blocks, ratio) < 1:
         raise ConfigError(f"MODEL.MAE_MASK_RATIO: {ratio} hides none of the {blocks} block(s) of {unit} pixels "
                           f"({unit_key}) in a DATA.PATCH_SIZE {spatial} patch, so masking would learn nothing; "
                           "raise the ratio or use smaller blocks")

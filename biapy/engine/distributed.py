@@ -71,9 +71,7 @@ def cleanup(wait=True) -> None:
 
     `wait=False` after a failure: this rank exits at once, so the others (blocked in a collective) see it
     gone and torchrun stops them; a barrier here would hang against their collective until the timeout."""
-    if not is_initialized():
-        return
-    if not wait:
+    if not wait or not is_initialized():
         return
     try:
         tdist.barrier()

@@ -324,7 +324,6 @@ class Trainer:
             log.warning("The checkpoint stopped at step %d of %s, but an epoch here has %d steps on %d process(es): "
                         "epoch %d restarts from its first step", skip, saved.get("epoch_steps", "?"), n,
                         self.dist.world_size, self.start_epoch + 1)
-            self.partial_loss = (0.0, 0)
             return 0
         return skip
 

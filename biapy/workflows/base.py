@@ -168,14 +168,15 @@ class Workflow(ABC):
     def run(self):
         from biapy.engine.trainer import Trainer, load_for_test
 
+        test_files = None
         if self.cfg.TRAIN.ENABLE:
             self.prepare_training()
             if self.cfg.TEST.ENABLE:
-                self.check_test_inputs()
+                test_files = self.check_test_inputs()
             Trainer(self).fit()
         if self.cfg.TEST.ENABLE:
             load_for_test(self)
-            self.test()
+            self.test(test_files)
 
     def ready(self):
         """The data passed its checks and the run's checkpoint (if any) was accepted: from here on the job
@@ -245,10 +246,11 @@ class Workflow(ABC):
             raise ValueError(f"write_slabs: {row} rows, expected {shape[0]}")
         return write_image(path, whole, self.ndim)
 
-    def test(self):
+    def test(self, files=None):
         """Predict, write and score every test image. Outputs go to a staging folder that replaces per_image/
-        only when all images succeeded: a failed re-run leaves the run's outputs and metrics as they were."""
-        sources, inputs = self.check_test_inputs()
+        only when all images succeeded: a failed re-run leaves the run's outputs and metrics as they were.
+        `files`: what `check_test_inputs` returned before training, so the checks do not run twice."""
+        sources, inputs = files or self.check_test_inputs()
         staging = self.job.results / ".per_image.partial"
         if self.dist.is_main:
             shutil.rmtree(staging, ignore_errors=True)  # left by a killed run

@@ -75,10 +75,8 @@ class SegmentationWorkflow(Workflow):
     def compute_loss(self, batch, train):
         # Exact on every patch used, on the CPU batch (no device sync): lazily read labels were checked on a
         # sample only when opened.
-        low, high = int(batch[1].min()), int(batch[1].max())
-        if low < 0 or high >= self.n_classes:
-            self._check_ids(f"a {'training' if train else 'validation'} patch of DATA.{'TRAIN' if train else 'VAL'}"
-                            ".GT_PATH", low, high)
+        where = "a training patch of DATA.TRAIN.GT_PATH" if train else "a validation patch of DATA.VAL.GT_PATH"
+        self._check_ids(where, int(batch[1].min()), int(batch[1].max()))
         x, y = self.to_device(batch)
         logits = self.model(x)
         return self.loss_fn(logits, y), (logits, y)
@@ -110,9 +108,7 @@ class SegmentationWorkflow(Workflow):
         labels = np.zeros(spatial, dtype=np.uint8 if self.n_classes < 256 else np.uint16)
         # `label_source` is the label file when ground truth is loaded, else the image itself.
         name = Path(label_source).name
-        gt = self.open_image(label_source) if self.cfg.DATA.TEST.LOAD_GT else None
-        if gt is not None and tuple(gt.shape) != spatial + (1,):
-            raise DataError(f"{label_source}: label shape {tuple(gt.shape)} does not match its image {spatial + (1,)}")
+        gt = self.open_image(label_source) if self.cfg.DATA.TEST.LOAD_GT else None  # shape: check_test_inputs
         counts = None  # per-class (intersection, union, sizes), summed over the slabs
 
         def probabilities():
