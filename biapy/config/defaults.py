@@ -194,7 +194,7 @@ _C.MODEL.ARCHITECTURE = "unet"
 _C.MODEL.FEATURE_MAPS = [16, 32, 64, 128, 256]
 # Dropout per U-Net level; same length as FEATURE_MAPS.
 _C.MODEL.DROPOUT_VALUES = [0.0, 0.0, 0.0, 0.0, 0.0]
-# Normalization layer in CNNs: 'bn', 'in' (instance), 'gn' (group) or 'none'.
+# Normalization layer in CNNs: 'bn', 'in' (instance), 'gn' (group) or 'none' (BiaPy 3.7.1's default is 'in').
 _C.MODEL.NORMALIZATION = "bn"
 # Convolution kernel size of CNNs (odd: 3, 5, ...).
 _C.MODEL.KERNEL_SIZE = 3

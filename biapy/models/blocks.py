@@ -6,6 +6,8 @@ nothing here forces a memory layout, so channels-last tensors stay channels-last
 import torch
 from torch import nn
 
+from .instance_norm import InstanceNorm
+
 ACTIVATIONS = {
     "elu": lambda: nn.ELU(inplace=True),
     "relu": lambda: nn.ReLU(inplace=True),
@@ -27,7 +29,7 @@ def make_norm(kind, channels, ndim):
     if kind == "bn":
         return (nn.BatchNorm3d if ndim == 3 else nn.BatchNorm2d)(channels)
     if kind == "in":
-        return (nn.InstanceNorm3d if ndim == 3 else nn.InstanceNorm2d)(channels, affine=True)
+        return InstanceNorm(channels)  # nn.InstanceNorm2d/3d(affine=True)'s parameters, channels-last kept
     if kind == "gn":
         groups = next(g for g in (8, 4, 2, 1) if channels % g == 0)
         return nn.GroupNorm(groups, channels)

@@ -1,0 +1,92 @@
+"""Training-step time of the U-Net per MODEL.NORMALIZATION, against torch's own InstanceNorm.
+
+    python bench/bench_norms.py            # 2D [16..256] 8x64x64 and 3D [16..128] 2x32x64x64, CPU
+    python bench/bench_norms.py --rounds 12 --gpu 0
+
+Each variant is the same U-Net in channels-last with the same weights, input and AdamW; the
+variants take turns (a few steps each, for several rounds), so a slow spell of a shared machine
+hits them all alike. Prints the median step time per variant and its ratio to batch norm.
+'in (torch)' is nn.InstanceNorm2d/3d(affine=True), which this project's 'in' replaces.
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import biapy.models.blocks as blocks  # noqa: E402
+from biapy.engine.optimizers import AdamW  # noqa: E402
+from biapy.models.instance_norm import InstanceNorm  # noqa: E402
+from biapy.models.unet import UNet  # noqa: E402
+
+CASES = {2: {"batch": (8, 1, 64, 64), "maps": [16, 32, 64, 128, 256], "fmt": torch.channels_last},
+         3: {"batch": (2, 1, 32, 64, 64), "maps": [16, 32, 64, 128], "fmt": torch.channels_last_3d}}
+
+
+def build(ndim, norm, device, torch_instance_norm=False):
+    if torch_instance_norm:
+        cls = nn.InstanceNorm3d if ndim == 3 else nn.InstanceNorm2d
+        blocks.InstanceNorm = lambda c: cls(c, affine=True)
+    try:
+        torch.manual_seed(0)
+        model = UNet(ndim, 1, 1, CASES[ndim]["maps"], norm=norm)
+    finally:
+        blocks.InstanceNorm = InstanceNorm
+    return model.to(device, memory_format=CASES[ndim]["fmt"])
+
+
+def run(ndim, device, rounds, steps):
+    case = CASES[ndim]
+    variants = {"bn": build(ndim, "bn", device), "in": build(ndim, "in", device),
+                "in (torch)": build(ndim, "in", device, torch_instance_norm=True),
+                "gn": build(ndim, "gn", device), "none": build(ndim, "none", device)}
+    torch.manual_seed(1)
+    x = torch.randn(*case["batch"], device=device).contiguous(memory_format=case["fmt"])
+    y = torch.randn(*case["batch"], device=device).contiguous(memory_format=case["fmt"])
+    opts = {k: AdamW(m.parameters(), lr=1e-3) for k, m in variants.items()}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def step(k):
+        loss = (variants[k](x) - y).abs().mean()
+        loss.backward()
+        opts[k].step()
+        opts[k].zero_grad()
+
+    for k in variants:  # warm-up: allocations, kernel choices
+        for _ in range(2):
+            step(k)
+    times = {k: [] for k in variants}
+    for _ in range(rounds):
+        for k in variants:
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step(k)
+            sync()
+            times[k].append((time.perf_counter() - t0) / steps * 1000)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\n{ndim}D U-Net {case['maps']}, batch {tuple(case['batch'])}, {rounds} rounds of {steps} steps")
+    print(f"{'normalization':<14} {'step ms':>8} {'vs bn':>6}")
+    for k, v in med.items():
+        print(f"{k:<14} {v:8.1f} {v / med['bn']:6.2f}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=3, help="steps per variant per round")
+    ap.add_argument("--gpu", type=int, help="CUDA device index (default: CPU)")
+    ap.add_argument("--ndim", type=int, choices=(2, 3), nargs="*", default=[2, 3])
+    args = ap.parse_args()
+    device = torch.device(f"cuda:{args.gpu}" if args.gpu is not None else "cpu")
+    print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} CPU thread(s)")
+    for ndim in args.ndim:
+        run(ndim, device, args.rounds, args.steps)
+
+
+if __name__ == "__main__":
+    main()
