@@ -23,6 +23,7 @@ Lines are time-stamped as they arrive (PYTHONUNBUFFERED=1); each job's stamped l
 Every job starts from a fresh copy of the data, so both tools pay for crappifying it.
 """
 import argparse
+import difflib
 import os
 import platform
 import shutil
@@ -38,6 +39,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(ROOT))  # biapy.config, to check --set keys
 import _peer as P  # noqa: E402
 
 OURS_MARKS = {
@@ -63,15 +65,46 @@ def parse_args():
                     help="before each job, wait up to this many seconds for the machine to be idle (< 25%% busy)")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per job before it is killed")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="change a key of the YAML both tools get (VALUE read as YAML), e.g. MODEL.NORMALIZATION=in")
+                    help="change a key (of this project's config) in the YAML both tools get; VALUE is read as YAML, "
+                         "e.g. MODEL.NORMALIZATION=in")
     args = ap.parse_args()
     args.overrides = {}
     for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            ap.error(f"--set: expected KEY=VALUE, got {item!r}")
-        args.overrides[key] = yaml.safe_load(value)
+        key, value = parse_override(item, ap.error)
+        args.overrides[key] = value
     return args
+
+
+def _leaf_keys(node, prefix=""):
+    for k, v in node.items():
+        if isinstance(v, dict):
+            yield from _leaf_keys(v, f"{prefix}{k}.")
+        else:
+            yield prefix + k
+
+
+def parse_override(item, error):
+    """(KEY, value) of a --set KEY=VALUE; error(message) unless KEY is a key of this project's config."""
+    from biapy.config.defaults import get_defaults  # yacs only, no torch
+
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        error(f"--set: expected KEY=VALUE, got {item!r}")
+    node = get_defaults()
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            close = difflib.get_close_matches(key, list(_leaf_keys(get_defaults())), n=1)
+            error(f"--set: unknown key {key!r}" + (f"; did you mean {close[0]}?" if close else ""))
+        node = node[part]
+    if isinstance(node, dict):
+        error(f"--set: {key} is a section; name a key inside it")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        error(f"--set {key}: {text!r} is not valid YAML ({str(e).splitlines()[0]})")
+    if value is None:
+        error(f"--set {key}: a value is needed after '='")
+    return key, value
 
 
 # ------------------------------------------------------------------ data and config
@@ -214,8 +247,9 @@ def machine_text():
 
 def report(results, lengths, quick, overrides):
     print("\n" + "=" * 100)
-    print("BiaPy 3.7.1 vs ours: 2D crappify U-Net [16,32,64,128,256] with batch norm, patch 64x64x1, batch 8, "
-          "ADAMW lr 1e-3, no scheduler, no augmentation")
+    norm = overrides.get("MODEL.NORMALIZATION", "bn")
+    print(f"BiaPy 3.7.1 vs ours: 2D crappify U-Net [16,32,64,128,256], MODEL.NORMALIZATION {norm}, patch 64x64x1, "
+          "batch 8, ADAMW lr 1e-3, no scheduler, no augmentation")
     if overrides:
         print("Changed with --set:", ", ".join(f"{k}={v}" for k, v in overrides.items()))
     print("Machine:", machine_text())

@@ -63,6 +63,11 @@ def check_patch_fits(cfg):
                 why += f" and MODEL.Z_DOWN {list(m.Z_DOWN)}"
         raise ConfigError(f"DATA.PATCH_SIZE ({', '.join(map(str, spatial))}) must be divisible by "
                           f"({', '.join(map(str, div))}) for MODEL.ARCHITECTURE {m.ARCHITECTURE} with {why}")
+    deepest = [s // d for s, d in zip(spatial, div)]
+    if m.NORMALIZATION == "in" and m.ARCHITECTURE in ("unet", "resunet") and all(s == 1 for s in deepest):
+        raise ConfigError(f"MODEL.NORMALIZATION: 'in' normalizes each feature map over its pixels, but DATA.PATCH_SIZE "
+                          f"({', '.join(map(str, spatial))}) leaves a single pixel at the deepest level (divided by "
+                          f"({', '.join(map(str, div))})); use a larger patch, fewer levels or another normalization")
 
 
 def build_model(cfg):

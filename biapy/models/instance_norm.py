@@ -31,6 +31,7 @@ class _InstanceNormFunction(torch.autograd.Function):
         return torch.addcmul(shift, xf, scale).to(dtype)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a second derivative raises instead of being wrong
     def backward(ctx, grad):
         x, weight, mean, rstd = ctx.saved_tensors
         dtype = x.dtype
@@ -63,6 +64,9 @@ class InstanceNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x):
+        if self.training and x[0, 0].numel() == 1:  # as torch's layer: the output would be the bias alone
+            raise ValueError(f"instance norm needs more than 1 spatial element when training, got input of size "
+                             f"{tuple(x.shape)}")
         return _InstanceNormFunction.apply(x, self.weight, self.bias, self.eps)
 
     def extra_repr(self):

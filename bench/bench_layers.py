@@ -1,12 +1,14 @@
-"""Training-step time of the U-Net per MODEL.NORMALIZATION, against torch's own InstanceNorm.
+"""Training step and inference time of the U-Net per normalization, against torch's instance norm.
 
-    python bench/bench_norms.py            # 2D [16..256] 8x64x64 and 3D [16..128] 2x32x64x64, CPU
-    python bench/bench_norms.py --rounds 12 --gpu 0
+    python bench/bench_layers.py            # 2D [16..256] 8x64x64 and 3D [16..128] 2x32x64x64, CPU
+    python bench/bench_layers.py --rounds 12 --gpu 0
 
-Each variant is the same U-Net in channels-last with the same weights, input and AdamW; the
-variants take turns (a few steps each, for several rounds), so a slow spell of a shared machine
-hits them all alike. Prints the median step time per variant and its ratio to batch norm.
-'in (torch)' is nn.InstanceNorm2d/3d(affine=True), which this project's 'in' replaces.
+Variants: each MODEL.NORMALIZATION ('bn', 'in', 'gn', 'none'), and 'in' with torch's own
+nn.InstanceNorm2d/3d(affine=True), which this project's instance norm replaces. Each variant is the same U-Net in
+channels-last with the same weights, input and AdamW; the variants take turns (a few steps each,
+for several rounds), so a slow spell of a shared machine hits them all alike. Prints the median
+training step (forward, backward, AdamW) and no-grad forward per variant, and their ratio to the
+default.
 """
 import argparse
 import statistics
@@ -20,7 +22,6 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import biapy.models.blocks as blocks  # noqa: E402
 from biapy.engine.optimizers import AdamW  # noqa: E402
-from biapy.models.instance_norm import InstanceNorm  # noqa: E402
 from biapy.models.unet import UNet  # noqa: E402
 
 CASES = {2: {"batch": (8, 1, 64, 64), "maps": [16, 32, 64, 128, 256], "fmt": torch.channels_last},
@@ -28,6 +29,7 @@ CASES = {2: {"batch": (8, 1, 64, 64), "maps": [16, 32, 64, 128, 256], "fmt": tor
 
 
 def build(ndim, norm, device, torch_instance_norm=False):
+    saved = blocks.InstanceNorm
     if torch_instance_norm:
         cls = nn.InstanceNorm3d if ndim == 3 else nn.InstanceNorm2d
         blocks.InstanceNorm = lambda c: cls(c, affine=True)
@@ -35,44 +37,55 @@ def build(ndim, norm, device, torch_instance_norm=False):
         torch.manual_seed(0)
         model = UNet(ndim, 1, 1, CASES[ndim]["maps"], norm=norm)
     finally:
-        blocks.InstanceNorm = InstanceNorm
+        blocks.InstanceNorm = saved
     return model.to(device, memory_format=CASES[ndim]["fmt"])
 
 
 def run(ndim, device, rounds, steps):
     case = CASES[ndim]
     variants = {"bn": build(ndim, "bn", device), "in": build(ndim, "in", device),
-                "in (torch)": build(ndim, "in", device, torch_instance_norm=True),
-                "gn": build(ndim, "gn", device), "none": build(ndim, "none", device)}
+                "gn": build(ndim, "gn", device), "none": build(ndim, "none", device),
+                "in, torch's": build(ndim, "in", device, torch_instance_norm=True)}
     torch.manual_seed(1)
     x = torch.randn(*case["batch"], device=device).contiguous(memory_format=case["fmt"])
     y = torch.randn(*case["batch"], device=device).contiguous(memory_format=case["fmt"])
     opts = {k: AdamW(m.parameters(), lr=1e-3) for k, m in variants.items()}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def step(k):
-        loss = (variants[k](x) - y).abs().mean()
+    def train_step(k):
+        model = variants[k].train()
+        loss = (model(x) - y).abs().mean()
         loss.backward()
         opts[k].step()
         opts[k].zero_grad()
 
+    @torch.no_grad()
+    def forward(k):
+        variants[k].eval()(x)
+
+    def timed(fn, k):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn(k)
+        sync()
+        return (time.perf_counter() - t0) / steps * 1000
+
     for k in variants:  # warm-up: allocations, kernel choices
         for _ in range(2):
-            step(k)
-    times = {k: [] for k in variants}
+            train_step(k)
+            forward(k)
+    times = {k: ([], []) for k in variants}
     for _ in range(rounds):
         for k in variants:
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                step(k)
-            sync()
-            times[k].append((time.perf_counter() - t0) / steps * 1000)
-    med = {k: statistics.median(v) for k, v in times.items()}
+            times[k][0].append(timed(train_step, k))
+            times[k][1].append(timed(forward, k))
+    med = {k: (statistics.median(a), statistics.median(b)) for k, (a, b) in times.items()}
+    base = med["bn"]
     print(f"\n{ndim}D U-Net {case['maps']}, batch {tuple(case['batch'])}, {rounds} rounds of {steps} steps")
-    print(f"{'normalization':<14} {'step ms':>8} {'vs bn':>6}")
-    for k, v in med.items():
-        print(f"{k:<14} {v:8.1f} {v / med['bn']:6.2f}")
+    print(f"{'variant':<16} {'step ms':>8} {'vs bn':>6} {'infer ms':>9} {'vs bn':>6}")
+    for k, (s, f) in med.items():
+        print(f"{k:<16} {s:8.1f} {s / base[0]:6.2f} {f:9.1f} {f / base[1]:6.2f}")
 
 
 def main():
