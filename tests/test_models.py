@@ -96,3 +96,19 @@ def test_masking_cnn_and_summary():
     assert n == sum(p.numel() for p in model.parameters()) > 0
     text = model_summary(model)
     assert "encoder" in text and "decoder" in text and "head" in text and f"{n:,}" in text
+
+
+def test_one_pixel_bottleneck_with_batch_norm_needs_a_batch_of_two():
+    cfg = cnn_cfg(2, (16, 16, 1), FEATURE_MAPS=[4, 8, 16, 32, 64], DROPOUT_VALUES=[0.0] * 5)
+    cfg.TRAIN.BATCH_SIZE = 1
+    with pytest.raises(ConfigError, match=r"TRAIN.BATCH_SIZE: 1 with MODEL.NORMALIZATION 'bn' .* single pixel"):
+        check_patch_fits(cfg)
+    model = build_model(cnn_cfg(2, (16, 16, 1), FEATURE_MAPS=[4, 8, 16, 32, 64], DROPOUT_VALUES=[0.0] * 5))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):  # what the check stands in for
+        model(torch.randn(1, 1, 16, 16))
+    for change in ({"TRAIN.BATCH_SIZE": 2}, {"TRAIN.ENABLE": False}, {"MODEL.NORMALIZATION": "none"}):
+        ok = cfg.clone()
+        for key, value in change.items():
+            section, name = key.split(".")
+            ok[section][name] = value
+        check_patch_fits(ok)

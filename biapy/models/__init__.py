@@ -63,11 +63,21 @@ def check_patch_fits(cfg):
                 why += f" and MODEL.Z_DOWN {list(m.Z_DOWN)}"
         raise ConfigError(f"DATA.PATCH_SIZE ({', '.join(map(str, spatial))}) must be divisible by "
                           f"({', '.join(map(str, div))}) for MODEL.ARCHITECTURE {m.ARCHITECTURE} with {why}")
-    deepest = [s // d for s, d in zip(spatial, div)]
-    if m.NORMALIZATION == "in" and m.ARCHITECTURE in ("unet", "resunet") and all(s == 1 for s in deepest):
-        raise ConfigError(f"MODEL.NORMALIZATION: 'in' normalizes each feature map over its pixels, but DATA.PATCH_SIZE "
-                          f"({', '.join(map(str, spatial))}) leaves a single pixel at the deepest level (divided by "
-                          f"({', '.join(map(str, div))})); use a larger patch, fewer levels or another normalization")
+    if m.ARCHITECTURE in ("unet", "resunet") and all(s == d for s, d in zip(spatial, div)):
+        _check_one_pixel_bottleneck(cfg, spatial, div)
+
+
+def _check_one_pixel_bottleneck(cfg, spatial, div):
+    """Normalization statistics of a single value per channel are undefined (torch refuses them in training)."""
+    where = (f"DATA.PATCH_SIZE ({', '.join(map(str, spatial))}) leaves a single pixel at the deepest level "
+             f"(divided by ({', '.join(map(str, div))}))")
+    norm = cfg.MODEL.NORMALIZATION
+    if norm == "in":
+        raise ConfigError(f"MODEL.NORMALIZATION: 'in' normalizes each feature map over its pixels, but {where}; "
+                          "use a larger patch, fewer levels or another normalization")
+    if norm == "bn" and cfg.TRAIN.ENABLE and int(cfg.TRAIN.BATCH_SIZE) == 1:
+        raise ConfigError(f"TRAIN.BATCH_SIZE: 1 with MODEL.NORMALIZATION 'bn' leaves one value per channel to "
+                          f"normalize, as {where}; use a batch of 2 or more, a larger patch or fewer levels")
 
 
 def build_model(cfg):
