@@ -156,7 +156,12 @@ def test_test_masks_do_not_depend_on_the_test_batch_size(data2d, tmp_path):
         with open(job.metrics_csv) as fh:
             results[batch] = list(csv.DictReader(fh))
         results[batch, "img"] = read_image(sorted(job.per_image.iterdir())[0], 2)
-    assert results[1] == results[5]
+    # Other batch sizes take other convolution kernels, so scores agree to float rounding, not digit for digit;
+    # other masks would move them by percents.
+    assert [row["file"] for row in results[1]] == [row["file"] for row in results[5]]
+    for row1, row5 in zip(results[1], results[5]):
+        for key in row1.keys() - {"file"}:
+            assert float(row1[key]) == pytest.approx(float(row5[key]), rel=1e-4), (row1["file"], key)
     np.testing.assert_allclose(results[1, "img"], results[5, "img"], rtol=1e-5, atol=1e-4)
 
 
