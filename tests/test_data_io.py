@@ -2,6 +2,8 @@
 import numpy as np
 import pytest
 import tifffile
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from skimage import io as skio
 
@@ -154,6 +156,62 @@ def test_lazy_regions_of_an_imagej_hyperstack(tmp_path):
     np.testing.assert_array_equal(lazy[1:4, 2:7, 3:9], want[1:4, 2:7, 3:9])
     np.testing.assert_array_equal(lazy[::2, ::3, ::2], want[::2, ::3, ::2])
     np.testing.assert_array_equal(np.asarray(lazy), want)
+
+
+LAYOUTS = {  # stored array shape, how it is written, canonical (spatial..., c) view of it
+    "ZYX": ((6, 9, 11), {"imagej": True, "metadata": {"axes": "ZYX"}}, lambda a: a[..., None]),
+    "TZCYX": ((1, 6, 2, 9, 11), {"imagej": True, "metadata": {"axes": "TZCYX"}},
+              lambda a: np.moveaxis(a[0], 1, -1)),
+    "YXS": ((9, 11, 3), {"photometric": "rgb"}, lambda a: a),
+}
+
+
+def _lazy_key(draw, shape):
+    key = []
+    for n in shape:
+        kind = draw(st.sampled_from(["int", "slice", "all"]))
+        if kind == "int":
+            key.append(draw(st.integers(-n, n - 1)))
+        elif kind == "slice":
+            bound = st.none() | st.integers(-n - 2, n + 2)
+            key.append(slice(draw(bound), draw(bound), draw(st.sampled_from([None, 1, 2, 3, -1, -2]))))
+        else:
+            key.append(slice(None))
+    if draw(st.booleans()):  # an Ellipsis standing for some of the trailing axes
+        cut = draw(st.integers(0, len(key)))
+        key = key[:cut] + [Ellipsis]
+    return tuple(key)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), layout=st.sampled_from(sorted(LAYOUTS)), spare=st.sampled_from([0, 64, 1 << 22]))
+def test_lazy_tiff_regions_equal_numpy_for_any_key_and_read_split(tmp_path, monkeypatch, data, layout, spare):
+    """Region reads (ints, steps, negative steps, Ellipsis; read as whole slices, rows or single runs of
+    bytes, as SPARE_BYTES allows) return what numpy's indexing of the image read whole returns."""
+    stored_shape, kwargs, canonical = LAYOUTS[layout]
+    path = tmp_path / f"{layout}.tif"
+    if not path.exists():
+        arr = np.arange(np.prod(stored_shape), dtype=np.uint16).reshape(stored_shape)
+        tifffile.imwrite(path, arr, **kwargs)
+    want = canonical(tifffile.imread(path).reshape(stored_shape))
+    lazy = open_image_lazy(path, 3 if len(want.shape) == 4 else 2)
+    assert isinstance(lazy, LazyTiff) and lazy.shape == want.shape
+    monkeypatch.setattr(LazyTiff, "SPARE_BYTES", spare)
+    key = _lazy_key(data.draw, want.shape)
+    got = lazy[key]
+    assert got.dtype == want.dtype and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, want[key])
+
+
+def test_lazy_tiff_refuses_keys_it_cannot_read_by_region(tmp_path):
+    path = write_image(tmp_path / "a.tif", np.zeros((4, 5, 6, 1), np.uint16), 3)
+    lazy = open_image_lazy(path, 3)
+    with pytest.raises(IndexError, match="index 4 is out of bounds"):
+        lazy[4]
+    with pytest.raises(IndexError, match="too many indices"):
+        lazy[0, 0, 0, 0, 0]
+    with pytest.raises(TypeError, match="ints, slices and Ellipsis"):
+        lazy[[0, 1]]
 
 
 def test_lazy_store_maps_canonical_slices_to_stored_axes(tmp_path):

@@ -56,8 +56,8 @@ def _steps(shape, budget):
 def _sample(img, budget=SAMPLE_BUDGET):
     """A numpy image itself; a lazy image as a bounded sample strided along every spatial axis.
 
-    The sample is read one first-axis index (slice/row) at a time, so a memory-mapped file
-    never has more than one slice's pages resident.
+    The sample is read one first-axis index (slice/row) at a time, so no more than one slice of a
+    lazily read file is held at once.
     """
     if isinstance(img, np.ndarray):
         return img
