@@ -22,7 +22,7 @@ PEER_LAUNCH = "import sys; from biapy import main; sys.argv[0] = 'biapy'; sys.ex
 
 def ensure_peer_venv(venv_dir):
     """Python of a venv with BiaPy 3.7.1, made (with --system-site-packages, so torch is shared) if absent."""
-    venv_dir = Path(venv_dir)
+    venv_dir = Path(venv_dir).resolve()  # pip runs with the venv as its working directory
     py = venv_dir / "bin" / "python"
     if py.exists() and _peer_version(py) == BIAPY_VERSION:
         return py

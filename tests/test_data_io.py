@@ -184,10 +184,10 @@ def _lazy_key(draw, shape):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.data(), layout=st.sampled_from(sorted(LAYOUTS)), spare=st.sampled_from([0, 64, 1 << 22]))
-def test_lazy_tiff_regions_equal_numpy_for_any_key_and_read_split(tmp_path, monkeypatch, data, layout, spare):
-    """Region reads (ints, steps, negative steps, Ellipsis; read as whole slices, rows or single runs of
-    bytes, as SPARE_BYTES allows) return what numpy's indexing of the image read whole returns."""
+@given(data=st.data(), layout=st.sampled_from(sorted(LAYOUTS)), map_bytes=st.sampled_from([0, 64, 1 << 22]))
+def test_lazy_tiff_regions_equal_numpy_for_any_key_and_read_split(tmp_path, monkeypatch, data, layout, map_bytes):
+    """Region reads (ints, steps, negative steps, Ellipsis; mapped as whole slices, rows or single runs of
+    bytes, as MAP_BYTES allows) return what numpy's indexing of the image read whole returns."""
     stored_shape, kwargs, canonical = LAYOUTS[layout]
     path = tmp_path / f"{layout}.tif"
     if not path.exists():
@@ -196,7 +196,7 @@ def test_lazy_tiff_regions_equal_numpy_for_any_key_and_read_split(tmp_path, monk
     want = canonical(tifffile.imread(path).reshape(stored_shape))
     lazy = open_image_lazy(path, 3 if len(want.shape) == 4 else 2)
     assert isinstance(lazy, LazyTiff) and lazy.shape == want.shape
-    monkeypatch.setattr(LazyTiff, "SPARE_BYTES", spare)
+    monkeypatch.setattr(LazyTiff, "MAP_BYTES", map_bytes)
     key = _lazy_key(data.draw, want.shape)
     got = lazy[key]
     assert got.dtype == want.dtype and got.flags.c_contiguous
