@@ -203,6 +203,32 @@ def test_lazy_tiff_regions_equal_numpy_for_any_key_and_read_split(tmp_path, monk
     np.testing.assert_array_equal(got, want[key])
 
 
+def test_lazy_tiff_maps_at_most_map_bytes_of_the_file_at_once(tmp_path, monkeypatch):
+    """A whole-file map let the kernel make a patch's large page-cache folios resident (~70 MB per patch);
+    every map must stay within MAP_BYTES (plus page alignment) and be closed before the next one opens."""
+    import mmap as mmap_module
+
+    vol = np.random.default_rng(5).integers(0, 60000, (6, 64, 128, 1), dtype=np.uint16)  # 16 KB slices
+    lazy = open_image_lazy(write_image(tmp_path / "v.tif", vol, 3), 3)
+    monkeypatch.setattr(LazyTiff, "MAP_BYTES", 8192)  # a 20-row run of a slice (5 KB) fits, a slice does not
+    real, sizes, open_maps = mmap_module.mmap, [], []
+
+    class CountingMap(real):
+        def __init__(self, fileno, length, *args, **kwargs):
+            sizes.append(length)
+            assert not open_maps, "a map was opened while another was still open"
+            open_maps.append(self)
+
+        def __exit__(self, *exc):
+            open_maps.remove(self)
+            return super().__exit__(*exc)
+
+    monkeypatch.setattr(mmap_module, "mmap", CountingMap)
+    np.testing.assert_array_equal(lazy[1:5, 10:30, 7:50], vol[1:5, 10:30, 7:50])
+    assert len(sizes) == 4 and max(sizes) <= 8192 + mmap_module.ALLOCATIONGRANULARITY  # one 20-row map per slice
+    assert not open_maps
+
+
 def test_lazy_tiff_refuses_keys_it_cannot_read_by_region(tmp_path):
     path = write_image(tmp_path / "a.tif", np.zeros((4, 5, 6, 1), np.uint16), 3)
     lazy = open_image_lazy(path, 3)
