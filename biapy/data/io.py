@@ -83,10 +83,19 @@ class _AxesPlan:
         shp = tuple(self.full_shape[self.keep[i]] for i in self.order)
         return shp + (1,) if self.add_channel else shp
 
-    def apply(self, arr):
-        """Canonical view of `arr` (numpy array or memmap with the stored shape); no copy."""
-        arr = arr.reshape(tuple(self.full_shape[i] for i in self.keep)).transpose(self.order)
+    def apply(self, arr, shape=None):
+        """Canonical view of `arr`, an array of stored-order `shape` (default: the whole image's, which any
+        array of as many elements may stand for, such as tifffile's squeezed one); no copy."""
+        shape = self.full_shape if shape is None else shape
+        arr = arr.reshape(tuple(shape[i] for i in self.keep)).transpose(self.order)
         return arr[..., None] if self.add_channel else arr
+
+    def to_stored(self, per_axis, dropped):
+        """Values given per canonical axis placed at their stored axes, `dropped` at the axes the plan drops."""
+        stored = [dropped] * len(self.full_shape)
+        for j, axis in enumerate(self.order):
+            stored[self.keep[axis]] = per_axis[j]
+        return stored
 
 
 def _not_empty(shape, path):
@@ -408,16 +417,9 @@ class LazyTiff:
         return len(self.shape)
 
     def __getitem__(self, key) -> np.ndarray:
-        plan = self._plan
         bounds, local = _index_box(key, self.shape)
-        stored = [(0, 1)] * len(plan.full_shape)  # axes of size 1 that the plan drops
-        for j, axis in enumerate(plan.order):
-            stored[plan.keep[axis]] = bounds[j]
-        region = self._read_box(stored)
-        region = region.reshape(tuple(region.shape[i] for i in plan.keep)).transpose(plan.order)
-        if plan.add_channel:
-            region = region[..., None]
-        return np.array(region[local], dtype=self.dtype, order="C")
+        region = self._read_box(self._plan.to_stored(bounds, (0, 1)))  # dropped axes have size 1
+        return np.array(self._plan.apply(region, region.shape)[local], dtype=self.dtype, order="C")
 
     def _read_box(self, box) -> np.ndarray:
         """The stored-order box [(start, stop) per stored axis] of the file, in the stored dtype."""
@@ -431,10 +433,10 @@ class LazyTiff:
         k = next((i for i in range(len(shape)) if (box[i][1] - box[i][0]) * strides[i] <= self.MAP_BYTES),
                  len(shape) - 1)
         inner = tuple(slice(a, b) for a, b in box[k + 1:])
+        rows = (box[k][1] - box[k][0],) + tuple(shape[k + 1:])
         with open(self.path, "rb") as fh:
             for index in itertools.product(*(range(a, b) for a, b in box[:k])):
                 start = self._offset + sum(i * st for i, st in zip(index, strides)) + box[k][0] * strides[k]
-                rows = (box[k][1] - box[k][0],) + tuple(shape[k + 1:])
                 target = tuple(i - a for i, (a, _) in zip(index, box))
                 out[target] = _mapped_copy(fh, start, rows, self._stored, inner)
         return out
@@ -466,9 +468,7 @@ class LazyStore:
         if not all(isinstance(k, slice) for k in key):
             raise TypeError(f"{type(self).__name__} takes slices only, got {key!r}")
         plan = self._plan
-        stored = [0] * len(plan.full_shape)  # dropped singleton axes are indexed away
-        for j, axis in enumerate(plan.order):
-            stored[plan.keep[axis]] = key[j]
+        stored = plan.to_stored(key, 0)  # dropped singleton axes are indexed away
         region = np.asarray(self._opener()[tuple(stored)]).transpose(plan.order)
         return region[..., None][..., key[-1]] if plan.add_channel else region
 
