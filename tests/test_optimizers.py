@@ -1,4 +1,5 @@
-"""The foreach SGD/Adam/AdamW against torch.optim step by step, their state_dicts, and no torch._dynamo import."""
+"""SGD/Adam/AdamW against torch.optim (foreach SGD, fused Adam/AdamW: the same kernels) step by step, their
+state_dicts, and no torch._dynamo import."""
 import subprocess
 import sys
 
@@ -13,6 +14,8 @@ PAIRS = [
     (optimizers.Adam, torch.optim.Adam, {"lr": 0.01, "betas": (0.8, 0.95)}),
     (optimizers.AdamW, torch.optim.AdamW, {"lr": 0.01, "betas": (0.9, 0.999)}),
 ]
+IMPLEMENTATION = {torch.optim.SGD: {"foreach": True}, torch.optim.Adam: {"fused": True},
+                  torch.optim.AdamW: {"fused": True}}
 
 
 def net(seed=0):
@@ -43,7 +46,7 @@ def train(model, opt, steps, frozen_until=0):
 def test_same_updates_as_torch_optim(ours, theirs, hyper, wd):
     a, b = net(), net()
     opt_a = ours(groups(a, wd), **hyper)
-    opt_b = theirs(groups(b, wd), **hyper, foreach=True)
+    opt_b = theirs(groups(b, wd), **hyper, **IMPLEMENTATION[theirs])
     train(a, opt_a, 6, frozen_until=3)
     train(b, opt_b, 6, frozen_until=3)
     for pa, pb in zip(a.parameters(), b.parameters()):
@@ -56,7 +59,7 @@ def test_same_updates_as_torch_optim(ours, theirs, hyper, wd):
 def test_state_dict_round_trip_and_torch_layout(ours, theirs, hyper):
     a, b = net(), net()
     opt_a = ours(groups(a, 0.01), **hyper)
-    opt_b = theirs(groups(b, 0.01), **hyper, foreach=True)
+    opt_b = theirs(groups(b, 0.01), **hyper, **IMPLEMENTATION[theirs])
     train(a, opt_a, 3)
     train(b, opt_b, 3)
     sd_a, sd_b = opt_a.state_dict(), opt_b.state_dict()
@@ -97,15 +100,18 @@ def test_load_rejects_state_of_another_model():
         opt.load_state_dict(sgd.state_dict())
 
 
-def test_job_start_does_not_import_torch_dynamo():
-    """torch.optim's base class would import torch._dynamo (1.35 s, ~110 MB) when the optimizer is built."""
+def test_training_step_does_not_import_torch_dynamo():
+    """torch.optim's base class would import torch._dynamo (1.35 s, ~110 MB) when the optimizer is built, and
+    torch.utils.checkpoint on its first call (MODEL.ACTIVATION_CHECKPOINTING has its own recomputation)."""
     code = ("import sys, torch\n"
-            "from torch import nn\n"
-            "from biapy.config.defaults import get_defaults\n"
+            "from tests.test_models import cnn_cfg\n"
             "from biapy.engine.optim import build_optimizer\n"
-            "m = nn.Conv2d(1, 2, 3)\n"
-            "opt = build_optimizer(m, get_defaults())\n"
-            "m(torch.ones(1, 1, 5, 5)).sum().backward(); opt.step(); opt.zero_grad()\n"
+            "from biapy.models import build_model\n"
+            "cfg = cnn_cfg(2, (16, 16, 1), 'unet', ACTIVATION_CHECKPOINTING=True)\n"
+            "m = build_model(cfg)\n"
+            "assert m.encoder.recompute and m.decoder.recompute\n"
+            "opt = build_optimizer(m, cfg)\n"
+            "m(torch.ones(2, 1, 16, 16)).mean().backward(); opt.step(); opt.zero_grad()\n"
             "print('torch._dynamo' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -38,8 +38,8 @@ def param_groups(model, weight_decay):
 
 
 def build_optimizer(model, cfg):
-    """The TRAIN.OPTIMIZER update rule (biapy.engine.optimizers: torch.optim's foreach updates without its
-    1.35 s torch._dynamo import)."""
+    """The TRAIN.OPTIMIZER update rule (biapy.engine.optimizers: torch.optim's updates without its 1.35 s
+    torch._dynamo import)."""
     t = cfg.TRAIN
     groups = param_groups(model, t.W_DECAY)
     name = str(t.OPTIMIZER).upper()

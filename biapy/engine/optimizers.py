@@ -1,16 +1,23 @@
-"""SGD, Adam and AdamW as multi-tensor (foreach) updates, outside torch.optim's base class.
+"""SGD (multi-tensor foreach update), Adam and AdamW (fused kernels), outside torch.optim's base class.
 
 torch.optim.Optimizer imports torch._dynamo the first time a parameter group is added or a step
 is taken (its methods are wrapped to keep them out of torch.compile graphs). That import costs
 1.35 s and about 110 MB of resident memory on every run: a fifth of a short job on a CPU and a
-tenth of an out-of-core run's memory. These classes make the same updates with the same
-torch._foreach kernels as torch.optim's foreach implementations (tests compare them step by
-step) and keep torch.optim's state_dict layout, so earlier checkpoints load unchanged.
+tenth of an out-of-core run's memory. These classes make the same updates as torch.optim's
+(tests compare them step by step) and keep torch.optim's state_dict layout, so earlier
+checkpoints load unchanged.
+
+Adam and AdamW call the fused kernels torch.optim uses with fused=True (CPU and CUDA): one pass
+over each parameter instead of the foreach path's nine, which on a CPU loops tensor by tensor.
+Measured on 2 CPU cores: 3.1 -> 1.9 ms per step for the 2D U-Net [16..256] (64 tensors, 1.9 M
+values), 11.6 -> 3.1 ms for eight ViT blocks of width 256 (88 tensors, 6.3 M values).
 """
+from collections import defaultdict
+
 import torch
 
 
-class ForeachOptimizer:
+class BaseOptimizer:
     """Parameter groups, zero_grad, step and state_dict; subclasses give `defaults` and `_update`."""
 
     defaults: dict = {}
@@ -77,8 +84,8 @@ class ForeachOptimizer:
 
     @staticmethod
     def _restore(key, value, p):
-        if key == "step":
-            return float(value)
+        if key == "step":  # a float32 tensor beside its parameter, as the fused kernels take it
+            return torch.tensor(float(value), dtype=torch.float32, device=p.device)
         if isinstance(value, torch.Tensor):
             if value.shape != p.shape:
                 raise ValueError(f"saved {key} of shape {tuple(value.shape)} for a parameter of shape "
@@ -87,7 +94,7 @@ class ForeachOptimizer:
         return value
 
 
-class SGD(ForeachOptimizer):
+class SGD(BaseOptimizer):
     """SGD with heavy-ball momentum and L2 weight decay (torch.optim.SGD, dampening 0, no Nesterov)."""
 
     defaults = {"lr": 1e-3, "momentum": 0.0, "weight_decay": 0.0}
@@ -110,7 +117,7 @@ class SGD(ForeachOptimizer):
         torch._foreach_add_(params, grads, alpha=-lr)
 
 
-class Adam(ForeachOptimizer):
+class Adam(BaseOptimizer):
     """Adam; weight decay is L2 (added to the gradient) here and decoupled in AdamW."""
 
     defaults = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
@@ -118,30 +125,22 @@ class Adam(ForeachOptimizer):
     decoupled = False
 
     def _update(self, group, params, grads):
-        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        states = []
-        for p in params:
+        (beta1, beta2) = group["betas"]
+        # One kernel call per device and dtype (the CUDA kernel needs them uniform); a parameter's own
+        # step count gives its bias correction, so one unfrozen later catches up correctly.
+        lists = defaultdict(lambda: ([], [], [], [], []))
+        for p, g in zip(params, grads):
             s = self.state.get(p)
             if s is None:
-                s = self.state[p] = {"step": 0.0, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-            s["step"] += 1
-            states.append(s)
-        if wd:
-            if self.decoupled:
-                torch._foreach_mul_(params, 1 - lr * wd)
-            else:
-                grads = torch._foreach_add(grads, params, alpha=wd)
-        exp_avgs = [s["exp_avg"] for s in states]
-        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-        # Bias corrections per parameter: a parameter unfrozen later has taken fewer steps.
-        step_sizes = [-lr / (1 - beta1 ** s["step"]) for s in states]
-        denom = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denom, [(1 - beta2 ** s["step"]) ** 0.5 for s in states])
-        torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
+                s = self.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
+                                     "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+            for column, t in zip(lists[p.device, p.dtype], (p, g, s["exp_avg"], s["exp_avg_sq"], s["step"])):
+                column.append(t)
+        kernel = torch._fused_adamw_ if self.decoupled else torch._fused_adam_
+        for ps, gs, exp_avgs, exp_avg_sqs, steps in lists.values():
+            torch._foreach_add_(steps, 1)
+            kernel(ps, gs, exp_avgs, exp_avg_sqs, [], steps, lr=group["lr"], beta1=beta1, beta2=beta2,
+                   weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False, maximize=False)
 
 
 class AdamW(Adam):

@@ -82,6 +82,11 @@ def _check_one_pixel_bottleneck(cfg, spatial, div):
 
 def build_model(cfg):
     """The network for this config (CPU, float32, training mode)."""
+    from biapy.models.recompute import set_recompute
+    return set_recompute(_build(cfg), cfg.MODEL.ACTIVATION_CHECKPOINTING)
+
+
+def _build(cfg):
     arch = _check_architecture(cfg)
     check_patch_fits(cfg)
     channels = int(cfg.DATA.PATCH_SIZE[-1])

@@ -14,6 +14,7 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import Block
 
 from biapy.errors import ConfigError
+from biapy.models import recompute
 from biapy.models.masking import grid_token_mask, random_token_mask, token_mask_to_image
 from biapy.models.vit import ViTEncoder, init_vit_weights, sincos_pos_embed
 
@@ -39,6 +40,8 @@ class MAEDecoder(nn.Module):
                                     for _ in range(depth))
         self.norm = norm(width)
 
+    recompute = False  # MODEL.ACTIVATION_CHECKPOINTING (biapy.models.recompute)
+
     def forward(self, latent, ids_restore, pos_embed):
         x = self.embed(latent)
         B, L = ids_restore.shape
@@ -47,7 +50,7 @@ class MAEDecoder(nn.Module):
         x = torch.gather(x, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         x = x + pos_embed.to(x.dtype)
         for blk in self.blocks:
-            x = blk(x)
+            x = recompute.run(self, blk, x)
         return self.norm(x)
 
 

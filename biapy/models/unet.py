@@ -9,6 +9,7 @@ from torch import nn
 
 from biapy.errors import ConfigError
 from biapy.models.blocks import block_class, conv_nd, conv_transpose_nd, init_conv_weights, upsample_cat
+from biapy.models import recompute
 
 
 def pool_factors(ndim, levels, z_down=()):
@@ -41,11 +42,13 @@ class UNetEncoder(nn.Module):
         self.blocks = nn.ModuleList(block(ndim, widths[i], widths[i + 1], kernel, norm, act, dropout[i])
                                     for i in range(len(feature_maps)))
 
+    recompute = False  # MODEL.ACTIVATION_CHECKPOINTING (biapy.models.recompute)
+
     def forward(self, x):
         """Features of every level, the bottleneck last."""
-        feats = [self.blocks[0](x)]
+        feats = [recompute.run(self, self.blocks[0], x)]
         for pool, blk in zip(self.pools, self.blocks[1:]):
-            feats.append(blk(pool(feats[-1])))
+            feats.append(recompute.run(self, blk, feats[-1], fn=lambda f, pool=pool, blk=blk: blk(pool(f))))
         return feats
 
 
@@ -60,10 +63,13 @@ class UNetDecoder(nn.Module):
         self.blocks = nn.ModuleList(block(ndim, 2 * fm[i], fm[i], kernel, norm, act, dropout[i])
                                     for i in range(len(factors)))
 
+    recompute = False  # MODEL.ACTIVATION_CHECKPOINTING (biapy.models.recompute)
+
     def forward(self, feats):
         x = feats[-1]
         for i in reversed(range(len(self.ups))):
-            x = self.blocks[i](upsample_cat(self.ups[i], x, feats[i]))
+            up, blk = self.ups[i], self.blocks[i]
+            x = recompute.run(self, blk, x, feats[i], fn=lambda x, skip, up=up, blk=blk: blk(upsample_cat(up, x, skip)))
         return x
 
 

@@ -10,6 +10,7 @@ there are more levels); NORMALIZATION, KERNEL_SIZE and ACTIVATION are honoured a
 """
 from torch import nn
 
+from biapy.models import recompute
 from biapy.models.blocks import ConvBlock, ConvNormAct, conv_nd, conv_transpose_nd, init_conv_weights, upsample_cat
 from biapy.models.mae import check_token_fit
 from biapy.models.vit import ViTEncoder, init_vit_weights, tokens_to_map
@@ -51,12 +52,15 @@ class UNETRDecoder(nn.Module):
         self.ups = nn.ModuleList(up(in_w[l], widths[l], factors[l], stride=factors[l]) for l in range(S))
         self.blocks = nn.ModuleList(ConvBlock(ndim, 2 * widths[l], widths[l], kernel, norm, act) for l in range(S))
 
+    recompute = False  # MODEL.ACTIVATION_CHECKPOINTING (biapy.models.recompute)
+
     def forward(self, image, top, block_maps):
         """top: encoder output map (B, dim, *grid); block_maps[l-1]: skip source of level l."""
         skips = [self.stem(image)] + [path(m) for path, m in zip(self.skips, block_maps)]
         x = top
         for l in reversed(range(len(self.ups))):
-            x = self.blocks[l](upsample_cat(self.ups[l], x, skips[l]))
+            up, blk = self.ups[l], self.blocks[l]
+            x = recompute.run(self, blk, x, skips[l], fn=lambda x, skip, up=up, blk=blk: blk(upsample_cat(up, x, skip)))
         return x
 
 

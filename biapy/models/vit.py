@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from timm.models.vision_transformer import Block
 
+from biapy.models import recompute
+
 
 def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
     """(N,) positions -> (N, dim) [sin | cos] with MAE's frequencies (dim even)."""
@@ -76,6 +78,8 @@ class ViTEncoder(nn.Module):
             return self.pos_embed
         return sincos_pos_embed(grid, self.pos_embed.shape[-1]).unsqueeze(0).to(self.pos_embed.device)
 
+    recompute = False  # MODEL.ACTIVATION_CHECKPOINTING (biapy.models.recompute)
+
     def forward(self, x, ids_keep=None, return_blocks=()):
         """x (B, C, *spatial) -> (normed tokens (B, L_seen, dim), [raw outputs of `return_blocks`]).
 
@@ -88,7 +92,7 @@ class ViTEncoder(nn.Module):
         self.last_input_len = tokens.shape[1]
         feats = []
         for i, blk in enumerate(self.blocks):
-            tokens = blk(tokens)
+            tokens = recompute.run(self, blk, tokens)
             if i in return_blocks:
                 feats.append(tokens)
         return self.norm(tokens), feats
