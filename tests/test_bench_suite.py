@@ -1,5 +1,7 @@
-"""bench/run_all.py: its case configs stay valid as the config evolves, and its loader timer is exact."""
+"""bench/: run_all.py's case configs stay valid as the config evolves, its loader timer is exact, bench_recompute.py runs."""
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,3 +65,12 @@ def test_out_of_core_verdict_names_the_peak_and_torch_share(capsys, peak, cuda, 
     assert "8 MB volume held in memory: 1200 MB" in out
     assert f"import torch alone: 529 MB of that peak (torch 2.x, {build}" in out
     assert "patch x batch" not in out  # no case rows: no empty table
+
+
+def test_recompute_bench_prints_the_saved_share_and_step_ratio():
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_recompute.py"), "--only", "2d_mae",
+                          "--rounds", "1"], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    row = next(line for line in out.splitlines() if line.startswith("2D ViT MAE")).split()
+    saved_off, saved_on, saved_ratio, step_ratio = float(row[3]), float(row[4]), float(row[5]), float(row[8])
+    assert saved_on < saved_off and saved_ratio == pytest.approx(saved_on / saved_off, abs=0.01)
+    assert saved_ratio < 0.3 and step_ratio > 0
