@@ -69,3 +69,21 @@ def test_a_failure_on_one_process_stops_the_job_with_its_error_and_no_hang(data2
     assert any(ln.startswith("ERROR: [rank 1] ") and "NaN" in ln for ln in errors), done.stderr[-3000:]
     assert "Traceback (most recent call last):\n  File \"" + str(ROOT) not in done.stderr  # no traceback of ours
     assert not (Job(tmp_path / "out", "fail", 1).per_image).exists()  # nothing half-written in per_image/
+
+
+def test_activation_checkpointing_under_ddp_trains_the_same_weights(data2d, tmp_path):
+    """The recomputation runs its own backward inside DDP's: every weight's gradient must still be reduced once."""
+    weights = []
+    for on in (False, True):
+        cfg = tiny_config(data2d, 2, TRAIN={"EPOCHS": 1, "BATCH_SIZE": 2},
+                          MODEL={"ACTIVATION_CHECKPOINTING": on, "DROPOUT_VALUES": [0.0, 0.1, 0.2]},
+                          TEST={"ENABLE": False})
+        done = _torchrun(cfg, tmp_path, f"ckpt{int(on)}")
+        assert done.returncode == 0, done.stderr[-3000:]
+        state = torch.load(Job(tmp_path / "out", f"ckpt{int(on)}", 1).checkpoint("last"), map_location="cpu",
+                           weights_only=True)
+        weights.append(state["model"])
+    plain, recomputed = weights
+    assert plain.keys() == recomputed.keys()
+    for k in plain:
+        torch.testing.assert_close(recomputed[k], plain[k], rtol=1e-4, atol=1e-6, msg=k)
