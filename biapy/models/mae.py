@@ -40,7 +40,7 @@ class MAEDecoder(nn.Module):
                                     for _ in range(depth))
         self.norm = norm(width)
 
-    recompute = False  # MODEL.ACTIVATION_CHECKPOINTING (biapy.models.recompute)
+    recompute_blocks = False  # MODEL.ACTIVATION_CHECKPOINTING (biapy.models.recompute)
 
     def forward(self, latent, ids_restore, pos_embed):
         x = self.embed(latent)

@@ -2,7 +2,7 @@
 block again there, instead of keeping every intermediate activation.
 
 The containers that loop over blocks (U-Net encoder and decoder, ViT encoder, MAE and UNETR
-decoders) carry `recompute` (off by default) and call their blocks through `run`.
+decoders) carry `recompute_blocks` (off by default) and call their blocks through `run`.
 
 torch.utils.checkpoint does the same, but its first call imports torch._dynamo: ~1 s and ~155 MB
 of resident memory on a CPU, about what checkpointing saves on the 3D U-Net. `_Recompute` is the
@@ -19,19 +19,19 @@ _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 def set_recompute(model: nn.Module, on: bool) -> nn.Module:
     """Switch activation checkpointing for every block container in `model`."""
     for m in model.modules():
-        if hasattr(m, "recompute"):
-            m.recompute = bool(on)
+        if hasattr(m, "recompute_blocks"):
+            m.recompute_blocks = bool(on)
     return model
 
 
 def run(owner: nn.Module, block: nn.Module, *inputs, fn=None):
-    """(fn or block)(*inputs) -> one tensor; recomputed in the backward pass when owner.recompute is on.
+    """(fn or block)(*inputs) -> one tensor; recomputed in the backward pass when owner.recompute_blocks is on.
 
     fn, when given, may also call modules without batch norm (pooling, an up-sampling convolution);
     the batch norms restored after the second run are `block`'s.
     """
     fn = fn or block
-    if not (owner.recompute and torch.is_grad_enabled()):
+    if not (owner.recompute_blocks and torch.is_grad_enabled()):
         return fn(*inputs)
     # The empty tensor that needs a gradient puts the function in the graph even when no input needs
     # one (the first encoder block's input is the image), so the block's weights still get gradients.

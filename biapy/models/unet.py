@@ -8,8 +8,8 @@ name, only `head.*` differing in shape.
 from torch import nn
 
 from biapy.errors import ConfigError
-from biapy.models.blocks import block_class, conv_nd, conv_transpose_nd, init_conv_weights, upsample_cat
 from biapy.models import recompute
+from biapy.models.blocks import block_class, conv_nd, conv_transpose_nd, init_conv_weights, upsample_cat
 
 
 def pool_factors(ndim, levels, z_down=()):
@@ -42,7 +42,7 @@ class UNetEncoder(nn.Module):
         self.blocks = nn.ModuleList(block(ndim, widths[i], widths[i + 1], kernel, norm, act, dropout[i])
                                     for i in range(len(feature_maps)))
 
-    recompute = False  # MODEL.ACTIVATION_CHECKPOINTING (biapy.models.recompute)
+    recompute_blocks = False  # MODEL.ACTIVATION_CHECKPOINTING (biapy.models.recompute)
 
     def forward(self, x):
         """Features of every level, the bottleneck last."""
@@ -63,7 +63,7 @@ class UNetDecoder(nn.Module):
         self.blocks = nn.ModuleList(block(ndim, 2 * fm[i], fm[i], kernel, norm, act, dropout[i])
                                     for i in range(len(factors)))
 
-    recompute = False  # MODEL.ACTIVATION_CHECKPOINTING (biapy.models.recompute)
+    recompute_blocks = False  # MODEL.ACTIVATION_CHECKPOINTING (biapy.models.recompute)
 
     def forward(self, feats):
         x = feats[-1]

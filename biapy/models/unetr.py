@@ -52,7 +52,7 @@ class UNETRDecoder(nn.Module):
         self.ups = nn.ModuleList(up(in_w[l], widths[l], factors[l], stride=factors[l]) for l in range(S))
         self.blocks = nn.ModuleList(ConvBlock(ndim, 2 * widths[l], widths[l], kernel, norm, act) for l in range(S))
 
-    recompute = False  # MODEL.ACTIVATION_CHECKPOINTING (biapy.models.recompute)
+    recompute_blocks = False  # MODEL.ACTIVATION_CHECKPOINTING (biapy.models.recompute)
 
     def forward(self, image, top, block_maps):
         """top: encoder output map (B, dim, *grid); block_maps[l-1]: skip source of level l."""

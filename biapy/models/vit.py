@@ -78,7 +78,7 @@ class ViTEncoder(nn.Module):
             return self.pos_embed
         return sincos_pos_embed(grid, self.pos_embed.shape[-1]).unsqueeze(0).to(self.pos_embed.device)
 
-    recompute = False  # MODEL.ACTIVATION_CHECKPOINTING (biapy.models.recompute)
+    recompute_blocks = False  # MODEL.ACTIVATION_CHECKPOINTING (biapy.models.recompute)
 
     def forward(self, x, ids_keep=None, return_blocks=()):
         """x (B, C, *spatial) -> (normed tokens (B, L_seen, dim), [raw outputs of `return_blocks`]).
