@@ -35,7 +35,8 @@ def run(owner: nn.Module, block: nn.Module, *inputs, fn=None):
         return fn(*inputs)
     # The empty tensor that needs a gradient puts the function in the graph even when no input needs
     # one (the first encoder block's input is the image), so the block's weights still get gradients.
-    return _Recompute.apply(fn, block, torch.empty(0, requires_grad=True), *inputs)
+    anchor = torch.empty(0, device=inputs[0].device, requires_grad=True)
+    return _Recompute.apply(fn, block, anchor, *inputs)
 
 
 class _Recompute(torch.autograd.Function):
