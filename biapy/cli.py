@@ -110,7 +110,8 @@ def main(argv=None):
             _error("stopped because another process of this job failed (its error is above)")
             return 1
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        _error(f"out of memory ({first}); lower TRAIN.BATCH_SIZE or DATA.PATCH_SIZE")
+        _error(f"out of memory ({first}); lower TRAIN.BATCH_SIZE or DATA.PATCH_SIZE, or in training turn on "
+               "MODEL.ACTIVATION_CHECKPOINTING")
         return 1
     except KeyboardInterrupt:
         if int(os.environ.get("RANK", "0")) == 0:  # torchrun stops the other processes when one fails: rank 0 speaks

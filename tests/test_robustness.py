@@ -490,7 +490,7 @@ def test_out_of_memory_says_what_to_lower(world, intact, capsys, monkeypatch):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
     monkeypatch.setattr(CrappifyWorkflow, "compute_loss", oom)
     assert world.run(world.cfg(), "oom") == 1
-    one_error_line(capsys, "out of memory", "Tried to allocate 20.00 GiB", "TRAIN.BATCH_SIZE")
+    one_error_line(capsys, "out of memory", "Tried to allocate 20.00 GiB", "TRAIN.BATCH_SIZE", "MODEL.ACTIVATION_CHECKPOINTING")
 
 
 def test_sigterm_outside_training_exits_130_without_traceback(world, intact, capsys, monkeypatch):
