@@ -201,6 +201,7 @@ def run_case(args):
     from biapy.engine.distributed import init_distributed
     from biapy.engine.trainer import Trainer, _unwrap
     from biapy.job import Job
+    from biapy.models.folding import fold_batch_norm
     from biapy.runner import setup_logging
     from biapy.workflows import get_workflow
 
@@ -293,9 +294,10 @@ def run_case(args):
         out["mae_ratio"] = masked / full
         out["mae_s"] = (masked, full)
 
-    # Whole-image inference: stitched prediction vs the bare forward passes it needs.
+    # Whole-image inference: stitched prediction vs the bare forward passes it needs, with the model the
+    # test phase predicts with (batch norm folded into the convolutions).
     wf.model = trainer.eval_model
-    trainer.model.eval()
+    fold_batch_norm(trainer.model)
     test_file = sorted((data / "test").iterdir())[0]
     image = read_image(test_file, ndim)
     stats = wf.normalizer.stats(image)

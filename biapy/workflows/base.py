@@ -167,6 +167,7 @@ class Workflow(ABC):
     # ---------------------------------------------------------------- run
     def run(self):
         from biapy.engine.trainer import Trainer, load_for_test
+        from biapy.models.folding import fold_batch_norm
 
         test_files = None
         if self.cfg.TRAIN.ENABLE:
@@ -176,6 +177,7 @@ class Workflow(ABC):
             Trainer(self).fit()
         if self.cfg.TEST.ENABLE:
             load_for_test(self)
+            fold_batch_norm(self.model)  # the test phase only predicts: one pass less per activation
             self.test(test_files)
 
     def ready(self):
