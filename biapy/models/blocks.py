@@ -6,6 +6,7 @@ nothing here forces a memory layout, so channels-last tensors stay channels-last
 import torch
 from torch import nn
 
+from . import recompute
 from .instance_norm import InstanceNorm
 
 ACTIVATIONS = {
@@ -98,6 +99,7 @@ def init_conv_weights(module: nn.Module):
                 nn.init.zeros_(m.bias)
 
 
-def upsample_cat(up: nn.Module, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-    """Up-sample `x` and join it with the skip features along channels (skip first, as U-Net)."""
-    return torch.cat([skip, up(x)], dim=1)
+def decode_level(owner: nn.Module, up: nn.Module, block: nn.Module, x: torch.Tensor, skip: torch.Tensor):
+    """block(up-sampled `x` joined with the skip features along channels, skip first as U-Net): one decoder
+    level, run through `recompute.run` (with owner.recompute_blocks on, only x and skip are kept)."""
+    return recompute.run(owner, block, x, skip, fn=lambda x, skip: block(torch.cat([skip, up(x)], dim=1)))

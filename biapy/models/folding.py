@@ -9,12 +9,12 @@ The model's parameters change names and count, so it is done only on the model t
 after its checkpoint is loaded, never on one that trains or is saved.
 """
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from biapy.models.blocks import ResBlock
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def fold_batch_norm(model: nn.Module) -> int:
@@ -30,7 +30,7 @@ def fold_batch_norm(model: nn.Module) -> int:
             pairs = [(module, "conv2", "norm2")]
         for owner, conv_name, norm_name in pairs:
             conv, norm = getattr(owner, conv_name), getattr(owner, norm_name)
-            if isinstance(conv, _CONVS) and isinstance(norm, _NORMS) and norm.track_running_stats:
+            if isinstance(conv, _CONVS) and isinstance(norm, _BatchNorm) and norm.track_running_stats:
                 # The folded weight keeps the convolution's memory format (channels-last stays so).
                 setattr(owner, conv_name, fuse_conv_bn_eval(conv, norm))
                 setattr(owner, norm_name, nn.Identity())

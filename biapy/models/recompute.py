@@ -10,10 +10,11 @@ classic recompute-in-backward autograd function, with what the second run must r
 random state (dropout draws the same masks), autocast, and batch-norm running statistics (the
 second run must not move them again), so the trained weights are the same with the key on or off.
 """
+from contextlib import contextmanager
+
 import torch
 from torch import nn
-
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+from torch.nn.modules.batchnorm import _BatchNorm
 
 
 def set_recompute(model: nn.Module, on: bool) -> nn.Module:
@@ -69,39 +70,27 @@ def _rng_state(device):
     return cpu, (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
 
 
-class _replayed_rng:
-    """Run with the random state of the first run; the state outside is left as it was."""
-
-    def __init__(self, device, state):
-        self.device, self.state = device, state
-
-    def __enter__(self):
-        self.outside = _rng_state(self.device)
-        self._set(self.state)
-
-    def __exit__(self, *exc):
-        self._set(self.outside)
-
-    def _set(self, state):
-        cpu, cuda = state
+@contextmanager
+def _replayed_rng(device, state):
+    """Run with the random state of the first run; fork_rng puts the state outside back on exit."""
+    cpu, cuda = state
+    with torch.random.fork_rng(devices=[device] if cuda is not None else []):
         torch.set_rng_state(cpu)
         if cuda is not None:
-            torch.cuda.set_rng_state(cuda, self.device)
+            torch.cuda.set_rng_state(cuda, device)
+        yield
 
 
-class _statistics_kept:
+@contextmanager
+def _statistics_kept(block):
     """Batch-norm running statistics of `block` restored on exit."""
-
-    def __init__(self, block):
-        self.norms = [m for m in block.modules() if isinstance(m, _NORMS) and m.training and m.track_running_stats]
-
-    def __enter__(self):
-        self.saved = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)]
-                      for m in self.norms]
-
-    def __exit__(self, *exc):
+    norms = [m for m in block.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+    saved = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in norms]
+    try:
+        yield
+    finally:
         with torch.no_grad():
-            for m, (mean, var, count) in zip(self.norms, self.saved):
+            for m, (mean, var, count) in zip(norms, saved):
                 m.running_mean.copy_(mean)
                 m.running_var.copy_(var)
                 m.num_batches_tracked.copy_(count)

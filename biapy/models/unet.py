@@ -9,7 +9,7 @@ from torch import nn
 
 from biapy.errors import ConfigError
 from biapy.models import recompute
-from biapy.models.blocks import block_class, conv_nd, conv_transpose_nd, init_conv_weights, upsample_cat
+from biapy.models.blocks import block_class, conv_nd, conv_transpose_nd, decode_level, init_conv_weights
 
 
 def pool_factors(ndim, levels, z_down=()):
@@ -68,8 +68,7 @@ class UNetDecoder(nn.Module):
     def forward(self, feats):
         x = feats[-1]
         for i in reversed(range(len(self.ups))):
-            up, blk = self.ups[i], self.blocks[i]
-            x = recompute.run(self, blk, x, feats[i], fn=lambda x, skip, up=up, blk=blk: blk(upsample_cat(up, x, skip)))
+            x = decode_level(self, self.ups[i], self.blocks[i], x, feats[i])
         return x
 
 

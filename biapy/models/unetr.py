@@ -10,8 +10,7 @@ there are more levels); NORMALIZATION, KERNEL_SIZE and ACTIVATION are honoured a
 """
 from torch import nn
 
-from biapy.models import recompute
-from biapy.models.blocks import ConvBlock, ConvNormAct, conv_nd, conv_transpose_nd, init_conv_weights, upsample_cat
+from biapy.models.blocks import ConvBlock, ConvNormAct, conv_nd, conv_transpose_nd, decode_level, init_conv_weights
 from biapy.models.mae import check_token_fit
 from biapy.models.vit import ViTEncoder, init_vit_weights, tokens_to_map
 
@@ -59,8 +58,7 @@ class UNETRDecoder(nn.Module):
         skips = [self.stem(image)] + [path(m) for path, m in zip(self.skips, block_maps)]
         x = top
         for l in reversed(range(len(self.ups))):
-            up, blk = self.ups[l], self.blocks[l]
-            x = recompute.run(self, blk, x, skips[l], fn=lambda x, skip, up=up, blk=blk: blk(upsample_cat(up, x, skip)))
+            x = decode_level(self, self.ups[l], self.blocks[l], x, skips[l])
         return x
 
 
