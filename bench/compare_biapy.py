@@ -318,7 +318,9 @@ def main():
     print(f"[bench] work dir {work}: {n_train} train + {n_test} test {size}x{size} uint8 images", flush=True)
     peer_python = None
     if not args.skip_peer:
-        peer_python = Path(args.peer_python) if args.peer_python else P.ensure_peer_venv(HERE / ".peer_venv")
+        # absolute (the peer runs from another directory) but not resolved: a venv's python is a symlink
+        peer_python = (Path(os.path.abspath(args.peer_python)) if args.peer_python
+                       else P.ensure_peer_venv(HERE / ".peer_venv"))
     results = []
     for e in lengths:
         for rep in range(args.repeats):

@@ -23,7 +23,9 @@ Bare and real blocks alternate (--repeats times) and medians are reported, which
 machine from favouring either side. The MAE line compares bare steps of the same ViT at mask ratio
 0.75 and 0 (target: under half). The out-of-core line trains the 3D masked U-Net through the normal
 job runner on a >= 4 GB uint16 volume read lazily (DATA.TRAIN.IN_MEMORY False); target: peak RSS
-under 1 GB. Nothing here asserts a time; the exit status is 0 unless a case fails to run.
+under 1 GB; --torch-python runs that line a second time under another interpreter (e.g. one with the
+CPU-only torch build, whose import takes ~280 MB less than the CUDA build's). Nothing here asserts a
+time; the exit status is 0 unless a case fails to run.
 """
 import argparse
 import json
@@ -369,7 +371,7 @@ def run_ooc(args):
     gpu = args.device.split(":")[1] if args.device.startswith("cuda") else None
     setup_logging(is_main=False)
     t0 = time.perf_counter()
-    BiaPy(cfg, result_dir=tmp / f"results_{int(args.in_memory)}", name="ooc", run_id=1, gpu=gpu).run_job()
+    BiaPy(cfg, result_dir=tmp / f"results_{os.getpid()}", name="ooc", run_id=1, gpu=gpu).run_job()
     print("RESULT " + json.dumps({"case": "ooc", "size_gb": volume.stat().st_size / 1e9, "steps": steps,
                                   "in_memory": args.in_memory, "job_s": time.perf_counter() - t0,
                                   "rss_mb": hwm_mb(), "torch_mb": torch_mb, "torch": torch.__version__,
@@ -377,8 +379,13 @@ def run_ooc(args):
 
 
 def out_of_core(args):
-    """Peak RSS of training on a >= 4 GB volume read lazily, and of the same job on a small in-memory one."""
-    results = {}
+    """Peak RSS of training on a >= 4 GB volume read lazily, and of the same job on a small in-memory one.
+
+    With --torch-python, each volume is trained on a second time under that interpreter (another torch
+    build, e.g. the CPU-only one), on the same files. Returns {"main": {label: result}, "other": {...}}.
+    """
+    pythons = {"main": sys.executable, **({"other": args.torch_python} if args.torch_python else {})}
+    results = {key: {} for key in pythons}
     for label, shape, in_memory in (("big", (64, 256, 512) if args.quick else (2048, 1024, 1024), False),
                                     ("baseline", (64, 256, 256), True)):
         work = Path(tempfile.mkdtemp(prefix=f"bench_ooc_{label}_", dir=args.workdir))
@@ -390,22 +397,23 @@ def out_of_core(args):
             make_volume(work / "val" / "volume.tif", (64, 256, 256), seed=1)
             print(f"[bench] out of core: {label} volume {shape} written in {time.perf_counter() - t0:.0f} s",
                   flush=True)
-            r = child(args, "ooc", extra=["--in-memory"] if in_memory else [], work=work)
+            for key, python in pythons.items():
+                r = child(args, "ooc", extra=["--in-memory"] if in_memory else [], work=work, python=python)
+                if r is None:
+                    return None
+                r["shape"] = shape
+                results[key][label] = r
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        if r is None:
-            return None
-        r["shape"] = shape
-        results[label] = r
     return results
 
 
 # ---------------------------------------------------------------------------------------------- parent
-def child(args, mode, case=None, extra=(), work=None):
+def child(args, mode, case=None, extra=(), work=None, python=sys.executable):
     """Run one measurement in a fresh process (its own peak memory); returns its RESULT dict or None."""
     own_work = work is None
     work = work or Path(tempfile.mkdtemp(prefix=f"bench_{case or mode}_", dir=args.workdir))
-    cmd = [sys.executable, __file__, "--child", mode, "--workdir", str(work), "--device", args.device,
+    cmd = [python, __file__, "--child", mode, "--workdir", str(work), "--device", args.device,
            "--repeats", str(args.repeats), *extra]
     if args.steps:
         cmd += ["--steps", str(args.steps)]
@@ -413,7 +421,8 @@ def child(args, mode, case=None, extra=(), work=None):
         cmd += ["--case", case]
     if args.quick:
         cmd.append("--quick")
-    print(f"[bench] {case or mode}{' (in memory)' if extra else ''} ...", flush=True)
+    print(f"[bench] {case or mode}{' (in memory)' if extra else ''}"
+          f"{'' if python == sys.executable else ' under ' + str(python)} ...", flush=True)
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     finally:
@@ -447,6 +456,17 @@ def print_rows(rows, gpu):
               + (f" {r['gpu_mb']:>7.0f}" if gpu else ""))
 
 
+def print_ooc(big, base):
+    patch = "x".join(map(str, OOC_PATCH))
+    build = ("a CUDA build, which maps its CUDA libraries even when no GPU is used" if big["torch_cuda_build"]
+             else "a CPU-only build")
+    print(f"  Out of core: 3D masked U-Net (patch {patch}, batch {OOC_BATCH}) trained {big['steps']} steps on a "
+          f"{big['size_gb']:.2f} GB volume {tuple(big['shape'])} with IN_MEMORY False: peak RSS "
+          f"{big['rss_mb']:.0f} MB (target < {TARGETS['ooc_mb']} MB): {verdict(big['rss_mb'], TARGETS['ooc_mb'])};\n"
+          f"  {'':<13}the same job on a {base['size_gb'] * 1000:.0f} MB volume held in memory: {base['rss_mb']:.0f} MB;\n"
+          f"  {'':<13}import torch alone: {big['torch_mb']:.0f} MB of that peak (torch {big['torch']}, {build})")
+
+
 def print_table(rows, ooc, device, started):
     gpu = device.startswith("cuda")
     print(f"\nMachine: {started}")
@@ -463,16 +483,9 @@ def print_table(rows, ooc, device, started):
             masked, full = r["mae_s"]
             print(f"  {'':<19} MAE step at mask ratio 0.75 vs 0: {1000 * masked:.1f} / {1000 * full:.1f} ms = "
                   f"{r['mae_ratio']:.3f} (target < {TARGETS['mae']}): {verdict(r['mae_ratio'], TARGETS['mae'])}")
-    if ooc:
-        big, base = ooc["big"], ooc["baseline"]
-        patch = "x".join(map(str, OOC_PATCH))
-        print(f"  Out of core: 3D masked U-Net (patch {patch}, batch {OOC_BATCH}) trained {big['steps']} steps on a "
-              f"{big['size_gb']:.2f} GB volume {tuple(big['shape'])} with IN_MEMORY False: peak RSS "
-              f"{big['rss_mb']:.0f} MB (target < {TARGETS['ooc_mb']} MB): {verdict(big['rss_mb'], TARGETS['ooc_mb'])};\n"
-              f"  {'':<13}the same job on a {base['size_gb'] * 1000:.0f} MB volume held in memory: {base['rss_mb']:.0f} MB;\n"
-              f"  {'':<13}import torch alone: {big['torch_mb']:.0f} MB of that peak (torch {big['torch']}"
-              + (", a CUDA build, which maps its CUDA libraries even when no GPU is used)" if big["torch_cuda_build"]
-                 else ", a CPU-only build)"))
+    for key in ("main", "other") if ooc else ():
+        if key in ooc:
+            print_ooc(ooc[key]["big"], ooc[key]["baseline"])
     if not rows:
         return
     workers = sorted({r["workers"] for r in rows})
@@ -493,12 +506,19 @@ def main():
                     help="training steps per timed block (default 12, 6 for 3D cases on a CPU; quick 3)")
     ap.add_argument("--repeats", type=int, default=None, help="alternating bare/real blocks (default 3, quick 1)")
     ap.add_argument("--workdir", help="where temporary data goes (default: system temp)")
+    ap.add_argument("--torch-python", metavar="PYTHON",
+                    help="also run the out-of-core line under this interpreter (another torch build, e.g. the "
+                         "CPU-only one; bench/README.md says how to make one)")
     ap.add_argument("--child", choices=["case", "ooc"], help=argparse.SUPPRESS)
     ap.add_argument("--case", help=argparse.SUPPRESS)
     ap.add_argument("--device", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--in-memory", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.repeats = args.repeats or (1 if args.quick else 3)
+    if args.torch_python and not os.access(args.torch_python, os.X_OK):
+        ap.error(f"--torch-python {args.torch_python}: not an executable Python interpreter")
+    if args.torch_python:  # children run from the repository root; a venv's python is a symlink: no resolve()
+        args.torch_python = os.path.abspath(args.torch_python)
     if args.device is None:
         args.device = f"cuda:{args.gpu}" if args.gpu is not None else "cpu"
     if args.child == "case":

@@ -53,18 +53,29 @@ def test_timed_loader_counts_waiting_and_forwards_the_loader():
     assert 0.05 < timed.wait < 1.0
 
 
-@pytest.mark.parametrize("peak,cuda,verdict,build", [(1250.0, True, "MISSED", "a CUDA build"),
-                                                      (910.0, False, "ok", "a CPU-only build")])
-def test_out_of_core_verdict_names_the_peak_and_torch_share(capsys, peak, cuda, verdict, build):
+def test_out_of_core_lines_name_the_peak_and_torch_share_per_build(capsys):
     suite = _suite()
-    big = {"steps": 8, "size_gb": 4.29, "shape": [2048, 1024, 1024], "rss_mb": peak, "torch_mb": 529.4,
-           "torch": "2.x", "torch_cuda_build": cuda}
-    suite.print_table([], {"big": big, "baseline": {"size_gb": 0.008, "rss_mb": 1200.0}}, "cpu", "test machine")
+
+    def run(peak, cuda, torch_mb):
+        return {"big": {"steps": 8, "size_gb": 4.29, "shape": [2048, 1024, 1024], "rss_mb": peak,
+                        "torch_mb": torch_mb, "torch": "2.x", "torch_cuda_build": cuda},
+                "baseline": {"size_gb": 0.008, "rss_mb": peak - 10}}
+
+    suite.print_table([], {"main": run(1250.0, True, 529.4), "other": run(910.0, False, 229.6)}, "cpu", "machine")
     out = capsys.readouterr().out
-    assert f"peak RSS {peak:.0f} MB (target < 1024 MB): {verdict};" in out
-    assert "8 MB volume held in memory: 1200 MB" in out
-    assert f"import torch alone: 529 MB of that peak (torch 2.x, {build}" in out
+    assert "peak RSS 1250 MB (target < 1024 MB): MISSED;" in out
+    assert "peak RSS 910 MB (target < 1024 MB): ok;" in out
+    assert out.index("1250 MB") < out.index("910 MB")  # the running interpreter's line first
+    assert "8 MB volume held in memory: 1240 MB" in out and "8 MB volume held in memory: 900 MB" in out
+    assert "import torch alone: 529 MB of that peak (torch 2.x, a CUDA build" in out
+    assert "import torch alone: 230 MB of that peak (torch 2.x, a CPU-only build)" in out
     assert "patch x batch" not in out  # no case rows: no empty table
+
+
+def test_torch_python_must_be_an_interpreter(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "run_all.py"), "--only", "ooc",
+                        "--torch-python", str(tmp_path / "nope")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "--torch-python" in r.stderr and "nope" in r.stderr
 
 
 def test_recompute_bench_prints_the_saved_share_and_step_ratio():
