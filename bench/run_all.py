@@ -515,6 +515,8 @@ def main():
     ap.add_argument("--in-memory", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.repeats = args.repeats or (1 if args.quick else 3)
+    if args.torch_python and (args.skip_ooc or (args.only and "ooc" not in args.only)):
+        ap.error("--torch-python only applies to the out-of-core line, which --skip-ooc or --only leaves out")
     if args.torch_python and not os.access(args.torch_python, os.X_OK):
         ap.error(f"--torch-python {args.torch_python}: not an executable Python interpreter")
     if args.torch_python:  # children run from the repository root; a venv's python is a symlink: no resolve()

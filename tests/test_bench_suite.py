@@ -72,10 +72,13 @@ def test_out_of_core_lines_name_the_peak_and_torch_share_per_build(capsys):
     assert "patch x batch" not in out  # no case rows: no empty table
 
 
-def test_torch_python_must_be_an_interpreter(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "run_all.py"), "--only", "ooc",
-                        "--torch-python", str(tmp_path / "nope")], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 2 and "--torch-python" in r.stderr and "nope" in r.stderr
+@pytest.mark.parametrize("extra,says", [(["--only", "ooc", "--torch-python", "{tmp}/nope"], "nope: not an executable"),
+                                        (["--skip-ooc", "--torch-python", sys.executable], "leaves out"),
+                                        (["--only", "2d_mae", "--torch-python", sys.executable], "leaves out")])
+def test_torch_python_is_refused_where_it_cannot_apply(tmp_path, extra, says):
+    cmd = [sys.executable, str(ROOT / "bench" / "run_all.py"), *[a.format(tmp=tmp_path) for a in extra]]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 2 and "--torch-python" in r.stderr and says in r.stderr
 
 
 def test_recompute_bench_prints_the_saved_share_and_step_ratio():
