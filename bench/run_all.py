@@ -117,6 +117,9 @@ def machine(device):
             f"Python {platform.python_version()}")
     if device.startswith("cuda"):
         text += f", GPU {torch.cuda.get_device_name(0)}"
+    malloc = [f"{k}={v}" for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]
+    if malloc:  # the job runner keeps these instead of its own malloc tuning (biapy/utils/memory.py)
+        text += ", " + " ".join(sorted(malloc))
     try:
         load = os.getloadavg()[0]
         text += f", load average {load:.2f} at start"

@@ -1,5 +1,6 @@
 """bench/: run_all.py's case configs stay valid as the config evolves, its loader timer is exact, bench_recompute.py runs."""
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -88,3 +89,13 @@ def test_recompute_bench_prints_the_saved_share_and_step_ratio():
     saved_off, saved_on, saved_ratio, step_ratio = float(row[3]), float(row[4]), float(row[5]), float(row[8])
     assert saved_on < saved_off and saved_ratio == pytest.approx(saved_on / saved_off, abs=0.01)
     assert saved_ratio < 0.3 and step_ratio > 0
+
+
+def test_machine_line_names_the_malloc_settings_the_jobs_keep(monkeypatch):
+    suite = _suite()
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    for name in [k for k in os.environ if k.startswith("MALLOC_")]:
+        monkeypatch.delenv(name)
+    assert "MALLOC_" not in suite.machine("cpu")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "8388608")
+    assert ", MALLOC_MMAP_THRESHOLD_=8388608" in suite.machine("cpu")

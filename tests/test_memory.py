@@ -1,4 +1,5 @@
 """keep_freed_memory: a step that allocates and frees the same large buffers stops page-faulting."""
+import os
 import subprocess
 import sys
 import textwrap
@@ -29,9 +30,9 @@ PROBE = textwrap.dedent("""
 
 
 
-def _faults(apply):
+def _faults(apply, env=None):
     out = subprocess.run([sys.executable, "-c", PROBE, "1" if apply else "0"], capture_output=True, text=True,
-                         check=True)
+                         check=True, env=env)
     applied, faults = out.stdout.split()
     return applied == "True", int(faults)
 
@@ -44,3 +45,12 @@ def test_keep_freed_memory_removes_page_faults_of_repeated_allocations():
         pytest.skip("this C library has no mallopt")
     assert plain > 10 * 8000  # 64 MB of fresh pages per step: ~16,000 faults
     assert tuned < plain / 100  # measured: 163,520 vs 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
+@pytest.mark.parametrize("name,value", [("MALLOC_MMAP_THRESHOLD_", "131072"),
+                                        ("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=131072")])
+def test_thresholds_set_in_the_environment_are_kept(name, value):
+    applied, faults = _faults(True, env={**os.environ, name: value})
+    assert not applied
+    assert faults > 10 * 8000  # the user's 128 KB threshold stands: every 4 MB block is a fresh map
