@@ -486,9 +486,8 @@ def print_table(rows, ooc, device, started):
             masked, full = r["mae_s"]
             print(f"  {'':<19} MAE step at mask ratio 0.75 vs 0: {1000 * masked:.1f} / {1000 * full:.1f} ms = "
                   f"{r['mae_ratio']:.3f} (target < {TARGETS['mae']}): {verdict(r['mae_ratio'], TARGETS['mae'])}")
-    for key in ("main", "other") if ooc else ():
-        if key in ooc:
-            print_ooc(ooc[key]["big"], ooc[key]["baseline"])
+    for runs in (ooc or {}).values():  # the running interpreter's first
+        print_ooc(runs["big"], runs["baseline"])
     if not rows:
         return
     workers = sorted({r["workers"] for r in rows})
@@ -520,7 +519,7 @@ def main():
     args.repeats = args.repeats or (1 if args.quick else 3)
     if args.torch_python and (args.skip_ooc or (args.only and "ooc" not in args.only)):
         ap.error("--torch-python only applies to the out-of-core line, which --skip-ooc or --only leaves out")
-    if args.torch_python and not os.access(args.torch_python, os.X_OK):
+    if args.torch_python and not (os.path.isfile(args.torch_python) and os.access(args.torch_python, os.X_OK)):
         ap.error(f"--torch-python {args.torch_python}: not an executable Python interpreter")
     if args.torch_python:  # children run from the repository root; a venv's python is a symlink: no resolve()
         args.torch_python = os.path.abspath(args.torch_python)
