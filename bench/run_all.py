@@ -118,7 +118,7 @@ def machine(device):
     if device.startswith("cuda"):
         text += f", GPU {torch.cuda.get_device_name(0)}"
     malloc = [f"{k}={v}" for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]
-    if malloc:  # the job runner keeps these instead of its own malloc tuning (biapy/utils/memory.py)
+    if malloc:  # they shape every figure; the job runner keeps thresholds set here (biapy/utils/memory.py)
         text += ", " + " ".join(sorted(malloc))
     try:
         load = os.getloadavg()[0]
@@ -517,11 +517,12 @@ def main():
     ap.add_argument("--in-memory", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.repeats = args.repeats or (1 if args.quick else 3)
-    if args.torch_python and (args.skip_ooc or (args.only and "ooc" not in args.only)):
-        ap.error("--torch-python only applies to the out-of-core line, which --skip-ooc or --only leaves out")
-    if args.torch_python and not (os.path.isfile(args.torch_python) and os.access(args.torch_python, os.X_OK)):
-        ap.error(f"--torch-python {args.torch_python}: not an executable Python interpreter")
-    if args.torch_python:  # children run from the repository root; a venv's python is a symlink: no resolve()
+    if args.torch_python:
+        if args.skip_ooc or (args.only and "ooc" not in args.only):
+            ap.error("--torch-python only applies to the out-of-core line, which --skip-ooc or --only leaves out")
+        if not (os.path.isfile(args.torch_python) and os.access(args.torch_python, os.X_OK)):
+            ap.error(f"--torch-python {args.torch_python}: not an executable Python interpreter")
+        # children run from the repository root; a venv's python is a symlink: no resolve()
         args.torch_python = os.path.abspath(args.torch_python)
     if args.device is None:
         args.device = f"cuda:{args.gpu}" if args.gpu is not None else "cpu"

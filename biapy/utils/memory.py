@@ -39,8 +39,9 @@ def keep_freed_memory() -> bool:
     environment already sets the thresholds)."""
     if not sys.platform.startswith("linux"):
         return False
-    if _set_by_user():
-        log.debug("malloc thresholds left as %s sets them", _set_by_user())
+    user = _set_by_user()
+    if user:
+        log.debug("malloc thresholds left as %s sets them", user)
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
