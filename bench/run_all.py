@@ -353,6 +353,12 @@ def run_ooc(args):
     torch_mb = hwm_mb()
     from biapy import BiaPy
     from biapy.runner import setup_logging
+    from biapy.utils.memory import gpu_library_mappings
+
+    def gpu_lib_mb():
+        return sum(m[3] for m in gpu_library_mappings()) / 2 ** 20
+
+    gpu_lib_import = gpu_lib_mb()
 
     tmp = Path(args.workdir)
     volume = tmp / "train" / "volume.tif"
@@ -378,6 +384,7 @@ def run_ooc(args):
     print("RESULT " + json.dumps({"case": "ooc", "size_gb": volume.stat().st_size / 1e9, "steps": steps,
                                   "in_memory": args.in_memory, "job_s": time.perf_counter() - t0,
                                   "rss_mb": hwm_mb(), "torch_mb": torch_mb, "torch": torch.__version__,
+                                  "gpu_lib_mb": [gpu_lib_import, gpu_lib_mb()],
                                   "torch_cuda_build": torch.version.cuda is not None}))
 
 
@@ -461,8 +468,11 @@ def print_rows(rows, gpu):
 
 def print_ooc(big, base):
     patch = "x".join(map(str, OOC_PATCH))
-    build = ("a CUDA build, which maps its CUDA libraries even when no GPU is used" if big["torch_cuda_build"]
-             else "a CPU-only build")
+    build = "a CPU-only build"
+    if big["torch_cuda_build"]:
+        at_import, after = big["gpu_lib_mb"]
+        build = (f"a CUDA build, which maps its CUDA libraries even when no GPU is used: {at_import:.0f} MB of "
+                 f"their pages at import, {after:.0f} MB after a CPU job, whose runner releases them")
     print(f"  Out of core: 3D masked U-Net (patch {patch}, batch {OOC_BATCH}) trained {big['steps']} steps on a "
           f"{big['size_gb']:.2f} GB volume {tuple(big['shape'])} with IN_MEMORY False: peak RSS "
           f"{big['rss_mb']:.0f} MB (target < {TARGETS['ooc_mb']} MB): {verdict(big['rss_mb'], TARGETS['ooc_mb'])};\n"

@@ -59,7 +59,7 @@ def test_out_of_core_lines_name_the_peak_and_torch_share_per_build(capsys):
 
     def run(peak, cuda, torch_mb):
         return {"big": {"steps": 8, "size_gb": 4.29, "shape": [2048, 1024, 1024], "rss_mb": peak,
-                        "torch_mb": torch_mb, "torch": "2.x", "torch_cuda_build": cuda},
+                        "torch_mb": torch_mb, "torch": "2.x", "torch_cuda_build": cuda, "gpu_lib_mb": [140.2, 19.4]},
                 "baseline": {"size_gb": 0.008, "rss_mb": peak - 10}}
 
     suite.print_table([], {"main": run(1250.0, True, 529.4), "other": run(910.0, False, 229.6)}, "cpu", "machine")
@@ -69,6 +69,7 @@ def test_out_of_core_lines_name_the_peak_and_torch_share_per_build(capsys):
     assert out.index("1250 MB") < out.index("910 MB")  # the running interpreter's line first
     assert "8 MB volume held in memory: 1240 MB" in out and "8 MB volume held in memory: 900 MB" in out
     assert "import torch alone: 529 MB of that peak (torch 2.x, a CUDA build" in out
+    assert "140 MB of their pages at import, 19 MB after a CPU job" in out
     assert "import torch alone: 230 MB of that peak (torch 2.x, a CPU-only build)" in out
     assert "patch x batch" not in out  # no case rows: no empty table
 

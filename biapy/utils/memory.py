@@ -1,6 +1,6 @@
-"""Keep freed heap memory in the process instead of handing it back to the OS after every step.
+"""Process memory on the CPU: keep freed heap memory for reuse; drop the CUDA libraries' pages when no GPU is used.
 
-glibc serves blocks above a threshold (128 KB, adapting up to 32 MB) with fresh mmap pages and
+keep_freed_memory: glibc serves blocks above a threshold (128 KB, adapting up to 32 MB) with fresh mmap pages and
 returns freed heap tops to the OS, so a CPU training step that allocates its activations anew
 each time pays thousands of page faults (about 7,000 per step for the 2D U-Net of
 bench/compare_biapy.py, ~9% of the step). Raising the mmap and trim thresholds lets the
@@ -14,6 +14,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import re
 import sys
 
 log = logging.getLogger(__name__)
@@ -52,3 +53,52 @@ def keep_freed_memory() -> bool:
     ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1 and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1
     log.debug("malloc thresholds %s", "raised" if ok else "unchanged")
     return ok
+
+
+# The CUDA libraries a CUDA build of torch loads at import, wherever pip or conda put them.
+_GPU_LIBRARY = re.compile(r"/nvidia/|/lib(torch_cuda|c10_cuda|cudnn|cublas|cudart|nccl|nvrtc|nvJitLink|cusparse|"
+                          r"cufft|curand|cusolver|cupti|nvshmem)[^/]*\.so")
+_MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ \S+\s*(.*)$")
+_MADV_DONTNEED = 4
+
+
+def gpu_library_mappings():
+    """[(start, end, writable, rss_bytes, anonymous_bytes)] of this process's mappings of CUDA libraries
+    (Linux; [] elsewhere)."""
+    try:
+        with open("/proc/self/smaps") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return []
+    maps, cur = [], None
+    for line in lines:
+        m = _MAPPING.match(line)
+        if m:
+            cur = None
+            if _GPU_LIBRARY.search(m.group(4)):
+                cur = [int(m.group(1), 16), int(m.group(2), 16), "w" in m.group(3), 0, 0]
+                maps.append(cur)
+        elif cur is not None and line.startswith(("Rss:", "Anonymous:")):
+            cur[3 if line.startswith("Rss:") else 4] = int(line.split()[1]) * 1024
+    return [tuple(m) for m in maps]
+
+
+def drop_gpu_library_pages() -> int:
+    """On a run without a GPU, take the CUDA libraries' resident pages out of this process; bytes released.
+
+    A CUDA build of torch (pip's default on Linux) touches ~140 MB of its CUDA libraries' code and read-only
+    data while it loads them, GPU or not, and they stay counted in RSS. Only read-only mappings without
+    private (copy-on-write) pages are released, so nothing they hold differs from the file: MADV_DONTNEED
+    unmaps them, the page cache keeps them, and a later touch maps them back without reading the disk.
+    """
+    maps = [m for m in gpu_library_mappings() if not m[2] and m[3] and not m[4]]
+    if not maps:
+        return 0
+    try:
+        madvise = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").madvise
+    except (OSError, AttributeError):
+        return 0
+    madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    released = sum(rss for start, end, _, rss, _ in maps if madvise(start, end - start, _MADV_DONTNEED) == 0)
+    log.debug("released %.0f MB of CUDA library pages (no GPU in use)", released / 2 ** 20)
+    return released
