@@ -472,12 +472,13 @@ def print_ooc(big, base):
     if big["torch_cuda_build"]:
         at_import, after = big["gpu_lib_mb"]
         build = (f"a CUDA build, which maps its CUDA libraries even when no GPU is used: {at_import:.0f} MB of "
-                 f"their pages at import, {after:.0f} MB after a CPU job, whose runner releases them")
+                 f"their pages at import, {after:.0f} MB left after the job, whose runner releases the read-only "
+                 "ones on a CPU")
     print(f"  Out of core: 3D masked U-Net (patch {patch}, batch {OOC_BATCH}) trained {big['steps']} steps on a "
           f"{big['size_gb']:.2f} GB volume {tuple(big['shape'])} with IN_MEMORY False: peak RSS "
           f"{big['rss_mb']:.0f} MB (target < {TARGETS['ooc_mb']} MB): {verdict(big['rss_mb'], TARGETS['ooc_mb'])};\n"
           f"  {'':<13}the same job on a {base['size_gb'] * 1000:.0f} MB volume held in memory: {base['rss_mb']:.0f} MB;\n"
-          f"  {'':<13}import torch alone: {big['torch_mb']:.0f} MB of that peak (torch {big['torch']}, {build})")
+          f"  {'':<13}import torch alone: {big['torch_mb']:.0f} MB (torch {big['torch']}, {build})")
 
 
 def print_table(rows, ooc, device, started):

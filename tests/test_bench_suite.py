@@ -68,9 +68,9 @@ def test_out_of_core_lines_name_the_peak_and_torch_share_per_build(capsys):
     assert "peak RSS 910 MB (target < 1024 MB): ok;" in out
     assert out.index("1250 MB") < out.index("910 MB")  # the running interpreter's line first
     assert "8 MB volume held in memory: 1240 MB" in out and "8 MB volume held in memory: 900 MB" in out
-    assert "import torch alone: 529 MB of that peak (torch 2.x, a CUDA build" in out
-    assert "140 MB of their pages at import, 19 MB after a CPU job" in out
-    assert "import torch alone: 230 MB of that peak (torch 2.x, a CPU-only build)" in out
+    assert "import torch alone: 529 MB (torch 2.x, a CUDA build" in out
+    assert "140 MB of their pages at import, 19 MB left after the job" in out
+    assert "import torch alone: 230 MB (torch 2.x, a CPU-only build)" in out
     assert "patch x batch" not in out  # no case rows: no empty table
 
 
