@@ -24,7 +24,8 @@ machine from favouring either side. The MAE line compares bare steps of the same
 0.75 and 0 (target: under half). The out-of-core line trains the 3D masked U-Net through the normal
 job runner on a >= 4 GB uint16 volume read lazily (DATA.TRAIN.IN_MEMORY False); target: peak RSS
 under 1 GB; --torch-python runs that line a second time under another interpreter (e.g. one with the
-CPU-only torch build, whose import takes ~280 MB less than the CUDA build's). Nothing here asserts a
+CPU-only torch build, whose import takes ~280 MB less than the CUDA build's, ~145 MB once a CPU job
+has released the CUDA libraries' read-only pages). Nothing here asserts a
 time; the exit status is 0 unless a case fails to run.
 """
 import argparse
@@ -208,6 +209,7 @@ def run_case(args):
     from biapy.job import Job
     from biapy.models.folding import fold_batch_norm
     from biapy.runner import setup_logging
+    from biapy.utils.memory import tune_process_memory
     from biapy.workflows import get_workflow
 
     setup_logging(is_main=False)  # warnings only: the parent prints the table
@@ -229,6 +231,7 @@ def run_case(args):
     job = Job(tmp / "results", args.case, 1)
     cfg = finalize(cfg, job)
     torch.set_num_threads(max(1, cfg.SYSTEM.NUM_CPUS))
+    tune_process_memory(torch.device(device))  # as the job runner does
     dist = init_distributed("gloo")
     wf = get_workflow(cfg)(cfg, job, dist, torch.device(device))
     wf.prepare_training()

@@ -19,7 +19,7 @@ from biapy.config.load import plain_tree
 from biapy.errors import ConfigError
 from biapy.job import Job
 from biapy.utils.files import atomic_write_text
-from biapy.utils.memory import drop_gpu_library_pages, keep_freed_memory
+from biapy.utils.memory import tune_process_memory
 
 log = logging.getLogger("biapy")
 
@@ -139,9 +139,7 @@ class BiaPy:
             self.cfg.SYSTEM.DEVICE = str(device)
             self.cfg.freeze()
             torch.set_num_threads(max(1, self.cfg.SYSTEM.NUM_CPUS // max(1, dist.world_size)))
-            keep_freed_memory()
-            if device.type == "cpu":
-                drop_gpu_library_pages()
+            tune_process_memory(device)
             if dist.is_main:
                 log.info("Job %s (run %d) -> %s", self.name, run_id, self.job.results)
                 log.info("Device: %s%s", device_text,

@@ -46,7 +46,7 @@ def check_results_tree(job, data, ndim, extra_columns=()):
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_crappify_end_to_end(ndim, data2d, data3d, tmp_path, monkeypatch):
     released = []  # a CPU job takes the CUDA libraries' pages out of its memory, once
-    monkeypatch.setattr("biapy.runner.drop_gpu_library_pages", lambda: released.append(1) or 0)
+    monkeypatch.setattr("biapy.utils.memory.drop_gpu_library_pages", lambda: released.append(1) or 0)
     data = data2d if ndim == 2 else data3d
     job = run(tiny_config(data, ndim), tmp_path)
     assert released == [1]

@@ -102,3 +102,10 @@ def drop_gpu_library_pages() -> int:
     released = sum(rss for start, end, _, rss, _ in maps if madvise(start, end - start, _MADV_DONTNEED) == 0)
     log.debug("released %.0f MB of CUDA library pages (no GPU in use)", released / 2 ** 20)
     return released
+
+
+def tune_process_memory(device) -> None:
+    """What a job (and a benchmark standing in for one) does to its process's memory before its first step."""
+    keep_freed_memory()
+    if device.type == "cpu":
+        drop_gpu_library_pages()
