@@ -24,7 +24,7 @@ def ensure_peer_venv(venv_dir):
     """Python of a venv with BiaPy 3.7.1, made (with --system-site-packages, so torch is shared) if absent."""
     venv_dir = Path(venv_dir).resolve()  # pip runs with the venv as its working directory
     py = venv_dir / "bin" / "python"
-    if py.exists() and _peer_version(py) == BIAPY_VERSION:
+    if py.exists() and peer_version(py) == BIAPY_VERSION:
         return py
     print(f"[peer] creating {venv_dir} and installing biapy=={BIAPY_VERSION} (a few minutes, once)", flush=True)
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv_dir)], check=True)
@@ -33,7 +33,8 @@ def ensure_peer_venv(venv_dir):
     return py
 
 
-def _peer_version(py):
+def peer_version(py):
+    """biapy.__version__ in that interpreter, or None (no biapy, or not a Python)."""
     r = subprocess.run([str(py), "-c", "import biapy; print(biapy.__version__)"], capture_output=True, text=True,
                        cwd="/", env=clean_env())
     return r.stdout.strip().splitlines()[-1] if r.returncode == 0 and r.stdout.strip() else None

@@ -68,6 +68,14 @@ def parse_args():
                     help="change a key (of this project's config) in the YAML both tools get; VALUE is read as YAML, "
                          "e.g. MODEL.NORMALIZATION=in")
     args = ap.parse_args()
+    if args.peer_python and not args.skip_peer:
+        if not (os.path.isfile(args.peer_python) and os.access(args.peer_python, os.X_OK)):
+            ap.error(f"--peer-python {args.peer_python}: not an executable Python interpreter "
+                     "(leave it out to create bench/.peer_venv)")
+        version = P.peer_version(args.peer_python)
+        if version != P.BIAPY_VERSION:
+            ap.error(f"--peer-python {args.peer_python}: biapy.__version__ there is {version!r}, "
+                     f"expected {P.BIAPY_VERSION!r}")
     args.overrides = {}
     for item in args.set:
         key, value = parse_override(item, ap.error)
