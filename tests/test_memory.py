@@ -90,3 +90,14 @@ def test_gpu_library_pages_leave_rss_and_torch_still_computes():
     assert out["released"] > out["resident"] / 2  # measured: 136 of 155 MB (writable and relocated pages stay)
     assert out["rss_drop"] > 0.8 * out["released"]
     assert out["left"] <= out["resident"] - out["released"] + 2 ** 20
+
+
+@pytest.mark.parametrize("path,is_gpu", [
+    ("/venv/lib/python3.11/site-packages/nvidia/cu13/lib/libcublasLt.so.13", True),
+    ("/venv/lib/python3.11/site-packages/torch/lib/libtorch_cuda.so", True),
+    ("/opt/conda/lib/libcudnn_ops.so.9", True),
+    ("/home/nvidia/venv/lib/python3.11/site-packages/torch/lib/libtorch_cpu.so", False),  # a user named nvidia
+    ("/usr/lib/x86_64-linux-gnu/libc.so.6", False)])
+def test_only_cuda_libraries_are_released(path, is_gpu):
+    from biapy.utils.memory import _GPU_LIBRARY
+    assert bool(_GPU_LIBRARY.search(path)) == is_gpu

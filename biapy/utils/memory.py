@@ -55,9 +55,9 @@ def keep_freed_memory() -> bool:
     return ok
 
 
-# The CUDA libraries a CUDA build of torch loads at import, wherever pip or conda put them.
-_GPU_LIBRARY = re.compile(r"/nvidia/|/lib(torch_cuda|c10_cuda|cudnn|cublas|cudart|nccl|nvrtc|nvJitLink|cusparse|"
-                          r"cufft|curand|cusolver|cupti|nvshmem)[^/]*\.so")
+# The CUDA libraries a CUDA build of torch loads at import: pip's nvidia-* wheels, or by name (conda, system).
+_GPU_LIBRARY = re.compile(r"/site-packages/nvidia/.*\.so|/lib(torch_cuda|c10_cuda|cudnn|cublas|cudart|nccl|nvrtc|"
+                          r"nvJitLink|cusparse|cufft|curand|cusolver|cupti|nvshmem)[^/]*\.so")
 _MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ \S+\s*(.*)$")
 _MADV_DONTNEED = 4
 
