@@ -359,7 +359,7 @@ def run_ooc(args):
     from biapy.utils.memory import gpu_library_mappings
 
     def gpu_lib_mb():
-        return sum(m[3] for m in gpu_library_mappings()) / 2 ** 20
+        return sum(m.rss for m in gpu_library_mappings()) / 2 ** 20
 
     gpu_lib_import = gpu_lib_mb()
 

@@ -68,12 +68,12 @@ DROP_PROBE = textwrap.dedent("""
     torch.manual_seed(0)
     conv, x = torch.nn.Conv2d(3, 5, 3), torch.randn(2, 3, 16, 16)
     expected = conv(x).detach()
-    resident, before = sum(m[3] for m in gpu_library_mappings()), rss()
+    resident, before = sum(m.rss for m in gpu_library_mappings()), rss()
     released = drop_gpu_library_pages()
     after = rss()
     print(json.dumps({"cuda_build": torch.version.cuda is not None, "resident": resident, "released": released,
                       "rss_drop": before - after, "same": bool(torch.equal(conv(x), expected)),
-                      "left": sum(m[3] for m in gpu_library_mappings())}))
+                      "left": sum(m.rss for m in gpu_library_mappings())}))
 """)
 
 

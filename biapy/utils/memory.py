@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import sys
+from typing import NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,16 @@ def _set_by_user() -> str:
     return "GLIBC_TUNABLES" if any(t in tunables for t in ("malloc.mmap_", "malloc.trim_", "malloc.top_pad")) else ""
 
 
+def _libc_function(name, argtypes, restype):
+    """The C library's function `name`, typed; None where the library or the function is missing."""
+    try:
+        fn = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = argtypes, restype
+    return fn
+
+
 def keep_freed_memory() -> bool:
     """Tune glibc's malloc for reuse; True when applied (False on other C libraries and systems, and where the
     environment already sets the thresholds)."""
@@ -44,12 +55,9 @@ def keep_freed_memory() -> bool:
     if user:
         log.debug("malloc thresholds left as %s sets them", user)
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and others have no mallopt
+    mallopt = _libc_function("mallopt", [ctypes.c_int, ctypes.c_int], ctypes.c_int)
+    if mallopt is None:  # musl and others have no mallopt
         return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1 and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1
     log.debug("malloc thresholds %s", "raised" if ok else "unchanged")
     return ok
@@ -62,9 +70,16 @@ _MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ \S+\s*(.*)$")
 _MADV_DONTNEED = 4
 
 
+class Mapping(NamedTuple):
+    start: int
+    end: int
+    writable: bool
+    rss: int  # bytes resident
+    anonymous: int  # bytes of private (copy-on-write or never file-backed) pages
+
+
 def gpu_library_mappings():
-    """[(start, end, writable, rss_bytes, anonymous_bytes)] of this process's mappings of CUDA libraries
-    (Linux; [] elsewhere)."""
+    """This process's mappings of CUDA libraries, as [Mapping] (Linux; [] elsewhere)."""
     try:
         with open("/proc/self/smaps") as fh:
             lines = fh.read().splitlines()
@@ -80,7 +95,7 @@ def gpu_library_mappings():
                 maps.append(cur)
         elif cur is not None and line.startswith(("Rss:", "Anonymous:")):
             cur[3 if line.startswith("Rss:") else 4] = int(line.split()[1]) * 1024
-    return [tuple(m) for m in maps]
+    return [Mapping(*m) for m in maps]
 
 
 def drop_gpu_library_pages() -> int:
@@ -91,15 +106,13 @@ def drop_gpu_library_pages() -> int:
     private (copy-on-write) pages are released, so nothing they hold differs from the file: MADV_DONTNEED
     unmaps them, the page cache keeps them, and a later touch maps them back without reading the disk.
     """
-    maps = [m for m in gpu_library_mappings() if not m[2] and m[3] and not m[4]]
+    maps = [m for m in gpu_library_mappings() if not m.writable and m.rss and not m.anonymous]
     if not maps:
         return 0
-    try:
-        madvise = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").madvise
-    except (OSError, AttributeError):
+    madvise = _libc_function("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int)
+    if madvise is None:
         return 0
-    madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-    released = sum(rss for start, end, _, rss, _ in maps if madvise(start, end - start, _MADV_DONTNEED) == 0)
+    released = sum(m.rss for m in maps if madvise(m.start, m.end - m.start, _MADV_DONTNEED) == 0)
     log.debug("released %.0f MB of CUDA library pages (no GPU in use)", released / 2 ** 20)
     return released
 
