@@ -69,6 +69,8 @@ def parse_args():
                          "e.g. MODEL.NORMALIZATION=in")
     args = ap.parse_args()
     if args.peer_python and not args.skip_peer:
+        # absolute (the peer runs from another directory) but not resolved: a venv's python is a symlink
+        args.peer_python = os.path.abspath(args.peer_python)
         if not (os.path.isfile(args.peer_python) and os.access(args.peer_python, os.X_OK)):
             ap.error(f"--peer-python {args.peer_python}: not an executable Python interpreter "
                      "(leave it out to create bench/.peer_venv)")
@@ -326,8 +328,7 @@ def main():
     print(f"[bench] work dir {work}: {n_train} train + {n_test} test {size}x{size} uint8 images", flush=True)
     peer_python = None
     if not args.skip_peer:
-        # absolute (the peer runs from another directory) but not resolved: a venv's python is a symlink
-        peer_python = (Path(os.path.abspath(args.peer_python)) if args.peer_python
+        peer_python = (Path(args.peer_python) if args.peer_python
                        else P.ensure_peer_venv(HERE / ".peer_venv"))
     results = []
     for e in lengths:

@@ -83,11 +83,14 @@ def test_torch_python_is_refused_where_it_cannot_apply(tmp_path, extra, says):
     assert r.returncode == 2 and "--torch-python" in r.stderr and says in r.stderr
 
 
-@pytest.mark.parametrize("peer,says", [("{tmp}/nope", "nope: not an executable"), (sys.executable, "expected '3.7.1'")])
+@pytest.mark.parametrize("peer,says", [("{tmp}/nope", "nope: not an executable"), (sys.executable, "expected '3.7.1'"),
+                                       ("venv/python", "expected '3.7.1'")])  # relative, as a venv's symlink
 def test_compare_biapy_refuses_a_peer_python_without_biapy_3_7_1(tmp_path, peer, says):
+    (tmp_path / "venv").mkdir()
+    (tmp_path / "venv" / "python").symlink_to(sys.executable)
     cmd = [sys.executable, str(ROOT / "bench" / "compare_biapy.py"), "--peer-python", peer.format(tmp=tmp_path),
            "--workdir", str(tmp_path / "work")]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert r.returncode == 2 and "--peer-python" in r.stderr and says in r.stderr
     assert not (tmp_path / "work").exists()  # refused before any data is made
 
