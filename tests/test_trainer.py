@@ -187,6 +187,24 @@ def test_sigint_mid_epoch_saves_and_resumes_exactly(tmp_path):
     assert history[1]["train_loss"] == pytest.approx(Trainer(FakeWorkflow(cfg, tmp_path / "a")).fit()[1]["train_loss"])
 
 
+def test_resume_with_another_batch_size_restarts_the_epoch_and_continues_the_lr_schedule(tmp_path, caplog):
+    sched = {"LR_SCHEDULER.NAME": "warmupcosine", "LR_SCHEDULER.WARMUP_COSINE_DECAY_EPOCHS": 1.0}
+    wf = FakeWorkflow(make_cfg(BATCH_SIZE=2, **sched), tmp_path / "b", sigint_at=8)  # 6 steps/epoch: epoch 2, step 2
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(wf).fit()
+    assert load_checkpoint(wf.job.checkpoint("last"))["scheduler"]["step"] == 8
+    bigger = make_cfg(BATCH_SIZE=4, **sched)  # 3 steps/epoch, 12 updates in all
+    straight = Trainer(FakeWorkflow(bigger, tmp_path / "a")).fit()
+    resumed = FakeWorkflow(bigger, tmp_path / "b")
+    with caplog.at_level("WARNING"):
+        history = Trainer(resumed).fit()
+    assert "stopped at step 2 of 6, but an epoch here has 3 steps on 1 process(es): epoch 2 restarts" in caplog.text
+    assert resumed.steps == 3 * 3
+    # Epochs 2-4 use the updates 3..11 of this layout's schedule, as a run at this batch size from the start.
+    assert [r["lr"] for r in history[1:]] == pytest.approx([r["lr"] for r in straight[1:]])
+    assert min(r["lr"] for r in history) > 0
+
+
 def test_nonfinite_loss_raises_and_keeps_last_good_checkpoint(tmp_path):
     cfg = make_cfg()
     wf = FakeWorkflow(cfg, tmp_path, nan_at=6)  # epoch 2, step 2

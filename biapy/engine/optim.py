@@ -128,6 +128,11 @@ class LRSchedule:
             self.bad_epochs = 0
             self._apply()
 
+    def restart_at(self, step: int) -> None:
+        """Continue the schedule from update `step` (a resumed run whose epochs hold another number of updates)."""
+        self.step = int(step)
+        self._apply()
+
     def state_dict(self) -> dict:
         return {"name": self.name, "step": self.step, "reductions": self.reductions,
                 "best": self.best, "bad_epochs": self.bad_epochs}

@@ -60,13 +60,29 @@ def restore_training(t, state, path, with_rng=True) -> None:
     t.start_epoch = int(state.get("epoch", 0))
     t.skip_steps = int(state.get("step_in_epoch", 0))
     t.partial_loss = tuple(state.get("partial_loss", (0.0, 0)))
-    t.saved_layout = {k: int(state[k]) for k in ("epoch_steps", "world_size") if k in state}
+    _fit_layout(t, {k: int(state[k]) for k in ("epoch_steps", "world_size") if k in state})
     t.best_val = float(state.get("best_val", float("inf")))
     t.bad_epochs = int(state.get("bad_epochs", 0))
     t.stopped_early = bool(state.get("stopped_early", False))
     t.history = list(state.get("history", []))
     if with_rng:
         set_rng_states(state.get("rng"))
+
+
+def _fit_layout(t, saved):
+    """A checkpoint of another epoch layout (TRAIN.BATCH_SIZE, the data or the number of processes changed): its
+    interrupted epoch restarts from its first step. From an epoch's start, the LR schedule, which counts updates,
+    goes on from the updates of the epochs before it in this layout (with TRAIN.BATCH_SIZE or TRAIN.ACCUM_ITER
+    changed, the saved count can lie past this run's last update: a learning rate of 0)."""
+    steps, world = len(t.wf.train_loader), t.dist.world_size
+    same = saved.get("epoch_steps", steps) == steps and saved.get("world_size", world) == world
+    if t.skip_steps and not same:
+        log.warning("The checkpoint stopped at step %d of %s, but an epoch here has %d steps on %d process(es): "
+                    "epoch %d restarts from its first step", t.skip_steps, saved.get("epoch_steps", "?"), steps,
+                    world, t.start_epoch + 1)
+        t.skip_steps, t.partial_loss = 0, (0.0, 0)
+    if not t.skip_steps:  # the same count as the saved one when nothing changed
+        t.scheduler.restart_at(t.start_epoch * t.steps_per_epoch)
 
 
 def load_model_from(t_model, cfg, path, skip_unmatched, own_run=None):
@@ -94,10 +110,22 @@ def load_model_from(t_model, cfg, path, skip_unmatched, own_run=None):
 
 
 def starting_checkpoint(cfg, job):
-    """MODEL.LOAD_CHECKPOINT source: PATHS.CHECKPOINT_FILE, else this job's checkpoint by LOAD_CHECKPOINT_EPOCH."""
+    """MODEL.LOAD_CHECKPOINT source: PATHS.CHECKPOINT_FILE, else this job's checkpoint by LOAD_CHECKPOINT_EPOCH
+    (CheckpointError when that one does not exist)."""
     if cfg.PATHS.CHECKPOINT_FILE:
         return Path(cfg.PATHS.CHECKPOINT_FILE)
-    return job.checkpoint("best" if cfg.MODEL.LOAD_CHECKPOINT_EPOCH == "best_on_val" else "last")
+    own = job.checkpoint("best" if cfg.MODEL.LOAD_CHECKPOINT_EPOCH == "best_on_val" else "last")
+    if not own.exists():
+        raise CheckpointError(f"MODEL.LOAD_CHECKPOINT is True and PATHS.CHECKPOINT_FILE is empty, so this run's own "
+                              f"{own.name} would be loaded, but it does not exist ({_runs_with_checkpoints(job)}"
+                              "set PATHS.CHECKPOINT_FILE to the checkpoint to start from)")
+    return own
+
+
+def check_start(cfg, job) -> None:
+    """Before any data work: the MODEL.LOAD_CHECKPOINT start exists, unless this job resumes its own 'last'."""
+    if cfg.MODEL.LOAD_CHECKPOINT and not (cfg.TRAIN.ENABLE and job.checkpoint("last").exists()):
+        starting_checkpoint(cfg, job)
 
 
 def resume_or_start(t) -> bool:

@@ -153,7 +153,6 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, self.cfg, self.steps_per_epoch)
         self.last_lr = self.optimizer.param_groups[0]["lr"]
         self.start_epoch, self.skip_steps, self.partial_loss = 0, 0, (0.0, 0)
-        self.saved_layout = {}  # epoch_steps and world_size of the run that saved a mid-epoch checkpoint
         self.best_val, self.bad_epochs, self.stopped_early = math.inf, 0, False
         self.history = []
         self.config_text = dump_config(self.cfg)  # stored in every checkpoint; dumping takes ~6 ms
@@ -304,7 +303,7 @@ class Trainer:
         wf.model = self.train_model
         set_epoch(loader, epoch)
         n = len(loader)
-        skip = self._resume_position(n) if epoch == self.start_epoch else 0
+        skip = self.skip_steps if epoch == self.start_epoch else 0  # resume.restore_training checked its layout
         # The saved partial loss is every rank's total: rank 0 carries it into the epoch's all-reduce.
         loss_sum, loss_count = self.partial_loss if skip and self.dist.is_main else (0.0, 0)
         self.skip_steps, self.partial_loss = 0, (0.0, 0)
@@ -314,18 +313,6 @@ class Trainer:
         totals = all_reduce_sum(torch.tensor([loss_sum, float(loss_count)], dtype=torch.float64,
                                              device=self.device))
         return float(totals[0] / totals[1].clamp_min(1))
-
-    def _resume_position(self, n) -> int:
-        """Steps of the interrupted epoch to skip; 0 (the epoch restarts) when the saved position belongs to
-        another epoch layout (TRAIN.BATCH_SIZE, the data or the number of processes changed)."""
-        skip, saved = self.skip_steps, self.saved_layout
-        if skip and (skip >= n or saved.get("epoch_steps", n) != n
-                     or saved.get("world_size", self.dist.world_size) != self.dist.world_size):
-            log.warning("The checkpoint stopped at step %d of %s, but an epoch here has %d steps on %d process(es): "
-                        "epoch %d restarts from its first step", skip, saved.get("epoch_steps", "?"), n,
-                        self.dist.world_size, self.start_epoch + 1)
-            return 0
-        return skip
 
     def _steps(self, epoch, n, skip, loss_sum, loss_count, bar):
         wf = self.wf
