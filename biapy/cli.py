@@ -113,8 +113,12 @@ def main(argv=None):
         _error(f"out of memory ({first}); lower TRAIN.BATCH_SIZE or DATA.PATCH_SIZE, or in training turn on "
                "MODEL.ACTIVATION_CHECKPOINTING")
         return 1
-    except KeyboardInterrupt:
-        if int(os.environ.get("RANK", "0")) == 0:  # torchrun stops the other processes when one fails: rank 0 speaks
+    except KeyboardInterrupt as stop:
+        if isinstance(stop, _Terminated) and _rank_tag():
+            # torchrun sends SIGTERM to the other processes when one fails, or when the job is cancelled.
+            _error("stopped by SIGTERM: another process of this job failed (its error is above) or the job was "
+                   "cancelled; the checkpoints saved so far are kept")
+        elif int(os.environ.get("RANK", "0")) == 0:  # torchrun stops the other processes when one fails: rank 0 speaks
             print("Interrupted: the checkpoints saved so far are kept; run the same command again to resume.",
                   file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -124,8 +128,12 @@ def main(argv=None):
     return 0
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM outside training (in training the loop saves the last checkpoint and stops at the next update)."""
+
+
 def _terminate(signum, frame):
-    raise KeyboardInterrupt
+    raise _Terminated
 
 
 def exit_fast(code):

@@ -93,3 +93,20 @@ def test_flags_after_the_overrides_are_still_flags():
     args = parser.parse_args(flags_first(argv, parser))
     assert args.verbose and args.gpu == "0" and args.name == "x"
     assert args.overrides == ["TRAIN.EPOCHS", "3", "DATA.PATCH_SIZE", "(64,64,1)"]
+
+
+@pytest.mark.parametrize("world, says", [("2", "ERROR: [rank 0] stopped by SIGTERM: another process of this job failed"),
+                                         ("1", "Interrupted: the checkpoints saved so far are kept")])
+def test_sigterm_outside_training_under_torchrun_does_not_advise_a_rerun(world, says, monkeypatch, capsys):
+    import biapy.cli as cli
+    import biapy.runner
+
+    def terminated(self):
+        cli._terminate(15, None)
+
+    monkeypatch.setattr(biapy.runner.BiaPy, "run_job", terminated)
+    monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setenv("RANK", "0")
+    assert main(["--config", "x.yaml", "--result_dir", "r", "--name", "n"]) == 130
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1

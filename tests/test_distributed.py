@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import yaml
 
@@ -67,6 +68,9 @@ def test_a_failure_on_one_process_stops_the_job_with_its_error_and_no_hang(data2
     assert done.returncode != 0
     errors = [ln for ln in done.stderr.splitlines() if ln.startswith("ERROR:")]
     assert any(ln.startswith("ERROR: [rank 1] ") and "NaN" in ln for ln in errors), done.stderr[-3000:]
+    # Rank 0 stops on its lost peer or on torchrun's SIGTERM, whichever comes first; either way it does not
+    # advise running the same command again, which would fail the same way.
+    assert "run the same command again" not in done.stderr
     assert "Traceback (most recent call last):\n  File \"" + str(ROOT) not in done.stderr  # no traceback of ours
     assert not (Job(tmp_path / "out", "fail", 1).per_image).exists()  # nothing half-written in per_image/
 
@@ -87,3 +91,14 @@ def test_activation_checkpointing_under_ddp_trains_the_same_weights(data2d, tmp_
     assert plain.keys() == recomputed.keys()
     for k in plain:
         torch.testing.assert_close(recomputed[k], plain[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_nccl_without_a_gpu_is_refused_in_one_line_naming_the_flag(monkeypatch):
+    from biapy.engine.distributed import init_distributed
+    from biapy.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for key, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError, match=r"^--dist_backend nccl: NCCL needs GPUs"):
+        init_distributed("nccl")

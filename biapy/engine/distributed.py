@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
+from biapy.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -33,6 +35,9 @@ def init_distributed(backend="gloo") -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if world_size <= 1:
         return DistInfo()
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("--dist_backend nccl: NCCL needs GPUs and none is visible here; expected gloo (the default "
+                          "without --gpu)")
     if not is_initialized():
         tdist.init_process_group(backend=backend, init_method="env://", world_size=world_size, rank=rank)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, is_main=rank == 0, enabled=True)
