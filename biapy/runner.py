@@ -16,6 +16,7 @@ import yaml
 
 from biapy.config import check_config, dump_config, finalize, load_config
 from biapy.config.load import plain_tree
+from biapy.engine.resume import check_start
 from biapy.errors import ConfigError
 from biapy.job import Job
 from biapy.utils.files import atomic_write_text
@@ -79,6 +80,8 @@ def resolve_device(gpu, local_rank=0):
 
 def _check_writable(result_dir):
     path = Path(result_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--result_dir: {result_dir} is a file; expected a folder for the results")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".biapy_write_test_{os.getpid()}"
@@ -135,6 +138,7 @@ class BiaPy:
             run_id = self.run_id if self.run_id is not None else _agree(dist, next_run_id(self.result_dir, self.name))
             self.job = Job(self.result_dir, self.name, run_id)
             self.cfg = finalize(cfg, self.job)
+            check_start(self.cfg, self.job)
             self.cfg.defrost()
             self.cfg.SYSTEM.DEVICE = str(device)
             self.cfg.freeze()

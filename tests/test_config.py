@@ -196,6 +196,15 @@ def test_unknown_keys_and_wrong_types_name_the_key(overrides, key):
       "DATA": {"PATCH_SIZE": (32, 32, 1)}}, "hides none of the 1 block(s) of 64 pixels"),
     ({"PROBLEM": {"SELF_SUPERVISED": {"PRETEXT_TASK": "masking"}}, "MODEL": {"MAE_MASK_RATIO": 0.0}},
      "MODEL.MAE_MASK_RATIO: 0.0 hides none"),
+    ({"PROBLEM": {"SELF_SUPERVISED": {"PRETEXT_TASK": "masking"}},  # grid masks hide hidden_count tokens too
+      "MODEL": {"ARCHITECTURE": "mae", "MAE_MASK_TYPE": "grid", "MAE_MASK_RATIO": 0.0}},
+     "MODEL.MAE_MASK_RATIO: 0.0 hides none"),
+    ({"PROBLEM": {"SELF_SUPERVISED": {"PRETEXT_TASK": "masking"}}, "DATA": {"PATCH_SIZE": (32, 32, 1)},
+      "MODEL": {"ARCHITECTURE": "mae", "MAE_MASK_TYPE": "grid", "VIT_TOKEN_SIZE": 32}},
+     "hides none of the 1 block(s) of 32 pixels (MODEL.VIT_TOKEN_SIZE)"),
+    ({"DATA": {"NORMALIZATION": {"TYPE": "custom", "ZERO_MEAN_UNIT_VAR": {"MEAN_VAL": [1.0, 2.0],
+                                                                          "STD_VAL": [1.0, 2.0]}}}},
+     "DATA.NORMALIZATION.ZERO_MEAN_UNIT_VAR.MEAN_VAL: [1.0, 2.0] holds 2 value(s) but DATA.PATCH_SIZE has 1 channel"),
 ])
 def test_values_out_of_range_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=re.escape(key)):

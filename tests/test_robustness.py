@@ -148,6 +148,55 @@ def test_empty_data_folder(world, intact, capsys):
     one_error_line(capsys, "DATA.TRAIN.PATH", "no images", str(empty))
 
 
+def test_unlistable_data_folder_names_the_key(world, intact, capsys, monkeypatch):
+    x, _ = world.bad_folder("unlistable")
+    real = Path.iterdir
+
+    def iterdir(self):
+        if self == x:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)  # chmod 000 does not stop root, who runs CI
+    assert world.run(world.cfg(DATA={"TRAIN": {"PATH": str(x)}}), "unlistable") == 3
+    one_error_line(capsys, "DATA.TRAIN.PATH", "cannot list folder", "Permission denied")
+
+
+# ------------------------------------------------------------------ crappify's degraded copies
+@pytest.mark.parametrize("split, target, says", [("TRAIN", "train", "is the image folder of DATA.TRAIN.PATH"),
+                                                 ("TRAIN", "test", "is the image folder of DATA.TEST.PATH"),
+                                                 ("TEST", "train", "is the image folder of DATA.TRAIN.PATH")])
+def test_copy_folder_that_is_an_image_folder_is_refused_and_the_images_stay(world, intact, capsys, split, target,
+                                                                         says):
+    folders = {"train": world.bad_folder(f"own_{split}_{target}")[0]}
+    folders["test"] = world.bad_folder(f"own_{split}_{target}_test", "test")[0]
+    before = {k: _hashes(v) for k, v in folders.items()}
+    data = {"TRAIN": {"PATH": str(folders["train"])}, "TEST": {"PATH": str(folders["test"])}}
+    data[split]["SSL_SOURCE_DIR"] = str(folders[target])
+    cfg = world.cfg(DATA=data, TEST={"ENABLE": True})
+    assert world.run(cfg, f"ssl_{split}_{target}") == 2
+    one_error_line(capsys, f"DATA.{split}.SSL_SOURCE_DIR", says, "replace its images")
+    assert {k: _hashes(v) for k, v in folders.items()} == before
+
+
+def test_one_copy_folder_for_two_image_folders_is_refused(world, intact, capsys):
+    shared = world.root / "shared_copies"
+    cfg = world.cfg(DATA={"TRAIN": {"SSL_SOURCE_DIR": str(shared)}, "TEST": {"SSL_SOURCE_DIR": str(shared)}},
+                    TEST={"ENABLE": True})
+    assert world.run(cfg, "ssl_shared") == 2
+    one_error_line(capsys, "DATA.TEST.SSL_SOURCE_DIR", "is also DATA.TRAIN.SSL_SOURCE_DIR", "replace each other")
+    assert not shared.exists()
+
+
+def test_copy_folder_that_is_a_file_or_cannot_be_made(world, intact, capsys):
+    blocker = world.root / "copies_file"
+    blocker.write_text("")
+    assert world.run(world.cfg(DATA={"TRAIN": {"SSL_SOURCE_DIR": str(blocker)}}), "ssl_file") == 2
+    one_error_line(capsys, "DATA.TRAIN.SSL_SOURCE_DIR", "is a file", "expected a folder")
+    assert world.run(world.cfg(DATA={"TRAIN": {"SSL_SOURCE_DIR": str(blocker / "sub")}}), "ssl_unmakeable") == 3
+    one_error_line(capsys, "DATA.TRAIN.SSL_SOURCE_DIR", "cannot write the degraded copies", "writable folder")
+
+
 # ------------------------------------------------------------------ images
 def _spoil_first(world, stem, spoil):
     x, y = world.bad_folder(stem)
@@ -190,6 +239,15 @@ def test_unreadable_image(world, intact, capsys, how):
     x, _, victim = _spoil_first(world, f"unreadable_{how}", spoil)
     assert world.run(world.cfg(DATA={"TRAIN": {"PATH": str(x)}}), f"unreadable_{how}") == 3
     one_error_line(capsys, victim.name)
+
+
+def test_complex_pixels_are_refused_by_name(world, intact, capsys):
+    import tifffile
+
+    x, _, victim = _spoil_first(world, "complex", lambda p: tifffile.imwrite(
+        p, (read_image(p, 2)[..., 0] * (1 + 1j)).astype(np.complex64)))
+    assert world.run(world.cfg(DATA={"TRAIN": {"PATH": str(x)}}), "complex") == 3
+    one_error_line(capsys, victim.name, "complex64", "expected real numbers")
 
 
 def test_image_without_pixels(world, intact, capsys):
@@ -330,6 +388,20 @@ def test_checkpoint_missing(world, intact, capsys):
     assert not (world.out / "fresh").exists()
 
 
+def test_checkpoint_file_that_is_a_folder(world, intact, capsys):
+    assert world.run(_from_checkpoint(world, world.root), "ckpt_folder") == 4
+    one_error_line(capsys, "PATHS.CHECKPOINT_FILE", "is a folder", "expected a checkpoint file")
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_load_checkpoint_without_a_file_on_a_new_run_says_so_before_any_work(world, intact, capsys, train):
+    cfg = _from_checkpoint(world, "", TRAIN={"ENABLE": train, "EPOCHS": 1})
+    assert world.run(cfg, "ckpt_empty", name="own_start") == 4
+    one_error_line(capsys, "MODEL.LOAD_CHECKPOINT is True and PATHS.CHECKPOINT_FILE is empty",
+                   "own_start_", "does not exist")
+    assert not (world.out / "own_start").exists()  # before the data step: no degraded copies, no run folder
+
+
 @pytest.mark.parametrize("how", ["truncated", "garbage"])
 def test_checkpoint_corrupt(world, intact, capsys, how):
     ckpt = world.root / f"corrupt_{how}.pth"
@@ -393,6 +465,8 @@ def test_result_folder_not_writable(world, intact, capsys):
     blocker.write_text("")
     assert world.run(world.cfg(), "unwritable", result_dir=blocker / "sub") == 2
     one_error_line(capsys, "--result_dir", "a_file")
+    assert world.run(world.cfg(), "result_dir_file", result_dir=blocker) == 2
+    one_error_line(capsys, "--result_dir", "a_file is a file; expected a folder")
 
 
 @pytest.mark.parametrize("name", ["../evil", "a/b", "..", "a..b", "/abs"])

@@ -132,6 +132,12 @@ def _check_data(cfg):
     if norm.TYPE == "custom" and std and any(v != -1 for v in std) and not all(v > 0 for v in std):
         raise ConfigError(f"DATA.NORMALIZATION.ZERO_MEAN_UNIT_VAR.STD_VAL: {std} must hold positive values "
                           "(or be [-1.0] to measure them)")
+    channels = int(cfg.DATA.PATCH_SIZE[-1])
+    for name in ("MEAN_VAL", "STD_VAL"):
+        values = list(norm.ZERO_MEAN_UNIT_VAR[name])
+        if norm.TYPE == "custom" and values != [-1.0] and len(values) not in (1, channels):
+            raise ConfigError(f"DATA.NORMALIZATION.ZERO_MEAN_UNIT_VAR.{name}: {values} holds {len(values)} value(s) "
+                              f"but DATA.PATCH_SIZE has {channels} channel(s); expected 1 value or one per channel")
     clip = norm.PERC_CLIP
     if clip.ENABLE:
         for name in ("LOWER_PERC", "UPPER_PERC"):
@@ -174,12 +180,50 @@ def _check_folders(cfg):
             if seg:
                 _check_folder("DATA.VAL.GT_PATH", cfg.DATA.VAL.GT_PATH)
     ckpt = cfg.PATHS.CHECKPOINT_FILE
+    if cfg.MODEL.LOAD_CHECKPOINT and ckpt and Path(ckpt).is_dir():
+        raise CheckpointError(f"PATHS.CHECKPOINT_FILE: {ckpt} is a folder; expected a checkpoint file (.pth)")
     if cfg.MODEL.LOAD_CHECKPOINT and ckpt and not Path(ckpt).is_file():
         raise CheckpointError(f"{ckpt}: checkpoint file not found (PATHS.CHECKPOINT_FILE)")
     if cfg.TEST.ENABLE:
         _check_folder("DATA.TEST.PATH", cfg.DATA.TEST.PATH)
         if seg and cfg.DATA.TEST.LOAD_GT:
             _check_folder("DATA.TEST.GT_PATH", cfg.DATA.TEST.GT_PATH)
+    if cfg.PROBLEM.TYPE == "SELF_SUPERVISED" and cfg.PROBLEM.SELF_SUPERVISED.PRETEXT_TASK == "crappify":
+        _check_ssl_sources(cfg)
+
+
+def _ssl_sources(cfg) -> dict:
+    """{split: (copy folder, source folder)} of the splits this run degrades, with finalize's defaults."""
+    d, out = cfg.DATA, {}
+    if cfg.TRAIN.ENABLE:
+        out["TRAIN"] = (d.TRAIN.SSL_SOURCE_DIR or _ssl_source_default(d.TRAIN.PATH), d.TRAIN.PATH)
+        if not d.VAL.FROM_TRAIN:
+            out["VAL"] = (d.VAL.SSL_SOURCE_DIR or _ssl_source_default(d.VAL.PATH), d.VAL.PATH)
+    if cfg.TEST.ENABLE:
+        out["TEST"] = (d.TEST.SSL_SOURCE_DIR or _ssl_source_default(d.TEST.PATH), d.TEST.PATH)
+    return out
+
+
+def _check_ssl_sources(cfg):
+    """Degraded copies are written under their source's file names: a copy folder that is an image folder
+    would replace the user's images, and one shared by two source folders would mix their copies."""
+    inputs = {f"DATA.{split}.{name}": cfg.DATA[split][name] for split in ("TRAIN", "VAL", "TEST")
+              for name in ("PATH", "GT_PATH") if cfg.DATA[split][name]}
+    seen = {}
+    for split, (copies, source) in _ssl_sources(cfg).items():
+        key, where = f"DATA.{split}.SSL_SOURCE_DIR", Path(copies).resolve()
+        if where.exists() and not where.is_dir():
+            raise ConfigError(f"{key}: {copies} is a file; expected a folder for the degraded copies")
+        for input_key, folder in inputs.items():
+            if Path(folder).resolve() == where:
+                raise ConfigError(f"{key}: {copies} is the image folder of {input_key}; the degraded copies would "
+                                  "replace its images. Expected a folder of their own (or leave it empty)")
+        other = seen.get(where)
+        if other is not None and Path(other[1]).resolve() != Path(source).resolve():
+            raise ConfigError(f"{key}: {copies} is also {other[0]}, which degrades another image folder; copies "
+                              "of files with the same name would replace each other. Expected a folder per "
+                              "image folder")
+        seen[where] = (key, source)
 
 
 def _check_model(cfg):
@@ -229,11 +273,10 @@ def _check_model(cfg):
 
 
 def _check_masking(cfg):
-    """A random mask must hide at least one block (U-Net) or token (MAE) of a patch, or nothing is learned."""
+    """A mask (random or grid, both hide hidden_count of the patch's blocks) must hide at least one block (U-Net)
+    or token (MAE) of a patch, or nothing is learned."""
     m = cfg.MODEL
     if m.ARCHITECTURE == "mae":
-        if m.MAE_MASK_TYPE == "grid":  # a fixed pattern, whatever the ratio
-            return
         unit, unit_key = m.VIT_TOKEN_SIZE, "MODEL.VIT_TOKEN_SIZE"
     else:
         unit, unit_key = cfg.PROBLEM.SELF_SUPERVISED.MASK_BLOCK_SIZE, "PROBLEM.SELF_SUPERVISED.MASK_BLOCK_SIZE"

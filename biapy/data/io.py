@@ -59,8 +59,11 @@ def list_images(folder, key: str) -> list[Path]:
     if not folder or not Path(folder).is_dir():
         raise ConfigError(f"{key}: folder '{folder}' does not exist (expected a folder of images)")
     folder = Path(folder)
-    files = sorted((p for p in folder.iterdir() if not p.name.startswith(".") and _suffix(p) in IMAGE_EXTS),
-                   key=lambda p: p.name)
+    try:
+        files = sorted((p for p in folder.iterdir() if not p.name.startswith(".") and _suffix(p) in IMAGE_EXTS),
+                       key=lambda p: p.name)
+    except OSError as err:
+        raise DataError(f"{key}: cannot list folder '{folder}' ({err.strerror or err})") from None
     if not files:
         raise DataError(f"{key}: no images in '{folder}' (expected files ending in {', '.join(IMAGE_EXTS)})")
     return files
@@ -233,11 +236,19 @@ def read_image(path, ndim: int) -> np.ndarray:
         else:
             arr = _read_nifti(path, ndim)
             plan = _plain_plan(arr.shape, ndim, path)
+        _check_pixel_type(path, arr.dtype)
         return np.ascontiguousarray(plan.apply(arr))
     except DataError:
         raise
     except Exception as e:
         raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+
+
+def _check_pixel_type(path, dtype):
+    """Numbers a network can take: complex pixels (an FFT, say) or structured/text data are refused by name."""
+    if np.dtype(dtype).kind not in "biuf":
+        raise DataError(f"{path}: pixels of type {np.dtype(dtype)} (expected real numbers: integers, floats or "
+                        "booleans)")
 
 
 def _read_nifti(path, ndim):
@@ -485,6 +496,7 @@ def open_image_lazy(path, ndim: int):
     ext = _suffix(path)
     if ext in TIFF_EXTS:
         plan, stored, offset = _tiff_header(path, ndim)
+        _check_pixel_type(path, stored)
         if offset is not None:
             return LazyTiff(path, plan, stored, offset)
         if _has_zarr():
@@ -496,6 +508,7 @@ def open_image_lazy(path, ndim: int):
     elif ext in CHUNKED_EXTS:
         try:
             arr = _open_chunked(path)
+            _check_pixel_type(path, arr.dtype)
             return LazyStore(path, _plain_plan(arr.shape, ndim, path, guess=True), lambda: _open_chunked(path))
         except DataError:
             raise

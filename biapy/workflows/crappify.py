@@ -8,6 +8,7 @@ from biapy.data.crappify import prepare_ssl_source
 from biapy.data.io import list_images
 from biapy.engine.distributed import main_first
 from biapy.engine.losses import build_loss
+from biapy.errors import DataError
 from biapy.workflows.base import Workflow
 from biapy.workflows.scoring import image_scores
 
@@ -30,9 +31,17 @@ class CrappifyWorkflow(Workflow):
         originals = list_images(node.PATH, key)
         self._check_channels(originals, key)  # before any degraded copy is made: the error names the user's file
         ssl = self.cfg.PROBLEM.SELF_SUPERVISED
+        copies = Path(node.SSL_SOURCE_DIR)
         with main_first(self.dist):
-            degraded = prepare_ssl_source(originals, Path(node.SSL_SOURCE_DIR), ssl.NOISE, ssl.RESIZING_FACTOR,
-                                          self.ndim, self.cfg.SYSTEM.SEED)
+            try:
+                degraded = prepare_ssl_source(originals, copies, ssl.NOISE, ssl.RESIZING_FACTOR, self.ndim,
+                                              self.cfg.SYSTEM.SEED)
+            except OSError as err:
+                if not str(err.filename or "").startswith(str(copies)):
+                    raise
+                raise DataError(f"DATA.{split.upper()}.SSL_SOURCE_DIR: cannot write the degraded copies in {copies} "
+                                f"({err.strerror or err}); expected a writable folder (by default it is the image "
+                                "folder's name + '_ssl_source', beside it)") from None
         if split == "test":
             return originals, degraded
         return degraded, originals
