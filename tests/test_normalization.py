@@ -145,5 +145,38 @@ def test_lazy_stats_use_a_bounded_sample(tmp_path):
 
     sampled = norm._sample(open_image_lazy(path, 3), budget=500)
     step = norm._steps(img.shape[:-1], 500)
-    assert step > 1 and sampled.size <= 500 * 2
-    np.testing.assert_array_equal(sampled, img[::step, ::step, ::step])
+    assert step > 1 and sampled.shape[1] == 1 and 100 < len(sampled) <= 500 * 2
+    # The same pixels from the array in memory: IN_MEMORY True and False measure an image alike.
+    np.testing.assert_array_equal(sampled, norm._sample(img, budget=500))
+    # Slices 0, step + 1, 2 * step + 2, ... (offset cycling), each strided from that offset on the other axes.
+    k = 1
+    np.testing.assert_array_equal(sampled[len(img[0, ::step, ::step].reshape(-1)):][:len(img[0, k::step, k::step].reshape(-1))],
+                                  img[step + k, k::step, k::step].reshape(-1, 1))
+
+
+@pytest.mark.parametrize("kind", ["zero_mean_unit_variance", "scale_range"])
+def test_images_above_the_sample_budget_are_measured_alike_in_memory_and_lazily(tmp_path, monkeypatch, kind):
+    """An interlaced image (odd rows 300 brighter): a sample of even rows only had put its mean 150 off."""
+    import biapy.data.normalization as norm
+
+    monkeypatch.setattr(norm._sample, "__defaults__", (4096,))
+    rng = np.random.default_rng(0)
+    img = (rng.normal(1000, 20, (160, 200, 1)) + 300 * (np.arange(160) % 2)[:, None, None]).astype(np.uint16)
+    path = write_image(tmp_path / "interlaced.tif", img, 2)
+    n = Normalizer(kind)
+    in_memory, lazy = n.stats(img), n.stats(open_image_lazy(path, 2))
+    for key in ("mean", "std", "min", "max", "scale", "offset"):
+        np.testing.assert_array_equal(in_memory[key], lazy[key])
+    assert in_memory["mean"][0] == pytest.approx(img.mean(), abs=5)
+    assert in_memory["std"][0] == pytest.approx(img.std(), rel=0.02)
+
+
+@pytest.mark.parametrize("kind", ["zero_mean_unit_variance", "scale_range"])
+def test_bright_images_normalize_to_float32_precision(kind):
+    """x * scale + offset cancelled two numbers near 1e6 in float32 (errors of 0.05 std)."""
+    rng = np.random.default_rng(0)
+    img = (1e6 + rng.standard_normal((40, 50, 1))).astype(np.float32)
+    n = Normalizer(kind)
+    stats = n.stats(img)
+    exact = (img.astype(np.float64) * stats["scale"] + stats["offset"])
+    assert np.abs(n.normalize(img, stats) - exact).max() < 1e-3

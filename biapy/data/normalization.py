@@ -54,18 +54,25 @@ def _steps(shape, budget):
 
 
 def _sample(img, budget=SAMPLE_BUDGET):
-    """A numpy image itself; a lazy image as a bounded sample strided along every spatial axis.
+    """(n, c) pixels to measure an image on: all of them, or above `budget` pixels a sample of about that many,
+    taken the same way from an array in memory and from a lazily read file (so IN_MEMORY changes nothing).
 
-    The sample is read one first-axis index (slice/row) at a time, so no more than one slice of a
-    lazily read file is held at once.
+    The sample takes every step-th slice (row in 2D) of the first axis and, within it, every step-th pixel of
+    the others, from an offset that cycles through 0..step-1 from one slice to the next: a fixed offset would
+    see only even rows of an interlaced image, say. One slice of a lazily read file is held at a time.
     """
-    if isinstance(img, np.ndarray):
-        return img
+    c = img.shape[-1]
     step = _steps(img.shape[:-1], budget)
     if step == 1:
-        return np.asarray(img[...])
-    rest = (slice(None, None, step),) * (len(img.shape) - 2)
-    return np.stack([img[(slice(i, i + 1),) + rest][0] for i in range(0, img.shape[0], step)])
+        return np.asarray(img[...]).reshape(-1, c)
+    parts = []
+    for k, i in enumerate(range(0, img.shape[0], step)):
+        shift = k % step
+        if i + shift >= img.shape[0]:
+            break
+        rest = (slice(shift, None, step),) * (len(img.shape) - 2)
+        parts.append(np.asarray(img[(slice(i + shift, i + shift + 1),) + rest]).reshape(-1, c))
+    return np.concatenate(parts)
 
 
 def _chunks(flat, size=1 << 22):
@@ -146,14 +153,13 @@ class Normalizer:
 
         Holds the raw moments and the affine map `scale`/`offset` (plus clip bounds `lo`/`hi`).
         """
-        data = _sample(img)
-        flat = data.reshape(-1, data.shape[-1])
+        flat = _sample(img)
         lo, hi = self._clip_bounds(flat)
         mn, mx, mean, std = _moments(flat, lo, hi)
         if not (np.isfinite(mean).all() and np.isfinite(std).all()):
             raise DataError("pixel values are NaN or Inf (expected finite values)")
-        out = {"min": mn, "max": mx, "mean": mean, "std": std, "lo": lo, "hi": hi, "dtype": str(data.dtype)}
-        out["scale"], out["offset"] = self._affine(out, data.dtype)
+        out = {"min": mn, "max": mx, "mean": mean, "std": std, "lo": lo, "hi": hi, "dtype": str(flat.dtype)}
+        out["scale"], out["offset"] = self._affine(out, flat.dtype)
         return out
 
     def _affine(self, st, dtype):
@@ -194,8 +200,15 @@ class Normalizer:
             lo = -np.inf if stats["lo"] is None else stats["lo"]
             hi = np.inf if stats["hi"] is None else stats["hi"]
             np.clip(x, lo, hi, out=x, casting="unsafe")
-        x *= stats["scale"].astype(np.float32)
-        x += stats["offset"].astype(np.float32)
+        # (x - centre) * scale rather than x * scale + offset: on a bright image (uint16 near 60000, floats near
+        # 1e6) the product and the offset are both large and their sum cancels to float32's coarse steps there.
+        # The centre goes in two float32 parts, so its own rounding (0.06 near 1e6) does not shift the result.
+        scale = np.asarray(stats["scale"], dtype=np.float64)
+        centre = -np.asarray(stats["offset"], dtype=np.float64) / scale
+        high = centre.astype(np.float32)
+        x -= high
+        x -= (centre - high).astype(np.float32)
+        x *= scale.astype(np.float32)
         return x
 
     def denormalize(self, img, stats):
@@ -222,8 +235,7 @@ class Normalizer:
             return
         total = sums = squares = None
         for img in images:
-            data = _sample(img)
-            flat = data.reshape(-1, data.shape[-1])
+            flat = _sample(img)
             _, _, mean, std = _moments(flat, *self._clip_bounds(flat))
             n = int(np.prod(img.shape[:-1]))  # a sample's moments stand for all of its image's pixels
             if total is None:

@@ -113,15 +113,18 @@ class MaskingWorkflow(Workflow):
 
     def predict_patches(self, batch):
         pred, mask = self.masked_forward(batch, self._mask_generator)
-        return torch.cat([self.in_image_units(pred, batch, mask).float(), mask.float()], dim=1)
+        # The extra channel is 1 where the patch saw the pixel: blended, it stays exactly 0 only where no
+        # patch that weighs on the pixel saw it (a sum of zeros), whatever the weights.
+        return torch.cat([self.in_image_units(pred, batch, mask).float(), 1 - mask.float()], dim=1)
 
     def split_output(self, output, stats):
         """Stitched (C+1, spatial...) -> reconstruction in input units and hidden mask, channel-last. Hidden
-        means hidden in every patch that covers the pixel (blended mask 1): where overlapping patches disagree,
-        part of the blended reconstruction comes from a patch that saw the pixel, so it is not scored as hidden."""
+        means hidden in every patch that covers the pixel (blended 'seen' channel exactly 0): where overlapping
+        patches disagree, part of the blended reconstruction comes from a patch that saw the pixel, so it is
+        not scored as hidden, however small that patch's weight there (its window's corner: ~1e-4 in 2D)."""
         out = np.moveaxis(output.float().cpu().numpy(), 0, -1)
         recon = self.normalizer.denormalize(out[..., : self.channels], stats).astype(np.float32)
-        hidden = (out[..., self.channels:] > 1 - 1e-3).astype(np.float32)
+        hidden = (out[..., self.channels:] == 0).astype(np.float32)
         return recon, hidden
 
     def finish_prediction(self, source, image, stats, slabs):
