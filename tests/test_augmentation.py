@@ -88,3 +88,21 @@ def test_scipy_is_imported_only_for_the_transforms_that_need_it():
             "print(before, 'scipy.ndimage' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "True"]
+
+
+def test_own_probability_of_a_transform_wins_over_da_prob():
+    """BiaPy 3.7's per-transform keys (VFLIP_PROB, ...): -1 (the default) falls back to DA_PROB."""
+    x, _ = _ramp((8, 8))
+    flipped = np.flip(x, 0)
+    never = _cfg("VFLIP", prob=1.0)
+    never.VFLIP_PROB = 0.0
+    assert not Augmentor(never, 2).enabled
+    always = _cfg("VFLIP", "HFLIP", prob=0.0)
+    always.VFLIP_PROB = 1.0  # HFLIP keeps DA_PROB 0: only the flip along y happens
+    aug = Augmentor(always, 2)
+    for seed in range(5):
+        np.testing.assert_array_equal(aug(x, None, np.random.default_rng(seed))[0], flipped)
+    some = _cfg("VFLIP", prob=1.0)
+    some.VFLIP_PROB = 0.3
+    hits = sum(np.array_equal(Augmentor(some, 2)(x, None, np.random.default_rng(s))[0], flipped) for s in range(400))
+    assert 80 < hits < 160

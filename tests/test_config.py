@@ -163,7 +163,7 @@ def test_unknown_keys_and_wrong_types_name_the_key(overrides, key):
     ({"DATA": {"TEST": {"PADDING": (0, 0, 0)}}}, "DATA.TEST.PADDING"),
     ({"LOSS": {"TYPE": "CE"}}, "LOSS.TYPE"),
     ({"TEST": {"METRICS": ["psnr", "iou"]}}, "TEST.METRICS"),
-    ({"MODEL": {"DROPOUT_VALUES": [0.0]}}, "MODEL.DROPOUT_VALUES"),
+    ({"MODEL": {"DROPOUT_VALUES": [0.1]}}, "MODEL.DROPOUT_VALUES"),  # all zeros of any length are filled
     ({"DATA": {"NORMALIZATION": {"TYPE": "minmax"}}}, "DATA.NORMALIZATION.TYPE"),
     ({"PROBLEM": {"SELF_SUPERVISED": {"PRETEXT_TASK": "masking"}}, "TEST": {"AUGMENTATION": True}},
      "TEST.AUGMENTATION"),
@@ -180,6 +180,7 @@ def test_unknown_keys_and_wrong_types_name_the_key(overrides, key):
     ({"AUGMENTOR": {"ENABLE": True, "GAUSSIAN_NOISE": True, "GAUSSIAN_NOISE_VAR": -1.0}},
      "AUGMENTOR.GAUSSIAN_NOISE_VAR"),
     ({"AUGMENTOR": {"ENABLE": True, "G_BLUR": True, "G_SIGMA": (-1.0, 2.0)}}, "AUGMENTOR.G_SIGMA"),
+    ({"AUGMENTOR": {"VFLIP_PROB": 1.5}}, "AUGMENTOR.VFLIP_PROB: 1.5 is out of range"),
     ({"AUGMENTOR": {"ENABLE": True, "RANDOM_ROT": True, "RANDOM_ROT_RANGE": (10,)}}, "AUGMENTOR.RANDOM_ROT_RANGE"),
     ({"AUGMENTOR": {"ENABLE": True, "GAMMA_CONTRAST": True, "GC_GAMMA": (1.5, 1.2)}}, "AUGMENTOR.GC_GAMMA"),
     ({"AUGMENTOR": {"ENABLE": True, "CONTRAST": True, "CONTRAST_FACTOR": (-1.0, 0.1)}}, "AUGMENTOR.CONTRAST_FACTOR"),
@@ -332,3 +333,10 @@ def test_yaml_merge_keys_still_work_and_may_be_overridden(tmp_path):
                     "  VAL:\n    <<: *common\n    IN_MEMORY: false\n")
     cfg = load_config(path)
     assert (cfg.DATA.VAL.PATH, cfg.DATA.VAL.IN_MEMORY, cfg.DATA.TRAIN.IN_MEMORY) == ("/x", False, True)
+
+
+def test_all_zero_dropouts_and_z_down_of_another_length_are_filled_as_biapy_does():
+    """BiaPy's documented MODEL block: FEATURE_MAPS of 4 levels beside its default 5 dropouts (and zeros in Z_DOWN)."""
+    cfg = checked({"PROBLEM": {"NDIM": "3D"}, "DATA": {"PATCH_SIZE": (16, 32, 32, 1)},
+                   "MODEL": {"FEATURE_MAPS": [8, 16, 32, 64], "DROPOUT_VALUES": [0.0] * 5, "Z_DOWN": [0, 0]}})
+    assert list(cfg.MODEL.DROPOUT_VALUES) == [0.0] * 4 and list(cfg.MODEL.Z_DOWN) == [0, 0, 0]

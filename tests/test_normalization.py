@@ -180,3 +180,18 @@ def test_bright_images_normalize_to_float32_precision(kind):
     stats = n.stats(img)
     exact = (img.astype(np.float64) * stats["scale"] + stats["offset"])
     assert np.abs(n.normalize(img, stats) - exact).max() < 1e-3
+
+
+def test_zero_mean_unit_variance_takes_the_fixed_values_where_given():
+    """BiaPy 3.7 reads ZERO_MEAN_UNIT_VAR.MEAN_VAL/STD_VAL with this type too: a YAML setting them had been
+    normalized per image here, silently."""
+    img = np.random.default_rng(0).integers(0, 255, (20, 30, 2)).astype(np.uint8)
+    both = Normalizer("zero_mean_unit_variance", mean=[60.0], std=[40.0, 20.0])
+    np.testing.assert_allclose(both.normalize(img, both.stats(img)), (img - 60.0) / np.array([40.0, 20.0]),
+                               rtol=1e-5, atol=1e-5)
+    mean_only = Normalizer("zero_mean_unit_variance", mean=[60.0])
+    expected = (img - 60.0) / img.reshape(-1, 2).std(0)
+    np.testing.assert_allclose(mean_only.normalize(img, mean_only.stats(img)), expected, rtol=1e-4, atol=1e-4)
+    cfg = get_defaults()
+    cfg.DATA.NORMALIZATION.ZERO_MEAN_UNIT_VAR.MEAN_VAL = [60.0]
+    assert Normalizer.from_cfg(cfg).given_mean.tolist() == [60.0]

@@ -128,14 +128,15 @@ def _check_system(cfg):
 def _check_data(cfg):
     norm = cfg.DATA.NORMALIZATION
     _pick(norm, "TYPE", "DATA.NORMALIZATION.TYPE", ("zero_mean_unit_variance", "div", "scale_range", "custom"))
+    fixed = norm.TYPE in ("custom", "zero_mean_unit_variance")  # the types that read MEAN_VAL/STD_VAL
     std = list(norm.ZERO_MEAN_UNIT_VAR.STD_VAL)
-    if norm.TYPE == "custom" and std and any(v != -1 for v in std) and not all(v > 0 for v in std):
+    if fixed and std and any(v != -1 for v in std) and not all(v > 0 for v in std):
         raise ConfigError(f"DATA.NORMALIZATION.ZERO_MEAN_UNIT_VAR.STD_VAL: {std} must hold positive values "
                           "(or be [-1.0] to measure them)")
     channels = int(cfg.DATA.PATCH_SIZE[-1])
     for name in ("MEAN_VAL", "STD_VAL"):
         values = list(norm.ZERO_MEAN_UNIT_VAR[name])
-        if norm.TYPE == "custom" and values != [-1.0] and len(values) not in (1, channels):
+        if fixed and values != [-1.0] and len(values) not in (1, channels):
             raise ConfigError(f"DATA.NORMALIZATION.ZERO_MEAN_UNIT_VAR.{name}: {values} holds {len(values)} value(s) "
                               f"but DATA.PATCH_SIZE has {channels} channel(s); expected 1 value or one per channel")
     clip = norm.PERC_CLIP
@@ -377,6 +378,11 @@ def _check_augmentor(cfg):
     _at_least("AUGMENTOR.AUG_NUM_SAMPLES", a.AUG_NUM_SAMPLES, 0)
     if not 0 <= a.DA_PROB <= 1:
         raise ConfigError(f"AUGMENTOR.DA_PROB: {a.DA_PROB} is out of range; expected a value in [0, 1]")
+    from biapy.data.augmentation import PROB_KEYS  # numpy only
+    for key in PROB_KEYS.values():
+        if a[key] != -1 and not 0 <= a[key] <= 1:
+            raise ConfigError(f"AUGMENTOR.{key}: {a[key]} is out of range; expected a value in [0, 1], or -1 for "
+                              "AUGMENTOR.DA_PROB")
     if not a.ENABLE:
         return  # the ranges of augmentations that never run are not read
     # (switch, its range key, lowest value, whether the lowest value itself is excluded)
@@ -391,23 +397,28 @@ def _check_augmentor(cfg):
         _at_least("AUGMENTOR.GAUSSIAN_NOISE_VAR", a.GAUSSIAN_NOISE_VAR, 0)
 
 
-def _fix_axis_tuples(cfg):
-    """BiaPy's defaults are 2D pairs; a 3D YAML that leaves them alone means zeros on every axis."""
+def _fit_lengths_as_biapy(cfg):
+    """All-zero lists mean 'nothing special' at any length, as BiaPy reads them: its 2D OVERLAP/PADDING pairs in
+    3D, and Z_DOWN and DROPOUT_VALUES of another length than MODEL.FEATURE_MAPS asks (BiaPy's documentation
+    pairs FEATURE_MAPS of 4 levels with its default 5 dropouts)."""
     ndim = ndim_of(cfg)
     for split in ("TRAIN", "VAL", "TEST"):
         for name in ("OVERLAP", "PADDING"):
             value = tuple(cfg.DATA[split][name])
             if ndim == 3 and len(value) == 2 and not any(value):
                 cfg.DATA[split][name] = (0, 0, 0)
-    if ndim == 3 and len(cfg.MODEL.Z_DOWN) == 4 and len(cfg.MODEL.FEATURE_MAPS) != 5 and not any(cfg.MODEL.Z_DOWN):
-        cfg.MODEL.Z_DOWN = [0] * (len(cfg.MODEL.FEATURE_MAPS) - 1)
+    levels = len(cfg.MODEL.FEATURE_MAPS)
+    if ndim == 3 and levels >= 2 and len(cfg.MODEL.Z_DOWN) != levels - 1 and not any(cfg.MODEL.Z_DOWN):
+        cfg.MODEL.Z_DOWN = [0] * (levels - 1)
+    if levels >= 1 and len(cfg.MODEL.DROPOUT_VALUES) != levels and not any(cfg.MODEL.DROPOUT_VALUES):
+        cfg.MODEL.DROPOUT_VALUES = [0.0] * levels
 
 
 def check_config(cfg, check_paths=True):
     """Raise ConfigError on the first problem found, in the order a user would fix them."""
     _check_problem(cfg)
     _check_system(cfg)
-    _fix_axis_tuples(cfg)
+    _fit_lengths_as_biapy(cfg)
     _check_patch(cfg)
     _check_data(cfg)
     _check_model(cfg)

@@ -76,9 +76,9 @@ _C.DATA.NORMALIZATION.PERC_CLIP.LOWER_VALUE = [-1.0]
 # Fixed upper clip value(s) in input units, used when UPPER_PERC is -1; [-1.0] = none.
 _C.DATA.NORMALIZATION.PERC_CLIP.UPPER_VALUE = [-1.0]
 _C.DATA.NORMALIZATION.ZERO_MEAN_UNIT_VAR = CN()
-# 'custom' only: dataset mean to use instead of measuring it; [-1.0] = measure on the training set.
+# Fixed mean (1 value, or one per channel) for 'zero_mean_unit_variance' and 'custom'; [-1.0] = measure it.
 _C.DATA.NORMALIZATION.ZERO_MEAN_UNIT_VAR.MEAN_VAL = [-1.0]
-# 'custom' only: dataset std to use instead of measuring it; [-1.0] = measure on the training set.
+# Fixed std (1 value, or one per channel) for 'zero_mean_unit_variance' and 'custom'; [-1.0] = measure it.
 _C.DATA.NORMALIZATION.ZERO_MEAN_UNIT_VAR.STD_VAL = [-1.0]
 
 _C.DATA.TRAIN = CN()
@@ -142,7 +142,7 @@ _C.DATA.TEST.PADDING = (0, 0)
 _C.AUGMENTOR = CN()
 # Turn augmentation on.
 _C.AUGMENTOR.ENABLE = False
-# Probability of applying each enabled transform to a patch.
+# Probability of applying each enabled transform to a patch, unless its own <NAME>_PROB is set.
 _C.AUGMENTOR.DA_PROB = 0.5
 # Write AUG_NUM_SAMPLES augmented patches to results/NAME_ID/aug/ before training.
 _C.AUGMENTOR.AUG_SAMPLES = True
@@ -150,36 +150,56 @@ _C.AUGMENTOR.AUG_SAMPLES = True
 _C.AUGMENTOR.AUG_NUM_SAMPLES = 10
 # Flip along y.
 _C.AUGMENTOR.VFLIP = False
+# Probability of VFLIP per patch (BiaPy 3.7's key); -1 = DA_PROB.
+_C.AUGMENTOR.VFLIP_PROB = -1.0
 # Flip along x.
 _C.AUGMENTOR.HFLIP = False
+# Probability of HFLIP per patch (BiaPy 3.7's key); -1 = DA_PROB.
+_C.AUGMENTOR.HFLIP_PROB = -1.0
 # Flip along z (3D only).
 _C.AUGMENTOR.ZFLIP = False
+# Probability of ZFLIP per patch (BiaPy 3.7's key); -1 = DA_PROB.
+_C.AUGMENTOR.ZFLIP_PROB = -1.0
 # Rotate by a multiple of 90 degrees in the y-x plane.
 _C.AUGMENTOR.ROT90 = False
+# Probability of ROT90 per patch (BiaPy 3.7's key); -1 = DA_PROB.
+_C.AUGMENTOR.ROT90_PROB = -1.0
 # Rotate by an arbitrary angle in the y-x plane (reflect at borders; nearest-neighbour for labels).
 _C.AUGMENTOR.RANDOM_ROT = False
+# Probability of RANDOM_ROT per patch (BiaPy 3.7's key); -1 = DA_PROB.
+_C.AUGMENTOR.RANDOM_ROT_PROB = -1.0
 # Range of angles in degrees for RANDOM_ROT.
 _C.AUGMENTOR.RANDOM_ROT_RANGE = (-180, 180)
 # Add a random offset to intensities (input only).
 _C.AUGMENTOR.BRIGHTNESS = False
+# Probability of BRIGHTNESS per patch (BiaPy 3.7's key); -1 = DA_PROB.
+_C.AUGMENTOR.BRIGHTNESS_PROB = -1.0
 # Offset range for BRIGHTNESS, as a fraction of the patch's value range.
 _C.AUGMENTOR.BRIGHTNESS_FACTOR = (-0.1, 0.1)
 # Scale contrast around the mean (input only).
 _C.AUGMENTOR.CONTRAST = False
+# Probability of CONTRAST per patch (BiaPy 3.7's key); -1 = DA_PROB.
+_C.AUGMENTOR.CONTRAST_PROB = -1.0
 # Multiplier range for CONTRAST (1 + factor).
 _C.AUGMENTOR.CONTRAST_FACTOR = (-0.1, 0.1)
 # Apply a gamma curve to intensities (input only).
 _C.AUGMENTOR.GAMMA_CONTRAST = False
+# Probability of GAMMA_CONTRAST per patch (BiaPy 3.7's key); -1 = DA_PROB.
+_C.AUGMENTOR.GAMMA_CONTRAST_PROB = -1.0
 # Gamma range for GAMMA_CONTRAST.
 _C.AUGMENTOR.GC_GAMMA = (1.25, 1.75)
 # Add Gaussian noise (input only).
 _C.AUGMENTOR.GAUSSIAN_NOISE = False
+# Probability of GAUSSIAN_NOISE per patch (BiaPy 3.7's key); -1 = DA_PROB.
+_C.AUGMENTOR.GAUSSIAN_NOISE_PROB = -1.0
 # Mean of the GAUSSIAN_NOISE, in normalized units.
 _C.AUGMENTOR.GAUSSIAN_NOISE_MEAN = 0.0
 # Variance of the GAUSSIAN_NOISE, in normalized units.
 _C.AUGMENTOR.GAUSSIAN_NOISE_VAR = 0.01
 # Gaussian blur (input only).
 _C.AUGMENTOR.G_BLUR = False
+# Probability of G_BLUR per patch (BiaPy 3.7's key); -1 = DA_PROB.
+_C.AUGMENTOR.G_BLUR_PROB = -1.0
 # Sigma range in pixels for G_BLUR.
 _C.AUGMENTOR.G_SIGMA = (1.0, 2.0)
 

@@ -1,6 +1,7 @@
 """Data augmentation of training patches (numpy, channel-last, already normalized).
 
-Each enabled transform is applied with probability DA_PROB, drawing from the item's own
+Each enabled transform is applied with its own probability (<NAME>_PROB, BiaPy 3.7's keys) or else
+DA_PROB (older BiaPy's one probability for all), drawing from the item's own
 Generator (so augmentation is reproducible per (seed, epoch, index)). Geometric transforms move
 input and target together (labels by nearest neighbour, so they stay integer class ids);
 intensity transforms touch the input only. Geometric ones come first, intensity ones after.
@@ -9,19 +10,25 @@ import numpy as np
 
 GEOMETRIC = ("VFLIP", "HFLIP", "ZFLIP", "ROT90", "RANDOM_ROT")
 INTENSITY = ("BRIGHTNESS", "CONTRAST", "GAMMA_CONTRAST", "GAUSSIAN_NOISE", "G_BLUR")
+# BiaPy 3.7's key for each transform's own probability (-1: DA_PROB), spelt out so a search finds its reader.
+PROB_KEYS = {"VFLIP": "VFLIP_PROB", "HFLIP": "HFLIP_PROB", "ZFLIP": "ZFLIP_PROB", "ROT90": "ROT90_PROB",
+             "RANDOM_ROT": "RANDOM_ROT_PROB", "BRIGHTNESS": "BRIGHTNESS_PROB", "CONTRAST": "CONTRAST_PROB",
+             "GAMMA_CONTRAST": "GAMMA_CONTRAST_PROB", "GAUSSIAN_NOISE": "GAUSSIAN_NOISE_PROB", "G_BLUR": "G_BLUR_PROB"}
 
 
 class Augmentor:
     def __init__(self, aug_cfg, ndim):
         self.cfg, self.ndim = aug_cfg, int(ndim)
-        self.prob = float(aug_cfg.DA_PROB)
+        shared = float(aug_cfg.DA_PROB)
+        own = {name: float(aug_cfg.get(key, -1)) for name, key in PROB_KEYS.items()}
+        self.probs = {name: shared if p == -1 else p for name, p in own.items()}
         self.active = [name for name in GEOMETRIC + INTENSITY
                        if bool(aug_cfg.get(name, False)) and not (name == "ZFLIP" and self.ndim == 2)]
 
     @property
     def enabled(self):
-        """True when augmentation is on and at least one transform is chosen."""
-        return bool(self.cfg.ENABLE) and bool(self.active) and self.prob > 0
+        """True when augmentation is on and at least one chosen transform can happen."""
+        return bool(self.cfg.ENABLE) and any(self.probs[name] > 0 for name in self.active)
 
     def __call__(self, x, y, rng, y_is_label=False):
         """(x, y) augmented; x is (*spatial, c) float, y the same layout, (*spatial) labels, or None."""
@@ -29,7 +36,7 @@ class Augmentor:
             return x, y
         y_ax, x_ax = self.ndim - 2, self.ndim - 1
         for name in self.active:
-            if rng.random() >= self.prob:
+            if rng.random() >= self.probs[name]:
                 continue
             if name in ("VFLIP", "HFLIP", "ZFLIP"):
                 axis = {"VFLIP": y_ax, "HFLIP": x_ax, "ZFLIP": 0}[name]

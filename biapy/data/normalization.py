@@ -5,7 +5,8 @@ image (datasets keep raw pixels and normalize each patch), and `denormalize` is 
 - 'div': divide by the dtype's range (uint8 255, uint16 65535, other ints their max; floats by the
   image maximum when it exceeds 1, else 1);
 - 'scale_range': per-image min/max to [0, 1];
-- 'zero_mean_unit_variance': per-image mean/std;
+- 'zero_mean_unit_variance': per-image mean/std, or the fixed ZERO_MEAN_UNIT_VAR.MEAN_VAL/STD_VAL where set
+  (as BiaPy 3.7 does);
 - 'custom': one mean/std for the whole training set (`fit`, or MEAN_VAL/STD_VAL), saved beside the
   checkpoints as normalization_{mean,std}_value.npy so test time uses the same.
 PERC_CLIP clips each image first (percentiles per image and channel, or fixed values); statistics
@@ -176,8 +177,9 @@ class Normalizer:
         if self.kind == "scale_range":
             scale = 1.0 / _floor(st["max"] - st["min"], st["max"])
             return scale, -st["min"] * scale
-        if self.kind == "zero_mean_unit_variance":
-            mean, std = st["mean"], st["std"]
+        if self.kind == "zero_mean_unit_variance":  # MEAN_VAL/STD_VAL, where given, are fixed values (BiaPy 3.7)
+            mean = st["mean"] if self.given_mean is None else np.broadcast_to(self.given_mean, (c,))
+            std = st["std"] if self.given_std is None else np.broadcast_to(self.given_std, (c,))
         else:
             if self.mean is None or self.std is None:
                 raise DataError("DATA.NORMALIZATION.TYPE 'custom': no dataset mean/std yet; train first (they are "
