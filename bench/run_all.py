@@ -117,7 +117,7 @@ def machine(device):
     text = (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
             f"Python {platform.python_version()}")
     if device.startswith("cuda"):
-        text += f", GPU {torch.cuda.get_device_name(0)}"
+        text += f", GPU {torch.cuda.get_device_name(torch.device(device))}"
     malloc = [f"{k}={v}" for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]
     if malloc:  # they shape every figure; the job runner keeps thresholds set here (biapy/utils/memory.py)
         text += ", " + " ".join(sorted(malloc))
@@ -194,7 +194,7 @@ def case_config(name, size, data, steps, device):
         "TEST": {"ENABLE": False},
     })
     if device.startswith("cuda"):
-        cfg["TRAIN"]["AMP"] = "bf16"
+        cfg["TRAIN"]["AMP"] = "auto"  # bf16 where the GPU has it natively, else fp16 with loss scaling
     return cfg
 
 
@@ -232,6 +232,9 @@ def run_case(args):
     cfg = finalize(cfg, job)
     torch.set_num_threads(max(1, cfg.SYSTEM.NUM_CPUS))
     tune_process_memory(torch.device(device))  # as the job runner does
+    if device.startswith("cuda"):  # as the job runner does too: its GPU current, cuDNN timing its algorithms
+        torch.cuda.set_device(torch.device(device))
+        torch.backends.cudnn.benchmark = True
     dist = init_distributed("gloo")
     wf = get_workflow(cfg)(cfg, job, dist, torch.device(device))
     wf.prepare_training()
@@ -340,7 +343,7 @@ def run_case(args):
     out["voxels_per_s"] = out["voxels"] / out["stitched_s"]
     out["rss_mb"] = hwm_mb()
     if device.startswith("cuda"):
-        out["gpu_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+        out["gpu_mb"] = torch.cuda.max_memory_allocated(torch.device(device)) / 2 ** 20
     print("RESULT " + json.dumps(out))
 
 

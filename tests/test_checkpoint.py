@@ -87,8 +87,11 @@ def test_skip_unmatched_layers_with_different_head():
     assert "0.weight" in loaded and "2.weight" not in loaded
     assert any(s.startswith("2.weight") for s in skipped) and any(s.startswith("2.bias") for s in skipped)
     assert torch.equal(dst[0].weight, src[0].weight)
-    with pytest.raises(CheckpointError, match="no tensor matches"):
+    with pytest.raises(CheckpointError, match="no weight matches"):
         load_weights(dst, {"x": torch.ones(1)}, skip_unmatched=True)
+    counters = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))  # batch norm's step counters fit any model
+    with pytest.raises(CheckpointError, match="no weight matches"):
+        load_weights(nn.Sequential(nn.Conv2d(1, 5, 3), nn.BatchNorm2d(5)), counters.state_dict(), skip_unmatched=True)
 
 
 def test_metadata_mismatch_names_both_values():
@@ -103,3 +106,50 @@ def test_metadata_mismatch_names_both_values():
         check_compatible(dict(meta, architecture="mae"), cfg, "a.pth")
     cfg.MODEL.ARCHITECTURE = "unetr"
     check_compatible(dict(meta, architecture="mae"), cfg, "a.pth")  # MAE encoder -> UNETR is the point
+
+
+def test_cuda_rng_state_is_this_process_gpu_only(monkeypatch):
+    """Rank 0's copies of the other GPUs' generators were never drawn from: restoring them reset the other ranks'
+    streams. One state is saved (once CUDA is in use) and set on the process's own GPU; older checkpoints hold one
+    per visible GPU, of which the process's own is taken."""
+    from biapy.engine.checkpoint import rng_states, set_rng_states
+
+    assert rng_states()["cuda"] == []  # CUDA never started: not started for the checkpoint either
+    seen = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": seen.append((state.tolist(), device)))
+    states = rng_states()
+    assert [s.tolist() for s in states["cuda"]] == [[7]]
+    set_rng_states(states)
+    set_rng_states({"cuda": [torch.tensor([1], dtype=torch.uint8), torch.tensor([2], dtype=torch.uint8)]})
+    assert seen == [([7], 1), ([2], 1)]
+
+
+def test_another_task_head_is_made_anew_even_where_its_shape_fits(tmp_path, caplog):
+    """A 1-channel crappify U-Net's head has the shape of a 1-class... any equal count: it is not a classifier."""
+    from biapy.engine.checkpoint import save_checkpoint
+    from biapy.engine.resume import load_model_from
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder, self.head = nn.Conv2d(2, 4, 3), nn.Conv2d(4, 2, 1)
+
+    pre, seg = get_defaults(), get_defaults()
+    pre.DATA.PATCH_SIZE = seg.DATA.PATCH_SIZE = (32, 32, 2)
+    seg.PROBLEM.TYPE, seg.MODEL.N_CLASSES, seg.DATA.NORMALIZATION.TYPE = "SEMANTIC_SEG", 2, "div"
+    src, dst = Tiny(), Tiny()
+    path = tmp_path / "pre.pth"
+    save_checkpoint(path, {"model": src.state_dict(), "metadata": checkpoint_metadata(pre), "config": pre.dump()})
+    with caplog.at_level("WARNING"):
+        _, loaded, skipped = load_model_from(dst, seg, path, skip_unmatched=True)
+    assert loaded == ["encoder.bias", "encoder.weight"] and not torch.equal(dst.head.weight, src.head.weight)
+    assert all("made anew" in s for s in skipped) and len(skipped) == 2
+    assert "DATA.NORMALIZATION.TYPE zero_mean_unit_variance in the checkpoint, div here" in caplog.text
+    _, loaded, _ = load_model_from(Tiny(), seg, path, skip_unmatched=False)  # a new head is no mismatch
+    assert loaded == ["encoder.bias", "encoder.weight"]
+    _, loaded, _ = load_model_from(Tiny(), pre, path, skip_unmatched=False)  # the same task keeps its head
+    assert "head.weight" in loaded

@@ -402,6 +402,18 @@ def test_load_checkpoint_without_a_file_on_a_new_run_says_so_before_any_work(wor
     assert not (world.out / "own_start").exists()  # before the data step: no degraded copies, no run folder
 
 
+def test_testing_a_pretext_checkpoint_as_a_segmentation_model_is_refused(world, intact, capsys):
+    """Its head is the pretext task's (made anew, untrained): scores would mean nothing, and replace the run's."""
+    x, y = world.data["train"]
+    cfg = _seg_cfg(world, x, y)
+    cfg["TRAIN"] = {"ENABLE": False}
+    cfg["MODEL"].update({"LOAD_CHECKPOINT": True, "SKIP_UNMATCHED_LAYERS": True})
+    cfg["PATHS"] = {"CHECKPOINT_FILE": str(world.good_job.checkpoint("best"))}
+    assert world.run(cfg, "test_pretext_as_seg") == 4
+    one_error_line(capsys, "good_1-checkpoint-best.pth", "tensor(s) of the model are not in it (head.weight",
+                   "would score untrained layers")
+
+
 @pytest.mark.parametrize("how", ["truncated", "garbage"])
 def test_checkpoint_corrupt(world, intact, capsys, how):
     ckpt = world.root / f"corrupt_{how}.pth"

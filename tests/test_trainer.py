@@ -397,3 +397,18 @@ def test_the_epoch_record_shows_the_learning_rate_its_last_update_used(tmp_path)
     trainer = Trainer(FakeWorkflow(cfg, tmp_path))  # 4 updates per epoch
     history = trainer.fit()
     assert history[1]["lr"] == pytest.approx(trainer.scheduler.lr_at(7)) and history[1]["lr"] > 0  # not lr_at(8) = 0
+
+
+@pytest.mark.parametrize("native, setting, expected", [(False, "auto", (torch.float16, True)),
+                                                       (False, "bf16", (torch.float16, True)),
+                                                       (True, "auto", (torch.bfloat16, False)),
+                                                       (True, "fp16", (torch.float16, True))])
+def test_amp_on_a_gpu_takes_bf16_only_where_it_is_native(monkeypatch, caplog, native, setting, expected):
+    """torch's is_bf16_supported() also counts emulation, true on a T4, whose cuDNN convolutions lack bf16."""
+    from biapy.engine.trainer import resolve_amp
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with caplog.at_level("WARNING"):
+        assert resolve_amp(setting, torch.device("cuda:0")) == expected
+    assert ("Tesla T4 has no native bfloat16" in caplog.text) == (setting == "bf16" and not native)

@@ -81,8 +81,9 @@ def _strip(name: str) -> str:
     return name
 
 
-def load_weights(model, state_dict, skip_unmatched=False, source="checkpoint"):
-    """Copy matching tensors of `state_dict` into `model`.
+def load_weights(model, state_dict, skip_unmatched=False, source="checkpoint", fresh=()):
+    """Copy matching tensors of `state_dict` into `model`; those under the name prefixes `fresh` (another task's
+    output head) are made anew whatever their shape.
 
     Returns (loaded_keys, skipped) where skipped lists 'name (reason)' strings. Without
     `skip_unmatched`, any tensor whose name or shape does not fit is a CheckpointError listing them.
@@ -91,23 +92,25 @@ def load_weights(model, state_dict, skip_unmatched=False, source="checkpoint"):
     given = {_strip(k): v for k, v in state_dict.items()}
     loadable, skipped = {}, []
     for name, tensor in given.items():
-        if name not in own:
+        if name.startswith(tuple(fresh)):
+            skipped.append(f"{name} (the pretraining task's output layer; made anew for this task)")
+        elif name not in own:
             skipped.append(f"{name} (not in the model)")
         elif tuple(own[name].shape) != tuple(tensor.shape):
             skipped.append(f"{name} (checkpoint {tuple(tensor.shape)} vs model {tuple(own[name].shape)})")
         else:
             loadable[name] = tensor
     missing = [f"{name} (not in the checkpoint)" for name in own if name not in given]
-    problems = skipped + missing
+    problems = [p for p in skipped if "made anew" not in p] + missing
     if problems and not skip_unmatched:
         shown = "; ".join(problems[:6]) + (f"; ... {len(problems) - 6} more" if len(problems) > 6 else "")
         raise CheckpointError(f"{source}: {len(problems)} tensor(s) do not fit the model: {shown}. "
                               "Set MODEL.SKIP_UNMATCHED_LAYERS True to load the rest")
-    if not loadable:
-        raise CheckpointError(f"{source}: no tensor matches the model by name and shape "
-                              "(a checkpoint of a different architecture?)")
+    if not any(not name.endswith("num_batches_tracked") for name in loadable):  # counters fit any model
+        raise CheckpointError(f"{source}: no weight matches the model by name and shape "
+                              "(a checkpoint of a different architecture or other MODEL.FEATURE_MAPS?)")
     model.load_state_dict(loadable, strict=False)
-    return sorted(loadable), problems
+    return sorted(loadable), skipped + missing
 
 
 # Config keys that lay out a family's weights: their shapes, or (ViT heads) how they are read.
@@ -117,22 +120,33 @@ _LAYOUT_KEYS = {"unet": ("MODEL.FEATURE_MAPS", "MODEL.KERNEL_SIZE", "MODEL.Z_DOW
                         "MODEL.VIT_MLP_RATIO")}
 
 
+# Settings that change what the weights expect without changing their shapes: told, not refused.
+INPUT_KEYS = ("DATA.NORMALIZATION.TYPE", "MODEL.NORMALIZATION")
+
+
 def layout_key_differences(saved_config: str, cfg) -> list:
     """'KEY value in the checkpoint, value here' for the layout keys on which the checkpoint's own config (YAML
     text) and `cfg` differ: why its tensors do not fit, or (head count) fit but are read another way."""
+    return key_differences(saved_config, cfg, _LAYOUT_KEYS.get(_FAMILIES.get(str(cfg.MODEL.ARCHITECTURE), ""), ()))
+
+
+def key_differences(saved_config: str, cfg, keys) -> list:
+    """'KEY value in the checkpoint, value here' for those of `keys` set differently in the checkpoint's config."""
     import yaml
 
     try:
         saved = yaml.safe_load(saved_config or "") or {}
     except yaml.YAMLError:
         return []
-    family = _FAMILIES.get(str(cfg.MODEL.ARCHITECTURE), "")
     out = []
-    for key in _LAYOUT_KEYS.get(family, ()):
-        section, name = key.split(".")
-        if name not in saved.get(section, {}):
+    for key in keys:
+        theirs, mine = saved, cfg
+        for part in key.split("."):
+            theirs = theirs.get(part) if isinstance(theirs, dict) else None
+            mine = mine[part]
+        if theirs is None:
             continue
-        theirs, mine = (list(v) if isinstance(v, (list, tuple)) else v for v in (saved[section][name], cfg[section][name]))
+        theirs, mine = (list(v) if isinstance(v, (list, tuple)) else v for v in (theirs, mine))
         if theirs != mine:
             out.append(f"{key} {theirs} in the checkpoint, {mine} here")
     return out
@@ -167,6 +181,11 @@ def _task(meta) -> str:
     return str(meta.get("problem"))
 
 
+def other_task(meta: dict, cfg) -> bool:
+    """The checkpoint was trained for another task than `cfg` asks (its output layer means something else)."""
+    return bool(meta) and "problem" in meta and _task(meta) != _task(checkpoint_metadata(cfg))
+
+
 def check_same_task(meta: dict, cfg, path, run) -> None:
     """A run's own checkpoint continues only the task it was trained for: CheckpointError otherwise (testing
     crappify weights as masking, say, would replace the run's outputs with meaningless ones)."""
@@ -187,7 +206,10 @@ def rng_states() -> dict:
         "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                   "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
         "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # This process's own GPU only: under torchrun rank 0's copies of the other GPUs' generators were never
+        # drawn from, and restoring them reset every other rank's stream. Only once CUDA is in use: asking
+        # earlier would start it (and map its libraries) in a CPU job on a GPU machine.
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_initialized() else [],
     }
     return states
 
@@ -205,5 +227,7 @@ def set_rng_states(states: dict) -> None:
     if pyst:
         random.setstate((pyst["version"], tuple(pyst["state"]), pyst["gauss"]))
     cuda = states.get("cuda") or []
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
+    if cuda and torch.cuda.is_available():
+        # One state: this process's GPU (every rank draws alike). Older checkpoints hold one per visible GPU.
+        device = torch.cuda.current_device()
+        torch.cuda.set_rng_state(cuda[0] if len(cuda) == 1 else cuda[min(device, len(cuda) - 1)], device)

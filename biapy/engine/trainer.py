@@ -54,8 +54,15 @@ def resolve_amp(setting, device):
     if setting == "off":
         return None, False
     if device.type == "cuda":
+        # Native bf16 only (compute capability 8.0+): torch's default also counts emulation, which cuDNN's
+        # convolutions lack on a T4 or V100.
+        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
         if setting == "auto":
-            setting = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            setting = "bf16" if native_bf16 else "fp16"
+        elif setting == "bf16" and not native_bf16:
+            log.warning("TRAIN.AMP bf16: %s has no native bfloat16 (compute capability below 8.0); training in "
+                        "fp16 with loss scaling instead", torch.cuda.get_device_name(device))
+            setting = "fp16"
         return (torch.bfloat16, False) if setting == "bf16" else (torch.float16, True)
     if setting == "bf16":
         return torch.bfloat16, False  # asked for explicitly: CPU autocast supports bf16
