@@ -220,3 +220,20 @@ def test_unique_mae_check_names_never_take_a_name_in_use():
 
     names = _unique_names(["cell", "cell", "cell_1", "other"])
     assert len(set(names)) == 4 and names[2:] == ["cell_1", "other"]
+
+
+def test_reconstruction_images_in_tensorboard_are_at_the_epoch_of_the_scalars(data2d, tmp_path):
+    """1-based steps, as loss/val; the last epoch's panels once, not again at the end of training."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_config(data2d, 2, PROBLEM={"SELF_SUPERVISED": {"PRETEXT_TASK": "masking", "MASK_BLOCK_SIZE": 4}},
+                      MODEL={"MAE_MASK_RATIO": 0.5}, TRAIN={"EPOCHS": 2}, TEST={"ENABLE": False},
+                      LOG={"RECONSTRUCTION_FREQ": 1, "RECONSTRUCTION_NUM_SAMPLES": 1})
+    job = BiaPy(cfg, result_dir=tmp_path / "out", name="tb", run_id=1).run_job()
+    acc = EventAccumulator(str(job.tensorboard), size_guidance={"images": 0}).Reload()
+    images = [t for t in acc.Tags()["images"] if t.startswith("reconstruction/")]
+    assert images
+    assert [e.step for e in acc.Scalars("loss/val")] == [1, 2]
+    for tag in images:
+        steps = [e.step for e in acc.Images(tag)]
+        assert sorted(set(steps)) == [1, 2] and steps.count(1) == steps.count(2), (tag, steps)

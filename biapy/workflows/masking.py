@@ -61,6 +61,7 @@ class MaskingWorkflow(Workflow):
         self.token_size = cfg.MODEL.VIT_TOKEN_SIZE if self.is_vit else ssl.MASK_BLOCK_SIZE
         self.ratio = cfg.MODEL.MAE_MASK_RATIO
         self._mask_generator = None  # test masks: set per image by predict_slabs
+        self._checked_epoch = None  # the epoch whose MAE_checks were written last
 
     def input_target_files(self, split):
         files = list_images(self.cfg.DATA[split.upper()].PATH, f"DATA.{split.upper()}.PATH")
@@ -158,6 +159,9 @@ class MaskingWorkflow(Workflow):
         due = final or (freq != -1 and (epoch + 1) % freq == 0)
         if not due or self.val_dataset is None or self.cfg.LOG.RECONSTRUCTION_NUM_SAMPLES == 0:
             return
+        if final and self._checked_epoch == epoch:
+            return  # the last epoch's panels were written at its end already
+        self._checked_epoch = epoch
         self.write_mae_checks(epoch, tb)
 
     def write_mae_checks(self, epoch, tb):
@@ -181,5 +185,6 @@ class MaskingWorkflow(Workflow):
             for name, panel in panels.items():
                 write_image(self.job.mae_checks / f"{stem}_{name}.tif", panel.astype(np.float32), self.ndim)
             if tb is not None:
-                tb.add_images(f"reconstruction/{stem}", list(panels.values()), epoch, ndim=self.ndim)
+                # Step = 1-based epoch, as the scalars, the summary line and checkpoint names count.
+                tb.add_images(f"reconstruction/{stem}", list(panels.values()), epoch + 1, ndim=self.ndim)
         self.model.train(was_training)
