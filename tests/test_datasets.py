@@ -136,3 +136,17 @@ def test_dataloader_with_workers_sees_the_epoch(tmp_path):
     ds.set_epoch(3)
     batch3 = next(iter(loader))[0]
     torch.testing.assert_close(batch3, torch.stack([ds[i][0] for i in range(4)]))
+
+
+@pytest.mark.parametrize("target_mode", ["same", "image"])
+def test_z_flip_of_a_one_slice_patch_gives_a_tensor(tmp_path, target_mode):
+    """Flipping a length-1 axis leaves a negative stride numpy calls contiguous (no copy) and torch refused."""
+    img = np.random.default_rng(0).integers(0, 255, (6, 20, 20, 1)).astype(np.uint8)
+    path = write_image(tmp_path / "v.tif", img, 3)
+    aug = get_defaults().AUGMENTOR
+    aug.ENABLE, aug.ZFLIP, aug.DA_PROB = True, True, 1.0
+    ds = PatchDataset([path], [path] if target_mode == "image" else None, 3, (1, 8, 8), Normalizer(), target_mode,
+                      augmentor=Augmentor(aug, 3))
+    ds.set_epoch(0)
+    x, y = ds[0]
+    assert x.shape == (1, 1, 8, 8) and y.shape == (1, 1, 8, 8) and all(s > 0 for s in x.stride())

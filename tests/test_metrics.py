@@ -142,3 +142,16 @@ def test_the_metrics_table_skips_missing_values_and_fits_big_numbers():
     assert skipped_note(rows[:1]) == ""
     table = format_table({"psnr": 25.0, "mse": 2e56, "mae": 0.0001}, "T")
     assert table.splitlines()[2] == "mean       25.0000  2.0000e+56  1.0000e-04"
+
+
+@pytest.mark.parametrize("level", [7.0, 0.0])
+def test_a_near_perfect_restoration_of_a_constant_image_scores_high(level):
+    """Its range is 0: scored against its level (1 for zeros), where a 1e-6 floor gave PSNR -10 dB, SSIM 0.001."""
+    from biapy.workflows.scoring import image_scores
+
+    target = np.full((9, 37, 41, 1), level, np.float32)
+    pred = target + np.float32(3e-6)
+    scores = image_scores(pred, target, ["psnr", "ssim", "mse"], 3)
+    assert scores["psnr"] > 90 and scores["ssim"] > 0.99 and scores["mse"] < 1e-10
+    varied = target + np.random.default_rng(0).random(target.shape).astype(np.float32)  # a real range is kept
+    assert image_scores(varied, varied, ["psnr"], 3)["psnr"] > 90

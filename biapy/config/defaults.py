@@ -57,7 +57,7 @@ _C.PROBLEM.SEMANTIC_SEG.IGNORE_CLASS_ID = 0
 _C.DATA = CN()
 # Patch fed to the network: (y, x, channels) in 2D, (z, y, x, channels) in 3D.
 _C.DATA.PATCH_SIZE = (256, 256, 1)
-# Train/val images smaller than the patch: reflect-padded (True) or an error (False); test images may be any size.
+# Train/val images smaller than the patch: reflect-padded (True; not when all are) or an error (False); test: any.
 _C.DATA.REFLECT_TO_COMPLETE_SHAPE = True
 
 _C.DATA.NORMALIZATION = CN()

@@ -51,6 +51,13 @@ def is_integer_valued(arr):
     return bool(np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)))
 
 
+def _tensor(a, dtype):
+    """A C-ordered tensor of `a`. A flip along a length-1 axis (ZFLIP of a one-slice patch) leaves a negative
+    stride that numpy still counts as contiguous, so it makes no copy, and torch refuses it."""
+    a = np.ascontiguousarray(a, dtype=dtype)
+    return torch.from_numpy(a.copy() if any(s < 0 for s in a.strides) else a)
+
+
 class PatchDataset(Dataset):
     def __init__(self, inputs, targets, ndim, patch, normalizer, target_mode, in_memory=True,
                  random_patches=True, patches_per_image=-1, overlap=None, padding=None, augmentor=None,
@@ -161,12 +168,12 @@ class PatchDataset(Dataset):
             y = extract_patch(self._targets[i], start, self.patch)[..., 0]
         if self.augmentor is not None and self.augmentor.enabled:
             x, y = self.augmentor(x, y, rng, y_is_label=self.target_mode == "label")
-        x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 0), dtype=np.float32))
+        x = _tensor(np.moveaxis(x, -1, 0), np.float32)
         if self.target_mode == "same":
             return x, x
         if self.target_mode == "label":
-            return x, torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
-        return x, torch.from_numpy(np.ascontiguousarray(np.moveaxis(y, -1, 0), dtype=np.float32))
+            return x, _tensor(y, np.int64)
+        return x, _tensor(np.moveaxis(y, -1, 0), np.float32)
 
     def label_ranges(self):
         """[(label file, min, max)] of the targets in 'label' mode (a lazily opened one: a bounded sample)."""

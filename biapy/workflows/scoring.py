@@ -11,14 +11,16 @@ _SLAB_VOXELS = 1 << 21  # 3D test images are scored about this many voxels at a 
 
 
 def _data_range(target):
-    """max - min of a numpy array, or of a lazy 3D image read a slab at a time."""
+    """max - min of a numpy array, or of a lazy 3D image read a slab at a time. A constant image (range 0) is
+    scored against its level instead (1 for zeros): a floor of 1e-6 made a restoration off by 3e-6 read -10 dB."""
     if isinstance(target, np.ndarray) or torch.is_tensor(target):
         lo, hi = float(target.min()), float(target.max())
     else:
         lo, hi = np.inf, -np.inf
         for part in iter_slabs(target, _SLAB_VOXELS):
             lo, hi = min(lo, float(part.min())), max(hi, float(part.max()))
-    return max(hi - lo, 1e-6)  # floats: no wrap-around for unsigned pixels
+    span = hi - lo  # floats: no wrap-around for unsigned pixels
+    return span if span > 1e-6 * max(abs(hi), abs(lo), 1.0) else max(abs(hi), abs(lo), 1.0)
 
 
 def _score(name, pred, target, data_range, mask=None):
