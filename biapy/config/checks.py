@@ -195,14 +195,12 @@ def _check_folders(cfg):
 
 def _ssl_sources(cfg) -> dict:
     """{split: (copy folder, source folder)} of the splits this run degrades, with finalize's defaults."""
-    d, out = cfg.DATA, {}
+    splits = []
     if cfg.TRAIN.ENABLE:
-        out["TRAIN"] = (d.TRAIN.SSL_SOURCE_DIR or _ssl_source_default(d.TRAIN.PATH), d.TRAIN.PATH)
-        if not d.VAL.FROM_TRAIN:
-            out["VAL"] = (d.VAL.SSL_SOURCE_DIR or _ssl_source_default(d.VAL.PATH), d.VAL.PATH)
+        splits += ["TRAIN"] if cfg.DATA.VAL.FROM_TRAIN else ["TRAIN", "VAL"]
     if cfg.TEST.ENABLE:
-        out["TEST"] = (d.TEST.SSL_SOURCE_DIR or _ssl_source_default(d.TEST.PATH), d.TEST.PATH)
-    return out
+        splits.append("TEST")
+    return {split: (_ssl_copy_dir(cfg.DATA, split), cfg.DATA[split].PATH) for split in splits}
 
 
 def _check_ssl_sources(cfg):
@@ -433,9 +431,15 @@ def check_config(cfg, check_paths=True):
         _check_folders(cfg)
 
 
-def _ssl_source_default(path):
-    p = Path(path)
-    return str(p.parent / f"{p.name}_ssl_source") if path else ""
+def _ssl_copy_dir(data, split):
+    """Crappify's copy folder of a split: its SSL_SOURCE_DIR, else '<PATH>_ssl_source' beside the images
+    (validation split off the training images: the training one)."""
+    if data[split].SSL_SOURCE_DIR:
+        return data[split].SSL_SOURCE_DIR
+    if split == "VAL" and data.VAL.FROM_TRAIN:
+        return _ssl_copy_dir(data, "TRAIN")
+    path = data[split].PATH
+    return str(Path(path).parent / f"{Path(path).name}_ssl_source") if path else ""
 
 
 def finalize(cfg, job):
@@ -460,11 +464,8 @@ def finalize(cfg, job):
     if cfg.TEST.BATCH_SIZE == -1:
         cfg.TEST.BATCH_SIZE = cfg.TRAIN.BATCH_SIZE
     if problem == "SELF_SUPERVISED" and cfg.PROBLEM.SELF_SUPERVISED.PRETEXT_TASK == "crappify":
-        d = cfg.DATA
-        d.TRAIN.SSL_SOURCE_DIR = d.TRAIN.SSL_SOURCE_DIR or _ssl_source_default(d.TRAIN.PATH)
-        val_src = d.TRAIN.SSL_SOURCE_DIR if d.VAL.FROM_TRAIN else _ssl_source_default(d.VAL.PATH)
-        d.VAL.SSL_SOURCE_DIR = d.VAL.SSL_SOURCE_DIR or val_src
-        d.TEST.SSL_SOURCE_DIR = d.TEST.SSL_SOURCE_DIR or _ssl_source_default(d.TEST.PATH)
+        for split in ("TRAIN", "VAL", "TEST"):
+            cfg.DATA[split].SSL_SOURCE_DIR = _ssl_copy_dir(cfg.DATA, split)
     p = cfg.PATHS
     p.CHECKPOINT = str(job.checkpoint_dir)
     p.RESULT_DIR = str(job.results)

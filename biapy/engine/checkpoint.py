@@ -81,6 +81,11 @@ def _strip(name: str) -> str:
     return name
 
 
+def is_step_counter(name: str) -> bool:
+    """Batch norm's update counter: a scalar of the same shape in every model, so its match proves nothing."""
+    return name.endswith("num_batches_tracked")
+
+
 def load_weights(model, state_dict, skip_unmatched=False, source="checkpoint", fresh=()):
     """Copy matching tensors of `state_dict` into `model`; those under the name prefixes `fresh` (another task's
     output head) are made anew whatever their shape.
@@ -90,10 +95,10 @@ def load_weights(model, state_dict, skip_unmatched=False, source="checkpoint", f
     """
     own = model.state_dict()
     given = {_strip(k): v for k, v in state_dict.items()}
-    loadable, skipped = {}, []
+    loadable, skipped, renewed = {}, [], []
     for name, tensor in given.items():
         if name.startswith(tuple(fresh)):
-            skipped.append(f"{name} (the pretraining task's output layer; made anew for this task)")
+            renewed.append(f"{name} (the pretraining task's output layer; made anew for this task)")
         elif name not in own:
             skipped.append(f"{name} (not in the model)")
         elif tuple(own[name].shape) != tuple(tensor.shape):
@@ -101,16 +106,16 @@ def load_weights(model, state_dict, skip_unmatched=False, source="checkpoint", f
         else:
             loadable[name] = tensor
     missing = [f"{name} (not in the checkpoint)" for name in own if name not in given]
-    problems = [p for p in skipped if "made anew" not in p] + missing
+    problems = skipped + missing
     if problems and not skip_unmatched:
         shown = "; ".join(problems[:6]) + (f"; ... {len(problems) - 6} more" if len(problems) > 6 else "")
         raise CheckpointError(f"{source}: {len(problems)} tensor(s) do not fit the model: {shown}. "
                               "Set MODEL.SKIP_UNMATCHED_LAYERS True to load the rest")
-    if not any(not name.endswith("num_batches_tracked") for name in loadable):  # counters fit any model
+    if not any(not is_step_counter(name) for name in loadable):  # counters fit any model
         raise CheckpointError(f"{source}: no weight matches the model by name and shape "
                               "(a checkpoint of a different architecture or other MODEL.FEATURE_MAPS?)")
     model.load_state_dict(loadable, strict=False)
-    return sorted(loadable), skipped + missing
+    return sorted(loadable), renewed + problems
 
 
 # Config keys that lay out a family's weights: their shapes, or (ViT heads) how they are read.
@@ -124,20 +129,25 @@ _LAYOUT_KEYS = {"unet": ("MODEL.FEATURE_MAPS", "MODEL.KERNEL_SIZE", "MODEL.Z_DOW
 INPUT_KEYS = ("DATA.NORMALIZATION.TYPE", "MODEL.NORMALIZATION")
 
 
-def layout_key_differences(saved_config: str, cfg) -> list:
-    """'KEY value in the checkpoint, value here' for the layout keys on which the checkpoint's own config (YAML
-    text) and `cfg` differ: why its tensors do not fit, or (head count) fit but are read another way."""
-    return key_differences(saved_config, cfg, _LAYOUT_KEYS.get(_FAMILIES.get(str(cfg.MODEL.ARCHITECTURE), ""), ()))
-
-
-def key_differences(saved_config: str, cfg, keys) -> list:
-    """'KEY value in the checkpoint, value here' for those of `keys` set differently in the checkpoint's config."""
+def saved_config_tree(saved_config: str) -> dict:
+    """A checkpoint's own config (YAML text) as nested dicts; {} when absent or unreadable."""
     import yaml
 
     try:
         saved = yaml.safe_load(saved_config or "") or {}
     except yaml.YAMLError:
-        return []
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def layout_key_differences(saved: dict, cfg) -> list:
+    """'KEY value in the checkpoint, value here' for the layout keys on which the checkpoint's config
+    (`saved_config_tree`) and `cfg` differ: why its tensors do not fit, or (head count) fit but are read another way."""
+    return key_differences(saved, cfg, _LAYOUT_KEYS.get(_FAMILIES.get(str(cfg.MODEL.ARCHITECTURE), ""), ()))
+
+
+def key_differences(saved: dict, cfg, keys) -> list:
+    """'KEY value in the checkpoint, value here' for those of `keys` set differently in the checkpoint's config."""
     out = []
     for key in keys:
         theirs, mine = saved, cfg

@@ -10,8 +10,9 @@ import re
 from pathlib import Path
 
 from biapy.engine.checkpoint import (INPUT_KEYS, check_compatible, check_same_task, checkpoint_metadata,
-                                     key_differences, layout_key_differences, load_checkpoint, load_weights,
-                                     other_task, rng_states, save_checkpoint, set_rng_states, to_plain)
+                                     is_step_counter, key_differences, layout_key_differences, load_checkpoint,
+                                     load_weights, other_task, rng_states, save_checkpoint, saved_config_tree,
+                                     set_rng_states, to_plain)
 from biapy.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,8 @@ def load_model_from(t_model, cfg, path, skip_unmatched, own_run=None):
     check_compatible(state.get("metadata") or {}, cfg, path)
     if own_run is not None:
         check_same_task(state.get("metadata") or {}, cfg, path, own_run)
-    differ = layout_key_differences(state.get("config"), cfg)
+    saved = saved_config_tree(state.get("config"))
+    differ = layout_key_differences(saved, cfg)
     fresh = ("head.",) if other_task(state.get("metadata") or {}, cfg) else ()
     try:
         loaded, skipped = load_weights(t_model, state["model"], skip_unmatched, source=str(path), fresh=fresh)
@@ -102,7 +104,7 @@ def load_model_from(t_model, cfg, path, skip_unmatched, own_run=None):
     if differ:
         log.warning("%s was trained with other model settings (%s); its weights were loaded where they fit",
                     path.name, "; ".join(differ))
-    inputs = key_differences(state.get("config"), cfg, INPUT_KEYS)
+    inputs = key_differences(saved, cfg, INPUT_KEYS)
     if inputs:  # the weights load, but they learned from inputs (or with layers) of another kind
         log.warning("%s was trained with %s; the pretrained features may fit this run's inputs less well",
                     path.name, "; ".join(inputs))
@@ -199,7 +201,7 @@ def load_for_test(wf) -> Path:
     own = None if external else job.id
     state, loaded, skipped = load_model_from(model, cfg, path, cfg.MODEL.SKIP_UNMATCHED_LAYERS, own_run=own)
     kept = set(loaded)
-    untrained = [n for n in model.state_dict() if n not in kept and not n.endswith("num_batches_tracked")]
+    untrained = [n for n in model.state_dict() if n not in kept and not is_step_counter(n)]
     if untrained:  # SKIP_UNMATCHED_LAYERS suits a start, not a test: those layers would score as initialized
         shown = ", ".join(untrained[:4]) + (f", ... {len(untrained) - 4} more" if len(untrained) > 4 else "")
         raise CheckpointError(f"{path}: {len(untrained)} tensor(s) of the model are not in it ({shown}), so the test "

@@ -37,8 +37,8 @@ class CrappifyWorkflow(Workflow):
                 degraded = prepare_ssl_source(originals, copies, ssl.NOISE, ssl.RESIZING_FACTOR, self.ndim,
                                               self.cfg.SYSTEM.SEED)
             except OSError as err:
-                if not str(err.filename or "").startswith(str(copies)):
-                    raise
+                if not (err.filename and Path(err.filename).is_relative_to(copies)):
+                    raise  # not the copy folder (a source image, say): its own message
                 raise DataError(f"DATA.{split.upper()}.SSL_SOURCE_DIR: cannot write the degraded copies in {copies} "
                                 f"({err.strerror or err}); expected a writable folder (by default it is the image "
                                 "folder's name + '_ssl_source', beside it)") from None

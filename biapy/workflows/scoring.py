@@ -19,8 +19,8 @@ def _data_range(target):
         lo, hi = np.inf, -np.inf
         for part in iter_slabs(target, _SLAB_VOXELS):
             lo, hi = min(lo, float(part.min())), max(hi, float(part.max()))
-    span = hi - lo  # floats: no wrap-around for unsigned pixels
-    return span if span > 1e-6 * max(abs(hi), abs(lo), 1.0) else max(abs(hi), abs(lo), 1.0)
+    span, level = hi - lo, max(abs(hi), abs(lo), 1.0)  # floats: no wrap-around for unsigned pixels
+    return span if span > 1e-6 * level else level
 
 
 def _score(name, pred, target, data_range, mask=None):
