@@ -38,6 +38,44 @@ def test_tiff_round_trip_keeps_values_dtype_and_axes(tmp_path, ndim, shape, dtyp
     np.testing.assert_array_equal(lazy[region], a[region])
 
 
+class _NewSeries:
+    """One series as tifffile 2026.11 gives it: shape and axes as configured, no get_shape/get_axes."""
+
+    def __init__(self, series, squeeze):
+        self._series, self.shape, self.axes = series, series.get_shape(squeeze), series.get_axes(squeeze)
+
+    def __getattr__(self, name):
+        if name in ("get_shape", "get_axes"):
+            raise AttributeError(name)
+        return getattr(self._series, name)
+
+
+class _CallableSeries(list):
+    """tifffile 2026.11's `TiffFile.series`: default (squeezed) series, unsqueezed ones when called with
+    squeeze=False (built here from an older tifffile's series)."""
+
+    def __init__(self, series):
+        super().__init__(_NewSeries(s, None) for s in series)
+        self._series = series
+
+    def __call__(self, squeeze=None):
+        return [_NewSeries(s, squeeze) for s in self._series]
+
+
+@pytest.mark.parametrize("ndim,shape,dtype,axes", CASES)
+def test_headers_read_with_tifffiles_callable_series(tmp_path, monkeypatch, ndim, shape, dtype, axes):
+    a = (np.random.default_rng(0).random(shape) * 200).astype(dtype)
+    path = write_image(tmp_path / "a.tif", a, ndim)
+    if not hasattr(tifffile.TiffPageSeries, "get_shape"):  # this tifffile is already the new one
+        assert image_shape(path, ndim) == shape
+        return
+    series = tifffile.TiffFile.__dict__["series"]  # a cached_property in those releases
+    monkeypatch.setattr(tifffile.TiffFile, "series", property(lambda tif: _CallableSeries(series.func(tif))))
+    assert image_shape(path, ndim) == shape
+    np.testing.assert_array_equal(read_image(path, ndim), a)
+    np.testing.assert_array_equal(open_image_lazy(path, ndim)[...], a)
+
+
 def test_float64_and_bool_are_converted(tmp_path):
     path = write_image(tmp_path / "f.tif", np.full((4, 5, 1), 0.5), 2)
     assert read_image(path, 2).dtype == np.float32

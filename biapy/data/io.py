@@ -17,6 +17,7 @@ import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -176,14 +177,26 @@ def _named_plan(shape, axes, ndim, path) -> _AxesPlan:
     return _AxesPlan(shape, tuple(keep), order, "C" not in roles)
 
 
+def _unsqueezed_series(tif):
+    """The first series with its length-1 axes kept, whose shape and axes match the stored bytes.
+
+    tifffile 2026.11 replaced `series[0].get_shape(False)` by calling the series list with
+    squeeze=False; older releases (this project accepts 2023.7.10 on) only have the former."""
+    if callable(tif.series):
+        return tif.series(squeeze=False)[0]
+    series = tif.series[0]
+    return SimpleNamespace(shape=series.get_shape(False), axes=series.get_axes(False), dtype=series.dtype,
+                           dataoffset=series.dataoffset)
+
+
 def _tiff_header(path, ndim):
     """(plan, stored dtype with byte order, data offset or None) from the TIFF header only."""
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            shape, axes = series.get_shape(False), series.get_axes(False)
+            series = _unsqueezed_series(tif)
+            shape, axes = series.shape, series.axes
             shaped = tif.shaped_metadata[0] if tif.is_shaped and tif.shaped_metadata else None
             dtype = np.dtype(series.dtype).newbyteorder(tif.byteorder)
             offset = series.dataoffset
