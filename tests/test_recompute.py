@@ -106,3 +106,16 @@ def test_no_gradient_no_recomputation():
     with torch.no_grad():
         out = model(torch.randn(*shape))
     assert out.grad_fn is None
+
+
+@pytest.mark.parametrize("cfg", [cnn_cfg(), tiny_vit_cfg()], ids=["unet", "mae"])
+def test_compile_traces_a_model_without_recompute_as_one_graph(cfg):
+    """TRAIN.COMPILE: the block containers' call through `run` must not split the graph (with torch 2.11
+    `fn or block` there gave one graph per block, and past eight blocks the rest ran uncompiled)."""
+    import torch._dynamo
+
+    model = set_recompute(build_model(cfg), False)
+    x = torch.randn(2, 1, *cfg.DATA.PATCH_SIZE[:-1])
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)

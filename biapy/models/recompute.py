@@ -31,7 +31,7 @@ def run(owner: nn.Module, block: nn.Module, *inputs, fn=None):
     fn, when given, may also call modules without batch norm (pooling, an up-sampling convolution);
     the batch norms restored after the second run are `block`'s.
     """
-    fn = fn or block
+    fn = block if fn is None else fn  # `fn or block` split torch.compile (2.11) into one graph per block
     if not (owner.recompute_blocks and torch.is_grad_enabled()):
         return fn(*inputs)
     # The empty tensor that needs a gradient puts the function in the graph even when no input needs
