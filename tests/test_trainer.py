@@ -54,13 +54,33 @@ class EpochData(torch.utils.data.Dataset):
         return x, x.flip(-1) * 0.5
 
 
+class SharedEpochData(EpochData):
+    """EpochData whose epoch reaches persistent worker processes (shared memory, as PatchDataset's)."""
+
+    def __init__(self, n=12, seed=0):
+        super().__init__(n, seed)
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch):
+        self._epoch[0] = epoch
+
+    @property
+    def epoch(self):
+        return int(self._epoch[0])
+
+    @epoch.setter
+    def epoch(self, value):
+        pass  # EpochData.__init__ sets it; the shared tensor is the one copy
+
+
 class FakeWorkflow:
     def __init__(self, cfg, tmp_path, n=12, model=None, stop_at_epoch=None, val_losses=None, nan_at=None,
-                 sigint_at=None):
+                 sigint_at=None, workers=0):
         self.cfg, self.job, self.dist, self.device = cfg, Job(tmp_path, "job", 1), DistInfo(), torch.device("cpu")
         torch.manual_seed(cfg.SYSTEM.SEED)
         self.model = model or TinyNet()
-        self.train_loader = make_loader(EpochData(n), cfg.TRAIN.BATCH_SIZE, True, self.dist, 0, cfg.SYSTEM.SEED, True)
+        data = SharedEpochData(n) if workers else EpochData(n)
+        self.train_loader = make_loader(data, cfg.TRAIN.BATCH_SIZE, True, self.dist, workers, cfg.SYSTEM.SEED, True)
         self.val_loader = make_loader(EpochData(4, seed=9), 2, False, self.dist, 0, cfg.SYSTEM.SEED, False)
         self.stop_at_epoch, self.val_losses, self.nan_at, self.sigint_at = stop_at_epoch, val_losses, nan_at, sigint_at
         self.epoch_calls, self.steps, self.epoch = [], 0, 0
@@ -412,3 +432,26 @@ def test_amp_on_a_gpu_takes_bf16_only_where_it_is_native(monkeypatch, caplog, na
     with caplog.at_level("WARNING"):
         assert resolve_amp(setting, torch.device("cuda:0")) == expected
     assert ("Tesla T4 has no native bfloat16" in caplog.text) == (setting == "bf16" and not native)
+
+
+def test_workers_prepare_the_next_epoch_while_one_validates_and_train_the_same(tmp_path):
+    cfg = make_cfg()
+    plain = FakeWorkflow(cfg, tmp_path / "a")
+    plain_history = Trainer(plain).fit()
+    wf = FakeWorkflow(cfg, tmp_path / "b", workers=1)
+    trainer = Trainer(wf)
+    started = []
+    validate = trainer._validate
+
+    def validate_and_look(epoch):
+        ready = trainer._next_batches
+        started.append(None if ready is None else ready[0])
+        return validate(epoch)
+
+    trainer._validate = validate_and_look
+    history = trainer.fit()
+    # Every epoch but the last had its successor's batches under way when its validation began.
+    assert started == [1, 2, 3, None]
+    assert trainer._next_batches is None
+    assert [r["train_loss"] for r in history] == [r["train_loss"] for r in plain_history]
+    assert_same(weights(plain.model), weights(wf.model))

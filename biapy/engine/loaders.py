@@ -67,3 +67,9 @@ def set_epoch(loader, epoch: int) -> None:
     dataset = getattr(loader, "dataset", None)
     if hasattr(dataset, "set_epoch"):
         dataset.set_epoch(epoch)
+
+
+def start_epoch(loader, epoch: int):
+    """`set_epoch`, then the epoch's batch iterator; worker processes start preparing its first batches now."""
+    set_epoch(loader, epoch)
+    return iter(loader)

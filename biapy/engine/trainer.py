@@ -33,7 +33,7 @@ from biapy.config import dump_config
 from biapy.engine import resume as R
 from biapy.engine.checkpoint import rng_states, set_rng_states
 from biapy.engine.distributed import all_reduce_sum
-from biapy.engine.loaders import set_epoch
+from biapy.engine.loaders import start_epoch
 from biapy.engine.metrics import MetricAverager
 from biapy.engine.optim import build_optimizer, build_scheduler
 from biapy.engine.reporting import EpochReporter, describe_model
@@ -160,6 +160,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, self.cfg, self.steps_per_epoch)
         self.last_lr = self.optimizer.param_groups[0]["lr"]
         self.start_epoch, self.skip_steps, self.partial_loss = 0, 0, (0.0, 0)
+        self._next_batches = None  # (epoch, its batch iterator) started while the previous epoch validated
         self.best_val, self.bad_epochs, self.stopped_early = math.inf, 0, False
         self.history = []
         self.config_text = dump_config(self.cfg)  # stored in every checkpoint; dumping takes ~6 ms
@@ -308,7 +309,7 @@ class Trainer:
         if self._frozen:  # a frozen encoder is a fixed feature extractor: BatchNorm statistics kept, no dropout
             self.model.encoder.eval()
         wf.model = self.train_model
-        set_epoch(loader, epoch)
+        batches = self._batches(epoch)
         n = len(loader)
         skip = self.skip_steps if epoch == self.start_epoch else 0  # resume.restore_training checked its layout
         # The saved partial loss is every rank's total: rank 0 carries it into the epoch's all-reduce.
@@ -316,17 +317,27 @@ class Trainer:
         self.skip_steps, self.partial_loss = 0, (0.0, 0)
         with tqdm(total=n, initial=skip, desc=f"Epoch {epoch + 1}/{self.epochs}", unit="step", leave=False,
                   disable=None if self.dist.is_main else True, dynamic_ncols=True) as bar:
-            loss_sum, loss_count = self._steps(epoch, n, skip, loss_sum, loss_count, bar)
+            loss_sum, loss_count = self._steps(batches, epoch, n, skip, loss_sum, loss_count, bar)
+        if epoch + 1 < self.epochs and getattr(loader, "num_workers", 0) > 0:
+            # The workers prepare the next epoch's first batches while this one validates and is saved;
+            # otherwise every epoch's first step waits for a whole batch to be made (~10% of a short GPU epoch).
+            self._next_batches = (epoch + 1, start_epoch(loader, epoch + 1))
         totals = all_reduce_sum(torch.tensor([loss_sum, float(loss_count)], dtype=torch.float64,
                                              device=self.device))
         return float(totals[0] / totals[1].clamp_min(1))
 
-    def _steps(self, epoch, n, skip, loss_sum, loss_count, bar):
+    def _batches(self, epoch):
+        """The epoch's batch iterator: the one started at the end of the previous epoch, else a new one."""
+        ready, self._next_batches = self._next_batches, None
+        if ready is not None and ready[0] == epoch:
+            return ready[1]
+        return start_epoch(self.wf.train_loader, epoch)
+
+    def _steps(self, batches, epoch, n, skip, loss_sum, loss_count, bar):
         wf = self.wf
         window = torch.zeros(SYNC_EVERY, device=self.device)
         filled, updates = 0, 0
         self.optimizer.zero_grad(set_to_none=True)
-        batches = iter(wf.train_loader)
         for _ in range(skip):  # same (seed, epoch) order: skip what the interrupted run already used
             next(batches)
         for step, batch in enumerate(batches, start=skip):
