@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from biapy.config import check_config, dump_config, finalize, load_config
+from biapy.config.checks import cores_per_process
 from biapy.config.load import plain_tree
 from biapy.engine.resume import check_start
 from biapy.errors import ConfigError
@@ -142,7 +143,7 @@ class BiaPy:
             self.cfg.defrost()
             self.cfg.SYSTEM.DEVICE = str(device)
             self.cfg.freeze()
-            torch.set_num_threads(max(1, self.cfg.SYSTEM.NUM_CPUS // max(1, dist.world_size)))
+            torch.set_num_threads(cores_per_process(self.cfg.SYSTEM.NUM_CPUS))
             tune_process_memory(device)
             if dist.is_main:
                 log.info("Job %s (run %d) -> %s", self.name, run_id, self.job.results)

@@ -309,6 +309,28 @@ def test_workers_are_capped_to_the_usable_cores(tmp_path, folders, monkeypatch):
     assert cfg.SYSTEM.NUM_WORKERS == 2  # BiaPy's templates ask for 5; more than the cores only adds processes
 
 
+@pytest.mark.parametrize("local_world_size, cores, workers", [(None, 16, 4), ("1", 16, 4), ("4", 4, 3), ("8", 2, 0)])
+def test_automatic_workers_and_threads_share_the_machine_among_torchruns_processes(
+        tmp_path, folders, monkeypatch, local_world_size, cores, workers):
+    """16 cores: one process gets min(16 - 1, 4) workers; torchrun's 4 (or 8) processes on this machine 4 (or 2)
+    cores each, so 3 workers (or none) apiece, and as many torch threads. WORLD_SIZE counts every machine's."""
+    import os
+
+    from biapy.config.checks import cores_per_process
+    train, test = folders
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    if local_world_size is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world_size)
+    cfg = checked({"DATA": {"TRAIN": {"PATH": str(train)}, "TEST": {"PATH": str(test)}}}, folders)
+    finalize(cfg, Job(tmp_path, "w", 1))
+    assert cfg.SYSTEM.NUM_CPUS == 16
+    assert (cores_per_process(cfg.SYSTEM.NUM_CPUS), cfg.SYSTEM.NUM_WORKERS) == (cores, workers)
+
+
 @pytest.mark.parametrize("text, message", [
     ("TRAIN:\n  EPOCHS: 2\nDATA:\n  PATCH_SIZE: (32, 32, 1)\nTRAIN:\n  LR: 0.1\n", "(line 5): TRAIN appears twice"),
     ("TRAIN:\n  EPOCHS: 2\n  EPOCHS: 3\n", "(line 3): EPOCHS appears twice"),

@@ -442,15 +442,22 @@ def _ssl_copy_dir(data, split):
     return str(Path(path).parent / f"{Path(path).name}_ssl_source") if path else ""
 
 
+def cores_per_process(num_cpus: int) -> int:
+    """SYSTEM.NUM_CPUS shared among the job's processes on this machine: torchrun's LOCAL_WORLD_SIZE (its
+    WORLD_SIZE counts every machine's processes), 1 outside torchrun."""
+    return max(1, num_cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
 def finalize(cfg, job):
     """Fill in derived values: paths of the results tree, automatic counts, default metrics."""
     cfg.defrost()
     cpus = os.cpu_count() or 1
     if cfg.SYSTEM.NUM_CPUS == -1 or cfg.SYSTEM.NUM_CPUS > cpus:
         cfg.SYSTEM.NUM_CPUS = cpus
+    share = cores_per_process(cfg.SYSTEM.NUM_CPUS)
     if cfg.SYSTEM.NUM_WORKERS == -1:
-        # On a 1-2 core machine worker processes only compete with the model for the cores.
-        cfg.SYSTEM.NUM_WORKERS = 0 if cfg.SYSTEM.NUM_CPUS <= 2 else min(cfg.SYSTEM.NUM_CPUS - 1, 4)
+        # With 1-2 cores a process's worker processes only compete with its model for them.
+        cfg.SYSTEM.NUM_WORKERS = 0 if share <= 2 else min(share - 1, 4)
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cpus
     cfg.SYSTEM.NUM_WORKERS = min(cfg.SYSTEM.NUM_WORKERS, usable)  # more only adds processes (BiaPy templates ask 5)
     problem = cfg.PROBLEM.TYPE

@@ -12,9 +12,9 @@ _C = CN()
 # SYSTEM: hardware and reproducibility
 # --------------------------------------------------------------------------------------------
 _C.SYSTEM = CN()
-# CPU threads torch may use; -1 = all cores of this machine.
+# CPU cores the job may use, shared by its processes on this machine (torchrun); -1 = all of them.
 _C.SYSTEM.NUM_CPUS = -1
-# DataLoader worker processes per rank; -1 = automatic (min(NUM_CPUS - 1, 4), 0 on a 1-2 core machine).
+# DataLoader worker processes per rank; -1 = automatic: min(its cores - 1, 4), 0 if it has 1-2 cores.
 _C.SYSTEM.NUM_WORKERS = -1
 # Base random seed; rank r uses SEED + r for data sampling/augmentation, the model starts identical.
 _C.SYSTEM.SEED = 0
