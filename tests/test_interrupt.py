@@ -35,12 +35,17 @@ def _wait_for(predicate, proc, timeout=180):
     raise AssertionError("timed out waiting for the run")
 
 
-def _interrupt(command, sig, ready, env):
-    """(exit code, the log on stdout and the error lines on stderr, joined)."""
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _interrupt(command, sig, ready, env, whole_group=False):
+    """(exit code, the log on stdout and the error lines on stderr, joined). `whole_group`: the signal goes to
+    every process of the run, loader workers too, as a terminal's Ctrl-C or Slurm's SIGTERM at a time limit."""
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=whole_group)
     try:
         _wait_for(ready, proc)
-        proc.send_signal(sig)
+        if whole_group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -85,3 +90,22 @@ def test_signals_save_a_checkpoint_exit_130_and_the_same_command_resumes(tmp_pat
     assert all(r["train_loss"] == r["train_loss"] for r in log)  # no NaN
     final = torch.load(last, map_location="cpu", weights_only=True)
     assert final["epoch"] == EPOCHS and job.checkpoint("best").is_file()
+
+
+def test_signals_to_the_whole_job_with_loader_workers_stop_it_as_to_the_main_process(tmp_path):
+    data = make_dataset(tmp_path / "data", 2)
+    cfg = tiny_config(data, 2, TRAIN={"EPOCHS": 50}, TEST={"ENABLE": False}, SYSTEM={"NUM_CPUS": 1, "NUM_WORKERS": 1},
+                      LOG={"CHART_CREATION_FREQ": 100})
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(plain_tree(cfg)))
+    command = [sys.executable, str(ROOT / "main.py"), "--config", str(path), "--result_dir", str(tmp_path / "out"),
+               "--name", "grp", "--run_id", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    last = Job(tmp_path / "out", "grp", 1).checkpoint("last")
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        mtime = last.stat().st_mtime_ns if last.exists() else None
+        code, err = _interrupt(command, sig, lambda: last.exists() and last.stat().st_mtime_ns != mtime, env,
+                               whole_group=True)
+        assert code == 130, err[-3000:]
+        assert "Traceback" not in err and "killed by signal" not in err, err[-3000:]
+        assert err.count(f"{signal.Signals(sig).name} received") == 1  # the main process's line, once

@@ -11,7 +11,7 @@ from torch import nn
 from biapy.config.defaults import get_defaults
 from biapy.engine.checkpoint import load_checkpoint
 from biapy.engine.distributed import DistInfo
-from biapy.engine.loaders import make_loader
+from biapy.engine.loaders import make_loader, release_workers
 from biapy.engine.trainer import Trainer, load_for_test
 from biapy.errors import CheckpointError, ConfigError, TrainingError
 from biapy.job import Job
@@ -455,3 +455,32 @@ def test_workers_prepare_the_next_epoch_while_one_validates_and_train_the_same(t
     assert trainer._next_batches is None
     assert [r["train_loss"] for r in history] == [r["train_loss"] for r in plain_history]
     assert_same(weights(plain.model), weights(wf.model))
+    trainer._validate = validate  # no cycle left: the loader's worker ends with this test, not at interpreter exit
+
+
+class SignalDisposition(torch.utils.data.Dataset):
+    """Each item: whether SIGINT and SIGTERM are ignored in the process that made it."""
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return torch.tensor([signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGINT, signal.SIGTERM)])
+
+
+@pytest.mark.parametrize("stop_handler", [True, False])
+def test_loader_workers_leave_stop_signals_to_the_trainer(stop_handler):
+    """Workers forked under the trainer's stop handler ignore SIGINT and SIGTERM: each had reported a terminal's
+    Ctrl-C again, and a SIGTERM sent to the whole job ended them and made torch raise in the main process.
+    Forked without it, a worker keeps torch's SIGTERM handling."""
+    signals = (signal.SIGINT, signal.SIGTERM) if stop_handler else ()
+    previous = {s: signal.signal(s, lambda *a: None) for s in signals}
+    try:
+        loader = make_loader(SignalDisposition(), 2, False, DistInfo(), num_workers=1)
+        batch = next(iter(loader))
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    release_workers(loader)
+    assert loader._iterator is None
+    assert batch.tolist() == [[True, stop_handler]] * 2

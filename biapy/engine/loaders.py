@@ -1,9 +1,12 @@
 """DataLoaders whose sample order is a function of (seed, epoch) only, so a resumed run sees the same data.
 
-The trainer calls `set_epoch(loader, epoch)` at the start of every epoch; it forwards the epoch to the
-sampler (shuffle order) and to the dataset (fresh random crops per epoch).
+The trainer calls `start_epoch(loader, epoch)` before each epoch's batches are drawn: `set_epoch` forwards the
+epoch to the sampler (shuffle order) and to the dataset (fresh random crops per epoch). With worker
+processes it does so as soon as the previous epoch's training ends, so they make the first batches while
+that epoch validates.
 """
 import random
+import signal
 
 import numpy as np
 import torch
@@ -29,8 +32,17 @@ class EpochSampler(Sampler):
         return self.length
 
 
-def _seed_worker(worker_id):
-    """numpy and random in each worker follow torch's per-worker seed (itself from the loader's generator)."""
+def _init_worker(worker_id):
+    """numpy and random in each worker follow torch's per-worker seed (itself from the loader's generator).
+
+    Stopping is the main process's job: a terminal's Ctrl-C reaches every process of the job, and each
+    worker reported it again. A SIGTERM sent to the whole job (Slurm at its time limit, `kill -- -PGID`)
+    ended the workers under torch's own handler, and torch then raised in the main process mid-step
+    instead of the trainer's saving stop. While the trainer's handler is in place (inherited through the
+    fork) workers ignore both; the trainer ends them itself when it is done (`release_workers`)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if callable(signal.getsignal(signal.SIGTERM)):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     seed = torch.initial_seed() % 2 ** 32
     np.random.seed(seed)
     random.seed(seed)
@@ -51,7 +63,7 @@ def make_loader(dataset, batch_size, shuffle, dist, num_workers=0, seed=0, drop_
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=workers,
         pin_memory=bool(pin_memory), persistent_workers=workers > 0,
-        worker_init_fn=_seed_worker if workers > 0 else None,
+        worker_init_fn=_init_worker if workers > 0 else None,
         generator=torch.Generator().manual_seed(int(seed) + 7919 * rank),  # base worker seeds; keeps global RNG untouched
         prefetch_factor=2 if workers > 0 else None,
     )
@@ -67,6 +79,13 @@ def set_epoch(loader, epoch: int) -> None:
     dataset = getattr(loader, "dataset", None)
     if hasattr(dataset, "set_epoch"):
         dataset.set_epoch(epoch)
+
+
+def release_workers(loader) -> None:
+    """End a loader's persistent worker processes now (the next epoch would start new ones): they ignore the
+    SIGTERM that the interpreter's exit would otherwise end them with."""
+    if isinstance(loader, DataLoader) and getattr(loader, "_iterator", None) is not None:
+        loader._iterator = None  # the iterator's __del__ asks its workers to exit and joins them
 
 
 def start_epoch(loader, epoch: int):

@@ -33,7 +33,7 @@ from biapy.config import dump_config
 from biapy.engine import resume as R
 from biapy.engine.checkpoint import rng_states, set_rng_states
 from biapy.engine.distributed import all_reduce_sum
-from biapy.engine.loaders import start_epoch
+from biapy.engine.loaders import release_workers, start_epoch
 from biapy.engine.metrics import MetricAverager
 from biapy.engine.optim import build_optimizer, build_scheduler
 from biapy.engine.reporting import EpochReporter, describe_model
@@ -228,6 +228,9 @@ class Trainer:
                     self.wf.on_epoch_end(last_epoch, reporter.tb, final=True)
         finally:
             self.wf.model = plain
+            self._next_batches = None
+            for loader in (self.wf.train_loader, self.wf.val_loader):
+                release_workers(loader)
             reporter.close(self.history)
         return self.history
 
