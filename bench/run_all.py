@@ -285,7 +285,10 @@ def run_case(args):
     def real(epoch):
         # With loader workers the trainer starts an epoch's first batches while the previous epoch validates.
         # The epoch after a bare block had that block's time too; the next one had a validation pass only,
-        # as in a run (which also saves and logs in that gap): it is the one reported.
+        # as in a run (which also saves and logs in that gap): it is the one reported. It is also the
+        # trainer's last, so no next epoch is started: the workers stay idle through the bare blocks and the
+        # inference timing, which they would otherwise share the cores with.
+        trainer.epochs = epoch + 2
         epoch_pass(epoch)
         return epoch_pass(epoch + 1)
 

@@ -309,6 +309,18 @@ def test_workers_are_capped_to_the_usable_cores(tmp_path, folders, monkeypatch):
     assert cfg.SYSTEM.NUM_WORKERS == 2  # BiaPy's templates ask for 5; more than the cores only adds processes
 
 
+def test_cores_are_the_ones_this_process_may_run_on(tmp_path, folders, monkeypatch):
+    """A Slurm job given 4 cores of a 64-core node: 4 torch threads and 3 workers, not 64 threads."""
+    import os
+    train, test = folders
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {8, 9, 10, 11}, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    cfg = checked({"DATA": {"TRAIN": {"PATH": str(train)}, "TEST": {"PATH": str(test)}}}, folders)
+    finalize(cfg, Job(tmp_path, "w", 1))
+    assert (cfg.SYSTEM.NUM_CPUS, cfg.SYSTEM.NUM_WORKERS) == (4, 3)
+
+
 @pytest.mark.parametrize("local_world_size, cores, workers", [(None, 16, 4), ("1", 16, 4), ("4", 4, 3), ("8", 2, 0)])
 def test_automatic_workers_and_threads_share_the_machine_among_torchruns_processes(
         tmp_path, folders, monkeypatch, local_world_size, cores, workers):

@@ -89,7 +89,9 @@ def test_gpu_library_pages_leave_rss_and_torch_still_computes():
     assert out["resident"] > 20 * 2 ** 20  # measured: ~150 MB of torch 2.14's CUDA libraries at import
     assert out["released"] > out["resident"] / 2  # measured: 136 of 155 MB (writable and relocated pages stay)
     assert out["rss_drop"] > 0.8 * out["released"]
-    assert out["left"] <= out["resident"] - out["released"] + 2 ** 20
+    # The CPU convolution after the release maps a few of those pages back (0.15 MB under Python 3.11, 1.1 MB under
+    # 3.13), not the hundred-odd MB released.
+    assert out["left"] <= out["resident"] - out["released"] + 4 * 2 ** 20
 
 
 @pytest.mark.parametrize("path,is_gpu", [

@@ -451,15 +451,15 @@ def cores_per_process(num_cpus: int) -> int:
 def finalize(cfg, job):
     """Fill in derived values: paths of the results tree, automatic counts, default metrics."""
     cfg.defrost()
-    cpus = os.cpu_count() or 1
+    # The cores this process may run on: a Slurm or taskset allotment, not the whole machine's count.
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if cfg.SYSTEM.NUM_CPUS == -1 or cfg.SYSTEM.NUM_CPUS > cpus:
         cfg.SYSTEM.NUM_CPUS = cpus
     share = cores_per_process(cfg.SYSTEM.NUM_CPUS)
     if cfg.SYSTEM.NUM_WORKERS == -1:
         # With 1-2 cores a process's worker processes only compete with its model for them.
         cfg.SYSTEM.NUM_WORKERS = 0 if share <= 2 else min(share - 1, 4)
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cpus
-    cfg.SYSTEM.NUM_WORKERS = min(cfg.SYSTEM.NUM_WORKERS, usable)  # more only adds processes (BiaPy templates ask 5)
+    cfg.SYSTEM.NUM_WORKERS = min(cfg.SYSTEM.NUM_WORKERS, cpus)  # more only adds processes (BiaPy templates ask 5)
     problem = cfg.PROBLEM.TYPE
     if not cfg.LOSS.TYPE:
         masking = problem == "SELF_SUPERVISED" and cfg.PROBLEM.SELF_SUPERVISED.PRETEXT_TASK == "masking"

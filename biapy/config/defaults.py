@@ -12,7 +12,7 @@ _C = CN()
 # SYSTEM: hardware and reproducibility
 # --------------------------------------------------------------------------------------------
 _C.SYSTEM = CN()
-# CPU cores the job may use, shared by its processes on this machine (torchrun); -1 = all of them.
+# CPU cores the job may use, shared by its processes on this machine (torchrun); -1 = all it may run on.
 _C.SYSTEM.NUM_CPUS = -1
 # DataLoader worker processes per rank; -1 = automatic: min(its cores - 1, 4), 0 if it has 1-2 cores.
 _C.SYSTEM.NUM_WORKERS = -1
