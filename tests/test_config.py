@@ -316,27 +316,33 @@ def test_cores_are_the_ones_this_process_may_run_on(tmp_path, folders, monkeypat
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {8, 9, 10, 11}, raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     cfg = checked({"DATA": {"TRAIN": {"PATH": str(train)}, "TEST": {"PATH": str(test)}}}, folders)
     finalize(cfg, Job(tmp_path, "w", 1))
     assert (cfg.SYSTEM.NUM_CPUS, cfg.SYSTEM.NUM_WORKERS) == (4, 3)
 
 
-@pytest.mark.parametrize("local_world_size, cores, workers", [(None, 16, 4), ("1", 16, 4), ("4", 4, 3), ("8", 2, 0)])
-def test_automatic_workers_and_threads_share_the_machine_among_torchruns_processes(
-        tmp_path, folders, monkeypatch, local_world_size, cores, workers):
-    """16 cores: one process gets min(16 - 1, 4) workers; torchrun's 4 (or 8) processes on this machine 4 (or 2)
-    cores each, so 3 workers (or none) apiece, and as many torch threads. WORLD_SIZE counts every machine's."""
+@pytest.mark.parametrize("world_size, local_world_size, cores, workers", [
+    (None, None, 16, 4),  # one process
+    ("16", "4", 4, 3),    # torchrun, 4 processes on each of 4 machines
+    ("16", "8", 2, 0),
+    ("4", None, 4, 3),    # a launcher that sets only WORLD_SIZE: all taken to share this machine
+])
+def test_automatic_workers_and_threads_share_the_machine_among_its_processes(
+        tmp_path, folders, monkeypatch, world_size, local_world_size, cores, workers):
+    """16 cores: one process gets min(16 - 1, 4) workers; 4 (or 8) processes on this machine 4 (or 2) cores each,
+    so 3 workers (or none) apiece, and as many torch threads. torchrun's WORLD_SIZE counts every machine's."""
     import os
 
     from biapy.config.checks import cores_per_process
     train, test = folders
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
-    monkeypatch.setenv("WORLD_SIZE", "16")
-    if local_world_size is None:
-        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    else:
-        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world_size)
+    for name, value in (("WORLD_SIZE", world_size), ("LOCAL_WORLD_SIZE", local_world_size)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
     cfg = checked({"DATA": {"TRAIN": {"PATH": str(train)}, "TEST": {"PATH": str(test)}}}, folders)
     finalize(cfg, Job(tmp_path, "w", 1))
     assert cfg.SYSTEM.NUM_CPUS == 16

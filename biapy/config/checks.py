@@ -444,8 +444,10 @@ def _ssl_copy_dir(data, split):
 
 def cores_per_process(num_cpus: int) -> int:
     """SYSTEM.NUM_CPUS shared among the job's processes on this machine: torchrun's LOCAL_WORLD_SIZE (its
-    WORLD_SIZE counts every machine's processes), 1 outside torchrun."""
-    return max(1, num_cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    WORLD_SIZE counts every machine's processes); a launcher that sets only WORLD_SIZE is taken to run them
+    all here (too few threads rather than too many); 1 for a single process."""
+    env = os.environ
+    return max(1, num_cpus // max(1, int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", 1)))))
 
 
 def finalize(cfg, job):
