@@ -1,6 +1,7 @@
 """bench/: run_all.py's case configs stay valid as the config evolves, its loader timer is exact, bench_recompute.py runs."""
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -102,6 +103,17 @@ def test_recompute_bench_prints_the_saved_share_and_step_ratio():
     saved_off, saved_on, saved_ratio, step_ratio = float(row[3]), float(row[4]), float(row[5]), float(row[8])
     assert saved_on < saved_off and saved_ratio == pytest.approx(saved_on / saved_off, abs=0.01)
     assert saved_ratio < 0.3 and step_ratio > 0
+
+
+def test_mae_profile_prints_both_ratios_and_masking_is_cheaper_on_a_cpu():
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "profile_mae.py"), "--batch", "2", "--steps", "1",
+                          "--rows", "2"], capture_output=True, text=True, check=True, cwd=ROOT, timeout=300).stdout
+    walls = {float(m[0]): float(m[1]) for m in re.findall(r"mask ratio ([\d.]+): wall ([\d.]+) ms/step", out)}
+    assert set(walls) == {0.75, 0.0} and all(w > 0 for w in walls.values())
+    ratio = float(re.search(r"wall ratio 0.75 / 0: ([\d.]+)", out).group(1))
+    assert ratio == pytest.approx(walls[0.75] / walls[0.0], abs=0.01)
+    assert ratio < 0.9  # the encoder sees a quarter of the tokens (about 0.55 on 2 CPU cores)
+    assert "aten::" in out  # the operator table
 
 
 def test_machine_line_names_the_malloc_settings_the_jobs_keep(monkeypatch):

@@ -1,0 +1,101 @@
+"""Where the ViT MAE's training step goes, at mask ratio 0.75 and 0: wall time against device time.
+
+    python bench/profile_mae.py                 # CPU, the run_all CPU size
+    python bench/profile_mae.py --gpu 0         # the run_all GPU size (ViT-B, batch 64, bf16 autocast)
+    python bench/profile_mae.py --gpu 0 --compile   # the same model under torch.compile (TRAIN.COMPILE)
+
+For each mask ratio: the median wall milliseconds of a step (forward, masked loss, backward, AdamW), then
+one profiled block of steps: device kernel milliseconds per step, kernel launches per step and the
+heaviest operators. On a GPU, a wall time well above the kernel time means the host, launching
+kernels one by one, sets the pace: then hiding tokens from the encoder saves little, and fusing
+kernels (torch.compile) is what helps. The model and batch are run_all's 2D ViT MAE case, alone in
+this process (no loader, no trainer). Nothing here asserts a time.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's own start/stop lines still go to stderr
+import torch  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(1, str(HERE))
+
+import run_all  # noqa: E402  (the cases' sizes)
+from biapy.config import load_config  # noqa: E402
+from biapy.engine.losses import masked_reconstruction_loss  # noqa: E402
+from biapy.engine.optimizers import AdamW  # noqa: E402
+from biapy.models import build_model  # noqa: E402
+
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gpu", help="CUDA device index (default: CPU)")
+    ap.add_argument("--compile", action="store_true", help="wrap the model in torch.compile first")
+    ap.add_argument("--batch", type=int, help="patches per step (default: the run_all case's)")
+    ap.add_argument("--steps", type=int, default=5, help="steps per timed block (default 5)")
+    ap.add_argument("--rows", type=int, default=8, help="operators listed per ratio (default 8; 0: none)")
+    args = ap.parse_args()
+    device = torch.device(f"cuda:{args.gpu}" if args.gpu is not None else "cpu")
+    cuda = device.type == "cuda"
+    size = dict(run_all.CASES["2d_mae"]["gpu" if cuda else "cpu"])
+    size["batch"] = args.batch or size["batch"]
+    cfg = load_config(run_all.case_config("2d_mae", size, Path("unused"), 1, str(device)))
+    torch.manual_seed(0)
+    vit = build_model(cfg).to(device).train()
+    model = torch.compile(vit) if args.compile else vit
+    opt = AdamW(vit.parameters(), lr=1e-4)
+    x = torch.randn(size["batch"], 1, *size["patch"], device=device)
+    ssl = cfg.PROBLEM.SELF_SUPERVISED
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):  # as TRAIN.AMP auto
+            pred, mask = model(x)
+            loss = masked_reconstruction_loss(pred, x, mask, vit.token_size, ssl.NORM_PIX_LOSS,
+                                              ssl.LOSS_ON_MASKED_ONLY)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def block(n):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        sync()
+        return (time.perf_counter() - t0) / n * 1000
+
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    print(f"2D ViT MAE, {tuple(size['patch'])} x {size['batch']}, {device}"
+          f"{' (' + torch.cuda.get_device_name(device) + ')' if cuda else ''}, torch {torch.__version__}"
+          f"{', torch.compile' if args.compile else ''}", flush=True)
+    walls = {}
+    for ratio in (0.75, 0.0):
+        vit.mask_ratio = ratio
+        block(3)  # warm-up (and, with --compile, the compilation for this ratio)
+        walls[ratio] = statistics.median(block(args.steps) for _ in range(3))
+        with profile(activities=activities) as prof:
+            block(args.steps)
+        events = prof.key_averages()
+        kernels = sum(e.self_device_time_total for e in prof.events()) / 1000 / args.steps
+        launches = sum(e.count for e in events if e.key in LAUNCHES) / args.steps
+        line = f"mask ratio {ratio}: wall {walls[ratio]:.1f} ms/step"
+        if cuda:
+            line += f", device kernels {kernels:.1f} ms/step, {launches:.0f} kernel launches/step"
+        print(line, flush=True)
+        if args.rows:
+            sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+            print(events.table(sort_by=sort, row_limit=args.rows, max_name_column_width=50), flush=True)
+    print(f"wall ratio 0.75 / 0: {walls[0.75] / walls[0.0]:.3f}")
+
+
+if __name__ == "__main__":
+    main()
