@@ -40,8 +40,13 @@ def setup_logging(is_main=True, verbose=False):
     root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False
-    # tifffile logs its own complaints about a damaged file; the read that fails names the file in one line.
-    logging.getLogger("tifffile").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+    # tifffile logs its own complaints about a damaged file; the read that fails names the file in one line
+    # (biapy.data.io turns its ERROR records into that failure, so they must still be made, not shown).
+    tiff_log = logging.getLogger("tifffile")
+    tiff_log.setLevel(logging.DEBUG if verbose else logging.ERROR)
+    tiff_log.propagate = verbose
+    if not any(isinstance(h, logging.NullHandler) for h in tiff_log.handlers):
+        tiff_log.addHandler(logging.NullHandler())  # else Python's last-resort handler prints what none shows
     # TRAIN.COMPILE on a machine without CUDA: torch notes that it found no CUDA runtime, which is expected.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.DEBUG if verbose else logging.ERROR)
 

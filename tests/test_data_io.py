@@ -76,6 +76,28 @@ def test_headers_read_with_tifffiles_callable_series(tmp_path, monkeypatch, ndim
     np.testing.assert_array_equal(open_image_lazy(path, ndim)[...], a)
 
 
+def test_a_tiff_that_tifffile_reads_only_in_part_is_refused(tmp_path, monkeypatch):
+    """tifffile 2026.11 zero-fills truncated or empty segments and missing pages, and says so only in an ERROR
+    record of its logger (a damaged file had trained silently); emulated here on whatever tifffile is installed,
+    with tifffile's logger set up as a run sets it (quiet)."""
+    import logging
+
+    from biapy.runner import setup_logging
+    path = write_image(tmp_path / "a.tif", np.ones((8, 9, 1), np.uint8), 2)
+    asarray = tifffile.TiffPageSeries.asarray
+
+    def partial(self, *args, **kwargs):
+        logging.getLogger("tifffile").error("<tifffile.FileHandle 'a.tif'> segments with zero byte count and "
+                                            "nonzero offset are treated as empty")
+        return asarray(self, *args, **kwargs)
+
+    setup_logging(is_main=True)
+    np.testing.assert_array_equal(read_image(path, 2), np.ones((8, 9, 1), np.uint8))  # an intact file reads
+    monkeypatch.setattr(tifffile.TiffPageSeries, "asarray", partial)
+    with pytest.raises(DataError, match=r"a\.tif: damaged TIFF, read only in part \(tifffile: .*zero byte count"):
+        read_image(path, 2)
+
+
 def test_float64_and_bool_are_converted(tmp_path):
     path = write_image(tmp_path / "f.tif", np.full((4, 5, 1), 0.5), 2)
     assert read_image(path, 2).dtype == np.float32

@@ -15,6 +15,7 @@ import itertools
 import logging
 import mmap
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -177,6 +178,31 @@ def _named_plan(shape, axes, ndim, path) -> _AxesPlan:
     return _AxesPlan(shape, tuple(keep), order, "C" not in roles)
 
 
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@contextmanager
+def _refusing_damage(path):
+    """Refuse a TIFF that tifffile reads only in part. Since 2026.11 it zero-fills truncated or empty segments
+    and missing pages instead of raising, and says so only in an ERROR record of its logger (its
+    convention: the data may be wrong or incomplete); training on it would pass silently."""
+    tiff_log, seen = logging.getLogger("tifffile"), _Records()
+    tiff_log.addHandler(seen)
+    try:
+        yield
+    finally:
+        tiff_log.removeHandler(seen)
+    if seen.records:
+        said = seen.records[0].getMessage().splitlines()[0]
+        raise DataError(f"{path}: damaged TIFF, read only in part (tifffile: {said})")
+
+
 def _unsqueezed_series(tif):
     """The first series with its length-1 axes kept, whose shape and axes match the stored bytes.
 
@@ -194,12 +220,14 @@ def _tiff_header(path, ndim):
     import tifffile
 
     try:
-        with tifffile.TiffFile(path) as tif:
+        with _refusing_damage(path), tifffile.TiffFile(path) as tif:
             series = _unsqueezed_series(tif)
             shape, axes = series.shape, series.axes
             shaped = tif.shaped_metadata[0] if tif.is_shaped and tif.shaped_metadata else None
             dtype = np.dtype(series.dtype).newbyteorder(tif.byteorder)
             offset = series.dataoffset
+    except DataError:
+        raise
     except Exception as e:  # tifffile raises many types for broken files
         raise DataError(f"{path}: cannot read TIFF ({type(e).__name__}: {e})") from None
     if shaped is not None and "axes" not in shaped and not tif.is_imagej:
@@ -236,7 +264,7 @@ def read_image(path, ndim: int) -> np.ndarray:
             import tifffile
 
             plan = _tiff_header(path, ndim)[0]
-            with tifffile.TiffFile(path) as tif:
+            with _refusing_damage(path), tifffile.TiffFile(path) as tif:
                 arr = tif.series[0].asarray()
         elif ext in PLAIN_EXTS:
             from skimage import io as skio
