@@ -484,3 +484,24 @@ def test_loader_workers_leave_stop_signals_to_the_trainer(stop_handler):
     release_workers(loader)
     assert loader._iterator is None
     assert batch.tolist() == [[True, stop_handler]] * 2
+
+
+def test_releasing_workers_lets_an_interrupt_through(monkeypatch):
+    """A Ctrl-C while the workers are shut down at the end of training: the iterator's __del__, which did the
+    shutting down, swallowed it, and the run went on to its test phase and exited 0."""
+    loader = make_loader(SignalDisposition(), 2, False, DistInfo(), num_workers=1)
+    next(iter(loader))
+    iterator = loader._iterator
+    shutdown = iterator._shutdown_workers
+
+    def interrupted():
+        shutdown()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(iterator, "_shutdown_workers", interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            release_workers(loader)
+        assert loader._iterator is None
+    finally:
+        monkeypatch.undo()  # before the iterator's __del__ runs again

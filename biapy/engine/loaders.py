@@ -84,8 +84,14 @@ def set_epoch(loader, epoch: int) -> None:
 def release_workers(loader) -> None:
     """End a loader's persistent worker processes now (the next epoch would start new ones): they ignore the
     SIGTERM that the interpreter's exit would otherwise end them with."""
-    if isinstance(loader, DataLoader) and getattr(loader, "_iterator", None) is not None:
-        loader._iterator = None  # the iterator's __del__ asks its workers to exit and joins them
+    iterator = getattr(loader, "_iterator", None) if isinstance(loader, DataLoader) else None
+    if iterator is None:
+        return
+    loader._iterator = None
+    # Shut down here rather than in the iterator's __del__, which would swallow a Ctrl-C arriving meanwhile.
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
 
 
 def start_epoch(loader, epoch: int):
