@@ -309,6 +309,14 @@ def test_workers_are_capped_to_the_usable_cores(tmp_path, folders, monkeypatch):
     assert cfg.SYSTEM.NUM_WORKERS == 2  # BiaPy's templates ask for 5; more than the cores only adds processes
 
 
+def test_a_process_count_that_is_not_a_number_is_a_one_line_error(monkeypatch):
+    from biapy.config.checks import cores_per_process
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "two")
+    with pytest.raises(ConfigError, match=r"^environment variable LOCAL_WORLD_SIZE='two' is not a process count"):
+        cores_per_process(16)
+
+
 def test_cores_are_the_ones_this_process_may_run_on(tmp_path, folders, monkeypatch):
     """A Slurm job given 4 cores of a 64-core node: 4 torch threads and 3 workers, not 64 threads."""
     import os
@@ -327,6 +335,8 @@ def test_cores_are_the_ones_this_process_may_run_on(tmp_path, folders, monkeypat
     ("16", "4", 4, 3),    # torchrun, 4 processes on each of 4 machines
     ("16", "8", 2, 0),
     ("4", None, 4, 3),    # a launcher that sets only WORLD_SIZE: all taken to share this machine
+    (None, "4", 16, 4),   # a stray LOCAL_WORLD_SIZE in a single process's environment
+    ("", "", 16, 4),
 ])
 def test_automatic_workers_and_threads_share_the_machine_among_its_processes(
         tmp_path, folders, monkeypatch, world_size, local_world_size, cores, workers):

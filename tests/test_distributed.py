@@ -102,3 +102,15 @@ def test_nccl_without_a_gpu_is_refused_in_one_line_naming_the_flag(monkeypatch):
         monkeypatch.setenv(key, value)
     with pytest.raises(ConfigError, match=r"^--dist_backend nccl: NCCL needs GPUs"):
         init_distributed("nccl")
+
+
+def test_world_size_without_torchrun_is_refused_in_one_line(monkeypatch):
+    """WORLD_SIZE left in the environment, no torchrun: torch's rendezvous traceback before."""
+    from biapy.engine.distributed import init_distributed
+    from biapy.errors import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(ConfigError, match=r"^WORLD_SIZE=2 is set but MASTER_ADDR and MASTER_PORT not: .*torch.distributed.run"):
+        init_distributed("gloo")

@@ -38,6 +38,11 @@ def init_distributed(backend="gloo") -> DistInfo:
     if backend == "nccl" and not torch.cuda.is_available():
         raise ConfigError("--dist_backend nccl: NCCL needs GPUs and none is visible here; expected gloo (the default "
                           "without --gpu)")
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:
+        raise ConfigError(f"WORLD_SIZE={world_size} is set but {' and '.join(missing)} not: start the processes with "
+                          "python -m torch.distributed.run --nproc_per_node=K main.py ... (it sets them), or unset "
+                          "WORLD_SIZE for one process")
     if not is_initialized():
         tdist.init_process_group(backend=backend, init_method="env://", world_size=world_size, rank=rank)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, is_main=rank == 0, enabled=True)
