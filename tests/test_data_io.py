@@ -136,6 +136,12 @@ def test_png_and_jpg(tmp_path):
     # write_image keeps PNG for data PNG can hold, else writes a TIFF beside it
     assert write_image(tmp_path / "out.png", rgb, 2).suffix == ".png"
     assert write_image(tmp_path / "out2.png", rgb.astype(np.float32), 2).name == "out2.tif"
+    # 4 channels (RGBA, or a CMYK JPEG as read): PNG holds them, JPEG does not (crappify's copy of one had failed)
+    four = np.concatenate([rgb, rgb[..., :1]], axis=-1)
+    assert write_image(tmp_path / "out4.png", four, 2).suffix == ".png"
+    out = write_image(tmp_path / "out4.jpg", four, 2)
+    assert out.name == "out4.tif"
+    np.testing.assert_array_equal(read_image(out, 2), four)
     with pytest.raises(DataError, match="rgb.png"):
         read_image(tmp_path / "rgb.png", 3)
 

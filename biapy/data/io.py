@@ -582,7 +582,7 @@ def write_image(path, array, ndim: int) -> Path:
 
     TIFF with ImageJ axes (YX/YXC/ZYX/ZYXC stored in Fiji's order, so Fiji shows channels and
     slices right); dtypes ImageJ lacks get tifffile's axes metadata instead. float64 -> float32,
-    bool -> uint8. A .png/.jpg path holds 2D uint8 (PNG also uint16) grey/RGB/RGBA data; anything
+    bool -> uint8. A .png/.jpg path holds 2D uint8 grey/RGB data (PNG also RGBA and uint16); anything
     else asked of it is written as a .tif beside it rather than silently losing values.
     """
     _check_ndim(ndim)
@@ -593,7 +593,8 @@ def write_image(path, array, ndim: int) -> Path:
         raise ValueError(f"write_image: array of shape {arr.shape} is not a {ndim}D channel-last image")
     arr = arr.astype(_storable(arr.dtype), copy=False)
     ext = _suffix(path)
-    plain = ext in PLAIN_EXTS and ndim == 2 and arr.shape[-1] in (1, 3, 4) and (
+    channels = (1, 3, 4) if ext == ".png" else (1, 3)  # JPEG holds no alpha (a CMYK JPEG reads as 4 channels)
+    plain = ext in PLAIN_EXTS and ndim == 2 and arr.shape[-1] in channels and (
         arr.dtype == np.uint8 or (arr.dtype == np.uint16 and ext == ".png"))
     if plain:
         def write(tmp):
