@@ -229,7 +229,7 @@ def _tiff_header(path, ndim):
     except DataError:
         raise
     except Exception as e:  # tifffile raises many types for broken files
-        raise DataError(f"{path}: cannot read TIFF ({type(e).__name__}: {e})") from None
+        raise DataError(f"{path}: cannot read TIFF ({_reason(e)})") from None
     if shaped is not None and "axes" not in shaped and not tif.is_imagej:
         plan = _plain_plan(shape, ndim, path, guess=axes)
     else:
@@ -282,7 +282,13 @@ def read_image(path, ndim: int) -> np.ndarray:
     except DataError:
         raise
     except Exception as e:
-        raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+        raise DataError(f"{path}: cannot read image ({_reason(e)})") from None
+
+
+def _reason(error) -> str:
+    """'Type: first line' of a reader's exception: imageio, for one, appends lines of plugins to install."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 def _check_pixel_type(path, dtype):
@@ -337,7 +343,7 @@ def image_shape(path, ndim: int) -> tuple:
         except DataError:
             raise
         except Exception as e:
-            raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+            raise DataError(f"{path}: cannot read image ({_reason(e)})") from None
     return read_image(path, ndim).shape
 
 
@@ -554,7 +560,7 @@ def open_image_lazy(path, ndim: int):
         except DataError:
             raise
         except Exception as e:
-            raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+            raise DataError(f"{path}: cannot read image ({_reason(e)})") from None
     return read_image(path, ndim)
 
 
