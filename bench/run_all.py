@@ -205,6 +205,7 @@ def run_case(args):
     import torch
 
     from biapy.config import check_config, finalize, load_config
+    from biapy.config.checks import cores_per_process
     from biapy.data.io import read_image
     from biapy.data.patches import grid_starts
     from biapy.engine.distributed import init_distributed
@@ -233,8 +234,8 @@ def run_case(args):
     check_config(cfg)
     job = Job(tmp / "results", args.case, 1)
     cfg = finalize(cfg, job)
-    torch.set_num_threads(max(1, cfg.SYSTEM.NUM_CPUS))
-    tune_process_memory(torch.device(device))  # as the job runner does
+    torch.set_num_threads(cores_per_process(cfg.SYSTEM.NUM_CPUS))  # as the job runner does, and the next line
+    tune_process_memory(torch.device(device))
     if device.startswith("cuda"):  # as the job runner does too: its GPU current, cuDNN timing its algorithms
         torch.cuda.set_device(torch.device(device))
         torch.backends.cudnn.benchmark = True

@@ -442,7 +442,7 @@ def _ssl_copy_dir(data, split):
     return str(Path(path).parent / f"{Path(path).name}_ssl_source") if path else ""
 
 
-def _process_count(name):
+def env_process_count(name):
     """A process count torchrun puts in the environment; unset or empty = None."""
     value = os.environ.get(name, "").strip()
     if not value:
@@ -457,10 +457,10 @@ def cores_per_process(num_cpus: int) -> int:
     """SYSTEM.NUM_CPUS shared among the job's processes on this machine: torchrun's LOCAL_WORLD_SIZE (its
     WORLD_SIZE counts every machine's processes); a launcher that sets only WORLD_SIZE is taken to run them
     all here (too few threads rather than too many). A single process (no WORLD_SIZE above 1) keeps them all."""
-    world = _process_count("WORLD_SIZE") or 1
+    world = env_process_count("WORLD_SIZE") or 1
     if world <= 1:
         return max(1, num_cpus)
-    return max(1, num_cpus // max(1, _process_count("LOCAL_WORLD_SIZE") or world))
+    return max(1, num_cpus // max(1, env_process_count("LOCAL_WORLD_SIZE") or world))
 
 
 def finalize(cfg, job):

@@ -288,7 +288,7 @@ def read_image(path, ndim: int) -> np.ndarray:
 def _reason(error) -> str:
     """'Type: first line' of a reader's exception: imageio, for one, appends lines of plugins to install."""
     lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def _check_pixel_type(path, dtype):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
+from biapy.config.checks import env_process_count
 from biapy.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ def is_initialized() -> bool:
 
 def init_distributed(backend="gloo") -> DistInfo:
     """Join the process group of torchrun (env:// variables) when WORLD_SIZE > 1; else a single-process info."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    world_size = env_process_count("WORLD_SIZE") or 1  # parsed as cores_per_process parses it
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if world_size <= 1:
