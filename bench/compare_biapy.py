@@ -23,7 +23,6 @@ Lines are time-stamped as they arrive (PYTHONUNBUFFERED=1); each job's stamped l
 Every job starts from a fresh copy of the data, so both tools pay for crappifying it.
 """
 import argparse
-import difflib
 import os
 import platform
 import shutil
@@ -34,13 +33,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(ROOT))  # biapy.config, to check --set keys
 import _peer as P  # noqa: E402
+from _overrides import parse_override  # noqa: E402
 
 OURS_MARKS = {
     "train_start": r"Data: \d+ training image",   # logged just before the trainer starts
@@ -83,38 +82,6 @@ def parse_args():
         key, value = parse_override(item, ap.error)
         args.overrides[key] = value
     return args
-
-
-def _leaf_keys(node, prefix=""):
-    for k, v in node.items():
-        if isinstance(v, dict):
-            yield from _leaf_keys(v, f"{prefix}{k}.")
-        else:
-            yield prefix + k
-
-
-def parse_override(item, error):
-    """(KEY, value) of a --set KEY=VALUE; error(message) unless KEY is a key of this project's config."""
-    from biapy.config.defaults import get_defaults  # yacs only, no torch
-
-    key, sep, text = item.partition("=")
-    if not sep or not key:
-        error(f"--set: expected KEY=VALUE, got {item!r}")
-    node = get_defaults()
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            close = difflib.get_close_matches(key, list(_leaf_keys(get_defaults())), n=1)
-            error(f"--set: unknown key {key!r}" + (f"; did you mean {close[0]}?" if close else ""))
-        node = node[part]
-    if isinstance(node, dict):
-        error(f"--set: {key} is a section; name a key inside it")
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        error(f"--set {key}: {text!r} is not valid YAML ({str(e).splitlines()[0]})")
-    if value is None:
-        error(f"--set {key}: a value is needed after '='")
-    return key, value
 
 
 # ------------------------------------------------------------------ data and config

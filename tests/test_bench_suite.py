@@ -84,6 +84,19 @@ def test_torch_python_is_refused_where_it_cannot_apply(tmp_path, extra, says):
     assert r.returncode == 2 and "--torch-python" in r.stderr and says in r.stderr
 
 
+def test_run_all_set_overrides_the_cases_config_and_refuses_unknown_keys(tmp_path):
+    script = str(ROOT / "bench" / "run_all.py")
+    r = subprocess.run([sys.executable, script, "--set", "TRAIN.COMPILEX=1"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=60)
+    assert r.returncode == 2 and "unknown key 'TRAIN.COMPILEX'; did you mean TRAIN.COMPILE?" in r.stderr
+    # The override wins over what the script sets itself (--workers 0 here): the case reports 1 worker.
+    r = subprocess.run([sys.executable, script, "--quick", "--only", "2d_crappify", "--workers", "0", "--set",
+                        "SYSTEM.NUM_WORKERS=1", "--workdir", str(tmp_path)], capture_output=True, text=True,
+                       cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Loader workers: 1 " in r.stdout and "Config overrides: SYSTEM.NUM_WORKERS=1" in r.stdout
+
+
 @pytest.mark.parametrize("peer,says", [("{tmp}/nope", "nope: not an executable"), (sys.executable, "expected '3.7.1'"),
                                        ("venv/python", "expected '3.7.1'")])  # relative, as a venv's symlink
 def test_compare_biapy_refuses_a_peer_python_without_biapy_3_7_1(tmp_path, peer, says):

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from biapy.errors import ConfigError
+from biapy.utils.transfer import index_on
 
 WINDOW_FLOOR = 1e-2
 
@@ -219,7 +220,7 @@ class _RowCache:
         lo = int(idx.min())
         span = self._span(lo, int(idx.max()) + 1)
         if not (0 <= start[0] and start[0] + patch[0] <= self.size):
-            span = span.index_select(1, torch.from_numpy(idx - lo).to(span.device))
+            span = span.index_select(1, index_on(idx - lo, span.device))
         return _take_patch(span, (0,) + tuple(start[1:]), patch)
 
 
@@ -233,7 +234,7 @@ def _take_patch(img, start, patch):
             idx = reflect_indices(s, p, n)
             lo = int(idx.min())
             img = img.narrow(axis, lo, int(idx.max()) + 1 - lo)
-            gathers.append((axis, torch.from_numpy(idx - lo).to(img.device)))
+            gathers.append((axis, index_on(idx - lo, img.device)))
     for axis, idx in gathers:
         img = img.index_select(axis, idx)
     return img

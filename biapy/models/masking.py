@@ -18,9 +18,12 @@ other ratios fill in between by the same strided order (e.g. 0.9375 in 2D keeps 
 4x4 cell). On odd sides the pattern is cropped from the next power-of-two grid, so it stays
 regular and the count is still exactly hidden_count(L, ratio).
 """
+import functools
 import math
 
 import torch
+
+from biapy.utils.transfer import to_device
 
 # Order in which the 2^ndim offsets of one cell become visible (first = visible first).
 # Even-parity offsets come first (checkerboard at half), and the first quarter is a lattice.
@@ -54,7 +57,7 @@ def random_token_mask(B: int, L: int, ratio: float, generator=None, device=None)
     noise_device = generator.device if generator is not None else device
     noise = torch.rand(B, L, generator=generator, device=noise_device)
     if device is not None:
-        noise = noise.to(device)
+        noise = to_device(noise, device)  # test masks come from a CPU generator
     order = torch.argsort(noise, dim=1)
     return _masks_from_order(order, L - hidden_count(L, ratio))
 
@@ -79,10 +82,16 @@ def grid_rank(grid_shape, device=None) -> torch.Tensor:
     return rank.to(device)
 
 
+@functools.lru_cache(maxsize=16)
+def _grid_order(grid_shape, device):
+    # Made once per grid and device: a copy to the GPU every step would wait for the step before it.
+    return to_device(torch.argsort(grid_rank(grid_shape)), device)
+
+
 def grid_token_mask(grid_shape, ratio: float, B: int, device=None):
     """The regular dither pattern (see the module docstring), the same for all B samples."""
     L = math.prod(grid_shape)
-    order = torch.argsort(grid_rank(tuple(grid_shape), device))
+    order = _grid_order(tuple(int(g) for g in grid_shape), torch.device(device or "cpu"))
     order = order.unsqueeze(0).expand(B, -1).contiguous()
     return _masks_from_order(order, L - hidden_count(L, ratio))
 
