@@ -8,7 +8,7 @@ import torch
 
 from biapy.data.patches import predict_whole
 from biapy.models.masking import _grid_order, grid_token_mask, random_token_mask
-from biapy.utils.transfer import index_on, to_device
+from biapy.utils.transfer import index_on, queue_to_device
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -28,10 +28,10 @@ def test_index_on_another_device_is_made_once_per_distinct_array():
     assert a.device.type == "meta" and a.shape == (5,) and a.dtype == torch.int64
 
 
-def test_to_device_keeps_values_and_leaves_cpu_tensors_alone():
+def test_queue_to_device_leaves_cpu_tensors_alone():
     t = torch.arange(6.0).reshape(2, 3)
-    assert to_device(t, "cpu") is t
-    assert to_device(t, "meta").device.type == "meta"
+    assert queue_to_device(t, "cpu") is t
+    assert queue_to_device(t, "meta").device.type == "meta"
 
 
 def test_grid_mask_order_is_made_once_per_grid_and_device():
@@ -68,7 +68,7 @@ def test_workflow_rows_reach_the_gpu_without_a_wait():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        moved = to_device(t, "cuda")
+        moved = queue_to_device(t, "cuda")
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(moved.cpu(), t)

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from biapy.utils.transfer import to_device
+from biapy.utils.transfer import queue_to_device
 
 # Order in which the 2^ndim offsets of one cell become visible (first = visible first).
 # Even-parity offsets come first (checkerboard at half), and the first quarter is a lattice.
@@ -57,7 +57,7 @@ def random_token_mask(B: int, L: int, ratio: float, generator=None, device=None)
     noise_device = generator.device if generator is not None else device
     noise = torch.rand(B, L, generator=generator, device=noise_device)
     if device is not None:
-        noise = to_device(noise, device)  # test masks come from a CPU generator
+        noise = queue_to_device(noise, device)  # test masks come from a CPU generator
     order = torch.argsort(noise, dim=1)
     return _masks_from_order(order, L - hidden_count(L, ratio))
 
@@ -85,7 +85,7 @@ def grid_rank(grid_shape, device=None) -> torch.Tensor:
 @functools.lru_cache(maxsize=16)
 def _grid_order(grid_shape, device):
     # Made once per grid and device: a copy to the GPU every step would wait for the step before it.
-    return to_device(torch.argsort(grid_rank(grid_shape)), device)
+    return queue_to_device(torch.argsort(grid_rank(grid_shape)), device)
 
 
 def grid_token_mask(grid_shape, ratio: float, B: int, device=None):

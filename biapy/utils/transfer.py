@@ -17,7 +17,7 @@ import torch
 PIN_LIMIT_BYTES = 64 << 20
 
 
-def to_device(t: torch.Tensor, device) -> torch.Tensor:
+def queue_to_device(t: torch.Tensor, device) -> torch.Tensor:
     """`t` on `device`; from the CPU to a CUDA device through pinned memory, queued without waiting."""
     device = torch.device(device)
     if device.type != "cuda" or t.device.type != "cpu" or t.numel() * t.element_size() > PIN_LIMIT_BYTES:
@@ -27,7 +27,7 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=256)
 def _cached_index(values: bytes, device: torch.device) -> torch.Tensor:
-    return to_device(torch.from_numpy(np.frombuffer(values, dtype=np.int64).copy()), device)
+    return queue_to_device(torch.from_numpy(np.frombuffer(values, dtype=np.int64).copy()), device)
 
 
 def index_on(idx: np.ndarray, device) -> torch.Tensor:

@@ -26,7 +26,7 @@ from biapy.engine.loaders import make_loader
 from biapy.errors import DataError
 from biapy.models import build_model, required_divisor
 from biapy.utils.files import replace_folder
-from biapy.utils.transfer import to_device
+from biapy.utils.transfer import queue_to_device
 from biapy.workflows.report import gather_rows, print_metrics_table, write_metrics_csv
 
 log = logging.getLogger(__name__)
@@ -220,7 +220,7 @@ class Workflow(ABC):
             if bad:
                 raise non_finite_error(f"{path} (rows {lo}..{hi - 1})", bad)
             x = self.normalizer.normalize(region, stats)
-            return to_device(torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 0))), self.device)
+            return queue_to_device(torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 0))), self.device)
 
         spatial = tuple(image.shape[:-1])
         if cfg.TEST.FULL_IMG:
