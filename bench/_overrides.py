@@ -33,4 +33,11 @@ def parse_override(item, error):
         error(f"--set {key}: {text!r} is not valid YAML ({str(e).splitlines()[0]})")
     if value is None:
         error(f"--set {key}: a value is needed after '='")
+    from biapy.config.load import merge_values
+    from biapy.errors import ConfigError
+
+    try:  # the type the config expects (a YAML 'yes' is True; a word where a number goes is refused here)
+        merge_values(get_defaults(), {key: value}, "--set")
+    except ConfigError as err:
+        error(str(err))
     return key, value

@@ -3,6 +3,7 @@
     python bench/profile_mae.py                 # CPU, the run_all CPU size
     python bench/profile_mae.py --gpu 0         # the run_all GPU size (ViT-B, batch 64, bf16 autocast)
     python bench/profile_mae.py --gpu 0 --compile   # the same model under torch.compile (TRAIN.COMPILE)
+    python bench/profile_mae.py --gpu 0 --trainer   # the step alone against the same step through the trainer
 
 For each mask ratio: the median wall milliseconds of a step (forward, masked loss, backward, AdamW), then
 one profiled block of steps: device kernel milliseconds per step, kernel launches per step and the
@@ -10,11 +11,19 @@ heaviest operators. On a GPU, a wall time well above the kernel time means the h
 kernels one by one, sets the pace: then hiding tokens from the encoder saves little, and fusing
 kernels (torch.compile) is what helps. The model and batch are run_all's 2D ViT MAE case, alone in
 this process (no loader, no trainer). Nothing here asserts a time.
+
+With --trainer, no profile: the step alone is timed beside the same step through the trainer (the
+workflow's compute_loss, the trainer's optimizer and autocast; synthetic images, loader workers as a run
+has them), in one process, fresh and after two real epochs, and the real epoch's step too. Where the
+step is bound by the host (the ViT MAE at mask ratio 0.75 on an H200), this tells a cost of the
+trainer's path from one of the process's state (live workers, the host's speed).
 """
 import argparse
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,6 +50,8 @@ def main():
     ap.add_argument("--batch", type=int, help="patches per step (default: the run_all case's)")
     ap.add_argument("--steps", type=int, default=5, help="steps per timed block (default 5)")
     ap.add_argument("--rows", type=int, default=8, help="operators listed per ratio (default 8; 0: none)")
+    ap.add_argument("--trainer", action="store_true",
+                    help="time the step alone and through the trainer, fresh and after two real epochs (no profile)")
     args = ap.parse_args()
     device = torch.device(f"cuda:{args.gpu}" if args.gpu is not None else "cpu")
     cuda = device.type == "cuda"
@@ -64,13 +75,16 @@ def main():
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def block(n):
+    def block(n, fn=step):
         sync()
         t0 = time.perf_counter()
         for _ in range(n):
-            step()
+            fn()
         sync()
         return (time.perf_counter() - t0) / n * 1000
+
+    if args.trainer:
+        return through_trainer(args, size, device, vit, step, block)
 
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -95,6 +109,72 @@ def main():
             sort = "self_device_time_total" if cuda else "self_cpu_time_total"
             print(events.table(sort_by=sort, row_limit=args.rows, max_name_column_width=50), flush=True)
     print(f"wall ratio 0.75 / 0: {walls[0.75] / walls[0.0]:.3f}")
+
+
+def through_trainer(args, size, device, alone_vit, alone, block):
+    """The step alone (this script's model) against the same step through the trainer, in one process."""
+    from biapy.config import check_config, finalize
+    from biapy.config.checks import cores_per_process
+    from biapy.engine.distributed import init_distributed
+    from biapy.engine.trainer import Trainer, _unwrap
+    from biapy.job import Job
+    from biapy.runner import setup_logging
+    from biapy.workflows import get_workflow
+
+    setup_logging(is_main=False)
+    tmp = Path(tempfile.mkdtemp(prefix="profile_mae_"))
+    run_all.write_images(tmp / "train", size["image"], 2, 2, seed=1)
+    run_all.write_images(tmp / "val", tuple(p * 2 for p in size["patch"]), 1, 2, seed=20)
+    data_cfg = run_all.case_config("2d_mae", size, tmp, args.steps * 4, str(device))
+    data_cfg["DATA"]["TRAIN"]["PATH"], data_cfg["DATA"]["VAL"]["PATH"] = str(tmp / "train"), str(tmp / "val")
+    cfg = load_config(data_cfg)
+    check_config(cfg)
+    job = Job(tmp / "results", "profile", 1)
+    cfg = finalize(cfg, job)
+    torch.set_num_threads(cores_per_process(cfg.SYSTEM.NUM_CPUS))  # as the job runner does
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    wf = get_workflow(cfg)(cfg, job, init_distributed("gloo"), device)
+    wf.prepare_training()
+    trainer = Trainer(wf)
+    trainer._apply_freeze(0)
+    vits = (alone_vit, _unwrap(trainer.model))
+    batch = tuple(t.to(device) for t in next(iter(wf.train_loader)))
+
+    def through():
+        with trainer._autocast():
+            loss, _ = wf.compute_loss(batch, train=True)
+        loss.backward()
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+
+    def line(label):
+        cells = []
+        for ratio in (0.75, 0.0):
+            for vit in vits:
+                vit.mask_ratio = ratio
+            for fn in (alone, through):
+                block(3, fn)
+            times = [statistics.median(block(args.steps, fn) for _ in range(3)) for fn in (alone, through)]
+            cells.append(f"ratio {ratio}: alone {times[0]:.1f}, through the trainer {times[1]:.1f}")
+        print(f"{label}: " + "; ".join(cells) + " ms/step", flush=True)
+
+    print(f"2D ViT MAE, {tuple(size['patch'])} x {size['batch']}, {device}, torch {torch.__version__}, "
+          f"{cfg.SYSTEM.NUM_WORKERS} loader workers, {torch.get_num_threads()} threads", flush=True)
+    try:
+        line("fresh")
+        for vit in vits:
+            vit.mask_ratio = cfg.MODEL.MAE_MASK_RATIO
+        trainer.epochs = 2
+        for epoch in range(2):
+            t0 = time.perf_counter()
+            trainer._train_epoch(epoch)
+            real = (time.perf_counter() - t0) / len(wf.train_loader) * 1000
+            trainer._validate(epoch)
+        print(f"the trainer's second real epoch (mask ratio {cfg.MODEL.MAE_MASK_RATIO}): {real:.1f} ms/step", flush=True)
+        line("after two real epochs")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

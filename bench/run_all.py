@@ -205,10 +205,15 @@ def case_config(name, size, data, steps, device, workers=-1):
     return cfg
 
 
+def _refuse(message):
+    raise SystemExit(message)
+
+
 def run_case(args):
     import torch
 
     from biapy.config import check_config, finalize, load_config
+    from biapy.config.load import merge_values
     from biapy.config.checks import cores_per_process
     from biapy.data.io import read_image
     from biapy.data.patches import grid_starts
@@ -234,7 +239,8 @@ def run_case(args):
     write_images(data / "test", size["image"], 1, ndim, seed=30)
     steps = args.steps or (3 if args.quick else size.get("steps", 12))
     cfg_dict = case_config(args.case, size, data, steps, device, args.workers)
-    cfg = load_config(cfg_dict, [text for item in args.set for text in item.split("=", 1)])  # as main.py's
+    cfg = load_config(cfg_dict)
+    merge_values(cfg, dict(parse_override(item, _refuse) for item in args.set), "--set")
     check_config(cfg)
     job = Job(tmp / "results", args.case, 1)
     cfg = finalize(cfg, job)
@@ -550,7 +556,8 @@ def main():
     ap.add_argument("--workers", type=int, default=-1,
                     help="SYSTEM.NUM_WORKERS for the four cases (default -1: automatic, as a run)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="change a key of the four cases' config; VALUE is read as YAML (e.g. TRAIN.COMPILE=True)")
+                    help="change a key of the four cases' config; VALUE is read as YAML and must have the key's type "
+                         "(e.g. TRAIN.COMPILE=True)")
     ap.add_argument("--workdir", help="where temporary data goes (default: system temp)")
     ap.add_argument("--torch-python", metavar="PYTHON",
                     help="also run the out-of-core line under this interpreter (another torch build, e.g. the "

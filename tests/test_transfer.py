@@ -1,16 +1,36 @@
 """biapy.utils.transfer: copies to a GPU that the host does not wait for, and border indices made once.
 
-The CUDA half (no synchronizing call anywhere in whole-image stitching) runs only where a GPU is present;
-on a CPU the same code paths are checked for their values and their caching."""
+The CUDA checks (no synchronizing call in whole-image stitching) run only where a GPU is present; on a
+CPU the same code paths are checked for their values and their caching."""
 import numpy as np
 import pytest
 import torch
 
+from biapy.config import get_defaults
+from biapy.data.normalization import Normalizer
 from biapy.data.patches import predict_whole
 from biapy.models.masking import _grid_order, grid_token_mask, random_token_mask
 from biapy.utils.transfer import index_on, queue_to_device
+from biapy.workflows.crappify import CrappifyWorkflow
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICES = ["cpu"] + (["cuda:0"] if torch.cuda.is_available() else [])
+
+
+class _NoWait:
+    """On a CUDA device, any call that makes the host wait for the GPU raises inside this block."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.set_sync_debug_mode("default")
 
 
 def test_index_on_cpu_is_the_array_itself():
@@ -43,32 +63,52 @@ def test_grid_mask_order_is_made_once_per_grid_and_device():
     assert torch.equal(m1[0], m2[0]) and int(m1[0].sum()) == 48
 
 
-@cuda
-def test_stitching_on_a_gpu_never_waits_for_it():
+def test_a_grid_mask_of_one_sample_does_not_share_the_cached_order():
+    _, keep, _ = grid_token_mask((8, 8), 0.75, 1, "cpu")
+    first = keep.clone()
+    keep.zero_()  # a caller's own tensor: the next mask is unchanged
+    assert torch.equal(grid_token_mask((8, 8), 0.75, 1, "cpu")[1], first)
+
+
+def test_masks_under_torch_compile_match_eager_without_the_cache():
+    _grid_order.cache_clear()
+    eager = grid_token_mask((6, 10), 0.75, 2, "cpu")[0]
+    compiled = torch.compile(lambda: grid_token_mask((6, 10), 0.75, 2, "cpu")[0], backend="eager", fullgraph=True)
+    assert torch.equal(compiled(), eager)
+    assert _grid_order.cache_info().misses == 1  # the eager call's; the compiled graph holds its own constant
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mirrored_stitching_gives_the_image_back_and_never_waits(device):
     # Mirrored borders on both axes, several rows of patches, batches of 3: every host-to-GPU copy the
-    # stitching makes (input rows, border indices) must be queued, not synchronizing.
+    # stitching makes (border indices) must be queued, not synchronizing.
     img = torch.rand(2, 150, 170)
-    expected = predict_whole(img, lambda b: b, (32, 32), (0.25, 0.25), (4, 4), batch_size=3)
-    gpu = img.cuda()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        got = predict_whole(gpu, lambda b: b * 1.0, (32, 32), (0.25, 0.25), (4, 4), batch_size=3)
-        masks = [random_token_mask(4, 196, 0.75, torch.Generator().manual_seed(0), gpu.device)[0],
-                 grid_token_mask((14, 14), 0.75, 4, gpu.device)[0]]
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.testing.assert_close(got.cpu(), expected)
+    with _NoWait(device):
+        got = predict_whole(img.to(device), lambda b: b * 1.0, (32, 32), (0.25, 0.25), (4, 4), batch_size=3)
+        masks = [random_token_mask(4, 196, 0.75, torch.Generator().manual_seed(0), device)[0],
+                 grid_token_mask((14, 14), 0.75, 4, device)[0]]
+    torch.testing.assert_close(got.cpu(), img)
     assert [int(m.sum()) for m in masks] == [4 * 147, 4 * 147]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_workflow_predicts_a_host_image_without_waiting(device):
+    """The test phase's path: a numpy image read, normalized and sent to the device a row block at a time."""
+    wf = object.__new__(CrappifyWorkflow)
+    wf.cfg, wf.device, wf.patch, wf.normalizer = get_defaults(), torch.device(device), (32, 32), Normalizer("div")
+    wf.cfg.DATA.TEST.OVERLAP, wf.cfg.DATA.TEST.PADDING, wf.cfg.TEST.BATCH_SIZE = (0.25, 0.25), (4, 4), 3
+    wf.model = torch.nn.Identity()
+    image = np.random.default_rng(0).integers(0, 255, (150, 170, 1)).astype(np.uint8)
+    stats = wf.normalizer.stats(image)
+    with _NoWait(device):
+        out = wf.predict_image(image, stats, "image.tif")
+    want = np.moveaxis(wf.normalizer.normalize(image, stats), -1, 0)
+    np.testing.assert_allclose(out.cpu().numpy(), want, rtol=1e-6, atol=1e-6)
+
+
 @cuda
-def test_workflow_rows_reach_the_gpu_without_a_wait():
+def test_queue_to_device_does_not_synchronize():
     t = torch.from_numpy(np.random.default_rng(0).random((64, 64), dtype=np.float32))
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        moved = queue_to_device(t, "cuda")
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    with _NoWait("cuda:0"):
+        moved = queue_to_device(t, "cuda:0")
     assert torch.equal(moved.cpu(), t)

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from biapy.utils.transfer import queue_to_device
+from biapy.utils.transfer import cache_key, queue_to_device
 
 # Order in which the 2^ndim offsets of one cell become visible (first = visible first).
 # Even-parity offsets come first (checkerboard at half), and the first quarter is a lattice.
@@ -91,8 +91,12 @@ def _grid_order(grid_shape, device):
 def grid_token_mask(grid_shape, ratio: float, B: int, device=None):
     """The regular dither pattern (see the module docstring), the same for all B samples."""
     L = math.prod(grid_shape)
-    order = _grid_order(tuple(int(g) for g in grid_shape), torch.device(device or "cpu"))
-    order = order.unsqueeze(0).expand(B, -1).contiguous()
+    grid_shape = tuple(int(g) for g in grid_shape)
+    if torch.compiler.is_compiling():  # the compiler ignores the cache: the order is a constant of the graph
+        order = torch.argsort(grid_rank(grid_shape, device))
+    else:
+        order = _grid_order(grid_shape, cache_key(device or "cpu"))
+    order = order.unsqueeze(0).repeat(B, 1)  # a copy, also for B == 1: the cached order is never handed out
     return _masks_from_order(order, L - hidden_count(L, ratio))
 
 

@@ -1,7 +1,7 @@
 """Host-to-GPU copies that do not stop the host.
 
-A copy from ordinary (pageable) host memory to a CUDA device waits for all the work already queued on
-the stream before it starts, so the host cannot run ahead of the GPU: at every such copy inside a loop
+After a copy from ordinary (pageable) host memory to a CUDA device the host waits until the stream has
+done all the work queued before it, so it cannot run ahead of the GPU: at every such copy inside a loop
 of forward passes the GPU drains and then idles while the host prepares the next launches. Whole-image
 prediction made one per row of patches and one per mirrored border patch, which cost it a third of its
 time on an H200. A copy from pinned memory is queued like a kernel.
@@ -20,9 +20,18 @@ PIN_LIMIT_BYTES = 64 << 20
 def queue_to_device(t: torch.Tensor, device) -> torch.Tensor:
     """`t` on `device`; from the CPU to a CUDA device through pinned memory, queued without waiting."""
     device = torch.device(device)
-    if device.type != "cuda" or t.device.type != "cpu" or t.numel() * t.element_size() > PIN_LIMIT_BYTES:
+    if (device.type != "cuda" or t.device.type != "cpu" or t.numel() * t.element_size() > PIN_LIMIT_BYTES
+            or torch.compiler.is_compiling()):  # in a compiled graph the compiler places the copy
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def cache_key(device) -> torch.device:
+    """`device` as a key of the caches below: 'cuda' names the current GPU, which may change, so the index."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 @functools.lru_cache(maxsize=256)
@@ -36,4 +45,4 @@ def index_on(idx: np.ndarray, device) -> torch.Tensor:
     device = torch.device(device)
     if device.type == "cpu":
         return torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
-    return _cached_index(np.ascontiguousarray(idx, dtype=np.int64).tobytes(), device)
+    return _cached_index(np.ascontiguousarray(idx, dtype=np.int64).tobytes(), cache_key(device))
