@@ -598,6 +598,8 @@ def main():
     print_table(rows, ooc, args.device, started, args.workers)
     if args.set:
         print(f"Config overrides: {', '.join(args.set)}")
+    if args.quick:
+        print("--quick: smoke-test sizes and steps, to check the script; its verdicts say nothing of the targets")
     if failed:
         print(f"\nFailed to run: {', '.join(failed)} (see the errors above)", file=sys.stderr)
         return 1

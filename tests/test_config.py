@@ -137,6 +137,9 @@ def test_command_line_overrides_win_over_the_yaml(tmp_path):
 
 @pytest.mark.parametrize("overrides, key", [
     ({"TRAIN": {"EPOCH": 3}}, "did you mean TRAIN.EPOCHS"),
+    ({"TRAIN": {"PATCH_SIZE": (64, 64, 1)}}, "did you mean DATA.PATCH_SIZE"),  # the name, another section
+    ({"train": {"epochs": 5}}, "did you mean TRAIN.EPOCHS"),  # keys are upper case
+    ({"TRAIN": {"PATH": "x"}}, "did you mean DATA.TRAIN.PATH"),
     ({"DATA": {"NORMALIZATION": {"TYP": "div"}}}, "did you mean DATA.NORMALIZATION.TYPE"),
     ({"TRAIN": {"EPOCHS": "ten"}}, "TRAIN.EPOCHS: expected an integer"),
     ({"TRAIN": {"ENABLE": "yes"}}, "TRAIN.ENABLE: expected a boolean"),

@@ -220,8 +220,10 @@ def test_ndim_3d_with_2d_images(world, intact, capsys):
 
 
 def test_patch_larger_than_every_image(world, intact, capsys):
-    assert world.run(world.cfg(DATA={"PATCH_SIZE": (128, 128, 1)}), "big_patch") == 3
+    x, _ = world.bad_folder("big_patch")
+    assert world.run(world.cfg(DATA={"PATCH_SIZE": (128, 128, 1), "TRAIN": {"PATH": str(x)}}), "big_patch") == 3
     one_error_line(capsys, "DATA.TRAIN.PATH", "smaller than DATA.PATCH_SIZE (128, 128)", "img_03.tif")
+    assert not x.with_name("x_ssl_source").exists()  # refused before crappify degraded a copy of every image
 
 
 def test_patch_larger_than_one_image_without_padding(world, intact, capsys):

@@ -327,7 +327,7 @@ _C.TRAIN.LR_SCHEDULER.REDUCEONPLATEAU_PATIENCE = -1
 _C.TEST = CN()
 # Run the test phase (whole images predicted by stitched patches).
 _C.TEST.ENABLE = True
-# Metrics on test images; [] = the workflow's default (psnr, ssim, mae, mse / iou, dice).
+# Metrics on test images; [] = the workflow's default (psnr, ssim, mae, mse / iou, dice over foreground classes).
 _C.TEST.METRICS = []
 # Predict each test image whole in one forward pass (mirrored up to the pooling's multiple), not by patches (CNNs only).
 _C.TEST.FULL_IMG = False

@@ -125,10 +125,15 @@ def coerce(key, value, default):
 
 
 def _suggest(key, valid):
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    key = key.upper()  # keys are upper case; 'train.epochs' is TRAIN.EPOCHS
+    section, _, leaf = key.rpartition(".")
+    # The right name under the wrong section (TRAIN.PATCH_SIZE for DATA.PATCH_SIZE) says more than a
+    # one-letter neighbour in the same section (TRAIN.BATCH_SIZE).
+    elsewhere = [v for v in valid if v.rpartition(".")[2] == leaf]
+    close = [key] if key in valid else difflib.get_close_matches(key, elsewhere, n=1, cutoff=0)
+    close = close or difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     if not close:
         # A misspelt last part under a right section: compare the last parts only.
-        section, _, leaf = key.rpartition(".")
         same_section = [v for v in valid if v.rpartition(".")[0] == section]
         leaves = difflib.get_close_matches(leaf, [v.rpartition(".")[2] for v in same_section], n=1, cutoff=0.5)
         close = [f"{section}.{leaves[0]}"] if leaves else []

@@ -43,8 +43,9 @@ class SegmentationWorkflow(Workflow):
         """A class id outside [0, N_CLASSES) would stop the loss with an index error (a device assert on GPU),
         or, at test, drop those pixels from the scores without a word."""
         if low < 0 or high >= self.n_classes:
+            hint = "; a binary mask saved as 0/255? Save it as 0/1" if high == 255 and self.n_classes == 2 else ""
             raise DataError(f"{where}: holds class id {high if high >= self.n_classes else low} but "
-                            f"MODEL.N_CLASSES is {self.n_classes} (ids must be 0..{self.n_classes - 1})")
+                            f"MODEL.N_CLASSES is {self.n_classes} (ids must be 0..{self.n_classes - 1}{hint})")
 
     def prepare_training(self):
         super().prepare_training()
