@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 import yaml
 
@@ -291,6 +292,18 @@ def test_images_with_different_channel_counts(world, intact, capsys):
                                 lambda p: write_image(p, np.zeros((48, 48, 3), np.uint8), 2))
     assert world.run(world.cfg(DATA={"TRAIN": {"PATH": str(x)}}), "channels") == 3
     one_error_line(capsys, victim.name, "3 channel(s)")
+
+
+def test_stacks_without_axis_names_in_2d_are_named_as_such(world, intact, capsys):
+    x, _, victim = _spoil_first(world, "stack_no_axes",
+                                lambda p: tifffile.imwrite(p, np.zeros((64, 48, 48), np.uint8)))  # no ImageJ axes
+    assert world.run(world.cfg(DATA={"TRAIN": {"PATH": str(x)}}), "stack_no_axes") == 3
+    one_error_line(capsys, victim.name, "has 48 channel(s)", "all images must match", "stack of slices")
+    for f in x.iterdir():  # all of them stacks: the patch's channel count is the one that differs
+        tifffile.imwrite(f, np.zeros((64, 48, 48), np.uint8))
+    assert world.run(world.cfg(DATA={"TRAIN": {"PATH": str(x)}}), "stack_no_axes_all") == 3
+    line = one_error_line(capsys, "reads as 48 channels", "save it with ImageJ or OME axes")
+    assert line.index("ImageJ") < line.index("set DATA.PATCH_SIZE's last value to 48")  # the likely cause first
 
 
 def test_patch_channels_differ_from_the_images(world, intact, capsys):

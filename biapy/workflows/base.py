@@ -17,7 +17,7 @@ from tqdm import tqdm
 from biapy.config import ndim_of
 from biapy.data.augmentation import Augmentor
 from biapy.data.datasets import PatchDataset, split_train_val
-from biapy.data.io import (check_consistent_channels, check_unique_stems, count_non_finite, image_shape, list_images,
+from biapy.data.io import (NO_AXES, check_consistent_channels, check_unique_stems, count_non_finite, image_shape, list_images,
                            non_finite_error, open_image_lazy, read_image, write_image, write_image_slices)
 from biapy.data.normalization import Normalizer
 from biapy.data.patches import assemble, predict_augmented, predict_full, predict_slabs
@@ -59,11 +59,13 @@ class Workflow(ABC):
     def _check_channels(self, files, key):
         found = check_consistent_channels(files, self.ndim, key)
         if found != self.channels:
-            # Many 'channels' usually mean a file without axis names whose last axis is not its channels.
-            layout = (" (a file without axis names reads as (z,) y, x, channels; if it is a stack of slices or "
-                      "holds channels elsewhere, save it with ImageJ or OME axes)") if found > 8 else ""
-            raise DataError(f"{files[0]}: has {found} channel(s) but DATA.PATCH_SIZE {tuple(self.cfg.DATA.PATCH_SIZE)} "
-                            f"asks for {self.channels}; set its last value to {found}{layout}")
+            patch = tuple(self.cfg.DATA.PATCH_SIZE)
+            if found > 8:  # many 'channels': most likely a file without axis names whose last axis is not channels
+                raise DataError(f"{files[0]}: reads as {found} channels, where DATA.PATCH_SIZE {patch} asks for "
+                                f"{self.channels}. {NO_AXES[0].upper()}{NO_AXES[1:]}; if it has {found} channels, set "
+                                f"DATA.PATCH_SIZE's last value to {found}")
+            raise DataError(f"{files[0]}: has {found} channel(s) but DATA.PATCH_SIZE {patch} asks for {self.channels}; "
+                            f"set its last value to {found}")
 
     def _check_patch_fits_images(self, files, key):
         """Stop when every training image is smaller than the patch along an axis: each patch would be mostly
