@@ -237,3 +237,35 @@ def test_reconstruction_images_in_tensorboard_are_at_the_epoch_of_the_scalars(da
     for tag in images:
         steps = [e.step for e in acc.Images(tag)]
         assert sorted(set(steps)) == [1, 2] and steps.count(1) == steps.count(2), (tag, steps)
+
+
+@pytest.mark.parametrize("arch", ["mae", "unet"])
+def test_validation_masks_are_the_same_every_epoch(arch, data2d, tmp_path):
+    """The validation loss picks the best checkpoint and stops early: it must move with the model, not with
+    which tokens happened to be hidden that epoch. Training masks stay random."""
+    import torch
+
+    from biapy.config import check_config, finalize, load_config
+    from biapy.engine.distributed import init_distributed
+    from biapy.engine.trainer import Trainer
+    from biapy.job import Job
+    from biapy.workflows import get_workflow
+
+    model = dict(MAE_MODEL) if arch == "mae" else {"MAE_MASK_RATIO": 0.5}
+    cfg = load_config(tiny_config(data2d, 2, PROBLEM={"SELF_SUPERVISED": {"PRETEXT_TASK": "masking",
+                                                                          "MASK_BLOCK_SIZE": 4}}, MODEL=model))
+    check_config(cfg)
+    job = Job(tmp_path, "val", 1)
+    cfg = finalize(cfg, job)
+    wf = get_workflow(cfg)(cfg, job, init_distributed("gloo"), torch.device("cpu"))
+    wf.prepare_training()
+    trainer = Trainer(wf)
+    trainer._apply_freeze(0)
+    torch.manual_seed(1)
+    first = trainer._validate(0)[0]
+    torch.manual_seed(2)  # the global RNG, which drew the masks before, moved on
+    assert trainer._validate(1)[0] == first
+    batch = next(iter(wf.train_loader))
+    wf.model = trainer.train_model
+    masks = [wf.compute_loss(batch, train=True)[1][2] for _ in range(2)]
+    assert not torch.equal(*masks)

@@ -142,6 +142,9 @@ def test_the_metrics_table_skips_missing_values_and_fits_big_numbers():
     assert skipped_note(rows[:1]) == ""
     table = format_table({"psnr": 25.0, "mse": 2e56, "mae": 0.0001}, "T")
     assert table.splitlines()[2] == "mean       25.0000  2.0000e+56  1.0000e-04"
+    # uint16 images: an MAE in the thousands and an MSE in the millions stay two columns, also when negative
+    row = format_table({"mae": 1806.8289, "mse": 7682127.3902, "d": -123456.1234, "e": -99999.5}, "T").splitlines()[2]
+    assert row.split()[1:] == ["1806.8289", "7.6821e+06", "-1.2346e+05", "-99999.5000"]
 
 
 @pytest.mark.parametrize("level", [7.0, 0.0])

@@ -103,6 +103,9 @@ class FakeWorkflow:
         pred, y = outputs
         return {"mae": (float((pred - y).abs().mean()) * len(y), len(y))}
 
+    def on_validation_start(self):
+        self.validations = getattr(self, "validations", 0) + 1
+
     def on_epoch_end(self, epoch, tb, final=False):
         self.epoch_calls.append((epoch, final))
         if tb is not None and final:
@@ -168,6 +171,7 @@ def test_fit_writes_checkpoints_logs_charts_tensorboard(tmp_path):
     assert len(acc.Scalars("loss/train")) == 4
     assert "reconstruction/x" in acc.Tags()["images"]
     assert wf.epoch_calls == [(0, False), (1, False), (2, False), (3, False), (3, True)]
+    assert wf.validations == 4  # the hook that lets masking re-seed its validation masks: once per pass
     assert wf.model is not None and isinstance(wf.model, TinyNet)
     # A finished run is not trained again.
     wf2 = FakeWorkflow(cfg, tmp_path)

@@ -397,6 +397,7 @@ class Trainer:
             return None, {}
         self.model.eval()
         wf.model = self.eval_model
+        wf.on_validation_start()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = 0
         averager = MetricAverager()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import EngFormatter, MaxNLocator
 
 from biapy.utils.files import atomic_path
 
@@ -98,6 +99,10 @@ def plot_model(model, path) -> None:
     ax.barh([r[0] for r in rows][::-1], [r[1] for r in rows][::-1], color="tab:blue")
     for i, (_, n) in enumerate(rows[::-1]):
         ax.text(n, i, f" {n:,}", va="center", fontsize=8)
+    # Room right of the longest bar for its count; few ticks, as 100k or 1M, so their labels never run together.
+    ax.set_xlim(0, max(n for _, n in rows) * 1.35 or 1)
+    ax.xaxis.set_major_locator(MaxNLocator(4))
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))
     ax.set_xlabel("parameters")
     ax.set_title(f"{type(model).__name__}: {total:,} parameters")
     _save(fig, path)

@@ -61,6 +61,7 @@ class MaskingWorkflow(Workflow):
         self.token_size = cfg.MODEL.VIT_TOKEN_SIZE if self.is_vit else ssl.MASK_BLOCK_SIZE
         self.ratio = cfg.MODEL.MAE_MASK_RATIO
         self._mask_generator = None  # test masks: set per image by predict_slabs
+        self._val_generator = None  # validation masks: re-seeded before each validation pass
         self._checked_epoch = None  # the epoch whose MAE_checks were written last
 
     def input_target_files(self, split):
@@ -74,9 +75,17 @@ class MaskingWorkflow(Workflow):
         mask = block_mask(x.shape[0], tuple(x.shape[2:]), self.token_size, self.ratio, generator, x.device)
         return self.model(x * (1 - mask)), mask
 
+    def on_validation_start(self):
+        # The same masks every epoch (validation patches come in a fixed order): with fresh ones, the validation
+        # loss moved with the masks' luck more than with the model, and so did the best checkpoint and early
+        # stopping. A CPU generator, as for test masks: its draws do not depend on the device.
+        self._val_generator = torch.Generator().manual_seed(self.cfg.SYSTEM.SEED + 7919 * (self.dist.rank + 1))
+
     def compute_loss(self, batch, train):
         x, _ = self.to_device(batch)
-        pred, mask = self.masked_forward(x)
+        if not train and self._val_generator is None:
+            self.on_validation_start()
+        pred, mask = self.masked_forward(x, None if train else self._val_generator)
         ssl = self.cfg.PROBLEM.SELF_SUPERVISED
         loss = masked_reconstruction_loss(pred, x, mask, self.token_size, ssl.NORM_PIX_LOSS,
                                           ssl.LOSS_ON_MASKED_ONLY, kind=self._loss_kind())

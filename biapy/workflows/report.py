@@ -57,8 +57,9 @@ def skipped_note(rows):
 
 
 def _cell(value) -> str:
-    """12 characters: fixed-point, or scientific where fixed-point would not fit or would show only zeros."""
-    if np.isfinite(value) and value != 0 and not 1e-3 <= abs(value) < 1e7:
+    """12 characters with at least one space before the number: fixed-point, or scientific where fixed-point
+    would not leave that space (|value| >= 1e5, e.g. the MSE of uint16 images) or would show only zeros."""
+    if np.isfinite(value) and value != 0 and not 1e-3 <= abs(value) < 1e5:
         return f"{value:>12.4e}"
     return f"{value:>12.4f}"
 
