@@ -114,3 +114,20 @@ def test_world_size_without_torchrun_is_refused_in_one_line(monkeypatch):
     monkeypatch.delenv("MASTER_PORT", raising=False)
     with pytest.raises(ConfigError, match=r"^WORLD_SIZE=2 is set but MASTER_ADDR and MASTER_PORT not: .*torch.distributed.run"):
         init_distributed("gloo")
+
+
+def test_a_validation_set_smaller_than_the_job_leaves_a_rank_without_patches_and_no_hang(data2d, tmp_path):
+    """One validation patch for two processes: rank 1's share is empty (no sample is repeated to fill it, so
+    none counts twice), yet it takes part in the sums over ranks, and the job ends."""
+    from biapy.data.io import write_image
+    from biapy.data.synthetic import nuclei_image
+
+    val = tmp_path / "val"
+    write_image(val / "only.tif", nuclei_image((32, 32), n_nuclei=3, radius=(3, 6), seed=5)[0], 2)
+    cfg = tiny_config(data2d, 2, TRAIN={"EPOCHS": 1, "BATCH_SIZE": 2})
+    cfg["DATA"]["VAL"] = {"FROM_TRAIN": False, "PATH": str(val)}
+    done = _torchrun(cfg, tmp_path, "oneval")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "1 validation image(s), 1 patches" in done.stdout
+    record = json.loads(next(Job(tmp_path / "out", "oneval", 1).train_logs.glob("*.jsonl")).read_text().splitlines()[0])
+    assert record["val_loss"] > 0

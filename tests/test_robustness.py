@@ -322,15 +322,30 @@ def test_nan_or_inf_pixels(world, intact, capsys, value):
     one_error_line(capsys, victim.name, "NaN or Inf")
 
 
+def _one_nan_pixel(p):
+    img = read_image(p, 2).astype(np.float32)
+    img[3, 4, 0] = np.nan
+    write_image(p, img, 2)
+
+
 def test_nan_pixels_in_a_test_image(world, intact, capsys):
-    def spoil(p):
-        img = read_image(p, 2).astype(np.float32)
-        img[3, 4, 0] = np.nan
-        write_image(p, img, 2)
-    x, _, victim = _spoil_first(world, "nonfinite_test", spoil)
+    x, _, victim = _spoil_first(world, "nonfinite_test", _one_nan_pixel)
     cfg = _from_checkpoint(world, world.good_job.checkpoint("best"), DATA={"TEST": {"PATH": str(x)}})
     assert world.run(cfg, "nonfinite_test") == 3
     one_error_line(capsys, victim.name, "NaN")
+
+
+def test_a_new_run_refused_for_its_test_images_writes_no_augmentation_samples(world, intact, capsys):
+    x, _, victim = _spoil_first(world, "nonfinite_test_new_run", _one_nan_pixel)
+    job_id = world.next_id + 1
+    cfg = world.cfg(DATA={"TEST": {"PATH": str(x)}}, TEST={"ENABLE": True},
+                    AUGMENTOR={"ENABLE": True, "HFLIP": True, "AUG_SAMPLES": True, "AUG_NUM_SAMPLES": 2})
+    assert world.run(cfg, "nonfinite_test_new_run") == 3
+    one_error_line(capsys, victim.name, "NaN")
+    assert not Job(world.out, GOOD, job_id).aug.exists()  # checks first, then the samples
+    cfg["DATA"]["TEST"]["PATH"] = world.cfg()["DATA"]["TEST"]["PATH"]
+    assert world.run(cfg, "good_test_new_run") == 0
+    assert len(list(Job(world.out, GOOD, job_id + 1).aug.glob("aug_*_x.tif"))) == 2
 
 
 def test_constant_image_trains_without_nan_and_writes_only_under_result_dir(world, intact, capsys):
@@ -627,11 +642,7 @@ def test_traceback_only_with_verbose(world, intact, capsys):
 def test_a_test_rerun_that_fails_midway_keeps_the_runs_outputs_and_metrics(world, intact, capsys, train):
     """The first test image is written before the second (NaN) one fails: the staged outputs are dropped,
     per_image/, the metrics CSV and the config copies of run 1 stay as they were (`intact`)."""
-    def spoil(p):
-        img = read_image(p, 2).astype(np.float32)
-        img[3, 4, 0] = np.nan
-        write_image(p, img, 2)
-    x, _, victim = _spoil_first(world, f"rerun_nan_test_{train}", spoil)
+    x, _, victim = _spoil_first(world, f"rerun_nan_test_{train}", _one_nan_pixel)
     cfg = world.cfg(TRAIN={"ENABLE": train, "EPOCHS": 1}, TEST={"ENABLE": True}, DATA={"TEST": {"PATH": str(x)}})
     assert world.run(cfg, f"rerun_nan_test_{train}", run_id=1) == 3
     one_error_line(capsys, victim.name, "NaN")

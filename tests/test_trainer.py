@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -225,6 +226,27 @@ def test_resume_with_another_batch_size_restarts_the_epoch_and_continues_the_lr_
     assert "stopped at step 2 of 6, but an epoch here has 3 steps on 1 process(es): epoch 2 restarts" in caplog.text
     assert resumed.steps == 3 * 3
     # Epochs 2-4 use the updates 3..11 of this layout's schedule, as a run at this batch size from the start.
+    assert [r["lr"] for r in history[1:]] == pytest.approx([r["lr"] for r in straight[1:]])
+    assert min(r["lr"] for r in history) > 0
+
+
+@pytest.mark.parametrize("before, after, n, stop_at", [({"BATCH_SIZE": 2}, {"BATCH_SIZE": 2, "ACCUM_ITER": 2}, 12, 8),
+                                                     ({"BATCH_SIZE": 4}, {"BATCH_SIZE": 5}, 15, 5)])
+def test_resume_with_another_update_layout_but_the_same_step_count_restarts_the_epoch(tmp_path, caplog, before,
+                                                                                       after, n, stop_at):
+    """ACCUM_ITER 1 -> 2 keeps the steps per epoch but halves the updates: the saved update count lay past this
+    layout's last one (a learning rate of 0 for the rest of the run). BATCH_SIZE 4 -> 5 on 15 patches keeps 3
+    steps an epoch, but step 2 of one layout is not step 2 of the other."""
+    sched = {"LR_SCHEDULER.NAME": "warmupcosine", "LR_SCHEDULER.WARMUP_COSINE_DECAY_EPOCHS": 1.0}
+    wf = FakeWorkflow(make_cfg(**before, **sched), tmp_path / "b", n=n, sigint_at=stop_at)  # in epoch 2
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(wf).fit()
+    other = make_cfg(**after, **sched)
+    straight = Trainer(FakeWorkflow(other, tmp_path / "a", n=n)).fit()
+    resumed = FakeWorkflow(other, tmp_path / "b", n=n)
+    with caplog.at_level("WARNING"):
+        history = Trainer(resumed).fit()
+    assert "epoch 2 restarts from its first step" in caplog.text
     assert [r["lr"] for r in history[1:]] == pytest.approx([r["lr"] for r in straight[1:]])
     assert min(r["lr"] for r in history) > 0
 
@@ -509,3 +531,39 @@ def test_releasing_workers_lets_an_interrupt_through(monkeypatch):
         assert loader._iterator is None
     finally:
         monkeypatch.undo()  # before the iterator's __del__ runs again
+
+
+def test_a_signal_delivered_twice_under_torchrun_is_one_request():
+    """Slurm signals every process and torchrun's agent forwards the signal to each again: a copy of the
+    same signal within the window must not turn the saving stop into an unsaved one. A single process,
+    or another signal, or the same one later, still stops at once."""
+    from biapy.engine.trainer import StopRequest
+
+    single = StopRequest()
+    single._handle(signal.SIGTERM, None)
+    with pytest.raises(KeyboardInterrupt):
+        single._handle(signal.SIGTERM, None)
+    job = StopRequest(duplicate_window_s=2.0)
+    job._handle(signal.SIGTERM, None)
+    job._handle(signal.SIGTERM, None)  # the forwarded copy
+    assert job.requested
+    with pytest.raises(KeyboardInterrupt):
+        job._handle(signal.SIGINT, None)
+    late = StopRequest(duplicate_window_s=0.05)
+    late._handle(signal.SIGTERM, None)
+    time.sleep(0.1)
+    with pytest.raises(KeyboardInterrupt):
+        late._handle(signal.SIGTERM, None)
+
+
+@pytest.mark.parametrize("n", [9, 1])
+def test_validation_shards_hold_every_sample_once_over_the_ranks(n):
+    """DistributedSampler evens the shards by repeating samples (9 over 2 ranks: sample 0 twice), which the
+    validation loss and metrics, summed over ranks, then counted twice. Training keeps its even shards."""
+    from types import SimpleNamespace
+
+    shards = [list(make_loader(EpochData(n), 2, False, SimpleNamespace(enabled=True, world_size=2, rank=r)).sampler)
+              for r in range(2)]
+    assert sorted(shards[0] + shards[1]) == list(range(n))
+    train = make_loader(EpochData(9), 2, True, SimpleNamespace(enabled=True, world_size=2, rank=0), drop_last=True)
+    assert len(train.sampler) == 4

@@ -48,14 +48,32 @@ def _init_worker(worker_id):
     random.seed(seed)
 
 
+class ShardSampler(Sampler):
+    """Indices rank, rank + world, ... of n: every sample once over all ranks, shards one apart in size (one
+    may be empty). For validation, whose sums are added over ranks: DistributedSampler evens the shards by
+    repeating samples, which then counted twice in the validation loss and metrics."""
+
+    def __init__(self, n, rank, world):
+        self.indices = range(rank, n, world)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
 def make_loader(dataset, batch_size, shuffle, dist, num_workers=0, seed=0, drop_last=False, pin_memory=False):
-    """A DataLoader for `dataset`: DistributedSampler across ranks, else a seeded `EpochSampler`.
+    """A DataLoader for `dataset`: across ranks a DistributedSampler (training: shuffled, even shards) or a
+    `ShardSampler` (in order, no sample twice), else a seeded `EpochSampler`.
 
     Persistent workers when num_workers > 0; pinned memory when asked (SYSTEM.PIN_MEM, on a GPU).
     """
-    if dist is not None and dist.enabled:
+    if dist is not None and dist.enabled and (shuffle or drop_last):
         sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=shuffle,
                                      seed=seed, drop_last=drop_last)
+    elif dist is not None and dist.enabled:
+        sampler = ShardSampler(len(dataset), dist.rank, dist.world_size)
     else:
         sampler = EpochSampler(len(dataset), shuffle, seed)
     workers = max(0, int(num_workers))

@@ -2,7 +2,8 @@
 
 Payload keys: model, optimizer, scheduler, scaler, epoch (epochs completed, or the epoch in progress when
 step_in_epoch > 0), step_in_epoch, partial_loss (sum, count of that partial epoch over all ranks),
-epoch_steps and world_size (the layout step_in_epoch refers to), best_val, bad_epochs,
+epoch_steps, world_size, batch_size and accum_iter (the layout step_in_epoch and the scheduler's update
+count refer to), best_val, bad_epochs,
 stopped_early, history, rng (torch/numpy/python/cuda), config (YAML text), metadata, extras.
 """
 import logging
@@ -31,6 +32,8 @@ def build_payload(t, epoch, step_in_epoch=0, partial_loss=(0.0, 0)) -> dict:
         "partial_loss": [float(partial_loss[0]), int(partial_loss[1])],  # summed over every rank
         "epoch_steps": len(t.wf.train_loader),  # per rank: where step_in_epoch is valid
         "world_size": int(t.dist.world_size),
+        "batch_size": int(t.cfg.TRAIN.BATCH_SIZE),  # another one can give the same step count, not the same steps
+        "accum_iter": int(t.accum),  # another one gives the same steps but other updates
         "best_val": float(t.best_val),
         "bad_epochs": int(t.bad_epochs),
         "stopped_early": bool(t.stopped_early),
@@ -61,7 +64,7 @@ def restore_training(t, state, path, with_rng=True) -> None:
     t.start_epoch = int(state.get("epoch", 0))
     t.skip_steps = int(state.get("step_in_epoch", 0))
     t.partial_loss = tuple(state.get("partial_loss", (0.0, 0)))
-    _fit_layout(t, {k: int(state[k]) for k in ("epoch_steps", "world_size") if k in state})
+    _fit_layout(t, {k: int(state[k]) for k in LAYOUT if k in state})
     t.best_val = float(state.get("best_val", float("inf")))
     t.bad_epochs = int(state.get("bad_epochs", 0))
     t.stopped_early = bool(state.get("stopped_early", False))
@@ -70,17 +73,27 @@ def restore_training(t, state, path, with_rng=True) -> None:
         set_rng_states(state.get("rng"))
 
 
+# What a step and an update are: a checkpoint saved mid-epoch resumes at its step only where all of them match.
+LAYOUT = ("epoch_steps", "world_size", "batch_size", "accum_iter")
+
+
 def _fit_layout(t, saved):
-    """A checkpoint of another epoch layout (TRAIN.BATCH_SIZE, the data or the number of processes changed): its
-    interrupted epoch restarts from its first step. From an epoch's start, the LR schedule, which counts updates,
+    """A checkpoint of another epoch layout (TRAIN.BATCH_SIZE, TRAIN.ACCUM_ITER, the data or the number of
+    processes changed): its interrupted epoch restarts from its first step. From an epoch's start, the LR schedule, which counts updates,
     goes on from the updates of the epochs before it in this layout (with TRAIN.BATCH_SIZE or TRAIN.ACCUM_ITER
     changed, the saved count can lie past this run's last update: a learning rate of 0)."""
-    steps, world = len(t.wf.train_loader), t.dist.world_size
-    same = saved.get("epoch_steps", steps) == steps and saved.get("world_size", world) == world
-    if t.skip_steps and not same:
-        log.warning("The checkpoint stopped at step %d of %s, but an epoch here has %d steps on %d process(es): "
-                    "epoch %d restarts from its first step", t.skip_steps, saved.get("epoch_steps", "?"), steps,
-                    world, t.start_epoch + 1)
+    here = {"epoch_steps": len(t.wf.train_loader), "world_size": t.dist.world_size,
+            "batch_size": int(t.cfg.TRAIN.BATCH_SIZE), "accum_iter": t.accum}
+    changed = [k for k in LAYOUT if saved.get(k, here[k]) != here[k]]  # checkpoints before a key: taken as equal
+    if t.skip_steps and changed:
+        if changed[0] in ("epoch_steps", "world_size"):
+            log.warning("The checkpoint stopped at step %d of %s, but an epoch here has %d steps on %d process(es): "
+                        "epoch %d restarts from its first step", t.skip_steps, saved.get("epoch_steps", "?"),
+                        here["epoch_steps"], here["world_size"], t.start_epoch + 1)
+        else:
+            key = {"batch_size": "TRAIN.BATCH_SIZE", "accum_iter": "TRAIN.ACCUM_ITER"}[changed[0]]
+            log.warning("The checkpoint stopped at step %d with %s %d, here it is %d: epoch %d restarts from its "
+                        "first step", t.skip_steps, key, saved[changed[0]], here[changed[0]], t.start_epoch + 1)
         t.skip_steps, t.partial_loss = 0, (0.0, 0)
     if not t.skip_steps:  # the same count as the saved one when nothing changed
         t.scheduler.restart_at(t.start_epoch * t.steps_per_epoch)

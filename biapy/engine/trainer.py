@@ -105,16 +105,25 @@ class AgreedStop(KeyboardInterrupt):
 
 
 class StopRequest:
-    """SIGINT/SIGTERM handlers (main thread only) that ask the loop to stop at the next update."""
+    """SIGINT/SIGTERM handlers (main thread only) that ask the loop to stop at the next update; a second signal
+    stops at once. `duplicate_window_s`: the same signal again within this many seconds is the first one
+    delivered twice, not a second request. Under torchrun that happens whenever the signal reaches every
+    process (Slurm's SIGTERM at a time limit): torchrun's agent gets it too and forwards it to each of them,
+    and a process that took the copy for "stop at once" quit without saving while the others saved."""
 
-    def __init__(self):
+    def __init__(self, duplicate_window_s=0.0):
         self.requested = False
+        self.window = float(duplicate_window_s)
+        self._first = None  # (signal, monotonic time) of the request
         self._previous = {}
 
     def _handle(self, signum, frame):
+        now = time.monotonic()
         if self.requested:
+            if signum == self._first[0] and now - self._first[1] < self.window:
+                return
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self._first = True, (signum, now)
         log.warning("%s received: finishing the current step and saving the last checkpoint "
                     "(send it again to stop at once)", signal.Signals(signum).name)
 
@@ -164,7 +173,7 @@ class Trainer:
         self.best_val, self.bad_epochs, self.stopped_early = math.inf, 0, False
         self.history = []
         self.config_text = dump_config(self.cfg)  # stored in every checkpoint; dumping takes ~6 ms
-        self.stop = StopRequest()
+        self.stop = StopRequest(duplicate_window_s=2.0 if self.dist.enabled else 0.0)
         self.train_model = self.eval_model = self.ddp = None
         self._frozen = None
 
@@ -393,7 +402,7 @@ class Trainer:
     @torch.no_grad()
     def _validate(self, epoch):
         wf, loader = self.wf, self.wf.val_loader
-        if loader is None or len(loader) == 0:
+        if loader is None or len(loader.dataset) == 0:  # the same on every rank; a rank's own share may be empty
             return None, {}
         self.model.eval()
         wf.model = self.eval_model

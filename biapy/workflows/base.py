@@ -121,8 +121,6 @@ class Workflow(ABC):
         self.val_loader = make_loader(self.val_dataset, batch, shuffle=False, drop_last=False, **common)
         log.info("Data: %d training image(s), %d patches/epoch; %d validation image(s), %d patches",
                  len(inputs), n_train, len(val_inputs), len(self.val_dataset))
-        if self.dist.is_main and cfg.AUGMENTOR.ENABLE and cfg.AUGMENTOR.AUG_SAMPLES:
-            self._write_aug_samples()
 
     def _fit_custom_normalization(self, files):
         """Dataset mean/std from the training images (lazily opened ones measured on a bounded sample, as
@@ -180,6 +178,10 @@ class Workflow(ABC):
             self.prepare_training()
             if self.cfg.TEST.ENABLE:
                 test_files = self.check_test_inputs()
+            # Only once every input passed its checks: a run refused for its test images leaves nothing behind.
+            aug = self.cfg.AUGMENTOR
+            if self.dist.is_main and aug.ENABLE and aug.AUG_SAMPLES:
+                self._write_aug_samples()
             Trainer(self).fit()
         if self.cfg.TEST.ENABLE:
             load_for_test(self)
