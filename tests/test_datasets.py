@@ -150,15 +150,15 @@ def test_z_flip_of_a_one_slice_patch_gives_a_tensor(tmp_path, target_mode):
     ds.set_epoch(0)
     x, y = ds[0]
     assert x.shape == (1, 1, 8, 8) and all(s > 0 for s in x.stride())
-    assert y.shape == ((1, 1, 8, 8) if target_mode == "image" else (0,))  # 'same': the workflow takes x
+    assert y.shape == ((1, 1, 8, 8) if target_mode == "image" else ())  # 'same': the sample's index
 
 
 def test_same_mode_batches_carry_the_input_once(tmp_path):
-    """Masking's target is its input: batches hold x alone beside an empty y, not a second copy to collate,
-    pass between processes, pin and send to the device."""
+    """Masking's target is its input: batches hold x beside the samples' indices, not a second copy to
+    collate, pass between processes, pin and send to the device."""
     files = _write(tmp_path / "x", [(32, 32)], 2, seed=3)
     ds = PatchDataset(files, None, 2, (16, 16), Normalizer(), "same", patches_per_image=4)
     ds.set_epoch(0)
     x, y = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
-    assert x.shape == (4, 1, 16, 16) and y.shape == (4, 0)
+    assert x.shape == (4, 1, 16, 16) and y.tolist() == [0, 1, 2, 3]
     torch.testing.assert_close(x, torch.stack([ds[i][0] for i in range(4)]))

@@ -131,3 +131,28 @@ def test_a_validation_set_smaller_than_the_job_leaves_a_rank_without_patches_and
     assert "1 validation image(s), 1 patches" in done.stdout
     record = json.loads(next(Job(tmp_path / "out", "oneval", 1).train_logs.glob("*.jsonl")).read_text().splitlines()[0])
     assert record["val_loss"] > 0
+
+
+def test_the_validation_loss_under_two_processes_is_that_of_the_saved_model_in_one(data2d, tmp_path):
+    """Each process validates its share of the patches (none twice) with rank 0's batch-norm statistics, the
+    model rank 0 saves: the logged loss is the one a single process gets from the checkpoint. DDP had left
+    each rank its own statistics of its last batches, and the sampler repeated a patch to even the shares."""
+    from biapy.config import check_config, finalize, load_config
+    from biapy.engine.checkpoint import load_checkpoint
+    from biapy.engine.distributed import init_distributed
+    from biapy.engine.trainer import Trainer
+    from biapy.workflows import get_workflow
+
+    cfg = tiny_config(data2d, 2, TRAIN={"EPOCHS": 1, "BATCH_SIZE": 2})
+    done = _torchrun(cfg, tmp_path, "valsum")
+    assert done.returncode == 0, done.stderr[-3000:]
+    job = Job(tmp_path / "out", "valsum", 1)
+    logged = json.loads(next(job.train_logs.glob("*.jsonl")).read_text().splitlines()[0])["val_loss"]
+    one = finalize(load_config(cfg), Job(tmp_path / "one", "valsum", 1))
+    check_config(one)
+    wf = get_workflow(one)(one, Job(tmp_path / "one", "valsum", 1), init_distributed("gloo"), torch.device("cpu"))
+    wf.prepare_training()
+    wf.model.load_state_dict(load_checkpoint(job.checkpoint("last"))["model"])
+    trainer = Trainer(wf)
+    trainer._apply_freeze(0)
+    assert trainer._validate(0)[0] == pytest.approx(logged, rel=1e-5)

@@ -269,3 +269,26 @@ def test_validation_masks_are_the_same_every_epoch(arch, data2d, tmp_path):
     wf.model = trainer.train_model
     masks = [wf.compute_loss(batch, train=True)[1][2] for _ in range(2)]
     assert not torch.equal(*masks)
+
+
+def test_validation_masks_depend_on_the_patch_alone_not_on_batches_or_processes():
+    """Under torchrun each process validates its own share (patches r, r + world, ...): the mask of a patch
+    must not depend on which share or batch it came in, or losses of runs with another process count or
+    batch size, or of a resumed run, would not compare."""
+    import torch
+
+    from biapy.config import get_defaults
+    from biapy.models.masking import random_token_mask
+    from biapy.workflows.masking import MaskingWorkflow
+
+    wf = object.__new__(MaskingWorkflow)
+    wf.cfg = get_defaults()
+
+    def masks(indices):
+        return random_token_mask(len(indices), 64, 0.75, wf.validation_generators(indices))[0]
+
+    whole = masks(list(range(6)))
+    by_rank = {i: m for r in range(2) for i, m in zip(range(r, 6, 2), masks(list(range(r, 6, 2))))}
+    assert all(torch.equal(whole[i], by_rank[i]) for i in range(6))
+    assert all(torch.equal(whole[i], masks([i])[0]) for i in range(6))
+    assert len({tuple(m.tolist()) for m in whole}) == 6  # and still a different mask per patch

@@ -104,9 +104,6 @@ class FakeWorkflow:
         pred, y = outputs
         return {"mae": (float((pred - y).abs().mean()) * len(y), len(y))}
 
-    def on_validation_start(self):
-        self.validations = getattr(self, "validations", 0) + 1
-
     def on_epoch_end(self, epoch, tb, final=False):
         self.epoch_calls.append((epoch, final))
         if tb is not None and final:
@@ -172,7 +169,6 @@ def test_fit_writes_checkpoints_logs_charts_tensorboard(tmp_path):
     assert len(acc.Scalars("loss/train")) == 4
     assert "reconstruction/x" in acc.Tags()["images"]
     assert wf.epoch_calls == [(0, False), (1, False), (2, False), (3, False), (3, True)]
-    assert wf.validations == 4  # the hook that lets masking re-seed its validation masks: once per pass
     assert wf.model is not None and isinstance(wf.model, TinyNet)
     # A finished run is not trained again.
     wf2 = FakeWorkflow(cfg, tmp_path)
@@ -567,3 +563,31 @@ def test_validation_shards_hold_every_sample_once_over_the_ranks(n):
     assert sorted(shards[0] + shards[1]) == list(range(n))
     train = make_loader(EpochData(9), 2, True, SimpleNamespace(enabled=True, world_size=2, rank=0), drop_last=True)
     assert len(train.sampler) == 4
+
+
+def test_the_duplicate_window_applies_under_torchrun_whatever_its_process_count(tmp_path, monkeypatch):
+    """torchrun's agent forwards signals with one process too (WORLD_SIZE 1, no process group here)."""
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert Trainer(FakeWorkflow(make_cfg(), tmp_path / "a")).stop.window == 0
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    assert Trainer(FakeWorkflow(make_cfg(), tmp_path / "b")).stop.window > 0
+
+
+def test_a_checkpoint_from_before_the_update_layout_was_recorded_takes_it_from_its_config(tmp_path, caplog):
+    """Without batch_size/accum_iter keys (saved by an earlier version) the stored config tells them: a changed
+    ACCUM_ITER still restarts the epoch instead of going on at a learning rate of 0."""
+    import torch
+
+    sched = {"LR_SCHEDULER.NAME": "warmupcosine", "LR_SCHEDULER.WARMUP_COSINE_DECAY_EPOCHS": 1.0}
+    wf = FakeWorkflow(make_cfg(BATCH_SIZE=2, **sched), tmp_path / "b", n=12, sigint_at=8)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(wf).fit()
+    path = wf.job.checkpoint("last")
+    state = load_checkpoint(path)
+    del state["batch_size"], state["accum_iter"]
+    torch.save(state, path)
+    resumed = FakeWorkflow(make_cfg(BATCH_SIZE=2, ACCUM_ITER=2, **sched), tmp_path / "b", n=12)
+    with caplog.at_level("WARNING"):
+        history = Trainer(resumed).fit()
+    assert "with TRAIN.ACCUM_ITER 1, here it is 2: epoch 2 restarts from its first step" in caplog.text
+    assert min(r["lr"] for r in history) > 0

@@ -68,6 +68,15 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def broadcast_buffers(model, src=0) -> None:
+    """Rank `src`'s buffers (batch-norm running statistics) on every rank; no-op in a single process. DDP sends
+    them at the start of each training forward pass only, so after an epoch's last step every rank holds the
+    statistics of its own last batches, and each validated another model than the one rank 0 saves."""
+    if is_initialized():
+        for b in model.buffers():
+            tdist.broadcast(b, src)
+
+
 def broadcast_object(value, src=0):
     """Rank `src`'s value on every rank."""
     if not is_initialized():

@@ -64,7 +64,7 @@ def restore_training(t, state, path, with_rng=True) -> None:
     t.start_epoch = int(state.get("epoch", 0))
     t.skip_steps = int(state.get("step_in_epoch", 0))
     t.partial_loss = tuple(state.get("partial_loss", (0.0, 0)))
-    _fit_layout(t, {k: int(state[k]) for k in LAYOUT if k in state})
+    _fit_layout(t, saved_layout(state))
     t.best_val = float(state.get("best_val", float("inf")))
     t.bad_epochs = int(state.get("bad_epochs", 0))
     t.stopped_early = bool(state.get("stopped_early", False))
@@ -75,6 +75,17 @@ def restore_training(t, state, path, with_rng=True) -> None:
 
 # What a step and an update are: a checkpoint saved mid-epoch resumes at its step only where all of them match.
 LAYOUT = ("epoch_steps", "world_size", "batch_size", "accum_iter")
+
+
+def saved_layout(state) -> dict:
+    """The LAYOUT values a checkpoint was saved with; batch_size and accum_iter from its stored config where it
+    predates their keys (taken as unchanged, a changed ACCUM_ITER had resumed at a learning rate of 0)."""
+    layout = {k: int(state[k]) for k in LAYOUT if k in state}
+    train = saved_config_tree(state.get("config")).get("TRAIN") or {}
+    for key, name in (("batch_size", "BATCH_SIZE"), ("accum_iter", "ACCUM_ITER")):
+        if key not in layout and isinstance(train.get(name), int):
+            layout[key] = max(1, train[name]) if key == "accum_iter" else train[name]
+    return layout
 
 
 def _fit_layout(t, saved):

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from biapy.config import dump_config
 from biapy.engine import resume as R
 from biapy.engine.checkpoint import rng_states, set_rng_states
-from biapy.engine.distributed import all_reduce_sum
+from biapy.engine.distributed import all_reduce_sum, broadcast_buffers
 from biapy.engine.loaders import release_workers, start_epoch
 from biapy.engine.metrics import MetricAverager
 from biapy.engine.optim import build_optimizer, build_scheduler
@@ -173,7 +173,8 @@ class Trainer:
         self.best_val, self.bad_epochs, self.stopped_early = math.inf, 0, False
         self.history = []
         self.config_text = dump_config(self.cfg)  # stored in every checkpoint; dumping takes ~6 ms
-        self.stop = StopRequest(duplicate_window_s=2.0 if self.dist.enabled else 0.0)
+        under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ  # with one process too: its agent forwards signals
+        self.stop = StopRequest(duplicate_window_s=2.0 if under_torchrun else 0.0)
         self.train_model = self.eval_model = self.ddp = None
         self._frozen = None
 
@@ -405,8 +406,8 @@ class Trainer:
         if loader is None or len(loader.dataset) == 0:  # the same on every rank; a rank's own share may be empty
             return None, {}
         self.model.eval()
+        broadcast_buffers(self.model)  # every rank validates the model rank 0 saves
         wf.model = self.eval_model
-        wf.on_validation_start()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = 0
         averager = MetricAverager()

@@ -53,9 +53,13 @@ def _masks_from_order(order: torch.Tensor, n_keep: int):
 
 def random_token_mask(B: int, L: int, ratio: float, generator=None, device=None):
     """Exactly `hidden_count(L, ratio)` hidden tokens per sample, chosen independently per sample
-    (argsort of uniform noise, as MAE); reproducible with a torch.Generator (on any device)."""
-    noise_device = generator.device if generator is not None else device
-    noise = torch.rand(B, L, generator=generator, device=noise_device)
+    (argsort of uniform noise, as MAE); reproducible with a torch.Generator (on any device), or with a list
+    of B CPU generators, one per sample, whose masks then depend on their own generator alone."""
+    if isinstance(generator, (list, tuple)):
+        noise = torch.stack([torch.rand(L, generator=g) for g in generator])
+    else:
+        noise_device = generator.device if generator is not None else device
+        noise = torch.rand(B, L, generator=generator, device=noise_device)
     if device is not None:
         noise = queue_to_device(noise, device)  # test masks come from a CPU generator
     order = torch.argsort(noise, dim=1)

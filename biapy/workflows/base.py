@@ -153,9 +153,6 @@ class Workflow(ABC):
     def batch_metrics(self, batch, outputs):
         return {}
 
-    def on_validation_start(self):
-        """Before each validation pass, on every process; nothing by default."""
-
     def on_epoch_end(self, epoch, tb, final=False):
         """Extra per-epoch outputs (rank 0; `final` once after training); nothing by default."""
 

@@ -61,7 +61,6 @@ class MaskingWorkflow(Workflow):
         self.token_size = cfg.MODEL.VIT_TOKEN_SIZE if self.is_vit else ssl.MASK_BLOCK_SIZE
         self.ratio = cfg.MODEL.MAE_MASK_RATIO
         self._mask_generator = None  # test masks: set per image by predict_slabs
-        self._val_generator = None  # validation masks: re-seeded before each validation pass
         self._checked_epoch = None  # the epoch whose MAE_checks were written last
 
     def input_target_files(self, split):
@@ -75,17 +74,17 @@ class MaskingWorkflow(Workflow):
         mask = block_mask(x.shape[0], tuple(x.shape[2:]), self.token_size, self.ratio, generator, x.device)
         return self.model(x * (1 - mask)), mask
 
-    def on_validation_start(self):
-        # The same masks every epoch (validation patches come in a fixed order): with fresh ones, the validation
-        # loss moved with the masks' luck more than with the model, and so did the best checkpoint and early
-        # stopping. A CPU generator, as for test masks: its draws do not depend on the device.
-        self._val_generator = torch.Generator().manual_seed(self.cfg.SYSTEM.SEED + 7919 * (self.dist.rank + 1))
+    def validation_generators(self, indices):
+        """One CPU generator per validation patch, seeded by SYSTEM.SEED and the patch's index: the same masks
+        every epoch, whatever the batch size or number of processes. With fresh masks, the validation loss had
+        moved with the masks' luck more than with the model, and so had the best checkpoint and early stopping."""
+        seed = int(self.cfg.SYSTEM.SEED) * 1_000_003
+        return [torch.Generator().manual_seed((seed + int(i)) % 2 ** 63) for i in indices]
 
     def compute_loss(self, batch, train):
         x, _ = self.to_device(batch)
-        if not train and self._val_generator is None:
-            self.on_validation_start()
-        pred, mask = self.masked_forward(x, None if train else self._val_generator)
+        generator = None if train else self.validation_generators(batch[1].tolist())  # batch[1]: the indices
+        pred, mask = self.masked_forward(x, generator)
         ssl = self.cfg.PROBLEM.SELF_SUPERVISED
         loss = masked_reconstruction_loss(pred, x, mask, self.token_size, ssl.NORM_PIX_LOSS,
                                           ssl.LOSS_ON_MASKED_ONLY, kind=self._loss_kind())
