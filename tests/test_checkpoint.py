@@ -92,6 +92,11 @@ def test_skip_unmatched_layers_with_different_head():
     counters = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))  # batch norm's step counters fit any model
     with pytest.raises(CheckpointError, match="no weight matches"):
         load_weights(nn.Sequential(nn.Conv2d(1, 5, 3), nn.BatchNorm2d(5)), counters.state_dict(), skip_unmatched=True)
+    # A 2D network into its 3D twin: every batch norm fits (same widths), no convolution does.
+    flat = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4))
+    deep = nn.Sequential(nn.Conv3d(1, 4, 3), nn.BatchNorm3d(4), nn.Conv3d(4, 4, 3), nn.BatchNorm3d(4))
+    with pytest.raises(CheckpointError, match="no weight matches"):
+        load_weights(deep, flat.state_dict(), skip_unmatched=True)
 
 
 def test_metadata_mismatch_names_both_values():

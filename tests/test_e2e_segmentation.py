@@ -62,6 +62,18 @@ def test_finetune_from_crappify_end_to_end(ndim, data2d, data3d, tmp_path):
     assert str(job.results) in lineage
 
 
+def test_a_fine_tune_that_asks_for_the_pretext_runs_training_state_gets_the_weights_only(data2d, tmp_path, capsys):
+    """A pretext run's epoch count and optimizer moments mean nothing for segmentation: with
+    MODEL.LOAD_CHECKPOINT_ONLY_WEIGHTS False the fine-tune had gone on from the pretraining's epoch."""
+    ssl = pretrain(data2d, 2, tmp_path)
+    cfg = finetune_config(data2d, 2, ssl.checkpoint("best"), TRAIN={"EPOCHS": 2}, TEST={"ENABLE": False})
+    cfg["MODEL"]["LOAD_CHECKPOINT_ONLY_WEIGHTS"] = False
+    job = BiaPy(cfg, result_dir=tmp_path / "out", name="seg", run_id=1).run_job()
+    out = capsys.readouterr()
+    assert "was trained for another task, so only its weights are loaded" in out.out + out.err
+    assert [r["epoch"] for r in load_checkpoint(job.checkpoint("last"))["history"]] == [1, 2]
+
+
 def test_loading_an_ssl_checkpoint_copies_the_encoder_exactly(data2d, tmp_path):
     from biapy.engine.checkpoint import load_weights
     ssl = pretrain(data2d, 2, tmp_path)

@@ -409,6 +409,16 @@ def _from_checkpoint(world, ckpt, **sections):
     return cfg
 
 
+def test_a_fine_tune_refused_for_its_checkpoint_leaves_no_run_folder(world, intact, capsys):
+    """Augmentation samples are written once the starting checkpoint was accepted, not before its check."""
+    cfg = _from_checkpoint(world, world.good_job.checkpoint("best"), TRAIN={"EPOCHS": 1},
+                           AUGMENTOR={"ENABLE": True, "HFLIP": True, "AUG_SAMPLES": True, "AUG_NUM_SAMPLES": 2})
+    cfg["MODEL"]["ARCHITECTURE"] = "resunet"
+    assert world.run(cfg, "refused_arch", name="refused_arch") == 4
+    one_error_line(capsys, "'unet' model but MODEL.ARCHITECTURE is 'resunet'")
+    assert not (world.out / "refused_arch").exists()
+
+
 def test_checkpoint_missing(world, intact, capsys):
     ckpt = world.root / "none.pth"
     assert world.run(_from_checkpoint(world, ckpt), "ckpt_missing") == 4

@@ -254,7 +254,7 @@ _C.MODEL.MAE_DEC_MLP_DIMS = 2048
 _C.MODEL.ACTIVATION_CHECKPOINTING = False
 # Start from a checkpoint (PATHS.CHECKPOINT_FILE, or this job's own by LOAD_CHECKPOINT_EPOCH).
 _C.MODEL.LOAD_CHECKPOINT = False
-# Load only the model weights (True) or also optimizer, scheduler and epoch to continue (False).
+# Load only the model weights (True) or also optimizer, scheduler and epoch to continue (False; same task only).
 _C.MODEL.LOAD_CHECKPOINT_ONLY_WEIGHTS = True
 # This job's checkpoint to test with, or to load when CHECKPOINT_FILE is empty: 'best_on_val' or 'last_on_train'.
 _C.MODEL.LOAD_CHECKPOINT_EPOCH = "best_on_val"

@@ -111,7 +111,9 @@ def load_weights(model, state_dict, skip_unmatched=False, source="checkpoint", f
         shown = "; ".join(problems[:6]) + (f"; ... {len(problems) - 6} more" if len(problems) > 6 else "")
         raise CheckpointError(f"{source}: {len(problems)} tensor(s) do not fit the model: {shown}. "
                               "Set MODEL.SKIP_UNMATCHED_LAYERS True to load the rest")
-    if not any(not is_step_counter(name) for name in loadable):  # counters fit any model
+    # Weights proper: convolution and linear kernels. Counters, biases and normalization vectors fit any model
+    # of the same widths (a 2D U-Net's batch norms load into the 3D one, every convolution skipped).
+    if not any(tensor.dim() >= 2 for tensor in loadable.values()):
         raise CheckpointError(f"{source}: no weight matches the model by name and shape "
                               "(a checkpoint of a different architecture or other MODEL.FEATURE_MAPS?)")
     model.load_state_dict(loadable, strict=False)

@@ -182,7 +182,12 @@ def resume_or_start(t) -> bool:
     state, loaded, skipped = load_model_from(t.model, cfg, path, cfg.MODEL.SKIP_UNMATCHED_LAYERS)
     log.info("Loaded %d tensor(s) from %s", len(loaded), path)
     log.debug("Loaded tensors: %s", ", ".join(loaded))
-    if not cfg.MODEL.LOAD_CHECKPOINT_ONLY_WEIGHTS:
+    if not cfg.MODEL.LOAD_CHECKPOINT_ONLY_WEIGHTS and other_task(state.get("metadata") or {}, cfg):
+        # Another task's optimizer moments and epoch count (a pretext run's) mean nothing for this one, and its
+        # output head was made anew: a fine-tune starts its own training from the loaded weights.
+        log.warning("MODEL.LOAD_CHECKPOINT_ONLY_WEIGHTS False: %s was trained for another task, so only its "
+                    "weights are loaded; this run's training starts at epoch 1", path.name)
+    elif not cfg.MODEL.LOAD_CHECKPOINT_ONLY_WEIGHTS:
         restore_training(t, state, path, with_rng=False)
         if t.start_epoch >= cfg.TRAIN.EPOCHS and t.skip_steps == 0:
             raise ConfigError(f"TRAIN.EPOCHS: {cfg.TRAIN.EPOCHS}, but {path.name} already holds {t.start_epoch} epoch(s) "

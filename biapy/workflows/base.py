@@ -47,6 +47,7 @@ class Workflow(ABC):
         self.train_loader = self.val_loader = None
         self.train_dataset = self.val_dataset = None
         self.on_ready = None  # called once by `ready()` (the runner's config copies, on a re-run)
+        self._aug_samples_due = False  # set by run(), written by ready(): a refused run writes none
         self.per_image = job.per_image  # where test outputs go; a staging folder while the test phase runs
 
     # ---------------------------------------------------------------- data
@@ -175,10 +176,10 @@ class Workflow(ABC):
             self.prepare_training()
             if self.cfg.TEST.ENABLE:
                 test_files = self.check_test_inputs()
-            # Only once every input passed its checks: a run refused for its test images leaves nothing behind.
+            # Written once the inputs passed their checks and the checkpoint (if any) was accepted (`ready`): a
+            # refused run leaves no folder behind.
             aug = self.cfg.AUGMENTOR
-            if self.dist.is_main and aug.ENABLE and aug.AUG_SAMPLES:
-                self._write_aug_samples()
+            self._aug_samples_due = self.dist.is_main and aug.ENABLE and aug.AUG_SAMPLES
             Trainer(self).fit()
         if self.cfg.TEST.ENABLE:
             load_for_test(self)
@@ -191,6 +192,9 @@ class Workflow(ABC):
         callback, self.on_ready = self.on_ready, None
         if callback is not None:
             callback()
+        if self._aug_samples_due:
+            self._aug_samples_due = False
+            self._write_aug_samples()
 
     def check_test_inputs(self):
         """(sources, inputs) of the test phase, listed and their headers read: run before training too, so that
