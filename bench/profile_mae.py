@@ -113,31 +113,12 @@ def main():
 
 def through_trainer(args, size, device, alone_vit, alone, block):
     """The step alone (this script's model) against the same step through the trainer, in one process."""
-    from biapy.config import check_config, finalize
-    from biapy.config.checks import cores_per_process
-    from biapy.engine.distributed import init_distributed
-    from biapy.engine.trainer import Trainer, _unwrap
-    from biapy.job import Job
+    from biapy.engine.trainer import _unwrap
     from biapy.runner import setup_logging
-    from biapy.workflows import get_workflow
 
     setup_logging(is_main=False)
     tmp = Path(tempfile.mkdtemp(prefix="profile_mae_"))
-    run_all.write_images(tmp / "train", size["image"], 2, 2, seed=1)
-    run_all.write_images(tmp / "val", tuple(p * 2 for p in size["patch"]), 1, 2, seed=20)
-    data_cfg = run_all.case_config("2d_mae", size, tmp, args.steps * 4, str(device))
-    data_cfg["DATA"]["TRAIN"]["PATH"], data_cfg["DATA"]["VAL"]["PATH"] = str(tmp / "train"), str(tmp / "val")
-    cfg = load_config(data_cfg)
-    check_config(cfg)
-    job = Job(tmp / "results", "profile", 1)
-    cfg = finalize(cfg, job)
-    torch.set_num_threads(cores_per_process(cfg.SYSTEM.NUM_CPUS))  # as the job runner does
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    wf = get_workflow(cfg)(cfg, job, init_distributed("gloo"), device)
-    wf.prepare_training()
-    trainer = Trainer(wf)
-    trainer._apply_freeze(0)
+    cfg, wf, trainer = run_all.case_trainer("2d_mae", size, tmp / "data", args.steps * 4, str(device))
     vits = (alone_vit, _unwrap(trainer.model))
     batch = tuple(t.to(device) for t in next(iter(wf.train_loader)))
 

@@ -209,21 +209,49 @@ def _refuse(message):
     raise SystemExit(message)
 
 
-def run_case(args):
+def case_trainer(case, size, data, steps, device, workers=-1, overrides=None):
+    """A case's workflow and trainer as a job builds them (threads, memory, cuDNN as the job runner sets them),
+    on synthetic training and validation images it writes under `data`; training not yet begun.
+    Returns (cfg, wf, trainer)."""
     import torch
 
     from biapy.config import check_config, finalize, load_config
-    from biapy.config.load import merge_values
     from biapy.config.checks import cores_per_process
-    from biapy.data.io import read_image
-    from biapy.data.patches import grid_starts
+    from biapy.config.load import merge_values
     from biapy.engine.distributed import init_distributed
-    from biapy.engine.trainer import Trainer, _unwrap
+    from biapy.engine.trainer import Trainer
     from biapy.job import Job
-    from biapy.models.folding import fold_batch_norm
-    from biapy.runner import setup_logging
     from biapy.utils.memory import tune_process_memory
     from biapy.workflows import get_workflow
+
+    ndim = CASES[case]["ndim"]
+    write_images(data / "train", size["image"], 2, ndim, seed=1)
+    write_images(data / "val", tuple(p * 2 for p in size["patch"]), 1, ndim, seed=20)
+    cfg = load_config(case_config(case, size, data, steps, device, workers))
+    merge_values(cfg, dict(overrides or {}), "--set")
+    check_config(cfg)
+    job = Job(data.parent / "results", case, 1)
+    cfg = finalize(cfg, job)
+    torch.set_num_threads(cores_per_process(cfg.SYSTEM.NUM_CPUS))  # as the job runner does, and the next line
+    tune_process_memory(torch.device(device))
+    if device.startswith("cuda"):  # as the job runner does too: its GPU current, cuDNN timing its algorithms
+        torch.cuda.set_device(torch.device(device))
+        torch.backends.cudnn.benchmark = True
+    wf = get_workflow(cfg)(cfg, job, init_distributed("gloo"), torch.device(device))
+    wf.prepare_training()
+    trainer = Trainer(wf)
+    trainer._apply_freeze(0)  # builds the train/eval wrappers as fit() does
+    return cfg, wf, trainer
+
+
+def run_case(args):
+    import torch
+
+    from biapy.data.io import read_image
+    from biapy.data.patches import grid_starts
+    from biapy.engine.trainer import _unwrap
+    from biapy.models.folding import fold_batch_norm
+    from biapy.runner import setup_logging
 
     setup_logging(is_main=False)  # warnings only: the parent prints the table
     device = args.device
@@ -232,28 +260,11 @@ def run_case(args):
     if args.quick:
         size.update(QUICK[args.case])
     ndim = spec["ndim"]
-    tmp = Path(args.workdir)
-    data = tmp / "data"
-    write_images(data / "train", size["image"], 2, ndim, seed=1)
-    write_images(data / "val", tuple(p * 2 for p in size["patch"]), 1, ndim, seed=20)
+    data = Path(args.workdir) / "data"
     write_images(data / "test", size["image"], 1, ndim, seed=30)
     steps = args.steps or (3 if args.quick else size.get("steps", 12))
-    cfg_dict = case_config(args.case, size, data, steps, device, args.workers)
-    cfg = load_config(cfg_dict)
-    merge_values(cfg, dict(parse_override(item, _refuse) for item in args.set), "--set")
-    check_config(cfg)
-    job = Job(tmp / "results", args.case, 1)
-    cfg = finalize(cfg, job)
-    torch.set_num_threads(cores_per_process(cfg.SYSTEM.NUM_CPUS))  # as the job runner does, and the next line
-    tune_process_memory(torch.device(device))
-    if device.startswith("cuda"):  # as the job runner does too: its GPU current, cuDNN timing its algorithms
-        torch.cuda.set_device(torch.device(device))
-        torch.backends.cudnn.benchmark = True
-    dist = init_distributed("gloo")
-    wf = get_workflow(cfg)(cfg, job, dist, torch.device(device))
-    wf.prepare_training()
-    trainer = Trainer(wf)
-    trainer._apply_freeze(0)  # builds the train/eval wrappers as fit() does
+    overrides = dict(parse_override(item, _refuse) for item in args.set)
+    cfg, wf, trainer = case_trainer(args.case, size, data, steps, device, args.workers, overrides)
     loader = wf.train_loader = TimedLoader(wf.train_loader)
     steps = len(loader)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)

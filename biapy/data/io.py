@@ -356,13 +356,16 @@ def check_consistent_channels(paths, ndim: int, key: str) -> int:
             first = (p, c)
         elif c != first[1]:
             many = max((p, c), first, key=lambda f: f[1])
-            hint = f"; {many[0]} may be a stack of slices without axis names: {NO_AXES}" if many[1] > 8 else ""
+            hint = ""
+            if many[1] > MANY_CHANNELS:
+                hint = f"; {many[0]} may be a stack of slices without axis names: {NO_AXES}"
             raise DataError(f"{key}: {p} has {c} channel(s) but {first[0]} has {first[1]} (all images must match)"
                             f"{hint}")
     return first[1] if first else 0
 
 
-# Why a file reads as many channels: what the channel checks say when they see more than 8.
+# Why a file reads as many channels: what the channel checks say when they see more than MANY_CHANNELS.
+MANY_CHANNELS = 8
 NO_AXES = ("a file without axis names reads as (z,) y, x, channels; if it is a stack of slices or holds its "
            "channels elsewhere, save it with ImageJ or OME axes")
 

@@ -30,10 +30,7 @@ def build_payload(t, epoch, step_in_epoch=0, partial_loss=(0.0, 0)) -> dict:
         "epoch": int(epoch),
         "step_in_epoch": int(step_in_epoch),
         "partial_loss": [float(partial_loss[0]), int(partial_loss[1])],  # summed over every rank
-        "epoch_steps": len(t.wf.train_loader),  # per rank: where step_in_epoch is valid
-        "world_size": int(t.dist.world_size),
-        "batch_size": int(t.cfg.TRAIN.BATCH_SIZE),  # another one can give the same step count, not the same steps
-        "accum_iter": int(t.accum),  # another one gives the same steps but other updates
+        **current_layout(t),
         "best_val": float(t.best_val),
         "bad_epochs": int(t.bad_epochs),
         "stopped_early": bool(t.stopped_early),
@@ -77,6 +74,14 @@ def restore_training(t, state, path, with_rng=True) -> None:
 LAYOUT = ("epoch_steps", "world_size", "batch_size", "accum_iter")
 
 
+def current_layout(t) -> dict:
+    """This run's LAYOUT values, as a checkpoint records them."""
+    return {"epoch_steps": len(t.wf.train_loader),  # per rank: where step_in_epoch is valid
+            "world_size": int(t.dist.world_size),
+            "batch_size": int(t.cfg.TRAIN.BATCH_SIZE),  # another one can give the same step count, not the same steps
+            "accum_iter": int(t.accum)}  # another one gives the same steps but other updates
+
+
 def saved_layout(state) -> dict:
     """The LAYOUT values a checkpoint was saved with; batch_size and accum_iter from its stored config where it
     predates their keys (taken as unchanged, a changed ACCUM_ITER had resumed at a learning rate of 0)."""
@@ -90,11 +95,11 @@ def saved_layout(state) -> dict:
 
 def _fit_layout(t, saved):
     """A checkpoint of another epoch layout (TRAIN.BATCH_SIZE, TRAIN.ACCUM_ITER, the data or the number of
-    processes changed): its interrupted epoch restarts from its first step. From an epoch's start, the LR schedule, which counts updates,
-    goes on from the updates of the epochs before it in this layout (with TRAIN.BATCH_SIZE or TRAIN.ACCUM_ITER
-    changed, the saved count can lie past this run's last update: a learning rate of 0)."""
-    here = {"epoch_steps": len(t.wf.train_loader), "world_size": t.dist.world_size,
-            "batch_size": int(t.cfg.TRAIN.BATCH_SIZE), "accum_iter": t.accum}
+    processes changed): its interrupted epoch restarts from its first step. From an epoch's start, the LR
+    schedule, which counts updates, goes on from the updates of the epochs before it in this layout (with
+    TRAIN.BATCH_SIZE or TRAIN.ACCUM_ITER changed, the saved count can lie past this run's last update: a
+    learning rate of 0)."""
+    here = current_layout(t)
     changed = [k for k in LAYOUT if saved.get(k, here[k]) != here[k]]  # checkpoints before a key: taken as equal
     if t.skip_steps and changed:
         if changed[0] in ("epoch_steps", "world_size"):

@@ -61,7 +61,7 @@ def random_token_mask(B: int, L: int, ratio: float, generator=None, device=None)
         noise_device = generator.device if generator is not None else device
         noise = torch.rand(B, L, generator=generator, device=noise_device)
     if device is not None:
-        noise = queue_to_device(noise, device)  # test masks come from a CPU generator
+        noise = queue_to_device(noise, device)  # test and validation masks come from CPU generators
     order = torch.argsort(noise, dim=1)
     return _masks_from_order(order, L - hidden_count(L, ratio))
 
@@ -86,10 +86,12 @@ def grid_rank(grid_shape, device=None) -> torch.Tensor:
     return rank.to(device)
 
 
-@functools.lru_cache(maxsize=16)
-def _grid_order(grid_shape, device):
-    # Made once per grid and device: a copy to the GPU every step would wait for the step before it.
+def _make_grid_order(grid_shape, device):
     return queue_to_device(torch.argsort(grid_rank(grid_shape)), device)
+
+
+# Made once per grid and device: a copy to the GPU every step would wait for the step before it.
+_grid_order = functools.lru_cache(maxsize=16)(_make_grid_order)
 
 
 def grid_token_mask(grid_shape, ratio: float, B: int, device=None):
@@ -97,7 +99,7 @@ def grid_token_mask(grid_shape, ratio: float, B: int, device=None):
     L = math.prod(grid_shape)
     grid_shape = tuple(int(g) for g in grid_shape)
     if torch.compiler.is_compiling():  # the compiler ignores the cache: the order is a constant of the graph
-        order = torch.argsort(grid_rank(grid_shape, device))
+        order = _make_grid_order(grid_shape, device)
     else:
         order = _grid_order(grid_shape, cache_key(device or "cpu"))
     order = order.unsqueeze(0).repeat(B, 1)  # a copy, also for B == 1: the cached order is never handed out

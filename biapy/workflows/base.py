@@ -17,8 +17,9 @@ from tqdm import tqdm
 from biapy.config import ndim_of
 from biapy.data.augmentation import Augmentor
 from biapy.data.datasets import PatchDataset, split_train_val
-from biapy.data.io import (NO_AXES, check_consistent_channels, check_unique_stems, count_non_finite, image_shape, list_images,
-                           non_finite_error, open_image_lazy, read_image, write_image, write_image_slices)
+from biapy.data.io import (MANY_CHANNELS, NO_AXES, check_consistent_channels, check_unique_stems, count_non_finite,
+                           image_shape, list_images, non_finite_error, open_image_lazy, read_image, write_image,
+                           write_image_slices)
 from biapy.data.normalization import Normalizer
 from biapy.data.patches import assemble, predict_augmented, predict_full, predict_slabs
 from biapy.engine.distributed import barrier
@@ -61,7 +62,7 @@ class Workflow(ABC):
         found = check_consistent_channels(files, self.ndim, key)
         if found != self.channels:
             patch = tuple(self.cfg.DATA.PATCH_SIZE)
-            if found > 8:  # many 'channels': most likely a file without axis names whose last axis is not channels
+            if found > MANY_CHANNELS:  # most likely a file without axis names whose last axis is not channels
                 raise DataError(f"{files[0]}: reads as {found} channels, where DATA.PATCH_SIZE {patch} asks for "
                                 f"{self.channels}. {NO_AXES[0].upper()}{NO_AXES[1:]}; if it has {found} channels, set "
                                 f"DATA.PATCH_SIZE's last value to {found}")
@@ -93,11 +94,12 @@ class Workflow(ABC):
 
     def prepare_training(self):
         cfg = self.cfg
-        inputs, targets = self.input_target_files("train")
-        # Checked on the files the user gave (crappify's inputs are degraded copies of its targets).
-        given = targets if self.target_mode == "image" else inputs
+        # The files the user gave, checked before anything is made from them (crappify's degraded copies: a
+        # refused run has not spent minutes degrading a large dataset, and the error names the user's file).
+        given = list_images(cfg.DATA.TRAIN.PATH, "DATA.TRAIN.PATH")
         self._check_channels(given, "DATA.TRAIN.PATH")
         self._check_patch_fits_images(given, "DATA.TRAIN.PATH")
+        inputs, targets = self.input_target_files("train")
         if cfg.DATA.VAL.FROM_TRAIN:
             order = split_train_val(list(range(len(inputs))), cfg.DATA.VAL.SPLIT_TRAIN, cfg.DATA.VAL.RANDOM,
                                     cfg.SYSTEM.SEED)

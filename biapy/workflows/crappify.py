@@ -29,11 +29,8 @@ class CrappifyWorkflow(Workflow):
         node = self.cfg.DATA[split.upper()]
         key = f"DATA.{split.upper()}.PATH"
         originals = list_images(node.PATH, key)
-        # Before any degraded copy is made: the error names the user's file, and a refused run has not
-        # spent minutes degrading a large dataset (or rebuilt copies a later good run must rebuild again).
-        self._check_channels(originals, key)
-        if split == "train":
-            self._check_patch_fits_images(originals, key)
+        if split != "train":  # before any degraded copy is made (prepare_training checked the training images)
+            self._check_channels(originals, key)
         ssl = self.cfg.PROBLEM.SELF_SUPERVISED
         copies = Path(node.SSL_SOURCE_DIR)
         with main_first(self.dist):
