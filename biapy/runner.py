@@ -103,6 +103,7 @@ class BiaPy:
     def __init__(self, config, result_dir, name, run_id=None, gpu=None, dist_backend=None, overrides=(),
                  verbose=False):
         self.config_source = config
+        self.given_result_dir = str(result_dir)
         self.result_dir = Path(result_dir).resolve()
         self.name = name
         self.run_id = run_id
@@ -115,6 +116,8 @@ class BiaPy:
 
     def _prepare(self):
         check_name(self.name)
+        if not self.given_result_dir.strip():  # an unset shell variable: the run would land in the current folder
+            raise ConfigError("--result_dir is empty; expected the folder under which the job folder NAME is made")
         if self.run_id is not None and self.run_id < 0:
             raise ConfigError(f"--run_id: {self.run_id} must be a non-negative integer")
         cfg = load_config(self.config_source, self.overrides)

@@ -140,8 +140,19 @@ def test_png_and_jpg(tmp_path):
     four = np.concatenate([rgb, rgb[..., :1]], axis=-1)
     assert write_image(tmp_path / "out4.png", four, 2).suffix == ".png"
     out = write_image(tmp_path / "out4.jpg", four, 2)
-    assert out.name == "out4.tif"
+    assert out.name == "out4.png"
     np.testing.assert_array_equal(read_image(out, 2), four)
+    # JPEG is lossy: label maps and crappified copies asked for as .jpg are written losslessly beside it
+    labels = np.random.default_rng(3).integers(0, 3, (16, 18, 1), dtype=np.uint8)
+    for name in ("labels.jpg", "labels2.jpeg"):
+        out = write_image(tmp_path / name, labels, 2)
+        assert out.suffix == ".png" and not (tmp_path / name).exists()
+        np.testing.assert_array_equal(read_image(out, 2), labels)
+    # PIL writes uint16 PNGs in grey only: RGB uint16 goes to a TIFF
+    assert write_image(tmp_path / "g16.png", labels.astype(np.uint16) * 1000, 2).suffix == ".png"
+    out = write_image(tmp_path / "rgb16.png", rgb.astype(np.uint16) * 200, 2)
+    assert out.name == "rgb16.tif"
+    np.testing.assert_array_equal(read_image(out, 2), rgb.astype(np.uint16) * 200)
     with pytest.raises(DataError, match="rgb.png"):
         read_image(tmp_path / "rgb.png", 3)
 
@@ -208,6 +219,18 @@ def test_compressed_tiff_falls_back_to_full_read(tmp_path):
     lazy = open_image_lazy(tmp_path / "z.tif", 3)
     assert isinstance(lazy, np.ndarray)
     np.testing.assert_array_equal(lazy[..., 0], a)
+
+
+def test_lzw_tiffs_as_image_programs_save_them_are_read(tmp_path):
+    """LZW (PIL's and many microscope programs' TIFF compression) needs imagecodecs, a requirement."""
+    from PIL import Image
+
+    a = np.random.default_rng(0).integers(0, 255, (20, 30), dtype=np.uint8)
+    Image.fromarray(a).save(tmp_path / "lzw.tif", compression="tiff_lzw")
+    stack = np.arange(3 * 8 * 8, dtype=np.uint16).reshape(3, 8, 8)
+    tifffile.imwrite(tmp_path / "lzw3d.tif", stack, compression="lzw", imagej=True, metadata={"axes": "ZYX"})
+    np.testing.assert_array_equal(read_image(tmp_path / "lzw.tif", 2)[..., 0], a)
+    np.testing.assert_array_equal(open_image_lazy(tmp_path / "lzw3d.tif", 3)[..., 0], stack)
 
 
 def test_write_is_atomic_and_leaves_no_temp(tmp_path):

@@ -47,6 +47,27 @@ def test_patchify_roundtrip(spatial, channels):
     assert torch.equal(tokens[:, 0].sort(dim=1).values, first.reshape(2, -1).sort(dim=1).values)
 
 
+def test_decoder_puts_each_token_back_at_its_grid_place_with_its_position():
+    """Without blocks, the decoder's token j is norm(embed(latent of j) + pos[j]) where j is visible and
+    norm(mask_token + pos[j]) where hidden: the gather and the position embedding are both checked."""
+    from biapy.models.mae import MAEDecoder
+    from biapy.models.masking import random_token_mask
+
+    torch.manual_seed(0)
+    dec = MAEDecoder(enc_dim=6, grid=(3, 4), width=8, depth=0, heads=2, mlp_dims=16)
+    torch.nn.init.normal_(dec.mask_token)
+    mask, ids_keep, ids_restore = random_token_mask(2, 12, 0.5, torch.Generator().manual_seed(1))
+    latent = torch.randn(2, ids_keep.shape[1], 6)
+    pos = torch.randn(1, 12, 8)
+    out = dec(latent, ids_restore, pos)
+    for b in range(2):
+        kept = ids_keep[b].tolist()
+        for j in range(12):
+            token = dec.embed(latent[b, kept.index(j)]) if j in kept else dec.mask_token[0, 0]
+            assert bool(mask[b, j]) == (j not in kept)
+            torch.testing.assert_close(out[b, j], dec.norm(token + pos[0, j]))
+
+
 @pytest.mark.parametrize("mask_type,ratio", [("random", 0.75), ("grid", 0.5), ("grid", 0.3), ("random", 0.0)])
 def test_forward_shapes_and_encoder_sees_visible_only(mask_type, ratio):
     model = _mae((16, 24), mask_type=mask_type, ratio=ratio)

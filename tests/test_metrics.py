@@ -18,6 +18,15 @@ def test_mse_mae_psnr_known_values():
     assert M.mse(a, b, reduction="none").shape == (2,)
 
 
+def test_psnr_takes_each_samples_own_range():
+    """Without data_range, each target's max - min: a dim sample beside a bright one keeps its own PSNR."""
+    target = torch.stack([torch.linspace(0, 1, 16), torch.linspace(0, 100, 16)]).reshape(2, 1, 4, 4)
+    pred = target + torch.tensor([0.01, 1.0]).reshape(2, 1, 1, 1)
+    each = [float(M.psnr(pred[i:i + 1], target[i:i + 1])) for i in range(2)]
+    assert each == pytest.approx([40.0, 40.0], rel=1e-4)  # 10 log10(range^2 / (range/100)^2)
+    assert float(M.psnr(pred, target)) == pytest.approx(40.0, rel=1e-4)
+
+
 def test_psnr_identical_is_capped_never_inf():
     x = torch.rand(2, 1, 6, 16, 16)
     assert float(M.psnr(x, x)) == M.PSNR_CAP

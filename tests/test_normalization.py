@@ -50,6 +50,8 @@ def test_expected_values_per_type():
     np.testing.assert_allclose(d.normalize(u8, d.stats(u8)), u8 / 255.0, rtol=1e-6)
     f = np.full((4, 4, 1), 0.5, np.float32)
     np.testing.assert_allclose(d.normalize(f, d.stats(f)), f)  # float max <= 1: left as is
+    bright = np.linspace(0, 4000, 16, dtype=np.float32).reshape(4, 4, 1)
+    np.testing.assert_allclose(d.normalize(bright, d.stats(bright)), bright / 4000, rtol=1e-6)  # else by its max
     s = Normalizer("scale_range")
     x = s.normalize(img, s.stats(img))
     np.testing.assert_allclose(x.reshape(-1, 2).min(0), 0, atol=1e-6)
@@ -98,6 +100,17 @@ def test_custom_uses_given_or_fitted_values(tmp_path):
         m.stats(np.zeros((4, 4, 3), np.uint8))
     with pytest.raises((DataError, CheckpointError), match=MEAN_FILE):
         Normalizer("custom").load(tmp_path / "empty")
+    # To test: the config's values first, then the checkpoint's, then the .npy files beside it.
+    saved = {"type": "custom", "mean": [5.0, 6.0], "std": [2.0, 3.0]}
+    from_ckpt = Normalizer("custom")
+    from_ckpt.load(tmp_path, saved=saved)
+    np.testing.assert_array_equal(np.r_[from_ckpt.mean, from_ckpt.std], [5, 6, 2, 3])
+    mixed = Normalizer("custom", mean=[100.0])
+    mixed.load(tmp_path, saved=saved)
+    np.testing.assert_array_equal(np.r_[mixed.mean, mixed.std], [100, 2, 3])
+    other = Normalizer("custom")
+    other.load(tmp_path, saved={"type": "div"})  # a checkpoint of another type holds none: the files
+    np.testing.assert_allclose(other.mean, n.mean)
 
 
 def test_custom_fit_on_lazy_images_reads_a_sample_weighted_by_image_size(tmp_path, monkeypatch):
@@ -145,13 +158,46 @@ def test_lazy_stats_use_a_bounded_sample(tmp_path):
 
     sampled = norm._sample(open_image_lazy(path, 3), budget=500)
     step = norm._steps(img.shape[:-1], 500)
-    assert step > 1 and sampled.shape[1] == 1 and 100 < len(sampled) <= 500 * 2
+    assert step > 1 and sampled.shape[1] == 1 and 100 < len(sampled) <= 500
     # The same pixels from the array in memory: IN_MEMORY True and False measure an image alike.
     np.testing.assert_array_equal(sampled, norm._sample(img, budget=500))
     # Slices 0, step + 1, 2 * step + 2, ... (offset cycling), each strided from that offset on the other axes.
     k = 1
     np.testing.assert_array_equal(sampled[len(img[0, ::step, ::step].reshape(-1)):][:len(img[0, k::step, k::step].reshape(-1))],
                                   img[step + k, k::step, k::step].reshape(-1, 1))
+
+
+def test_a_percentile_above_a_fixed_upper_value_is_refused():
+    """The config cannot compare a percentile with a value: the image can. Every pixel had become one value."""
+    img = np.arange(100, dtype=np.uint8).reshape(10, 10, 1)
+    with pytest.raises(DataError, match=r"PERC_CLIP: the lower bound 89.1 is not below the upper bound 10 here"):
+        Normalizer("zero_mean_unit_variance", True, lower_perc=90, upper_value=[10.0]).stats(img)
+    ok = Normalizer("zero_mean_unit_variance", True, lower_perc=5, upper_value=[90.0]).stats(img)
+    assert ok["lo"][0] == pytest.approx(4.95) and ok["hi"][0] == 90
+
+
+def test_percentile_clipping_of_a_boolean_image():
+    img = np.random.default_rng(0).random((50, 60, 1)) > 0.5
+    st = Normalizer("zero_mean_unit_variance", True, 1, 99).stats(img)
+    assert st["lo"][0] == 0 and st["hi"][0] == 1 and st["mean"][0] == pytest.approx(img.mean())
+
+
+def test_a_sample_measured_again_is_kept_whole(monkeypatch):
+    """The dataset checks an image's sample and takes statistics of that sample; the test phase takes them of
+    the image. A sample just over the budget (2049 x 4095 pixels for 8 Mi, of 4097 x 8190) had been sampled again, halved."""
+    import biapy.data.normalization as norm
+
+    budget = 2 ** 23 // 1024  # the same proportions, 1024 times smaller
+    monkeypatch.setattr(norm._sample, "__defaults__", (budget,))
+    img = np.random.default_rng(0).gamma(2, 500, (129, 254, 1)).astype(np.uint16)  # 65 x 127 > budget at step 2
+    img[::2, ::2] += 1  # pixels a coarser sample than needed misses
+    sample = norm._sample(img)
+    assert budget // 4 < len(sample) <= budget
+    assert len(norm._sample(sample)) == len(sample)
+    n = Normalizer("zero_mean_unit_variance", True, 1, 99.8)
+    training, test = n.stats(sample), n.stats(img)
+    for key in ("mean", "std", "lo", "hi", "scale", "offset"):
+        np.testing.assert_array_equal(training[key], test[key])
 
 
 @pytest.mark.parametrize("kind", ["zero_mean_unit_variance", "scale_range"])

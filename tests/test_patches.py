@@ -93,6 +93,35 @@ def test_output_channels_may_differ_and_blending_is_smooth():
     assert jumps < spread  # no hard seam between patches
 
 
+def test_every_pixel_is_the_window_weighted_mean_of_the_patches_over_it():
+    """Each patch predicts one value (its own number): a pixel's result is the sin^2-window-weighted mean of
+    the numbers of the patches covering it (a flat window had passed the smoothness test above)."""
+    from biapy.data.patches import blend_window, grid_starts
+
+    spatial, patch, overlap, padding = (40, 36), (16, 16), (0.5, 0.5), (2, 1)
+    starts = grid_starts(spatial, patch, overlap, padding)
+    numbers = iter(range(len(starts)))
+
+    def numbered(batch):
+        return torch.stack([torch.full(batch.shape[1:], float(next(numbers))) for _ in batch])
+
+    out = predict_whole(torch.rand(1, *spatial), numbered, patch, overlap, padding, batch_size=3)
+    axes = []
+    for p, d in zip(patch, padding):  # sin^2 over the kept centre, floored at 1e-2; 0 on the padding
+        axis = np.zeros(p)
+        axis[d:p - d] = np.maximum(np.sin(np.pi * (np.arange(p - 2 * d) + 0.5) / (p - 2 * d)) ** 2, 1e-2)
+        axes.append(axis)
+    window = torch.from_numpy(np.outer(*axes)).float()
+    torch.testing.assert_close(window, blend_window(patch, padding))
+    total, weight = torch.zeros(spatial), torch.zeros(spatial)
+    for k, (y, x) in enumerate(starts):  # the patches in the order they are predicted
+        ys, xs = slice(max(y, 0), min(y + 16, 40)), slice(max(x, 0), min(x + 16, 36))
+        w = window[ys.start - y:ys.stop - y, xs.start - x:xs.stop - x]
+        total[ys, xs] += w * k
+        weight[ys, xs] += w
+    torch.testing.assert_close(out[0], total / weight)
+
+
 @pytest.mark.parametrize("shape", [(2, 1, 8, 8), (1, 2, 6, 10), (1, 1, 4, 8, 8), (2, 1, 3, 6, 10)])
 def test_test_time_augmentation_undoes_every_view(shape):
     from biapy.data.patches import predict_augmented

@@ -287,6 +287,52 @@ def test_a_failed_rerun_of_a_finished_run_leaves_its_files_as_they_were(world, i
                    "asks for SELF_SUPERVISED masking")
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_a_rerun_of_a_trained_run_under_other_input_or_layout_settings_is_refused(world, intact, capsys, train):
+    """Retested with another normalization, a finished run had rewritten its outputs (PSNR 14.2 -> 11.1) and its
+    config.yaml; a resumed one would go on learning from other inputs."""
+    cfg = world.cfg(TRAIN={"ENABLE": train, "EPOCHS": 2}, TEST={"ENABLE": True},
+                    DATA={"NORMALIZATION": {"TYPE": "scale_range"}})
+    assert world.run(cfg, f"rerun_norm_{train}", run_id=1) == 2
+    one_error_line(capsys, "run good_1 was trained with other settings", "DATA.NORMALIZATION.TYPE",
+                   "zero_mean_unit_variance in the checkpoint, scale_range here", "new --run_id")
+    cfg = world.cfg(TRAIN={"ENABLE": train}, TEST={"ENABLE": True}, MODEL={"KERNEL_SIZE": 5})
+    assert world.run(cfg, f"rerun_kernel_{train}", run_id=1) == 2
+    one_error_line(capsys, "MODEL.KERNEL_SIZE 3 in the checkpoint, 5 here")
+
+
+def test_testing_another_checkpoint_into_a_trained_run_is_refused(world, intact, capsys):
+    other = world.root / "other_run.pth"
+    shutil.copyfile(world.good_job.checkpoint("best"), other)
+    assert world.run(_from_checkpoint(world, other, TEST={"ENABLE": True}), "test_other_into_good", run_id=1) == 2
+    one_error_line(capsys, "PATHS.CHECKPOINT_FILE", "run good_1 has checkpoints of its own", "other_run.pth",
+                   "new --run_id")
+    # Its own numbered or best checkpoint, named by path, is its own: tested as asked.
+    assert world.run(_from_checkpoint(world, world.good_job.checkpoint("best"), TEST={"ENABLE": True}),
+                     "test_own_by_path", name="own_path", run_id=1) == 0
+
+
+def test_a_resumed_run_asked_to_start_from_a_checkpoint_it_did_not_begin_from(world, intact, capsys):
+    """The run resumes its own 'last': a PATHS.CHECKPOINT_FILE other than the one it began from had been ignored."""
+    start = world.root / "start.pth"
+    shutil.copyfile(world.good_job.checkpoint("best"), start)
+    cfg = _from_checkpoint(world, start, TRAIN={"EPOCHS": 2})
+    assert world.run(cfg, "resume_other_start", run_id=1) == 2
+    one_error_line(capsys, "PATHS.CHECKPOINT_FILE", "run good_1 began from scratch", "start.pth would not be loaded")
+    # Begun from that file, the same command goes on (interrupted, or with more epochs) from its own 'last'.
+    assert world.run(_from_checkpoint(world, start, TRAIN={"EPOCHS": 1}), "from_start", name="from_start",
+                     run_id=1) == 0
+    capsys.readouterr()
+    assert world.run(_from_checkpoint(world, start, TRAIN={"EPOCHS": 2}), "from_start2", name="from_start",
+                     run_id=1) == 0
+    assert "Resuming from_start_1 from from_start_1-checkpoint-last.pth at epoch 2" in capsys.readouterr().out
+    moved = world.root / "moved.pth"
+    shutil.copyfile(start, moved)
+    assert world.run(_from_checkpoint(world, moved, TRAIN={"EPOCHS": 3}), "from_moved", name="from_start",
+                     run_id=1) == 2
+    one_error_line(capsys, f"run from_start_1 began from {start}", "moved.pth would not be loaded")
+
+
 def test_images_with_different_channel_counts(world, intact, capsys):
     x, _, victim = _spoil_first(world, "channels",
                                 lambda p: write_image(p, np.zeros((48, 48, 3), np.uint8), 2))
@@ -309,6 +355,17 @@ def test_stacks_without_axis_names_in_2d_are_named_as_such(world, intact, capsys
 def test_patch_channels_differ_from_the_images(world, intact, capsys):
     assert world.run(world.cfg(DATA={"PATCH_SIZE": (32, 32, 2)}), "patch_channels") == 3
     one_error_line(capsys, "img_00.tif", "DATA.PATCH_SIZE", "1 channel(s)")
+
+
+def test_test_images_whose_channels_differ_from_the_training_images(world, intact, capsys):
+    """The hint had been to change DATA.PATCH_SIZE, which fits the training images."""
+    x, _ = world.bad_folder("test_rgb", split="test")
+    for p in sorted(x.iterdir()):
+        write_image(p, np.repeat(read_image(p, 2), 3, axis=-1), 2)
+    assert world.run(world.cfg(TEST={"ENABLE": True}, DATA={"TEST": {"PATH": str(x)}}), "test_rgb") == 3
+    line = one_error_line(capsys, "has 3 channel(s) but DATA.PATCH_SIZE (32, 32, 1) and the training images have 1",
+                          "expected DATA.TEST.PATH images of 1 channel(s)")
+    assert "set its last value" not in line
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf])
@@ -526,6 +583,16 @@ def test_name_with_path_separators_or_dotdot(world, intact, capsys, name):
     assert world.run(world.cfg(), "bad_name", name=name) == 2
     one_error_line(capsys, "--name", repr(name))
     assert not (world.root / "evil").exists()
+
+
+@pytest.mark.parametrize("result_dir", ["", "  "])
+def test_empty_result_dir(world, intact, capsys, tmp_path, monkeypatch, result_dir):
+    """An unset shell variable: the job folder had been made in the current folder."""
+    monkeypatch.chdir(tmp_path)
+    cfg = world.write_cfg(world.cfg(), "empty_result_dir")
+    assert main(["--config", str(cfg), "--result_dir", result_dir, "--name", "here", "--run_id", "1"]) == 2
+    one_error_line(capsys, "--result_dir is empty")
+    assert not (tmp_path / "here").exists()
 
 
 @pytest.mark.parametrize("run_id", ["../1", "1/2", "-1"])

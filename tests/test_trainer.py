@@ -2,7 +2,6 @@
 import json
 import os
 import signal
-import time
 
 import numpy as np
 import pytest
@@ -274,6 +273,56 @@ def test_early_stopping(tmp_path):
     assert load_checkpoint(wf.job.checkpoint("last"))["stopped_early"] is True
 
 
+def test_early_stopping_resumed_stops_where_the_straight_run_stops(tmp_path):
+    """Patience counts survive an interrupt (a resumed run had counted its bad epochs from 0 and trained on), and a
+    run that stopped early is finished: run again, it trains no further."""
+    losses = [1.0, 0.5, 0.6, 0.7, 0.4, 0.3, 0.2, 0.1, 0.1, 0.1]
+    cfg = make_cfg(PATIENCE=2, EPOCHS=10)
+    interrupted = FakeWorkflow(cfg, tmp_path, val_losses=losses, stop_at_epoch=2)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(interrupted).fit()
+    assert load_checkpoint(interrupted.job.checkpoint("last"))["bad_epochs"] == 1
+    resumed = FakeWorkflow(cfg, tmp_path, val_losses=losses[3:])
+    assert len(Trainer(resumed).fit()) == 4  # as test_early_stopping's straight run
+    again = FakeWorkflow(cfg, tmp_path, val_losses=losses[4:])
+    assert len(Trainer(again).fit()) == 4 and again.steps == 0
+
+
+@pytest.mark.parametrize("clip", [0.0, 1e-3])
+def test_gradient_clip_norm_bounds_the_update(tmp_path, clip):
+    """One SGD update of LR 1 moves the weights by the gradient: by at most GRADIENT_CLIP_NORM when set."""
+    cfg = make_cfg(OPTIMIZER="SGD", W_DECAY=0.0, LR=1.0, EPOCHS=1, GRADIENT_CLIP_NORM=clip, AMP="off")
+    wf = FakeWorkflow(cfg, tmp_path, n=3)
+    before = torch.cat([p.detach().flatten().clone() for p in wf.model.parameters()])
+    Trainer(wf).fit()
+    moved = float((torch.cat([p.detach().flatten() for p in wf.model.parameters()]) - before).norm())
+    assert moved == pytest.approx(clip, rel=1e-3) if clip else moved > 0.01
+
+
+def test_a_non_finite_validation_loss_stops_with_the_epoch_and_what_to_do(tmp_path):
+    wf = FakeWorkflow(make_cfg(EPOCHS=3), tmp_path, val_losses=[0.5, float("inf"), 0.4])
+    with pytest.raises(TrainingError, match=r"validation loss became inf at epoch 2; the last good checkpoint .*"
+                                            r"job_1-checkpoint-last.pth is kept. Lower TRAIN.LR"):
+        Trainer(wf).fit()
+    assert load_checkpoint(wf.job.checkpoint("last"))["epoch"] == 1
+
+
+@pytest.mark.parametrize("links", [True, False])
+def test_best_and_numbered_checkpoints_are_links_to_that_epochs_last(tmp_path, monkeypatch, links):
+    """Written once, linked (or, without hard links on the file system, copied); replacing 'last' leaves them."""
+    if not links:
+        def no_links(src, dst):
+            raise OSError("no hard links here")
+        monkeypatch.setattr(os, "link", no_links)
+    wf = FakeWorkflow(make_cfg(EPOCHS=3, **{"MODEL.SAVE_CKPT_FREQ": 1}), tmp_path, val_losses=[0.5, 0.6, 0.4])
+    Trainer(wf).fit()
+    ckpt = wf.job.checkpoint
+    assert [load_checkpoint(ckpt(e))["epoch"] for e in (1, 2, 3)] == [1, 2, 3]
+    assert ckpt("last").read_bytes() == ckpt("best").read_bytes() == ckpt(3).read_bytes()
+    assert ckpt("last").samefile(ckpt("best")) is links and ckpt("last").samefile(ckpt(3)) is links
+    assert not ckpt(2).samefile(ckpt(3))
+
+
 def test_accumulation_equals_big_batch_for_sgd(tmp_path):
     common = {"OPTIMIZER": "SGD", "W_DECAY": 0.0, "EPOCHS": 1, "AMP": "off"}
 
@@ -529,7 +578,7 @@ def test_releasing_workers_lets_an_interrupt_through(monkeypatch):
         monkeypatch.undo()  # before the iterator's __del__ runs again
 
 
-def test_a_signal_delivered_twice_under_torchrun_is_one_request():
+def test_a_signal_delivered_twice_under_torchrun_is_one_request(monkeypatch):
     """Slurm signals every process and torchrun's agent forwards the signal to each again: a copy of the
     same signal within the window must not turn the saving stop into an unsaved one. A single process,
     or another signal, or the same one later, still stops at once."""
@@ -545,9 +594,15 @@ def test_a_signal_delivered_twice_under_torchrun_is_one_request():
     assert job.requested
     with pytest.raises(KeyboardInterrupt):
         job._handle(signal.SIGINT, None)
-    late = StopRequest(duplicate_window_s=0.05)
+    import biapy.engine.trainer as trainer_module
+
+    clock = [100.0]
+    monkeypatch.setattr(trainer_module.time, "monotonic", lambda: clock[0])
+    late = StopRequest(duplicate_window_s=2.0)
     late._handle(signal.SIGTERM, None)
-    time.sleep(0.1)
+    clock[0] += 1.9
+    late._handle(signal.SIGTERM, None)  # within the window: the same request
+    clock[0] += 0.2  # 2.1 s after the first
     with pytest.raises(KeyboardInterrupt):
         late._handle(signal.SIGTERM, None)
 

@@ -121,6 +121,8 @@ def _check_patch(cfg):
 
 
 def _check_system(cfg):
+    if not 0 <= cfg.SYSTEM.SEED < 2 ** 32:  # numpy's legacy seed range, which every generator here accepts
+        raise ConfigError(f"SYSTEM.SEED: {cfg.SYSTEM.SEED} is out of range; expected 0..{2 ** 32 - 1}")
     _minus_one_or_at_least("SYSTEM.NUM_CPUS", cfg.SYSTEM.NUM_CPUS, 1)
     _minus_one_or_at_least("SYSTEM.NUM_WORKERS", cfg.SYSTEM.NUM_WORKERS, 0)
 
@@ -148,6 +150,9 @@ def _check_data(cfg):
         if clip.LOWER_PERC != -1 and clip.UPPER_PERC != -1 and clip.LOWER_PERC >= clip.UPPER_PERC:
             raise ConfigError("DATA.NORMALIZATION.PERC_CLIP: LOWER_PERC must be below UPPER_PERC")
         lower, upper = list(clip.LOWER_VALUE), list(clip.UPPER_VALUE)
+        if clip.LOWER_PERC == -1 and clip.UPPER_PERC == -1 and lower == [-1.0] and upper == [-1.0]:
+            raise ConfigError("DATA.NORMALIZATION.PERC_CLIP.ENABLE is True but no bound is set, so nothing would be "
+                              "clipped; set LOWER_PERC/UPPER_PERC (0..100) or LOWER_VALUE/UPPER_VALUE")
         if clip.LOWER_PERC == -1 and clip.UPPER_PERC == -1 and lower != [-1.0] and upper != [-1.0]:
             n = max(len(lower), len(upper))
             fits = all(len(v) in (1, n) for v in (lower, upper))  # a single value applies to every channel
@@ -162,7 +167,8 @@ def _check_data(cfg):
 
 def _check_folder(key, path):
     if not path:
-        raise ConfigError(f"{key} is empty; expected the folder that holds the images")
+        what = "label images" if key.endswith("GT_PATH") else "images"
+        raise ConfigError(f"{key} is empty; expected the folder that holds the {what}")
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"{key}: folder {path} does not exist")
@@ -351,6 +357,9 @@ def _check_loss_and_metrics(cfg):
     if w and (len(w) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
                                      and v < float("inf") for v in w)):
         raise ConfigError(f"LOSS.WEIGHTS: {w} must hold two non-negative weights (or be empty)")
+    if w and not sum(w) > 0:
+        raise ConfigError(f"LOSS.WEIGHTS: {w} weighs both terms 0, so nothing would be learned; expected a "
+                          "positive weight")
     for key in ("TRAIN.METRICS", "TEST.METRICS"):
         section, name = key.split(".")
         for metric in cfg[section][name]:

@@ -92,7 +92,7 @@ _C.DATA.TRAIN.IN_MEMORY = True
 _C.DATA.TRAIN.SSL_SOURCE_DIR = ""
 # Draw random patches afresh every epoch (True) or walk a fixed sliding grid (False, uses OVERLAP/PADDING).
 _C.DATA.TRAIN.EXTRACT_RANDOM_PATCH = True
-# (new) Random patches per image per epoch; -1 = as many as a non-overlapping grid holds (BiaPy's epoch).
+# (new) With EXTRACT_RANDOM_PATCH, random patches per image per epoch; -1 = as many as a non-overlapping grid holds.
 _C.DATA.TRAIN.PATCHES_PER_IMAGE = -1
 # Sliding grid only: overlap fraction per spatial axis in [0, 1), e.g. (0, 0) or (0, 0, 0) in 3D.
 _C.DATA.TRAIN.OVERLAP = (0, 0)
@@ -237,7 +237,7 @@ _C.MODEL.VIT_NUM_HEADS = 12
 _C.MODEL.VIT_MLP_RATIO = 4.0
 # ViT layer-norm epsilon.
 _C.MODEL.VIT_NORM_EPS = 1e-6
-# MAE: 'random' (per-sample random tokens, MAE_MASK_RATIO of them) or 'grid' (a regular pattern).
+# mae only: 'random' (per-sample random tokens) or 'grid' (a regular pattern); unet/resunet hide random blocks.
 _C.MODEL.MAE_MASK_TYPE = "grid"
 # Fraction of tokens (mae) or blocks (unet/resunet masking) hidden from the network (at least one per patch).
 _C.MODEL.MAE_MASK_RATIO = 0.5

@@ -151,7 +151,7 @@ def _file_seed(seed, name):
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(name.encode())])
 
 
-def _source_entry(path):
+def _file_stamp(path):
     st = os.stat(path)
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
@@ -192,13 +192,15 @@ def _prepare_locked(src_files, names, dst_dir, noise, resizing_factor, ndim, see
     todo, reasons = [], set()
     for src in src_files:
         entry = old_files.get(src.name)
-        current = _source_entry(src)
+        current = _file_stamp(src)
         if entry is None:
             reasons.add("new source file(s)")
         elif {k: entry.get(k) for k in current} != current:
             reasons.add("source file(s) changed")
         elif not (dst_dir / entry["output"]).is_file():
             reasons.add("degraded file(s) missing")
+        elif entry.get("copy") not in (None, _file_stamp(dst_dir / entry["output"])):
+            reasons.add("degraded file(s) changed")  # overwritten or damaged: it had stopped every later run
         else:
             continue
         todo.append(src)
@@ -221,7 +223,7 @@ def _prepare_locked(src_files, names, dst_dir, noise, resizing_factor, ndim, see
             written = write_image(dst_dir / src.name, next(slices), ndim)
         else:
             written = write_image_slices(dst_dir / src.name, slices, img.shape, img.dtype)
-        files[src.name] = dict(_source_entry(src), output=written.name)
+        files[src.name] = dict(_file_stamp(src), output=written.name, copy=_file_stamp(written))
     if todo or not same_params:
         _write_manifest(dst_dir / MANIFEST, {"params": params, "files": files})
     return [dst_dir / files[n]["output"] for n in names]

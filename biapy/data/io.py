@@ -4,7 +4,8 @@ TIFF is the main format. Its axes are mapped to the canonical layout by one `_Ax
 serves full reads, header-only shape queries and lazy region reads alike:
 - ImageJ hyperstacks (TZCYXS) and tifffile files with an 'axes' entry: axes honoured by name;
 - tifffile 'shaped' files without axes (`tifffile.imwrite(array)`): the stored array is taken as
-  already channel-last, (y, x[, c]) / (z, y, x[, c]);
+  channel-last, (y, x[, c]) / (z, y, x[, c]), except, as BiaPy reads them, when its first axis has at
+  most 3 values and its last more: then the first axis holds the channels (see `_plain_plan`);
 - other TIFFs: tifffile's axes guess (pages I/Q become Z in 3D, C in 2D; samples S are channels).
 PNG/JPEG go through scikit-image; NIfTI (nibabel), HDF5 (h5py) and Zarr (zarr) are optional
 extras imported only when such a file is met (arrays in them are read as channel-last).
@@ -599,8 +600,9 @@ def write_image(path, array, ndim: int) -> Path:
 
     TIFF with ImageJ axes (YX/YXC/ZYX/ZYXC stored in Fiji's order, so Fiji shows channels and
     slices right); dtypes ImageJ lacks get tifffile's axes metadata instead. float64 -> float32,
-    bool -> uint8. A .png/.jpg path holds 2D uint8 grey/RGB data (PNG also RGBA and uint16); anything
-    else asked of it is written as a .tif beside it rather than silently losing values.
+    bool -> uint8. A .png path holds 2D uint8 grey/RGB/RGBA or uint16 grey data; anything else asked of it is
+    written as a .tif beside it rather than silently losing values. JPEG is lossy (a label map read back
+    had gained a class), so a .jpg/.jpeg path is written as .png, or .tif, beside it.
     """
     _check_ndim(ndim)
     path, arr = Path(path), np.asarray(array)
@@ -610,16 +612,15 @@ def write_image(path, array, ndim: int) -> Path:
         raise ValueError(f"write_image: array of shape {arr.shape} is not a {ndim}D channel-last image")
     arr = arr.astype(_storable(arr.dtype), copy=False)
     ext = _suffix(path)
-    channels = (1, 3, 4) if ext == ".png" else (1, 3)  # JPEG holds no alpha (a CMYK JPEG reads as 4 channels)
-    plain = ext in PLAIN_EXTS and ndim == 2 and arr.shape[-1] in channels and (
-        arr.dtype == np.uint8 or (arr.dtype == np.uint16 and ext == ".png"))
+    if ext in PLAIN_EXTS:
+        path = path.with_name(path.name[: -len(ext)] + ".png")
+    plain = ext in PLAIN_EXTS and ndim == 2 and (  # what PIL writes to PNG: uint8 grey/RGB/RGBA, uint16 grey
+        (arr.dtype == np.uint8 and arr.shape[-1] in (1, 3, 4)) or (arr.dtype == np.uint16 and arr.shape[-1] == 1))
     if plain:
         def write(tmp):
             from PIL import Image
 
-            data = np.ascontiguousarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
-            fmt, kw = ("PNG", {}) if ext == ".png" else ("JPEG", {"quality": 95})
-            Image.fromarray(data).save(tmp, format=fmt, **kw)
+            Image.fromarray(np.ascontiguousarray(arr[..., 0] if arr.shape[-1] == 1 else arr)).save(tmp, format="PNG")
     else:
         def write(tmp):
             _write_tiff(tmp, _tiff_order(arr), arr.shape, arr.dtype, ndim)

@@ -49,9 +49,18 @@ def _given(values):
 
 
 def _steps(shape, budget):
-    """One stride for every spatial axis so that about `budget` pixels remain."""
+    """One stride for every spatial axis so that at most `budget` pixels remain, and not many fewer.
+
+    At most, so that a sample measured again (the dataset checks its sample, then takes statistics of it)
+    is kept whole: one 0.02% over the budget had been halved, and training saw other statistics than test.
+    """
     n = float(np.prod(shape, dtype=np.float64))
-    return max(1, int(np.ceil((n / budget) ** (1.0 / len(shape))))) if n > budget else 1
+    if n <= budget:
+        return 1
+    step = max(1, int(np.ceil((n / budget) ** (1.0 / len(shape)))))
+    while np.prod([-(-s // step) for s in shape], dtype=np.float64) > budget:
+        step += 1
+    return step
 
 
 def _sample(img, budget=SAMPLE_BUDGET):
@@ -74,6 +83,10 @@ def _sample(img, budget=SAMPLE_BUDGET):
         rest = (slice(shift, None, step),) * (len(img.shape) - 2)
         parts.append(np.asarray(img[(slice(i + shift, i + shift + 1),) + rest]).reshape(-1, c))
     return np.concatenate(parts)
+
+
+def _shown(values):
+    return ", ".join(f"{v:.6g}" for v in np.atleast_1d(values))
 
 
 def _chunks(flat, size=1 << 22):
@@ -135,6 +148,8 @@ class Normalizer:
         lo = hi = None
         if self.lower_perc != -1 or self.upper_perc != -1:
             some = flat[:: max(1, flat.shape[0] // (1 << 24))]
+            if some.dtype == np.bool_:  # numpy's percentile subtracts, which bool refuses
+                some = some.view(np.uint8)
             if self.lower_perc != -1:
                 lo = np.percentile(some, self.lower_perc, axis=0)
             if self.upper_perc != -1:
@@ -147,6 +162,10 @@ class Normalizer:
             lo = np.broadcast_to(self.lower_value, (c,)).astype(np.float64)
         if hi is None and self.upper_value is not None:
             hi = np.broadcast_to(self.upper_value, (c,)).astype(np.float64)
+        if lo is not None and hi is not None and np.any(lo >= hi):  # a percentile against a fixed value
+            raise DataError(f"DATA.NORMALIZATION.PERC_CLIP: the lower bound {_shown(lo)} is not below the upper "
+                            f"bound {_shown(hi)} here, so every pixel would be clipped to one value; expected "
+                            "LOWER_PERC/LOWER_VALUE below UPPER_PERC/UPPER_VALUE in input units")
         return lo, hi
 
     def stats(self, img):

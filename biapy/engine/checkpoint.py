@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from biapy.errors import BiapyError, CheckpointError
+from biapy.errors import BiapyError, CheckpointError, ConfigError
 from biapy.utils.files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -47,13 +47,14 @@ def save_checkpoint(path, payload: dict) -> None:
         raise BiapyError(f"{path}: cannot write the checkpoint ({reason[:200]}); is the disk full?") from None
 
 
-def load_checkpoint(path) -> dict:
-    """The payload of a checkpoint on CPU; CheckpointError if missing, unreadable or not a checkpoint."""
+def load_checkpoint(path, mmap=False) -> dict:
+    """The payload of a checkpoint on CPU; CheckpointError if missing, unreadable or not a checkpoint.
+    `mmap`: tensors stay in the file until used (to read a checkpoint's config without its weights)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # truncated zip, random bytes, pickled objects...
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         if isinstance(err, pickle.UnpicklingError) and found:
@@ -198,15 +199,21 @@ def other_task(meta: dict, cfg) -> bool:
     return bool(meta) and "problem" in meta and _task(meta) != _task(checkpoint_metadata(cfg))
 
 
-def check_same_task(meta: dict, cfg, path, run) -> None:
-    """A run's own checkpoint continues only the task it was trained for: CheckpointError otherwise (testing
-    crappify weights as masking, say, would replace the run's outputs with meaningless ones)."""
-    if not meta or "problem" not in meta:
-        return
-    theirs, mine = _task(meta), _task(checkpoint_metadata(cfg))
-    if theirs != mine:
-        raise CheckpointError(f"{path}: run {run} was trained for {theirs} but this config asks for {mine}; "
-                              "use a new --run_id or --name")
+def check_own_run(state: dict, cfg, path, run) -> None:
+    """A run's own checkpoint goes on (resumed, or tested) only under the settings it was trained with: its task,
+    inputs and weight layout. CheckpointError/ConfigError otherwise: testing crappify weights as masking, or with
+    another DATA.NORMALIZATION.TYPE, would replace the run's outputs with meaningless ones."""
+    meta = state.get("metadata") or {}
+    if meta and "problem" in meta:
+        theirs, mine = _task(meta), _task(checkpoint_metadata(cfg))
+        if theirs != mine:
+            raise CheckpointError(f"{path}: run {run} was trained for {theirs} but this config asks for {mine}; "
+                                  "use a new --run_id or --name")
+    saved = saved_config_tree(state.get("config"))
+    differ = key_differences(saved, cfg, INPUT_KEYS) + layout_key_differences(saved, cfg)
+    if differ:
+        raise ConfigError(f"run {run} was trained with other settings than these ({'; '.join(differ)}): set them "
+                          f"as in its training to go on with {Path(path).name}, or pass a new --run_id to train anew")
 
 
 # ------------------------------------------------------------------ RNG states as plain values

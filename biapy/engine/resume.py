@@ -10,7 +10,7 @@ import logging
 import re
 from pathlib import Path
 
-from biapy.engine.checkpoint import (INPUT_KEYS, check_compatible, check_same_task, checkpoint_metadata,
+from biapy.engine.checkpoint import (INPUT_KEYS, check_compatible, check_own_run, checkpoint_metadata,
                                      is_step_counter, key_differences, layout_key_differences, load_checkpoint,
                                      load_weights, other_task, rng_states, save_checkpoint, saved_config_tree,
                                      set_rng_states, to_plain)
@@ -120,7 +120,7 @@ def load_model_from(t_model, cfg, path, skip_unmatched, own_run=None):
     state = load_checkpoint(path)
     check_compatible(state.get("metadata") or {}, cfg, path)
     if own_run is not None:
-        check_same_task(state.get("metadata") or {}, cfg, path, own_run)
+        check_own_run(state, cfg, path, own_run)
     saved = saved_config_tree(state.get("config"))
     differ = layout_key_differences(saved, cfg)
     fresh = ("head.",) if other_task(state.get("metadata") or {}, cfg) else ()
@@ -159,9 +159,39 @@ def starting_checkpoint(cfg, job):
 
 
 def check_start(cfg, job) -> None:
-    """Before any data work: the MODEL.LOAD_CHECKPOINT start exists, unless this job resumes its own 'last'."""
-    if cfg.MODEL.LOAD_CHECKPOINT and not (cfg.TRAIN.ENABLE and job.checkpoint("last").exists()):
+    """Before any data work: a run that goes on from its own checkpoint (resumed, or tested again) has the settings
+    it was trained with and asks for no other start; a test of another checkpoint does not replace the outputs of
+    a run that has its own; the MODEL.LOAD_CHECKPOINT start exists."""
+    last, best = job.checkpoint("last"), job.checkpoint("best")
+    start = Path(cfg.PATHS.CHECKPOINT_FILE) if cfg.MODEL.LOAD_CHECKPOINT and cfg.PATHS.CHECKPOINT_FILE else None
+    foreign = start is not None and not (_same_file(start.parent, job.checkpoint_dir)
+                                         and start.name.startswith(f"{job.id}-checkpoint-"))
+    resumes = cfg.TRAIN.ENABLE and last.exists()
+    if resumes or (not cfg.TRAIN.ENABLE and not foreign and (last.exists() or best.exists())):
+        own = last if last.exists() else best
+        state = load_checkpoint(own, mmap=True)
+        check_own_run(state, cfg, own, job.id)
+        if resumes and foreign:
+            _check_same_start(saved_config_tree(state.get("config")), start, job, own)
+    elif not cfg.TRAIN.ENABLE and foreign and (last.exists() or best.exists()):
+        raise ConfigError(f"PATHS.CHECKPOINT_FILE: run {job.id} has checkpoints of its own, and testing {start.name} "
+                          f"would replace its test outputs with another model's; pass a new --run_id to test it")
+    if cfg.MODEL.LOAD_CHECKPOINT and not resumes:
         starting_checkpoint(cfg, job)
+
+
+def _same_file(a, b) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def _check_same_start(saved, start, job, own):
+    """A resumed run goes on from its own 'last', so the start this command names must be the one it began from."""
+    model, paths = saved.get("MODEL") or {}, saved.get("PATHS") or {}
+    began = paths.get("CHECKPOINT_FILE") if model.get("LOAD_CHECKPOINT") else None
+    if not began or not (began == str(start) or _same_file(began, start)):
+        where = f"from {began}" if began else "from scratch"
+        raise ConfigError(f"PATHS.CHECKPOINT_FILE: run {job.id} began {where} and resumes from its own {own.name}, "
+                          f"so {start} would not be loaded; pass a new --run_id to start from it")
 
 
 def resume_or_start(t) -> bool:

@@ -66,6 +66,10 @@ class Workflow(ABC):
                 raise DataError(f"{files[0]}: reads as {found} channels, where DATA.PATCH_SIZE {patch} asks for "
                                 f"{self.channels}. {NO_AXES[0].upper()}{NO_AXES[1:]}; if it has {found} channels, set "
                                 f"DATA.PATCH_SIZE's last value to {found}")
+            if key != "DATA.TRAIN.PATH":  # the model's channels are fixed by its training: these images are off
+                trained = " and the training images" if self.cfg.TRAIN.ENABLE else ""
+                raise DataError(f"{files[0]}: has {found} channel(s) but DATA.PATCH_SIZE {patch}{trained} have "
+                                f"{self.channels}; expected {key} images of {self.channels} channel(s)")
             raise DataError(f"{files[0]}: has {found} channel(s) but DATA.PATCH_SIZE {patch} asks for {self.channels}; "
                             f"set its last value to {found}")
 
