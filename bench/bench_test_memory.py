@@ -50,11 +50,11 @@ def worker(task, depth):
     measured = {}
     test = base.Workflow.test
 
-    def measured_test(self):
+    def measured_test(self, *args, **kwargs):
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")  # resets VmHWM to the current resident memory
         start, t0 = _status_mb("VmRSS"), time.perf_counter()
-        test(self)
+        test(self, *args, **kwargs)
         measured.update(start_mb=start, peak_mb=_status_mb("VmHWM"), seconds=time.perf_counter() - t0)
 
     base.Workflow.test = measured_test

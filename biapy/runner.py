@@ -29,8 +29,8 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
 def setup_logging(is_main=True, verbose=False):
-    # Other ranks: errors only; their warnings would repeat rank 0's (each rank runs the same checks).
-    level = logging.DEBUG if verbose else (logging.INFO if is_main else logging.ERROR)
+    # Other ranks: errors only, --verbose or not; their lines would repeat rank 0's (each rank runs the same checks).
+    level = (logging.DEBUG if verbose else logging.INFO) if is_main else logging.ERROR
     root = logging.getLogger("biapy")
     root.handlers.clear()
     # The log is the job's output, on stdout as BiaPy prints it (`> run.log` keeps it); the final error line

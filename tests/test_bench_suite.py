@@ -121,6 +121,17 @@ def test_recompute_bench_prints_the_saved_share_and_step_ratio():
     assert saved_ratio < 0.3 and step_ratio > 0
 
 
+def test_test_memory_bench_prints_a_row_per_depth_and_the_cost_per_voxel():
+    """It wraps Workflow.test, whose signature had moved on under it (a TypeError on every run)."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_test_memory.py"), "--depths", "8", "16"],
+                         capture_output=True, text=True, check=True, cwd=ROOT, timeout=300).stdout
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["crappify"], ["masking"])]
+    assert [(r[0], r[1]) for r in rows if "x256x256" in r[1]] == [
+        ("crappify", "8x256x256"), ("crappify", "16x256x256"), ("masking", "8x256x256"), ("masking", "16x256x256")]
+    per_voxel = [float(line.split()[1]) for line in out.splitlines() if "bytes per extra test voxel" in line]
+    assert len(per_voxel) == 2 and all(v > 0 for v in per_voxel)
+
+
 def test_mae_profile_prints_both_ratios_and_the_operator_table():
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "profile_mae.py"), "--batch", "2", "--steps", "1",
                           "--rows", "2"], capture_output=True, text=True, check=True, cwd=ROOT, timeout=300).stdout

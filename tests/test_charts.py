@@ -34,3 +34,13 @@ def test_no_chart_without_values(tmp_path):
     assert HistoryCharts(tmp_path, "j").draw([]) == []
     only_train = [{"epoch": 1, "train_loss": 0.5, "val_loss": None, "metrics": {}}]
     assert [p.name for p in HistoryCharts(tmp_path, "j").draw(only_train)] == ["j_loss.png"]
+
+
+def test_epoch_line_prints_metrics_with_fixed_decimals():
+    """'.4g' had printed psnr 12.66, then 6.208, then 12.9 from one epoch to the next."""
+    from biapy.engine.reporting import summary_line
+
+    record = {"epoch": 3, "train_loss": 0.51234, "val_loss": 0.4, "lr": 1e-3, "seconds": 1.26,
+              "metrics": {"psnr": 12.9, "ssim": 0.70701, "mse": 1234567.0}}
+    assert summary_line(record, 10, True) == ("Epoch 3/10  train 0.5123  val 0.4000  psnr 12.9000  ssim 0.7070  "
+                                              "mse 1.235e+06  lr 1.0e-03  1.3s  *best")

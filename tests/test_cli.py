@@ -1,4 +1,5 @@
 """The command line: flags, exit codes and one-line errors that name the culprit."""
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -110,3 +111,16 @@ def test_sigterm_outside_training_under_torchrun_does_not_advise_a_rerun(world, 
     assert main(["--config", "x.yaml", "--result_dir", "r", "--name", "n"]) == 130
     err = capsys.readouterr().err
     assert says in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("is_main, verbose, level", [(True, False, logging.INFO), (True, True, logging.DEBUG),
+                                                     (False, False, logging.ERROR), (False, True, logging.ERROR)])
+def test_only_rank_0_logs_with_or_without_verbose(is_main, verbose, level):
+    """--verbose under torchrun had printed every info line once per process."""
+    from biapy.runner import setup_logging
+
+    try:
+        setup_logging(is_main=is_main, verbose=verbose)
+        assert logging.getLogger("biapy").getEffectiveLevel() == level
+    finally:
+        setup_logging(is_main=True)

@@ -307,54 +307,54 @@ def test_testing_another_checkpoint_into_a_trained_run_is_refused(world, intact,
     assert world.run(_from_checkpoint(world, other, TEST={"ENABLE": True}), "test_other_into_good", run_id=1) == 2
     one_error_line(capsys, "PATHS.CHECKPOINT_FILE", "run good_1 has checkpoints of its own", "other_run.pth",
                    "new --run_id")
-    # Its own numbered or best checkpoint, named by path, is its own: tested as asked.
-    assert world.run(_from_checkpoint(world, world.good_job.checkpoint("best"), TEST={"ENABLE": True}),
-                     "test_own_by_path", name="own_path", run_id=1) == 0
+    # Its own checkpoint named by path, or through a link, is its own: tested as asked.
+    assert world.run(world.cfg(), "own_path", name="own_path", run_id=1) == 0
+    link = world.root / "own_best_link.pth"
+    link.symlink_to(Job(world.out, "own_path", 1).checkpoint("best"))
+    for path in (Job(world.out, "own_path", 1).checkpoint("best"), link):
+        capsys.readouterr()
+        assert world.run(_from_checkpoint(world, path, TEST={"ENABLE": True}), "test_own_by_path", name="own_path",
+                         run_id=1) == 0
+        assert f"Test weights: {path}" in capsys.readouterr().out
 
 
-def test_a_resumed_run_asked_to_start_from_a_checkpoint_it_did_not_begin_from(world, intact, capsys):
+def test_a_resumed_run_asked_to_start_from_a_checkpoint_it_did_not_begin_from(world, intact, capsys, monkeypatch):
     """The run resumes its own 'last': a PATHS.CHECKPOINT_FILE other than the one it began from had been ignored."""
     start = world.root / "start.pth"
     shutil.copyfile(world.good_job.checkpoint("best"), start)
-    cfg = _from_checkpoint(world, start, TRAIN={"EPOCHS": 2})
-    assert world.run(cfg, "resume_other_start", run_id=1) == 2
+    assert world.run(_from_checkpoint(world, start, TRAIN={"EPOCHS": 2}), "resume_other_start", run_id=1) == 2
     one_error_line(capsys, "PATHS.CHECKPOINT_FILE", "run good_1 began from scratch", "start.pth would not be loaded")
-    # Begun from that file, the same command goes on (interrupted, or with more epochs) from its own 'last'.
+    numbered = world.good_job.checkpoint(1)  # its own other checkpoints are not where it resumes either
+    shutil.copyfile(world.good_job.checkpoint("last"), numbered)
+    try:
+        numbered.write_bytes(numbered.read_bytes()[:-1] + b"x")  # another file's bytes
+        assert world.run(_from_checkpoint(world, numbered, TRAIN={"EPOCHS": 2}), "resume_own_1", run_id=1) == 2
+        one_error_line(capsys, "run good_1 began from scratch", "good_1-checkpoint-1.pth would not be loaded")
+    finally:
+        numbered.unlink()
+    capsys.readouterr()
+    # Begun from that file, the run goes on (interrupted, or with more epochs) whenever the command names it:
+    # as the same text from another folder, through a moved copy, or not at all in between.
     assert world.run(_from_checkpoint(world, start, TRAIN={"EPOCHS": 1}), "from_start", name="from_start",
                      run_id=1) == 0
-    capsys.readouterr()
-    assert world.run(_from_checkpoint(world, start, TRAIN={"EPOCHS": 2}), "from_start2", name="from_start",
-                     run_id=1) == 0
-    assert "Resuming from_start_1 from from_start_1-checkpoint-last.pth at epoch 2" in capsys.readouterr().out
-    moved = world.root / "moved.pth"
+    job = Job(world.out, "from_start", 1)
+    monkeypatch.chdir(world.root)
+    relative = _from_checkpoint(world, "start.pth", TRAIN={"EPOCHS": 2})
+    moved = world.root / "moved" / "start.pth"
+    moved.parent.mkdir()
     shutil.copyfile(start, moved)
-    assert world.run(_from_checkpoint(world, moved, TRAIN={"EPOCHS": 3}), "from_moved", name="from_start",
+    no_start = world.cfg(TRAIN={"EPOCHS": 4})
+    for epochs, cfg in ((2, relative), (3, _from_checkpoint(world, moved, TRAIN={"EPOCHS": 3})), (4, no_start),
+                        (5, _from_checkpoint(world, start, TRAIN={"EPOCHS": 5}))):
+        capsys.readouterr()
+        assert world.run(cfg, f"from_start{epochs}", name="from_start", run_id=1) == 0
+        assert f"Resuming from_start_1 from from_start_1-checkpoint-last.pth at epoch {epochs}" in capsys.readouterr().out
+    # Another checkpoint (its own best, another epoch's weights) is not what it began from.
+    other = world.root / "other.pth"
+    shutil.copyfile(job.checkpoint("best"), other)
+    assert world.run(_from_checkpoint(world, other, TRAIN={"EPOCHS": 6}), "from_other", name="from_start",
                      run_id=1) == 2
-    one_error_line(capsys, f"run from_start_1 began from {start}", "moved.pth would not be loaded")
-
-
-def test_images_with_different_channel_counts(world, intact, capsys):
-    x, _, victim = _spoil_first(world, "channels",
-                                lambda p: write_image(p, np.zeros((48, 48, 3), np.uint8), 2))
-    assert world.run(world.cfg(DATA={"TRAIN": {"PATH": str(x)}}), "channels") == 3
-    one_error_line(capsys, victim.name, "3 channel(s)")
-
-
-def test_stacks_without_axis_names_in_2d_are_named_as_such(world, intact, capsys):
-    x, _, victim = _spoil_first(world, "stack_no_axes",
-                                lambda p: tifffile.imwrite(p, np.zeros((64, 48, 48), np.uint8)))  # no ImageJ axes
-    assert world.run(world.cfg(DATA={"TRAIN": {"PATH": str(x)}}), "stack_no_axes") == 3
-    one_error_line(capsys, victim.name, "has 48 channel(s)", "all images must match", "stack of slices")
-    for f in x.iterdir():  # all of them stacks: the patch's channel count is the one that differs
-        tifffile.imwrite(f, np.zeros((64, 48, 48), np.uint8))
-    assert world.run(world.cfg(DATA={"TRAIN": {"PATH": str(x)}}), "stack_no_axes_all") == 3
-    line = one_error_line(capsys, "reads as 48 channels", "save it with ImageJ or OME axes")
-    assert line.index("ImageJ") < line.index("set DATA.PATCH_SIZE's last value to 48")  # the likely cause first
-
-
-def test_patch_channels_differ_from_the_images(world, intact, capsys):
-    assert world.run(world.cfg(DATA={"PATCH_SIZE": (32, 32, 2)}), "patch_channels") == 3
-    one_error_line(capsys, "img_00.tif", "DATA.PATCH_SIZE", "1 channel(s)")
+    one_error_line(capsys, f"run from_start_1 began from {start}", "other.pth would not be loaded")
 
 
 def test_test_images_whose_channels_differ_from_the_training_images(world, intact, capsys):

@@ -211,9 +211,9 @@ def _prepare_locked(src_files, names, dst_dir, noise, resizing_factor, ndim, see
     elif old is None and any(f.name != ".lock" for f in dst_dir.iterdir()):
         log.info("Rebuilding degraded copies in %s: no valid %s found", dst_dir, MANIFEST)
     elif todo and old is not None:
-        log.info("Updating %d degraded copies in %s: %s", len(todo), dst_dir, ", ".join(sorted(reasons)))
+        log.info("Updating %s in %s: %s", _copies(len(todo)), dst_dir, ", ".join(sorted(reasons)))
     elif todo:
-        log.info("Creating %d degraded copies in %s", len(todo), dst_dir)
+        log.info("Creating %s in %s", _copies(len(todo)), dst_dir)
     files = dict(old_files)
     for src in todo:
         img = read_image(src, ndim) if ndim == 2 else open_image_lazy(src, ndim)  # a volume: slab by slab
@@ -227,6 +227,10 @@ def _prepare_locked(src_files, names, dst_dir, noise, resizing_factor, ndim, see
     if todo or not same_params:
         _write_manifest(dst_dir / MANIFEST, {"params": params, "files": files})
     return [dst_dir / files[n]["output"] for n in names]
+
+
+def _copies(n):
+    return f"{n} degraded {'copy' if n == 1 else 'copies'}"
 
 
 def _read_manifest(path):

@@ -26,7 +26,9 @@ def summary_line(record, epochs, is_best) -> str:
     parts = [f"Epoch {record['epoch']}/{epochs}", f"train {record['train_loss']:.4f}"]
     if record.get("val_loss") is not None:
         parts.append(f"val {record['val_loss']:.4f}")
-    parts += [f"{name} {value:.4g}" for name, value in (record.get("metrics") or {}).items()]
+    # Fixed decimals, as the losses: '.4g' had printed psnr 12.66, then 6.208, then 12.9.
+    parts += [f"{name} {value:.4f}" if abs(value) < 1e5 else f"{name} {value:.4g}"
+              for name, value in (record.get("metrics") or {}).items()]
     parts += [f"lr {record['lr']:.1e}", f"{record['seconds']:.1f}s"]
     if is_best:
         parts.append("*best")

@@ -3,10 +3,12 @@
 Payload keys: model, optimizer, scheduler, scaler, epoch (epochs completed, or the epoch in progress when
 step_in_epoch > 0), step_in_epoch, partial_loss (sum, count of that partial epoch over all ranks),
 epoch_steps, world_size, batch_size and accum_iter (the layout step_in_epoch and the scheduler's update
-count refer to), best_val, bad_epochs,
-stopped_early, history, rng (torch/numpy/python/cuda), config (YAML text), metadata, extras.
+count refer to), best_val, bad_epochs, stopped_early, history, began (`start_record` of the checkpoint the run
+began from), rng (torch/numpy/python/cuda), config (YAML text), metadata, extras.
 """
+import hashlib
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -35,6 +37,7 @@ def build_payload(t, epoch, step_in_epoch=0, partial_loss=(0.0, 0)) -> dict:
         "bad_epochs": int(t.bad_epochs),
         "stopped_early": bool(t.stopped_early),
         "history": to_plain(list(t.history)),
+        "began": t.began,  # the start this run began from, kept over its resumes (check_start compares it)
         "rng": rng_states(),
         "config": t.config_text,
         "metadata": checkpoint_metadata(t.cfg),
@@ -141,7 +144,8 @@ def load_model_from(t_model, cfg, path, skip_unmatched, own_run=None):
         more = f", ... {len(skipped) - 6} more (--verbose lists them)" if len(skipped) > 6 else ""
         shown = ", ".join(skipped[:6]) + more
         log.info("Skipped %d tensor(s): %s", len(skipped), shown)
-        log.debug("Skipped tensors: %s", ", ".join(skipped))
+        if len(skipped) > 6:
+            log.debug("Skipped tensors: %s", ", ".join(skipped))
     return state, loaded, skipped
 
 
@@ -164,15 +168,16 @@ def check_start(cfg, job) -> None:
     a run that has its own; the MODEL.LOAD_CHECKPOINT start exists."""
     last, best = job.checkpoint("last"), job.checkpoint("best")
     start = Path(cfg.PATHS.CHECKPOINT_FILE) if cfg.MODEL.LOAD_CHECKPOINT and cfg.PATHS.CHECKPOINT_FILE else None
-    foreign = start is not None and not (_same_file(start.parent, job.checkpoint_dir)
-                                         and start.name.startswith(f"{job.id}-checkpoint-"))
+    real = start.expanduser().resolve() if start is not None else None  # through links: what will be read
+    foreign = real is not None and not (_same_file(real.parent, job.checkpoint_dir)
+                                        and real.name.startswith(f"{job.id}-checkpoint-"))
     resumes = cfg.TRAIN.ENABLE and last.exists()
     if resumes or (not cfg.TRAIN.ENABLE and not foreign and (last.exists() or best.exists())):
         own = last if last.exists() else best
         state = load_checkpoint(own, mmap=True)
         check_own_run(state, cfg, own, job.id)
-        if resumes and foreign:
-            _check_same_start(saved_config_tree(state.get("config")), start, job, own)
+        if resumes and start is not None:
+            _check_same_start(state.get("began"), start, job, own)
     elif not cfg.TRAIN.ENABLE and foreign and (last.exists() or best.exists()):
         raise ConfigError(f"PATHS.CHECKPOINT_FILE: run {job.id} has checkpoints of its own, and testing {start.name} "
                           f"would replace its test outputs with another model's; pass a new --run_id to test it")
@@ -181,15 +186,44 @@ def check_start(cfg, job) -> None:
 
 
 def _same_file(a, b) -> bool:
-    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    """The same file or folder (through links, hard links too), or the same resolved path where one is missing."""
+    a, b = Path(a).expanduser(), Path(b).expanduser()
+    try:
+        return a.samefile(b)
+    except OSError:
+        return a.resolve() == b.resolve()
 
 
-def _check_same_start(saved, start, job, own):
-    """A resumed run goes on from its own 'last', so the start this command names must be the one it began from."""
-    model, paths = saved.get("MODEL") or {}, saved.get("PATHS") or {}
-    began = paths.get("CHECKPOINT_FILE") if model.get("LOAD_CHECKPOINT") else None
-    if not began or not (began == str(start) or _same_file(began, start)):
-        where = f"from {began}" if began else "from scratch"
+def start_record(path) -> dict:
+    """What a run began from, to recognize it later from another folder, through a link or after a move: the path
+    as given and resolved, and a fingerprint (size, and a hash of the last 64 KB: a torch checkpoint's zip
+    directory, with the CRC of every tensor). All empty: from scratch."""
+    if path is None:
+        return {"given": "", "path": "", "fingerprint": ""}
+    path = Path(path)
+    return {"given": str(path), "path": str(path.expanduser().resolve()), "fingerprint": _fingerprint(path)}
+
+
+def _fingerprint(path) -> str:
+    try:
+        with open(path, "rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, size - (1 << 16)))
+            return f"{size}:{hashlib.sha1(fh.read()).hexdigest()}"
+    except OSError:
+        return ""
+
+
+def _check_same_start(began, start, job, own):
+    """A resumed run goes on from its own 'last', so the start this command names must be the one it began from
+    (the same text, path or file). `began` None: a checkpoint from before runs recorded it, taken as the same."""
+    if began is None or _same_file(start, own):
+        return
+    here = start_record(start)
+    same = bool(began.get("path")) and (began.get("given") == here["given"] or began.get("path") == here["path"]
+                                        or (bool(here["fingerprint"]) and began.get("fingerprint") == here["fingerprint"]))
+    if not same:
+        where = f"from {began.get('given')}" if began.get("path") else "from scratch"
         raise ConfigError(f"PATHS.CHECKPOINT_FILE: run {job.id} began {where} and resumes from its own {own.name}, "
                           f"so {start} would not be loaded; pass a new --run_id to start from it")
 
@@ -204,6 +238,7 @@ def resume_or_start(t) -> bool:
     if last.exists():
         state, _, _ = load_model_from(t.model, cfg, last, skip_unmatched=False, own_run=job.id)
         restore_training(t, state, last)
+        t.began = state.get("began")
         if t.stopped_early or (t.start_epoch >= cfg.TRAIN.EPOCHS and t.skip_steps == 0):
             log.info("Training of %s already finished (%d epoch(s)%s); %s kept. Use a new --run_id to train again",
                      job.id, t.start_epoch, ", stopped early" if t.stopped_early else "", last.name)
@@ -212,8 +247,10 @@ def resume_or_start(t) -> bool:
         log.info("Resuming %s from %s at %s", job.id, last.name, where)
         return True
     if not cfg.MODEL.LOAD_CHECKPOINT:
+        t.began = start_record(None)
         return True
     path = starting_checkpoint(cfg, job)
+    t.began = start_record(path)
     state, loaded, skipped = load_model_from(t.model, cfg, path, cfg.MODEL.SKIP_UNMATCHED_LAYERS)
     log.info("Loaded %d tensor(s) from %s", len(loaded), path)
     log.debug("Loaded tensors: %s", ", ".join(loaded))

@@ -172,6 +172,7 @@ class Trainer:
         self._next_batches = None  # (epoch, its batch iterator) started while the previous epoch validated
         self.best_val, self.bad_epochs, self.stopped_early = math.inf, 0, False
         self.history = []
+        self.began = None  # resume.start_record of what this run began from, set by resume_or_start
         self.config_text = dump_config(self.cfg)  # stored in every checkpoint; dumping takes ~6 ms
         under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ  # with one process too: its agent forwards signals
         self.stop = StopRequest(duplicate_window_s=2.0 if under_torchrun else 0.0)
