@@ -242,7 +242,7 @@ def test_reconstruction_images_in_tensorboard_are_at_the_epoch_of_the_scalars(da
 @pytest.mark.parametrize("arch", ["mae", "unet"])
 def test_validation_masks_are_the_same_every_epoch(arch, data2d, tmp_path):
     """The validation loss picks the best checkpoint and stops early: it must move with the model, not with
-    which tokens happened to be hidden that epoch. Training masks stay random."""
+    which tokens happened to be hidden that epoch. Training masks change with every batch and epoch."""
     import torch
 
     from biapy.config import check_config, finalize, load_config
@@ -265,10 +265,19 @@ def test_validation_masks_are_the_same_every_epoch(arch, data2d, tmp_path):
     first = trainer._validate(0)[0]
     torch.manual_seed(2)  # the global RNG, which drew the masks before, moved on
     assert trainer._validate(1)[0] == first
-    batch = next(iter(wf.train_loader))
+    # Training masks: a function of the seed, the epoch and the batch (the same after a resume at that step),
+    # another for every batch and epoch, whatever the global RNG (seeded alike on every process) does.
+    first_batch, second_batch = list(wf.train_loader)[:2]
     wf.model = trainer.train_model
-    masks = [wf.compute_loss(batch, train=True)[1][2] for _ in range(2)]
-    assert not torch.equal(*masks)
+
+    def mask(batch, epoch, global_seed):
+        wf.train_dataset.set_epoch(epoch)
+        torch.manual_seed(global_seed)
+        return wf.compute_loss(batch, train=True)[1][2]
+
+    assert torch.equal(mask(first_batch, 0, 1), mask(first_batch, 0, 2))
+    assert not torch.equal(mask(first_batch, 0, 1), mask(first_batch, 1, 1))
+    assert not torch.equal(mask(first_batch, 0, 1)[:1], mask(second_batch, 0, 1)[:1])
 
 
 def test_validation_masks_depend_on_the_patch_alone_not_on_batches_or_processes():

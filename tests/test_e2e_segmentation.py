@@ -120,8 +120,8 @@ def seg_run(data2d, tmp_path_factory):
 
 
 @pytest.mark.parametrize("spoil, message", [
-    (lambda y: y * 255, "holds class id 255 but MODEL.N_CLASSES is 2 (ids must be 0..1; a binary mask saved "
-                        "as 0/255? Save it as 0/1)"),                                # 0/255 masks
+    (lambda y: y * 255, "holds class id 255 but MODEL.N_CLASSES is 2 (ids must be 0..1; unlabelled pixels? Set "
+                        "LOSS.IGNORE_INDEX to their value. A binary mask saved as 0/255? Save it as 0/1)"),  # 0/255
     (lambda y: y.astype(np.float32) * 0.5, "labels must be integer class ids"),    # 0 / 0.5
     (lambda y: np.repeat(y, 2, axis=-1), "label shape"),                            # two channels
     (lambda y: y[:30, :30], "label shape (30, 30, 1) does not match its image"),   # another size
@@ -149,7 +149,7 @@ def test_out_of_range_ids_that_a_sampled_check_missed_stop_training_with_one_lin
     from biapy.workflows.segmentation import SegmentationWorkflow
 
     wf = object.__new__(SegmentationWorkflow)
-    wf.n_classes = 2
+    wf.n_classes, wf.ignore = 2, -1
     x, y = torch.zeros(2, 1, 8, 8), torch.zeros(2, 8, 8, dtype=torch.int64)
     y[1, 3, 4] = 255
     with pytest.raises(DataError, match=r"a training patch of DATA.TRAIN.GT_PATH: holds class id 255"):
@@ -172,3 +172,34 @@ def test_test_labels_out_of_range_stop_the_job_before_training(seg_run, data2d, 
     with pytest.raises(DataError, match="holds class id 5 but MODEL.N_CLASSES is 2"):
         BiaPy(cfg, result_dir=out, name="bad_ids_train", run_id=1).run_job()
     assert not Job(out, "bad_ids_train", 1).checkpoint("last").exists()
+
+
+def test_partly_labelled_masks_train_and_score_with_ignore_index(data2d, tmp_path):
+    """Unlabelled pixels (255) with LOSS.IGNORE_INDEX 255 and class weights: training runs, and the scores leave
+    those pixels out (they had stopped the run as class id 255)."""
+    from biapy.data.io import write_image
+
+    partial = {}
+    for split in ("train", "test"):
+        partial[split] = tmp_path / f"{split}_y"
+        for src in sorted(data2d[split][1].iterdir()):
+            labels = read_image(src, 2)
+            labels[: labels.shape[0] // 2] = 255  # only the lower half annotated
+            write_image(partial[split] / src.name, labels, 2)
+    cfg = tiny_config(data2d, 2, TRAIN={"EPOCHS": 2}, MODEL={"N_CLASSES": 2},
+                      LOSS={"TYPE": "CE_DICE", "IGNORE_INDEX": 255, "CLASS_REBALANCE": "manual",
+                            "CLASS_WEIGHTS": [0.3, 1.0]})
+    cfg["PROBLEM"]["TYPE"] = "SEMANTIC_SEG"
+    cfg["DATA"]["TRAIN"]["GT_PATH"] = str(partial["train"])
+    cfg["DATA"]["TEST"]["GT_PATH"] = str(partial["test"])
+    job = BiaPy(cfg, result_dir=tmp_path / "out", name="partial", run_id=1).run_job()
+    with open(job.metrics_csv) as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and all(np.isfinite(float(r["iou"])) for r in rows)
+    for row in rows:
+        pred = torch.from_numpy(read_image(job.per_image / row["file"], 2)[..., 0].astype(np.int64))[None]
+        gt = torch.from_numpy(read_image(partial["test"] / row["file"], 2)[..., 0].astype(np.int64))[None]
+        half = gt.shape[1] // 2
+        lower = M.iou_per_class(pred[:, half:], gt[:, half:], 2)  # the annotated part alone
+        for c, value in enumerate(lower.tolist()):
+            assert float(row[f"iou_class{c}"]) == pytest.approx(value, abs=1e-5, nan_ok=True)

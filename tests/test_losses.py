@@ -72,3 +72,39 @@ def test_norm_pix_normalizes_each_token_3d_and_partial():
     loss = masked_reconstruction_loss(pred, torch.rand(1, 1, 10, 10), torch.ones(1, 1, 10, 10), 4, True, True)
     loss.backward()
     assert float(loss.detach()) == pytest.approx(1.0, rel=0.1)  # normalized target has unit variance
+
+
+def _seg_loss(name, ignore=-1, weights=None):
+    cfg = get_defaults()
+    cfg.PROBLEM.TYPE = "SEMANTIC_SEG"
+    cfg.LOSS.TYPE, cfg.LOSS.IGNORE_INDEX = name, ignore
+    if weights is not None:
+        cfg.LOSS.CLASS_REBALANCE, cfg.LOSS.CLASS_WEIGHTS = "manual", weights
+    return build_loss(cfg)
+
+
+def test_unlabelled_pixels_and_class_weights_in_the_segmentation_losses():
+    """LOSS.IGNORE_INDEX: what the network predicts on unlabelled pixels changes no loss; LOSS.CLASS_WEIGHTS
+    weigh CE as torch's weighted mean and Dice's mean over classes."""
+    torch.manual_seed(0)
+    logits, labels = torch.randn(2, 3, 6, 8), torch.randint(0, 3, (2, 6, 8))
+    partial = labels.clone()
+    partial[0, :3] = 255
+    other = logits.clone()
+    other[0, :, :3] += torch.randn(3, 3, 8) * 5  # other predictions where unlabelled
+    F = torch.nn.functional
+    ce = float(_seg_loss("CE", 255)(logits, partial))
+    assert ce == pytest.approx(float(F.cross_entropy(logits, partial, ignore_index=255)), rel=1e-6)
+    for name in ("CE", "DICE", "CE_DICE"):
+        loss = _seg_loss(name, 255)
+        assert float(loss(other, partial)) == pytest.approx(float(loss(logits, partial)))
+    unlabelled = torch.full_like(labels, 255)
+    assert float(_seg_loss("CE", 255)(logits, unlabelled)) == 0.0  # no labelled pixel: 0, not NaN
+    w = [0.2, 1.0, 3.0]
+    assert float(_seg_loss("CE", weights=w)(logits, labels)) == pytest.approx(
+        float(F.cross_entropy(logits, labels, weight=torch.tensor(w))), rel=1e-6)
+    probs, onehot = logits.softmax(1), F.one_hot(labels, 3).permute(0, 3, 1, 2).float()
+    dice = (2 * (probs * onehot).sum((0, 2, 3)) + 1) / (probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3)) + 1)
+    expected = 1 - float((dice * torch.tensor(w)).sum() / sum(w))
+    assert float(_seg_loss("DICE", weights=w)(logits, labels)) == pytest.approx(expected, rel=1e-6)
+    assert float(_seg_loss("DICE")(logits, labels)) == pytest.approx(1 - float(dice.mean()), rel=1e-6)

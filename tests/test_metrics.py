@@ -65,6 +65,17 @@ def test_ssim_is_differentiable():
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
+def test_unlabelled_pixels_are_left_out_of_iou_and_dice():
+    pred = torch.tensor([[0, 1, 1, 2, 2, 0]])
+    labels = torch.tensor([[0, 1, 7, 2, 7, 1]])  # 7: LOSS.IGNORE_INDEX (unlabelled)
+    kept = torch.tensor([True, True, False, True, False, True])
+    torch.testing.assert_close(M.iou_per_class(pred, labels, 3, ignore_index=7),
+                               M.iou_per_class(pred[:, kept], labels[:, kept], 3))
+    labels_in_range = torch.tensor([[0, 1, 2, 2, 2, 1]])  # an ignored value may be a class id as well
+    torch.testing.assert_close(M.dice_per_class(pred, labels_in_range, 3, ignore_index=2),
+                               M.dice_per_class(pred[:, [0, 1, 5]], labels_in_range[:, [0, 1, 5]], 3), equal_nan=True)
+
+
 def test_iou_dice_per_class_with_absent_class():
     pred = torch.tensor([[[0, 1], [1, 1]]])
     gt = torch.tensor([[[0, 1], [0, 1]]])

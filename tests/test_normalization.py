@@ -184,7 +184,8 @@ def test_percentile_clipping_of_a_boolean_image():
 
 def test_a_sample_measured_again_is_kept_whole(monkeypatch):
     """The dataset checks an image's sample and takes statistics of that sample; the test phase takes them of
-    the image. A sample just over the budget (2049 x 4095 pixels for 8 Mi, of 4097 x 8190) had been sampled again, halved."""
+    the image. A sample just over the budget (2049 x 4095 pixels for 8 Mi, of 4097 x 8190) had been sampled
+    again, halved."""
     import biapy.data.normalization as norm
 
     budget = 2 ** 23 // 1024  # the same proportions, 1024 times smaller

@@ -348,7 +348,8 @@ def test_a_resumed_run_asked_to_start_from_a_checkpoint_it_did_not_begin_from(wo
                         (5, _from_checkpoint(world, start, TRAIN={"EPOCHS": 5}))):
         capsys.readouterr()
         assert world.run(cfg, f"from_start{epochs}", name="from_start", run_id=1) == 0
-        assert f"Resuming from_start_1 from from_start_1-checkpoint-last.pth at epoch {epochs}" in capsys.readouterr().out
+        resumed = f"Resuming from_start_1 from from_start_1-checkpoint-last.pth at epoch {epochs}"
+        assert resumed in capsys.readouterr().out
     # Another checkpoint (its own best, another epoch's weights) is not what it began from.
     other = world.root / "other.pth"
     shutil.copyfile(job.checkpoint("best"), other)

@@ -165,6 +165,30 @@ def _check_data(cfg):
         raise ConfigError(f"DATA.TRAIN.PATCHES_PER_IMAGE: {ppi} is out of range; expected -1 or at least 1")
 
 
+def _check_class_loss(cfg):
+    loss, seg = cfg.LOSS, cfg.PROBLEM.TYPE == "SEMANTIC_SEG"
+    _minus_one_or_at_least("LOSS.IGNORE_INDEX", loss.IGNORE_INDEX, 0)
+    _pick(loss, "CLASS_REBALANCE", "LOSS.CLASS_REBALANCE", ("none", "manual"))
+    weights = list(loss.CLASS_WEIGHTS)
+    if not seg:
+        changed = {"IGNORE_INDEX": loss.IGNORE_INDEX != -1, "CLASS_REBALANCE": loss.CLASS_REBALANCE != "none",
+                   "CLASS_WEIGHTS": bool(weights)}
+        for key, set_ in changed.items():
+            if set_:
+                raise ConfigError(f"LOSS.{key}: applies to semantic segmentation labels, not to {cfg.PROBLEM.TYPE}; "
+                                  "expected its default")
+        return
+    n = cfg.MODEL.N_CLASSES
+    if loss.CLASS_REBALANCE == "none" and weights:
+        raise ConfigError(f"LOSS.CLASS_WEIGHTS: {weights} is set but LOSS.CLASS_REBALANCE is 'none', so it would not "
+                          "be used; set LOSS.CLASS_REBALANCE 'manual'")
+    if loss.CLASS_REBALANCE == "manual" and (len(weights) != n or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf") for v in weights)
+            or not sum(weights) > 0):
+        raise ConfigError(f"LOSS.CLASS_WEIGHTS: {weights} must hold {n} non-negative weights (one per class of "
+                          "MODEL.N_CLASSES), not all 0, with LOSS.CLASS_REBALANCE 'manual'")
+
+
 def _check_folder(key, path):
     if not path:
         what = "label images" if key.endswith("GT_PATH") else "images"
@@ -360,6 +384,7 @@ def _check_loss_and_metrics(cfg):
     if w and not sum(w) > 0:
         raise ConfigError(f"LOSS.WEIGHTS: {w} weighs both terms 0, so nothing would be learned; expected a "
                           "positive weight")
+    _check_class_loss(cfg)
     for key in ("TRAIN.METRICS", "TEST.METRICS"):
         section, name = key.split(".")
         for metric in cfg[section][name]:

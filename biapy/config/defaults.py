@@ -275,6 +275,12 @@ _C.LOSS = CN()
 _C.LOSS.TYPE = ""
 # Weights of the two terms of W_MAE_SSIM / W_MSE_SSIM / CE_DICE; [] = [0.5, 0.5].
 _C.LOSS.WEIGHTS = []
+# SEMANTIC_SEG: label value of unlabelled pixels (e.g. 255), left out of loss and scores; -1 = none.
+_C.LOSS.IGNORE_INDEX = -1
+# SEMANTIC_SEG class weights in the loss: 'none', or 'manual' (LOSS.CLASS_WEIGHTS) for rare classes.
+_C.LOSS.CLASS_REBALANCE = "none"
+# With CLASS_REBALANCE 'manual': one non-negative weight per class (MODEL.N_CLASSES values).
+_C.LOSS.CLASS_WEIGHTS = []
 
 # --------------------------------------------------------------------------------------------
 # TRAIN

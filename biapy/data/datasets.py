@@ -179,11 +179,10 @@ class PatchDataset(Dataset):
             return x, _tensor(y, np.int64)
         return x, _tensor(np.moveaxis(y, -1, 0), np.float32)
 
-    def label_ranges(self):
-        """[(label file, min, max)] of the targets in 'label' mode (a lazily opened one: a bounded sample)."""
-        return [(src.target, int(np.min(sample)), int(np.max(sample)))
-                for src, labels in zip(self.sources, self._targets)
-                if labels is not None and (sample := _sample(labels)).size]
+    def label_samples(self):
+        """[(label file, its pixels)] of the targets in 'label' mode (a lazily opened one: a bounded sample)."""
+        return [(src.target, _sample(labels)) for src, labels in zip(self.sources, self._targets)
+                if labels is not None]
 
     # ------------------------------------------------------------------ whole images
     def image(self, i):

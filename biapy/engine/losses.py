@@ -1,8 +1,11 @@
 """Training losses: `build_loss(cfg)` for LOSS.TYPE and the masked-reconstruction loss of masking SSL.
 
 Image losses take (pred, target) float (B, C, *spatial); segmentation losses take logits
-(B, K, *spatial) and int64 labels (B, *spatial) or (B, 1, *spatial). All return a scalar tensor.
+(B, K, *spatial) and int64 labels (B, *spatial) or (B, 1, *spatial), with LOSS.IGNORE_INDEX pixels left out
+and LOSS.CLASS_WEIGHTS applied. All return a scalar tensor.
 """
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
@@ -28,19 +31,44 @@ def _mse(pred, target):
     return F.mse_loss(pred.float(), target.float())
 
 
-def _ce(pred, target):
-    return F.cross_entropy(pred.float(), _labels(target, pred))
-
-
-def soft_dice_loss(logits, target, eps=1.0):
-    """1 - mean over classes of the soft Dice between softmax(logits) and one-hot labels."""
+def _valid_labels(target, logits, ignore_index):
+    """(labels with ignored pixels set to 0, valid mask or None): LOSS.IGNORE_INDEX marks unlabelled pixels."""
     labels = _labels(target, logits)
+    if ignore_index < 0:
+        return labels, None
+    valid = labels != ignore_index
+    return torch.where(valid, labels, torch.zeros_like(labels)), valid
+
+
+def cross_entropy(logits, target, ignore_index=-1, class_weights=None):
+    """Mean cross-entropy over labelled pixels, each weighted by its class's weight when given (torch's weighted
+    mean); 0 for a batch without a labelled pixel (torch's would be NaN, 0/0)."""
+    labels, valid = _valid_labels(target, logits, ignore_index)
+    per_pixel = F.cross_entropy(logits.float(), labels, reduction="none")
+    share = torch.ones_like(per_pixel) if class_weights is None else \
+        torch.as_tensor(class_weights, dtype=per_pixel.dtype, device=per_pixel.device)[labels]
+    if valid is not None:
+        share = share * valid
+    return (per_pixel * share).sum() / share.sum().clamp_min(1e-12)
+
+
+def soft_dice_loss(logits, target, eps=1.0, ignore_index=-1, class_weights=None):
+    """1 - mean over classes (weighted by `class_weights` when given) of the soft Dice between softmax(logits)
+    and one-hot labels, over labelled pixels only."""
+    labels, valid = _valid_labels(target, logits, ignore_index)
     probs = logits.float().softmax(1)
     onehot = F.one_hot(labels, logits.shape[1]).movedim(-1, 1).to(probs.dtype)
+    if valid is not None:
+        keep = valid.unsqueeze(1).to(probs.dtype)
+        probs, onehot = probs * keep, onehot * keep
     dims = (0,) + tuple(range(2, probs.dim()))
     inter = (probs * onehot).sum(dims)
     sizes = probs.sum(dims) + onehot.sum(dims)
-    return 1.0 - ((2 * inter + eps) / (sizes + eps)).mean()
+    dice = (2 * inter + eps) / (sizes + eps)
+    if class_weights is None:
+        return 1.0 - dice.mean()
+    w = torch.as_tensor(class_weights, dtype=dice.dtype, device=dice.device)
+    return 1.0 - (dice * w).sum() / w.sum()
 
 
 def _weighted(first, second, w):
@@ -58,6 +86,10 @@ def build_loss(cfg):
         kind = kind[0] if kind else ""
     kind = str(kind).upper()
     weights = list(cfg.LOSS.WEIGHTS) or [0.5, 0.5]
+    labels = {"ignore_index": int(cfg.LOSS.IGNORE_INDEX),
+              "class_weights": list(cfg.LOSS.CLASS_WEIGHTS) if cfg.LOSS.CLASS_REBALANCE == "manual" else None}
+    _ce = partial(cross_entropy, **labels)
+    _dice = partial(soft_dice_loss, **labels)
     table = {
         "MAE": _mae,
         "MSE": _mse,
@@ -65,8 +97,8 @@ def build_loss(cfg):
         "W_MAE_SSIM": _weighted(_mae, _ssim_loss, weights),
         "W_MSE_SSIM": _weighted(_mse, _ssim_loss, weights),
         "CE": _ce,
-        "DICE": soft_dice_loss,
-        "CE_DICE": _weighted(_ce, soft_dice_loss, weights),
+        "DICE": _dice,
+        "CE_DICE": _weighted(_ce, _dice, weights),
     }
     if kind not in table:
         raise ConfigError(f"LOSS.TYPE: {cfg.LOSS.TYPE!r} is not a known loss; expected one of {', '.join(table)}")

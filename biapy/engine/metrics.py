@@ -151,16 +151,17 @@ def _labels(t: torch.Tensor) -> torch.Tensor:
     return t[:, 0] if t.dim() >= 4 and t.shape[1] == 1 else t
 
 
-def intersection_union(pred_labels, labels, n_classes):
+def intersection_union(pred_labels, labels, n_classes, ignore_index=-1):
     """Per-class (intersection, union, pred_count + label_count) as float64 tensors (n_classes,).
 
-    Sums of these over a dataset give dataset-level IoU/Dice. Labels outside [0, n_classes) are ignored.
+    Sums of these over a dataset give dataset-level IoU/Dice. Labels outside [0, n_classes), and pixels
+    labelled `ignore_index` (LOSS.IGNORE_INDEX: unlabelled), are left out.
     """
     p = _labels(pred_labels).reshape(-1).long()
     t = _labels(labels).reshape(-1).long()
     if p.numel() != t.numel():
         raise ValueError(f"label shapes differ: {tuple(pred_labels.shape)} vs {tuple(labels.shape)}")
-    valid = (t >= 0) & (t < n_classes) & (p >= 0) & (p < n_classes)
+    valid = (t >= 0) & (t < n_classes) & (p >= 0) & (p < n_classes) & (t != ignore_index)
     conf = torch.bincount(t[valid] * n_classes + p[valid], minlength=n_classes * n_classes)
     conf = conf.reshape(n_classes, n_classes).double()
     inter = conf.diagonal()
@@ -168,15 +169,15 @@ def intersection_union(pred_labels, labels, n_classes):
     return inter, sizes - inter, sizes
 
 
-def iou_per_class(pred_labels, labels, n_classes):
+def iou_per_class(pred_labels, labels, n_classes, ignore_index=-1):
     """IoU per class (n_classes,) float tensor; NaN for a class absent from both prediction and labels."""
-    inter, union, _ = intersection_union(pred_labels, labels, n_classes)
+    inter, union, _ = intersection_union(pred_labels, labels, n_classes, ignore_index)
     return iou_from_counts(inter, union)
 
 
-def dice_per_class(pred_labels, labels, n_classes):
+def dice_per_class(pred_labels, labels, n_classes, ignore_index=-1):
     """Dice per class (n_classes,) float tensor; NaN for a class absent from both prediction and labels."""
-    inter, _, sizes = intersection_union(pred_labels, labels, n_classes)
+    inter, _, sizes = intersection_union(pred_labels, labels, n_classes, ignore_index)
     return dice_from_counts(inter, sizes)
 
 

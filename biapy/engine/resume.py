@@ -220,8 +220,9 @@ def _check_same_start(began, start, job, own):
     if began is None or _same_file(start, own):
         return
     here = start_record(start)
+    fingerprint = here["fingerprint"]
     same = bool(began.get("path")) and (began.get("given") == here["given"] or began.get("path") == here["path"]
-                                        or (bool(here["fingerprint"]) and began.get("fingerprint") == here["fingerprint"]))
+                                        or (bool(fingerprint) and began.get("fingerprint") == fingerprint))
     if not same:
         where = f"from {began.get('given')}" if began.get("path") else "from scratch"
         raise ConfigError(f"PATHS.CHECKPOINT_FILE: run {job.id} began {where} and resumes from its own {own.name}, "

@@ -81,9 +81,19 @@ class MaskingWorkflow(Workflow):
         seed = int(self.cfg.SYSTEM.SEED) * 1_000_003
         return [torch.Generator().manual_seed((seed + int(i)) % 2 ** 63) for i in indices]
 
+    def training_generator(self, indices, device):
+        """The training masks of one batch: a generator seeded by SYSTEM.SEED, the epoch and the batch's first
+        sample (each sample is in one batch of one process per epoch). From the global RNG, seeded alike on
+        every process for identical starting weights, every process had drawn the same masks; and these are
+        the same again when an interrupted run resumes at that step."""
+        state = np.random.SeedSequence([int(self.cfg.SYSTEM.SEED), self.train_dataset.epoch, int(indices[0])])
+        return torch.Generator(device).manual_seed(int(state.generate_state(1, np.uint64)[0]) >> 1)
+
     def compute_loss(self, batch, train):
         x, _ = self.to_device(batch)
-        generator = None if train else self.validation_generators(batch[1].tolist())  # batch[1]: the indices
+        indices = batch[1]  # 'same' mode: the batch's sample indices
+        generator = self.training_generator(indices, x.device) if train else \
+            self.validation_generators(indices.tolist())
         pred, mask = self.masked_forward(x, generator)
         ssl = self.cfg.PROBLEM.SELF_SUPERVISED
         loss = masked_reconstruction_loss(pred, x, mask, self.token_size, ssl.NORM_PIX_LOSS,

@@ -22,6 +22,7 @@ class SegmentationWorkflow(Workflow):
     def __init__(self, cfg, job, dist, device):
         super().__init__(cfg, job, dist, device)
         self.n_classes = cfg.MODEL.N_CLASSES
+        self.ignore = int(cfg.LOSS.IGNORE_INDEX)  # unlabelled pixels: -1 = none
         self.loss_fn = build_loss(cfg)
 
     def input_target_files(self, split):
@@ -39,19 +40,24 @@ class SegmentationWorkflow(Workflow):
         matched = [by_name[p.name] for p in images]
         return (matched, images) if split == "test" else (images, matched)
 
-    def _check_ids(self, where, low, high):
-        """A class id outside [0, N_CLASSES) would stop the loss with an index error (a device assert on GPU),
-        or, at test, drop those pixels from the scores without a word."""
+    def _check_ids(self, where, labels):
+        """A class id outside [0, N_CLASSES) (other than LOSS.IGNORE_INDEX) would stop the loss with an index
+        error (a device assert on GPU), or, at test, drop those pixels from the scores without a word."""
+        values = (labels[labels != self.ignore] if self.ignore >= 0 else labels).reshape(-1)  # numpy or torch
+        if len(values) == 0:
+            return
+        low, high = int(values.min()), int(values.max())
         if low < 0 or high >= self.n_classes:
-            hint = "; a binary mask saved as 0/255? Save it as 0/1" if high == 255 and self.n_classes == 2 else ""
+            hint = ("; unlabelled pixels? Set LOSS.IGNORE_INDEX to their value. A binary mask saved as 0/255? Save "
+                    "it as 0/1" if high == 255 and self.ignore != 255 else "")
             raise DataError(f"{where}: holds class id {high if high >= self.n_classes else low} but "
                             f"MODEL.N_CLASSES is {self.n_classes} (ids must be 0..{self.n_classes - 1}{hint})")
 
     def prepare_training(self):
         super().prepare_training()
         for ds in (self.train_dataset, self.val_dataset):
-            for path, low, high in ds.label_ranges():
-                self._check_ids(path, low, high)
+            for path, sample in ds.label_samples():
+                self._check_ids(path, sample)
 
     def check_test_inputs(self):
         """Test labels too: one channel and their image's size, read from the headers before training."""
@@ -70,14 +76,13 @@ class SegmentationWorkflow(Workflow):
         sample = _sample(labels)
         if not is_integer_valued(sample):
             raise DataError(f"{path}: labels must be integer class ids, found non-integer values")
-        if sample.size:
-            self._check_ids(path, int(sample.min()), int(sample.max()))
+        self._check_ids(path, sample)
 
     def compute_loss(self, batch, train):
         # Exact on every patch used, on the CPU batch (no device sync): lazily read labels were checked on a
         # sample only when opened.
         where = "a training patch of DATA.TRAIN.GT_PATH" if train else "a validation patch of DATA.VAL.GT_PATH"
-        self._check_ids(where, int(batch[1].min()), int(batch[1].max()))
+        self._check_ids(where, batch[1])
         x, y = self.to_device(batch)
         logits = self.model(x)
         return self.loss_fn(logits, y), (logits, y)
@@ -89,7 +94,7 @@ class SegmentationWorkflow(Workflow):
         n = y.shape[0]
         for name in self.cfg.TRAIN.METRICS:
             fn = M.iou_per_class if name == "iou" else M.dice_per_class
-            out[name] = (float(self._foreground_mean(fn(pred, y, self.n_classes))) * n, n)
+            out[name] = (float(self._foreground_mean(fn(pred, y, self.n_classes, self.ignore))) * n, n)
         return out
 
     def _foreground_mean(self, per_class):
@@ -122,7 +127,7 @@ class SegmentationWorkflow(Workflow):
                     part = np.asarray(gt[row0:row0 + pred.shape[0]])[..., 0]
                     self._check_label_values(label_source, part)
                     truth = torch.from_numpy(part.astype(np.int64))
-                    c = M.intersection_union(pred[None], truth[None], self.n_classes)
+                    c = M.intersection_union(pred[None], truth[None], self.n_classes, self.ignore)
                     counts = c if counts is None else tuple(a + b for a, b in zip(counts, c))
                 yield np.moveaxis(probs.numpy(), 0, -1)
 
@@ -146,4 +151,4 @@ class SegmentationWorkflow(Workflow):
         return row
 
     def metric_table_title(self):
-        return "Test segmentation metrics (mean)"
+        return "Test segmentation metrics (mean over images)"
