@@ -1,5 +1,6 @@
 """Checkpoint files: atomic writes, weights_only loading, tolerant weight loading, clear errors."""
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,3 +159,25 @@ def test_another_task_head_is_made_anew_even_where_its_shape_fits(tmp_path, capl
     assert loaded == ["encoder.bias", "encoder.weight"]
     _, loaded, _ = load_model_from(Tiny(), pre, path, skip_unmatched=False)  # the same task keeps its head
     assert "head.weight" in loaded
+
+
+def test_a_start_is_recognized_by_its_file_not_by_its_name(tmp_path, monkeypatch):
+    """A relative name typed in another folder is another file; a moved copy or a link is the same one."""
+    import biapy.engine.resume as R
+    from biapy.errors import ConfigError
+    from biapy.job import Job
+
+    for folder, value in (("a", 1.0), ("b", 2.0)):
+        (tmp_path / folder).mkdir()
+        torch.save({"model": {"w": torch.full((64,), value)}}, tmp_path / folder / "start.pth")
+    monkeypatch.chdir(tmp_path / "a")
+    began = R.start_record(Path("start.pth"))
+    job, own = Job(tmp_path, "run", 1), tmp_path / "last.pth"
+    (tmp_path / "moved.pth").write_bytes((tmp_path / "a" / "start.pth").read_bytes())
+    (tmp_path / "link.pth").symlink_to(tmp_path / "a" / "start.pth")
+    for same in ("start.pth", tmp_path / "a" / "start.pth", tmp_path / "moved.pth", tmp_path / "link.pth"):
+        R._check_same_start(began, Path(same), job, own)
+    monkeypatch.chdir(tmp_path / "b")
+    with pytest.raises(ConfigError, match=f"run run_1 began from {tmp_path / 'a' / 'start.pth'}"):
+        R._check_same_start(began, Path("start.pth"), job, own)
+    R._check_same_start(None, Path("start.pth"), job, own)  # a run from before the record: taken as the same

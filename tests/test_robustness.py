@@ -355,7 +355,15 @@ def test_a_resumed_run_asked_to_start_from_a_checkpoint_it_did_not_begin_from(wo
     shutil.copyfile(job.checkpoint("best"), other)
     assert world.run(_from_checkpoint(world, other, TRAIN={"EPOCHS": 6}), "from_other", name="from_start",
                      run_id=1) == 2
-    one_error_line(capsys, f"run from_start_1 began from {start}", "other.pth would not be loaded")
+    one_error_line(capsys, f"run from_start_1 began from {start.resolve()}", "other.pth would not be loaded")
+    # The same file name from another folder is another file: refused.
+    elsewhere = world.root / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copyfile(other, elsewhere / "start.pth")
+    monkeypatch.chdir(elsewhere)
+    assert world.run(_from_checkpoint(world, "start.pth", TRAIN={"EPOCHS": 6}), "from_elsewhere", name="from_start",
+                     run_id=1) == 2
+    one_error_line(capsys, "start.pth would not be loaded")
 
 
 def test_test_images_whose_channels_differ_from_the_training_images(world, intact, capsys):

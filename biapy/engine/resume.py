@@ -196,7 +196,7 @@ def _same_file(a, b) -> bool:
 
 def start_record(path) -> dict:
     """What a run began from, to recognize it later from another folder, through a link or after a move: the path
-    as given and resolved, and a fingerprint (size, and a hash of the last 64 KB: a torch checkpoint's zip
+    as given (for the record) and resolved, and a fingerprint (size, and a hash of the last 64 KB: a torch checkpoint's zip
     directory, with the CRC of every tensor). All empty: from scratch."""
     if path is None:
         return {"given": "", "path": "", "fingerprint": ""}
@@ -220,11 +220,11 @@ def _check_same_start(began, start, job, own):
     if began is None or _same_file(start, own):
         return
     here = start_record(start)
-    fingerprint = here["fingerprint"]
-    same = bool(began.get("path")) and (began.get("given") == here["given"] or began.get("path") == here["path"]
+    fingerprint = here["fingerprint"]  # the text as given is no proof: relative, it names another file elsewhere
+    same = bool(began.get("path")) and (began.get("path") == here["path"]
                                         or (bool(fingerprint) and began.get("fingerprint") == fingerprint))
     if not same:
-        where = f"from {began.get('given')}" if began.get("path") else "from scratch"
+        where = f"from {began.get('path')}" if began.get("path") else "from scratch"
         raise ConfigError(f"PATHS.CHECKPOINT_FILE: run {job.id} began {where} and resumes from its own {own.name}, "
                           f"so {start} would not be loaded; pass a new --run_id to start from it")
 
