@@ -301,3 +301,41 @@ def test_validation_masks_depend_on_the_patch_alone_not_on_batches_or_processes(
     assert all(torch.equal(whole[i], by_rank[i]) for i in range(6))
     assert all(torch.equal(whole[i], masks([i])[0]) for i in range(6))
     assert len({tuple(m.tolist()) for m in whole}) == 6  # and still a different mask per patch
+
+
+@pytest.mark.parametrize("arch", ["mae", "unet"])
+def test_a_run_interrupted_mid_epoch_resumes_to_the_same_weights(arch, data2d, tmp_path, monkeypatch):
+    """Training masks are drawn from the seed, the epoch and the batch, not from the global RNG: stopped by a
+    signal mid-epoch and run again, a masking run ends with the weights of an uninterrupted one."""
+    import os
+    import signal
+
+    import torch
+
+    from biapy.engine.checkpoint import load_checkpoint
+    from biapy.job import Job
+    from biapy.workflows.masking import MaskingWorkflow
+
+    model = dict(MAE_MODEL) if arch == "mae" else {"MAE_MASK_RATIO": 0.5}
+    cfg = tiny_config(data2d, 2, PROBLEM={"SELF_SUPERVISED": {"PRETEXT_TASK": "masking", "MASK_BLOCK_SIZE": 4}},
+                      MODEL=model, TRAIN={"EPOCHS": 2, "BATCH_SIZE": 2}, TEST={"ENABLE": False})
+    BiaPy(cfg, result_dir=tmp_path, name="straight", run_id=1).run_job()
+    calls, compute_loss = [0], MaskingWorkflow.compute_loss
+
+    def interrupting(self, batch, train):
+        if train:
+            calls[0] += 1
+            if calls[0] == 5:
+                os.kill(os.getpid(), signal.SIGINT)  # finishes this step, saves 'last' there, stops
+        return compute_loss(self, batch, train)
+
+    monkeypatch.setattr(MaskingWorkflow, "compute_loss", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        BiaPy(cfg, result_dir=tmp_path, name="stopped", run_id=1).run_job()
+    assert load_checkpoint(Job(tmp_path, "stopped", 1).checkpoint("last"))["step_in_epoch"] > 0
+    monkeypatch.setattr(MaskingWorkflow, "compute_loss", compute_loss)
+    BiaPy(cfg, result_dir=tmp_path, name="stopped", run_id=1).run_job()
+    straight, resumed = (load_checkpoint(Job(tmp_path, name, 1).checkpoint("last"))["model"]
+                         for name in ("straight", "stopped"))
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], msg=key)
