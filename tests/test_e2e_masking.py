@@ -200,6 +200,48 @@ def test_a_pixel_counts_as_hidden_only_where_every_covering_patch_hid_it(spatial
     np.testing.assert_array_equal(hidden[..., 0] == 1, ~seen)
 
 
+@pytest.mark.parametrize("spatial, padding", [((12, 10), (0, 0)), ((40, 36), (2, 3))])
+def test_a_pixel_seen_through_its_reflection_beyond_the_border_is_not_hidden(spatial, padding):
+    """An image smaller than the patch, or test padding at the border: a patch reads mirror copies of pixels.
+    Where such a copy was visible the network saw the pixel, which had still been scored as hidden."""
+    import torch
+
+    from biapy.config import get_defaults
+    from biapy.data.normalization import Normalizer
+    from biapy.data.patches import assemble, grid_starts, reflect_indices
+    from biapy.models.masking import block_mask
+    from biapy.workflows.masking import MaskingWorkflow
+
+    wf = object.__new__(MaskingWorkflow)
+    wf.cfg, wf.channels, wf.normalizer = get_defaults(), 1, Normalizer("div")
+    wf.cfg.PROBLEM.SELF_SUPERVISED.NORM_PIX_LOSS = False
+    wf.cfg.DATA.TEST.OVERLAP, wf.cfg.DATA.TEST.PADDING, wf.cfg.TEST.BATCH_SIZE = (0.5, 0.5), padding, 3
+    wf.patch, wf.device, wf.model = (16, 16), torch.device("cpu"), torch.nn.Identity()
+    masks = []
+
+    def masked_forward(batch, generator):
+        m = block_mask(batch.shape[0], tuple(batch.shape[2:]), 4, 0.5, generator)
+        masks.extend(m[:, 0])
+        return batch, m
+
+    wf.masked_forward = masked_forward
+    image = np.full(spatial + (1,), 100, np.uint8)
+    stats = wf.normalizer.stats(image)
+    _, hidden = wf.split_output(assemble(wf.predict_slabs(image, stats, "img.tif"), spatial), stats)
+    hidden = (hidden[..., 0] == 1) & ~wf.seen_through_border
+    # Seen: visible, as itself or as a mirror copy, in a patch whose output there counts (its centre).
+    seen = np.zeros(spatial, bool)
+    for start, m in zip(grid_starts(spatial, wf.patch, (0.5, 0.5), padding), masks):
+        rows, cols = (reflect_indices(s, p, n) for s, p, n in zip(start, wf.patch, spatial))
+        for i, j in zip(*np.nonzero(m.numpy() == 0)):
+            r, c = rows[i], cols[j]
+            if start[0] + padding[0] <= r < start[0] + 16 - padding[0] and \
+                    start[1] + padding[1] <= c < start[1] + 16 - padding[1]:
+                seen[r, c] = True
+    assert wf.seen_through_border.any() and 0 < hidden.sum() < hidden.size
+    np.testing.assert_array_equal(hidden, ~seen)
+
+
 def test_norm_pix_token_statistics_of_a_patch_thinner_than_the_block():
     """block_mask clips a block to a short axis (a 3D patch 4 deep, blocks of 8): so do the token statistics."""
     import torch

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from biapy.data.io import image_stem, list_images, write_image
+from biapy.data.patches import grid_starts, reflect_indices
 from biapy.engine.losses import denormalize_tokens, masked_reconstruction_loss
 from biapy.models.masking import block_mask
 from biapy.workflows.base import Workflow
@@ -53,6 +54,8 @@ def _unique_names(stems):
 class MaskingWorkflow(Workflow):
     target_mode = "same"
     table_groups = {"all pixels": "", "hidden pixels": "hidden_"}
+    _patch_starts = None  # predict_slabs: the grid's patch starts, in the order predict_patches sees them
+    seen_through_border = None  # predict_slabs: pixels a patch saw as its reflection beyond the image border
 
     def __init__(self, cfg, job, dist, device):
         super().__init__(cfg, job, dist, device)
@@ -128,10 +131,39 @@ class MaskingWorkflow(Workflow):
         # seed and the patch grid only, not on TEST.BATCH_SIZE (a generator re-seeded per batch repeated them).
         # A CPU one: its numbers run in sequence whatever the batch, where CUDA's depend on each draw's shape.
         self._mask_generator = torch.Generator().manual_seed(self.cfg.SYSTEM.SEED)
+        spatial, t = tuple(image.shape[:-1]), self.cfg.DATA.TEST
+        self._patch_starts = iter(grid_starts(spatial, self.patch, tuple(t.OVERLAP), tuple(t.PADDING)))
+        self.seen_through_border = np.zeros(spatial, dtype=bool)
         yield from super().predict_slabs(image, stats, path)
+
+    def _note_reflected_views(self, mask):
+        """Pixels a patch saw in its reflected part beyond the image border (patches in predict_slabs' grid
+        order): the stitched 'seen' channel holds each patch's part inside the image only, so such a pixel had
+        been scored as hidden while the network saw its mirror copy."""
+        if self._patch_starts is None:  # patches not from predict_slabs' grid
+            return
+        visible = (mask[:, 0] < 0.5).cpu().numpy()
+        spatial, padding = self.seen_through_border.shape, tuple(self.cfg.DATA.TEST.PADDING)
+        for seen in visible:
+            start = next(self._patch_starts)
+            if all(0 <= s and s + p <= n for s, p, n in zip(start, self.patch, spatial)):
+                continue
+            outside = np.zeros(seen.shape, dtype=bool)
+            for axis, (s, p, n) in enumerate(zip(start, self.patch, spatial)):
+                span = np.arange(s, s + p)
+                outside |= ((span < 0) | (span >= n)).reshape([-1 if a == axis else 1 for a in range(len(spatial))])
+            where = np.nonzero(seen & outside)
+            targets = [reflect_indices(s, p, n)[w] for s, p, n, w in zip(start, self.patch, spatial, where)]
+            # Only where this patch's output counts (its centre, inside the padding): elsewhere it reconstructs
+            # nothing, and the patches that do had their own view of the pixel, in the stitched channel.
+            used = np.ones(len(targets[0]), dtype=bool)
+            for t, s, p, d in zip(targets, start, self.patch, padding):
+                used &= (s + d <= t) & (t < s + p - d)
+            self.seen_through_border[tuple(t[used] for t in targets)] = True
 
     def predict_patches(self, batch):
         pred, mask = self.masked_forward(batch, self._mask_generator)
+        self._note_reflected_views(mask)
         # The extra channel is 1 where the patch saw the pixel: blended, it stays exactly 0 only where no
         # patch that weighs on the pixel saw it (a sum of zeros), whatever the weights.
         return torch.cat([self.in_image_units(pred, batch, mask).float(), 1 - mask.float()], dim=1)
@@ -162,6 +194,7 @@ class MaskingWorkflow(Workflow):
                                    spatial + (self.channels,), np.float32)
         if not scored:
             return None
+        hidden[..., 0] &= ~self.seen_through_border  # complete now: every patch was predicted
         recon, original = self.open_image(written), image  # a reconstruction's ground truth is its input
         row = {"file": Path(source).name}
         row.update(image_scores(recon, original, self.cfg.TEST.METRICS, self.ndim))
@@ -192,6 +225,7 @@ class MaskingWorkflow(Workflow):
             path, image = Path(src.path), self.val_dataset.image(i)
             image = np.asarray(image[check_region(tuple(image.shape[:-1]), self.patch, _CHECK_VOXELS)])
             recon, hidden = self.split_output(self.predict_image(image, src.stats, path), src.stats)
+            hidden[..., 0][self.seen_through_border] = 0
             original = image.astype(np.float32)
             panels = {
                 "original": original,
