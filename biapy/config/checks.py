@@ -68,6 +68,11 @@ def _minus_one_or_at_least(key, value, low):
         raise ConfigError(f"{key}: {value} is out of range; expected -1 (automatic) or at least {low}")
 
 
+def _weights(values) -> bool:
+    """Every value a finite, non-negative number (booleans are not weights)."""
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf") for v in values)
+
+
 def _range_pair(key, value, low=None, low_open=False):
     """A (min, max) range: two numbers, min <= max, both above `low` when given."""
     v = tuple(value)
@@ -182,9 +187,7 @@ def _check_class_loss(cfg):
     if loss.CLASS_REBALANCE == "none" and weights:
         raise ConfigError(f"LOSS.CLASS_WEIGHTS: {weights} is set but LOSS.CLASS_REBALANCE is 'none', so it would not "
                           "be used; set LOSS.CLASS_REBALANCE 'manual'")
-    if loss.CLASS_REBALANCE == "manual" and (len(weights) != n or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf") for v in weights)
-            or not sum(weights) > 0):
+    if loss.CLASS_REBALANCE == "manual" and (len(weights) != n or not _weights(weights) or not sum(weights) > 0):
         raise ConfigError(f"LOSS.CLASS_WEIGHTS: {weights} must hold {n} non-negative weights (one per class of "
                           "MODEL.N_CLASSES), not all 0, with LOSS.CLASS_REBALANCE 'manual'")
 
@@ -378,8 +381,7 @@ def _check_loss_and_metrics(cfg):
         masking = problem == "SELF_SUPERVISED" and cfg.PROBLEM.SELF_SUPERVISED.PRETEXT_TASK == "masking"
         _pick(cfg.LOSS, "TYPE", "LOSS.TYPE", ("MAE", "MSE") if masking else LOSSES[problem])
     w = list(cfg.LOSS.WEIGHTS)
-    if w and (len(w) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
-                                     and v < float("inf") for v in w)):
+    if w and (len(w) != 2 or not _weights(w)):
         raise ConfigError(f"LOSS.WEIGHTS: {w} must hold two non-negative weights (or be empty)")
     if w and not sum(w) > 0:
         raise ConfigError(f"LOSS.WEIGHTS: {w} weighs both terms 0, so nothing would be learned; expected a "

@@ -195,13 +195,12 @@ def _same_file(a, b) -> bool:
 
 
 def start_record(path) -> dict:
-    """What a run began from, to recognize it later from another folder, through a link or after a move: the path
-    as given (for the record) and resolved, and a fingerprint (size, and a hash of the last 64 KB: a torch checkpoint's zip
-    directory, with the CRC of every tensor). All empty: from scratch."""
+    """What a run began from, to recognize it later from another folder, through a link or after a move: its
+    resolved path and a fingerprint (size, and a hash of the last 64 KB: a torch checkpoint's zip directory, with
+    the CRC of every tensor). Both empty: from scratch."""
     if path is None:
-        return {"given": "", "path": "", "fingerprint": ""}
-    path = Path(path)
-    return {"given": str(path), "path": str(path.expanduser().resolve()), "fingerprint": _fingerprint(path)}
+        return {"path": "", "fingerprint": ""}
+    return {"path": str(Path(path).expanduser().resolve()), "fingerprint": _fingerprint(path)}
 
 
 def _fingerprint(path) -> str:
@@ -216,11 +215,12 @@ def _fingerprint(path) -> str:
 
 def _check_same_start(began, start, job, own):
     """A resumed run goes on from its own 'last', so the start this command names must be the one it began from
-    (the same text, path or file). `began` None: a checkpoint from before runs recorded it, taken as the same."""
+    (the same resolved path, or a file with its fingerprint; the text as given is no proof: relative, it names
+    another file from another folder). `began` None: a checkpoint from before runs recorded it, taken as the same."""
     if began is None or _same_file(start, own):
         return
     here = start_record(start)
-    fingerprint = here["fingerprint"]  # the text as given is no proof: relative, it names another file elsewhere
+    fingerprint = here["fingerprint"]
     same = bool(began.get("path")) and (began.get("path") == here["path"]
                                         or (bool(fingerprint) and began.get("fingerprint") == fingerprint))
     if not same:

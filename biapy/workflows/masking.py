@@ -161,6 +161,10 @@ class MaskingWorkflow(Workflow):
                 used &= (s + d <= t) & (t < s + p - d)
             self.seen_through_border[tuple(t[used] for t in targets)] = True
 
+    def _drop_seen_through_border(self, hidden):
+        """`hidden` (channel-last, of the image predict_slabs went over) without the pixels seen as mirror copies."""
+        hidden[..., 0][self.seen_through_border] = 0
+
     def predict_patches(self, batch):
         pred, mask = self.masked_forward(batch, self._mask_generator)
         self._note_reflected_views(mask)
@@ -194,7 +198,7 @@ class MaskingWorkflow(Workflow):
                                    spatial + (self.channels,), np.float32)
         if not scored:
             return None
-        hidden[..., 0] &= ~self.seen_through_border  # complete now: every patch was predicted
+        self._drop_seen_through_border(hidden)  # complete now: every patch was predicted
         recon, original = self.open_image(written), image  # a reconstruction's ground truth is its input
         row = {"file": Path(source).name}
         row.update(image_scores(recon, original, self.cfg.TEST.METRICS, self.ndim))
@@ -225,7 +229,7 @@ class MaskingWorkflow(Workflow):
             path, image = Path(src.path), self.val_dataset.image(i)
             image = np.asarray(image[check_region(tuple(image.shape[:-1]), self.patch, _CHECK_VOXELS)])
             recon, hidden = self.split_output(self.predict_image(image, src.stats, path), src.stats)
-            hidden[..., 0][self.seen_through_border] = 0
+            self._drop_seen_through_border(hidden)
             original = image.astype(np.float32)
             panels = {
                 "original": original,
