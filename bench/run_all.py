@@ -364,7 +364,7 @@ def run_case(args):
         sync()
         t0 = time.perf_counter()
         for k in range(0, n_patches, bs):
-            wf.predict_patches(probe[: min(bs, n_patches - k)])
+            wf.predict_batch(probe[: min(bs, n_patches - k)])
         sync()
         return time.perf_counter() - t0
 

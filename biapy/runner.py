@@ -18,6 +18,7 @@ from biapy.config import check_config, dump_config, finalize, load_config
 from biapy.config.checks import cores_per_process
 from biapy.config.load import plain_tree
 from biapy.engine.resume import check_start
+from biapy.engine.precision import describe_amp
 from biapy.errors import ConfigError
 from biapy.job import Job
 from biapy.utils.files import atomic_write_text
@@ -155,8 +156,9 @@ class BiaPy:
             tune_process_memory(device)
             if dist.is_main:
                 log.info("Job %s (run %d) -> %s", self.name, run_id, self.job.results)
-                log.info("Device: %s%s", device_text,
-                         f", {dist.world_size} processes ({backend})" if dist.world_size > 1 else "")
+                log.info("Device: %s%s; %s", device_text,
+                         f", {dist.world_size} processes ({backend})" if dist.world_size > 1 else "",
+                         describe_amp(self.cfg.TRAIN.AMP, device))
             from biapy.workflows import get_workflow
             workflow = get_workflow(self.cfg)(self.cfg, self.job, dist, device)
             # The run describes itself only once its data and checkpoint were accepted (training starts, or

@@ -36,6 +36,7 @@ from biapy.engine.distributed import all_reduce_sum, broadcast_buffers
 from biapy.engine.loaders import release_workers, start_epoch
 from biapy.engine.metrics import MetricAverager
 from biapy.engine.optim import build_optimizer, build_scheduler
+from biapy.engine.precision import autocast, resolve_amp
 from biapy.engine.reporting import EpochReporter, describe_model
 from biapy.errors import TrainingError
 from biapy.utils.files import atomic_path
@@ -46,29 +47,6 @@ SYNC_EVERY = 20  # steps between host reads of the loss
 CNN_ARCHS = ("unet", "resunet")
 
 load_for_test = R.load_for_test  # re-exported: the workflows import it from here
-
-
-def resolve_amp(setting, device):
-    """TRAIN.AMP -> (autocast dtype or None, needs a GradScaler)."""
-    setting = str(setting).lower()
-    if setting == "off":
-        return None, False
-    if device.type == "cuda":
-        # Native bf16 only (compute capability 8.0+): torch's default also counts emulation, which cuDNN's
-        # convolutions lack on a T4 or V100.
-        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-        if setting == "auto":
-            setting = "bf16" if native_bf16 else "fp16"
-        elif setting == "bf16" and not native_bf16:
-            log.warning("TRAIN.AMP bf16: %s has no native bfloat16 (compute capability below 8.0); training in "
-                        "fp16 with loss scaling instead", torch.cuda.get_device_name(device))
-            setting = "fp16"
-        return (torch.bfloat16, False) if setting == "bf16" else (torch.float16, True)
-    if setting == "bf16":
-        return torch.bfloat16, False  # asked for explicitly: CPU autocast supports bf16
-    if setting == "fp16":
-        log.warning("TRAIN.AMP fp16 needs a GPU; training in float32 on %s", device)
-    return None, False
 
 
 def _unwrap(model):
@@ -181,9 +159,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ set-up
     def _autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+        return autocast(self.device, self.amp_dtype)
 
     def _wrap(self):
         """DDP (when distributed) and torch.compile around the plain model; rebuilt when freezing changes."""

@@ -1,0 +1,55 @@
+"""TRAIN.AMP: which reduced precision training and test inference run in, on this device.
+
+Autocast runs convolutions and matrix products in the reduced type and keeps reductions, norms and losses
+in float32; outputs are turned back to float32 before they are stitched, scored or written.
+"""
+import logging
+from contextlib import nullcontext
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def cpu_has_amx():
+    """Whether this CPU multiplies bf16 matrices on AMX tiles (Xeon Sapphire Rapids and later), with the
+    kernel's leave to use them. There bf16 autocast took a U-Net's training step 1.6x (2D) to 2.3x (3D) faster
+    than float32; on a CPU with AVX-512 BF16 alone it was 1.27x slower (bench/README.md)."""
+    init_amx = getattr(torch._C._cpu, "_init_amx", None)  # torch's own check: CPU flag and kernel permission
+    return bool(init_amx and init_amx())
+
+
+def resolve_amp(setting, device, warn=True):
+    """TRAIN.AMP -> (autocast dtype or None, needs a GradScaler). `warn`: say when the setting cannot be had."""
+    setting = str(setting).lower()
+    if setting == "off":
+        return None, False
+    if device.type == "cuda":
+        # Native bf16 only (compute capability 8.0+): torch's default also counts emulation, which cuDNN's
+        # convolutions lack on a T4 or V100.
+        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        if setting == "auto":
+            setting = "bf16" if native_bf16 else "fp16"
+        elif setting == "bf16" and not native_bf16:
+            if warn:
+                log.warning("TRAIN.AMP bf16: %s has no native bfloat16 (compute capability below 8.0); training "
+                            "in fp16 with loss scaling instead", torch.cuda.get_device_name(device))
+            setting = "fp16"
+        return (torch.bfloat16, False) if setting == "bf16" else (torch.float16, True)
+    if setting == "bf16" or (setting == "auto" and cpu_has_amx()):
+        return torch.bfloat16, False
+    if setting == "fp16" and warn:
+        log.warning("TRAIN.AMP fp16 needs a GPU; training in float32 on %s", device)
+    return None, False
+
+
+def autocast(device, dtype):
+    """Autocast to `dtype` on `device`'s type; nothing when `dtype` is None."""
+    return nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def describe_amp(setting, device):
+    """What TRAIN.AMP gives on `device`, for the job's start-up line: e.g. 'bf16 mixed precision (TRAIN.AMP auto)'."""
+    dtype = resolve_amp(setting, device, warn=False)[0]
+    names = {torch.bfloat16: "bf16 mixed precision", torch.float16: "fp16 mixed precision"}
+    return f"{names.get(dtype, 'float32')} (TRAIN.AMP {setting})"
