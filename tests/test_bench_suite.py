@@ -100,6 +100,18 @@ def test_run_all_set_overrides_the_cases_config_and_refuses_unknown_keys(tmp_pat
     assert "Loader workers: 1 " in r.stdout and "Config overrides: SYSTEM.NUM_WORKERS=1" in r.stdout
 
 
+def test_run_all_times_the_masking_cases_end_to_end(tmp_path):
+    """Their bare forward passes call predict_batch after a whole image was predicted: that had raised
+    StopIteration (the image's patch grid was still taken as the source of later patches)."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "run_all.py"), "--quick", "--only", "2d_mae",
+                        "3d_masked_unet", "--workdir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)
+    assert r.returncode == 0 and "Failed to run" not in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    for case in ("2D ViT MAE", "3D masked U-Net"):
+        row = next(line for line in r.stdout.splitlines() if line.startswith(case)).split()
+        assert "x" in row and float(row[-1]) > 0  # patch x batch ... peak RSS MB
+
+
 @pytest.mark.parametrize("peer,says", [("{tmp}/nope", "nope: not an executable"), (sys.executable, "expected '3.7.1'"),
                                        ("venv/python", "expected '3.7.1'")])  # relative, as a venv's symlink
 def test_compare_biapy_refuses_a_peer_python_without_biapy_3_7_1(tmp_path, peer, says):

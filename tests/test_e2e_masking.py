@@ -240,6 +240,8 @@ def test_a_pixel_seen_through_its_reflection_beyond_the_border_is_not_hidden(spa
                 seen[r, c] = True
     assert wf.seen_through_border.any() and 0 < hidden.sum() < hidden.size
     np.testing.assert_array_equal(hidden, ~seen)
+    # Patches predicted after the image are not from its grid (this had raised StopIteration).
+    assert wf.predict_batch(torch.rand(2, 1, 16, 16)).shape == (2, 2, 16, 16)
 
 
 def test_norm_pix_token_statistics_of_a_patch_thinner_than_the_block():

@@ -134,7 +134,10 @@ class MaskingWorkflow(Workflow):
         spatial, t = tuple(image.shape[:-1]), self.cfg.DATA.TEST
         self._patch_starts = iter(grid_starts(spatial, self.patch, tuple(t.OVERLAP), tuple(t.PADDING)))
         self.seen_through_border = np.zeros(spatial, dtype=bool)
-        yield from super().predict_slabs(image, stats, path)
+        try:
+            yield from super().predict_slabs(image, stats, path)
+        finally:
+            self._patch_starts = None  # later batches are not from this grid
 
     def _note_reflected_views(self, mask):
         """Pixels a patch saw in its reflected part beyond the image border (patches in predict_slabs' grid
