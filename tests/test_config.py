@@ -423,3 +423,15 @@ def test_all_zero_dropouts_and_z_down_of_another_length_are_filled_as_biapy_does
     cfg = checked({"PROBLEM": {"NDIM": "3D"}, "DATA": {"PATCH_SIZE": (16, 32, 32, 1)},
                    "MODEL": {"FEATURE_MAPS": [8, 16, 32, 64], "DROPOUT_VALUES": [0.0] * 5, "Z_DOWN": [0, 0]}})
     assert list(cfg.MODEL.DROPOUT_VALUES) == [0.0] * 4 and list(cfg.MODEL.Z_DOWN) == [0, 0, 0]
+
+
+@pytest.mark.parametrize("word, setting", [("off", "off"), ("no", "off"), ("false", "off"), ("on", "auto"),
+                                           ("'off'", "off"), ("bf16", "bf16")])
+def test_yaml_on_off_words_of_train_amp_name_its_settings(tmp_path, word, setting):
+    """YAML reads `AMP: off` as false, which had been refused as 'expected a string, got False'."""
+    path = tmp_path / "amp.yaml"
+    path.write_text(f"TRAIN:\n  AMP: {word}\n")
+    assert load_config(path).TRAIN.AMP == setting
+    path.write_text("TRAIN:\n  AMP: 3\n")
+    with pytest.raises(ConfigError, match="TRAIN.AMP: expected a string, got 3"):
+        load_config(path)

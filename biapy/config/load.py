@@ -57,6 +57,10 @@ def _leaf_keys(node, prefix=""):
     return keys
 
 
+# Text keys with an on/off meaning, for the YAML words (off, no, false / on, yes, true) read as booleans.
+BOOLEAN_WORDS = {"TRAIN.AMP": {False: "off", True: "auto"}}
+
+
 def _decode(value):
     """Strings such as '(64, 64, 1)' or '1e-4' become Python values, as YACS does."""
     if not isinstance(value, str):
@@ -110,6 +114,8 @@ def coerce(key, value, default):
     elif isinstance(default, str):
         if isinstance(value, str):
             return value
+        if isinstance(value, bool) and key in BOOLEAN_WORDS:  # YAML reads `AMP: off` as false
+            return BOOLEAN_WORDS[key][value]
     elif isinstance(default, (list, tuple)):
         if isinstance(value, (list, tuple)):
             # A list of numbers by default (sizes, ranges, per-channel values) takes finite numbers only.

@@ -16,7 +16,7 @@ from timm.models.vision_transformer import Block
 from biapy.errors import ConfigError
 from biapy.models import recompute
 from biapy.models.masking import grid_token_mask, random_token_mask, token_mask_to_image
-from biapy.models.vit import ViTEncoder, init_vit_weights, sincos_pos_embed
+from biapy.models.vit import TransformerBlocks, ViTEncoder, init_vit_weights, sincos_pos_embed
 
 
 def fixed_width_mlp(hidden: int):
@@ -36,8 +36,8 @@ class MAEDecoder(nn.Module):
         self.register_buffer("pos_embed", sincos_pos_embed(grid, width).unsqueeze(0), persistent=False)
         norm = partial(nn.LayerNorm, eps=norm_eps)
         mlp = fixed_width_mlp(mlp_dims)
-        self.blocks = nn.ModuleList(Block(width, heads, qkv_bias=True, norm_layer=norm, mlp_layer=mlp)
-                                    for _ in range(depth))
+        self.blocks = TransformerBlocks(Block(width, heads, qkv_bias=True, norm_layer=norm, mlp_layer=mlp)
+                                        for _ in range(depth))
         self.norm = norm(width)
 
     recompute_blocks = False  # MODEL.ACTIVATION_CHECKPOINTING (biapy.models.recompute)
@@ -49,6 +49,7 @@ class MAEDecoder(nn.Module):
         x = torch.cat([x, fill], dim=1)
         x = torch.gather(x, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         x = x + pos_embed.to(x.dtype)
+        self.blocks.pick_attention(x)
         for blk in self.blocks:
             x = recompute.run(self, blk, x)
         return self.norm(x)
