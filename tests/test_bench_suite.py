@@ -104,12 +104,16 @@ def test_run_all_times_the_masking_cases_end_to_end(tmp_path):
     """Their bare forward passes call predict_batch after a whole image was predicted: that had raised
     StopIteration (the image's patch grid was still taken as the source of later patches)."""
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "run_all.py"), "--quick", "--only", "2d_mae",
-                        "3d_masked_unet", "--workdir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
-                       timeout=300)
+                        "3d_masked_unet", "--workdir", str(tmp_path), "--set", "TRAIN.AMP=bf16"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0 and "Failed to run" not in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
     for case in ("2D ViT MAE", "3D masked U-Net"):
         row = next(line for line in r.stdout.splitlines() if line.startswith(case)).split()
         assert "x" in row and float(row[-1]) > 0  # patch x batch ... peak RSS MB
+    # The MAE ratio in the run's precision and, as that is reduced, in float32 too.
+    assert "Precision: bf16 mixed precision (TRAIN.AMP bf16)" in r.stdout
+    for precision in ("bf16 mixed precision", "float32"):
+        assert re.search(rf"mask ratio 0.75 vs 0, {precision}: [\d.]+ / [\d.]+ ms = [\d.]+ ", r.stdout), precision
 
 
 @pytest.mark.parametrize("peer,says", [("{tmp}/nope", "nope: not an executable"), (sys.executable, "expected '3.7.1'"),
