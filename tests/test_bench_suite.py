@@ -176,3 +176,13 @@ def test_machine_line_names_the_malloc_settings_the_jobs_keep(monkeypatch):
     assert "MALLOC_" not in suite.machine("cpu")
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "8388608")
     assert ", MALLOC_MMAP_THRESHOLD_=8388608" in suite.machine("cpu")
+
+
+@pytest.mark.parametrize("overrides, ours", [({"TRAIN.AMP": "off"}, "float32 (TRAIN.AMP off)"),
+                                             ({"TRAIN.AMP": "bf16"}, "bf16 mixed precision (TRAIN.AMP bf16)")])
+def test_compare_biapy_says_which_precision_each_tool_ran_in(capsys, overrides, ours):
+    spec = importlib.util.spec_from_file_location("compare_biapy", ROOT / "bench" / "compare_biapy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.report([], [5], False, overrides)
+    assert f"Precision: ours {ours}; BiaPy 3.7.1 float32 (it has no mixed-precision option)" in capsys.readouterr().out
