@@ -234,9 +234,11 @@ def report(results, lengths, quick, overrides):
           ", ".join(f"{k}={v}" for k, v in P.PEER_SETTINGS.items()), "| CPU (no --gpu)")
     import torch
 
+    from biapy.config.load import coerce
     from biapy.engine.precision import describe_amp
-    print(f"Precision: ours {describe_amp(overrides.get('TRAIN.AMP', 'auto'), torch.device('cpu'))}; BiaPy 3.7.1 "
-          "float32 (it has no mixed-precision option)")
+    amp = coerce("TRAIN.AMP", overrides.get("TRAIN.AMP", "auto"), "auto")  # as the job reads it: YAML's off too
+    print(f"Precision: ours {describe_amp(amp, torch.device('cpu'))}; BiaPy 3.7.1 float32 (it has no "
+          "mixed-precision option)")
     print("Times in seconds (medians over repeats); PSNR in dB, computed here on saved whole test images "
           "(range 255) [tool's own value in brackets]")
     hdr = (f"{'epochs':>6} {'tool':<6} {'whole':>8} {'startup':>8} {'train':>8} {'epoch':>6} {'test':>7} {'PSNR':>16} "

@@ -588,6 +588,8 @@ def main():
     ap.add_argument("--in-memory", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.repeats = args.repeats or (1 if args.quick else 3)
+    if args.workdir and not args.child:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     for item in args.set:
         parse_override(item, ap.error)  # an unknown key or a bad value ends here, before any case runs
     if args.torch_python:

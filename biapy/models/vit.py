@@ -67,8 +67,9 @@ class TransformerBlocks(nn.ModuleList):
 
     torch's fused CPU attention takes ~13x longer over its bf16 backward than over its float32 one (5.3 against
     0.4 ms a block of the run_all ViT), so a CPU training step under bf16 autocast has the blocks compute
-    attention as two matmuls and a softmax instead (timm's plain path): the ViT's step then ran 1.4x (width
-    256) to 2x (ViT-B) faster than in float32, where with the fused kernel it was 1.15x slower at width 256.
+    attention as two matmuls and a softmax instead (timm's plain path): with the patch embedding's change above
+    the ViT's step ran 1.65x (width 256) to 2.1x (ViT-B) faster than in float32, where with the fused kernel it
+    was 1.05-1.15x slower at width 256 (bench/README.md).
     """
 
     def __init__(self, blocks):
