@@ -432,6 +432,8 @@ def test_yaml_on_off_words_of_train_amp_name_its_settings(tmp_path, word, settin
     path = tmp_path / "amp.yaml"
     path.write_text(f"TRAIN:\n  AMP: {word}\n")
     assert load_config(path).TRAIN.AMP == setting
+    word = word.strip("'")
+    assert load_config(None, ["TRAIN.AMP", word]).TRAIN.AMP == setting  # the command line reads them alike
     path.write_text("TRAIN:\n  AMP: 3\n")
     with pytest.raises(ConfigError, match="TRAIN.AMP: expected a string, got 3"):
         load_config(path)

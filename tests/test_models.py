@@ -112,3 +112,37 @@ def test_one_pixel_bottleneck_with_batch_norm_needs_a_batch_of_two():
             section, name = key.split(".")
             ok[section][name] = value
         check_patch_fits(ok)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_detail_below_bf16_resolution_reaches_a_u_net_under_autocast(residual):
+    """bf16 steps by ~0.002 around 0.3 (16-bit counts normalized by 'div' with an offset): an input cast to bf16
+    loses detail finer than that (a crappify job on such data: 11.7 dB in bf16, 13.8 in float32). The first
+    convolution reads the input in float32 and its batch norm takes the offset away; the head writes float32."""
+    torch.manual_seed(0)
+    model = UNet(2, 1, 1, [4, 8], residual=residual).train()  # batch statistics, as in training
+    flat = torch.full((2, 1, 16, 16), 0.3125)  # a bf16 value
+    detail = 4e-4 * (torch.arange(256).reshape(16, 16) % 2 * 2 - 1)  # zero mean, below bf16's step at 0.3
+    assert torch.equal(flat.bfloat16(), (flat + detail).bfloat16())  # the cast alone would erase it
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain, detailed = model(flat), model(flat + detail)
+    assert plain.dtype == torch.float32
+    assert (detailed - plain).abs().max() > 1e-3  # the detail got through (identical outputs when it does not)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # folded for the test phase: still float32 at both ends
+        from biapy.models.folding import fold_batch_norm
+        fold_batch_norm(model)
+        assert model(flat).dtype == torch.float32 and type(model.encoder.blocks[0].conv1[0]).__name__ == "Float32Conv2d"
+
+
+@pytest.mark.parametrize("arch", ["mae", "unetr"])
+def test_vit_models_read_pixels_and_write_outputs_in_float32_under_autocast(arch):
+    from tests.test_mae import tiny_vit_cfg
+
+    model = build_model(tiny_vit_cfg(arch=arch)).train()
+    x = torch.rand(2, 1, 16, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tokens = model.encoder.patch_embed(x)
+        out = model(x)[0] if arch == "mae" else model(x)
+    assert tokens.dtype == torch.float32 and out.dtype == torch.float32
+    keys = {k for k in model.state_dict()}
+    assert "encoder.patch_embed.proj.weight" in keys and "head.weight" in keys  # names as before

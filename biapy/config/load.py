@@ -59,6 +59,7 @@ def _leaf_keys(node, prefix=""):
 
 # Text keys with an on/off meaning, for the YAML words (off, no, false / on, yes, true) read as booleans.
 BOOLEAN_WORDS = {"TRAIN.AMP": {False: "off", True: "auto"}}
+_YAML_BOOLEANS = {"yes": True, "on": True, "true": True, "no": False, "off": False, "false": False}
 
 
 def _decode(value):
@@ -112,10 +113,12 @@ def coerce(key, value, default):
                 raise ConfigError(f"{key}: expected a finite number, got {value!r}")
             return float(value)
     elif isinstance(default, str):
-        if isinstance(value, str):
-            return value
+        if key in BOOLEAN_WORDS and isinstance(value, str) and value.lower() in _YAML_BOOLEANS:
+            value = _YAML_BOOLEANS[value.lower()]  # `TRAIN.AMP no` on the command line, as `AMP: no` in YAML
         if isinstance(value, bool) and key in BOOLEAN_WORDS:  # YAML reads `AMP: off` as false
             return BOOLEAN_WORDS[key][value]
+        if isinstance(value, str):
+            return value
     elif isinstance(default, (list, tuple)):
         if isinstance(value, (list, tuple)):
             # A list of numbers by default (sizes, ranges, per-channel values) takes finite numbers only.

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from . import recompute
+from .float32 import keep_float32
 from .instance_norm import InstanceNorm
 
 ACTIVATIONS = {
@@ -84,6 +85,15 @@ class ResBlock(nn.Module):
     def forward(self, x):
         y = self.norm2(self.conv2(self.drop(self.conv1(x))))
         return self.act(y + self.shortcut(x))
+
+
+def keep_input_float32(block):
+    """The layers of a level block that read its input (its first convolution, and a residual block's 1x1
+    shortcut) run in float32 under autocast: see biapy/models/float32.py. Returns the block."""
+    keep_float32(block.conv1[0])
+    if isinstance(getattr(block, "shortcut", None), nn.Sequential):
+        keep_float32(block.shortcut[0])
+    return block
 
 
 def block_class(residual):

@@ -15,6 +15,7 @@ from timm.models.vision_transformer import Block
 
 from biapy.errors import ConfigError
 from biapy.models import recompute
+from biapy.models.float32 import keep_float32
 from biapy.models.masking import grid_token_mask, random_token_mask, token_mask_to_image
 from biapy.models.vit import TransformerBlocks, ViTEncoder, init_vit_weights, sincos_pos_embed
 
@@ -78,7 +79,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.encoder = ViTEncoder(ndim, in_channels, patch_spatial, token_size, embed_dim, depth, heads,
                                   mlp_ratio, norm_eps)
         self.decoder = MAEDecoder(embed_dim, self.grid, dec_width, dec_depth, dec_heads, dec_mlp_dims, norm_eps)
-        self.head = nn.Linear(dec_width, token_size ** ndim * in_channels)
+        self.head = keep_float32(nn.Linear(dec_width, token_size ** ndim * in_channels))
         init_vit_weights(self)
         nn.init.normal_(self.decoder.mask_token, std=0.02)
 

@@ -9,7 +9,9 @@ from torch import nn
 
 from biapy.errors import ConfigError
 from biapy.models import recompute
-from biapy.models.blocks import block_class, conv_nd, conv_transpose_nd, decode_level, init_conv_weights
+from biapy.models.blocks import (block_class, conv_nd, conv_transpose_nd, decode_level, init_conv_weights,
+                                 keep_input_float32)
+from biapy.models.float32 import keep_float32
 
 
 def pool_factors(ndim, levels, z_down=()):
@@ -86,7 +88,8 @@ class UNet(nn.Module):
         block = block_class(residual)
         self.encoder = UNetEncoder(ndim, in_channels, feature_maps, factors, block, kernel, norm, act, dropout)
         self.decoder = UNetDecoder(ndim, feature_maps, factors, block, kernel, norm, act, dropout)
-        self.head = conv_nd(ndim)(feature_maps[0], out_channels, 1)
+        self.head = keep_float32(conv_nd(ndim)(feature_maps[0], out_channels, 1))
+        keep_input_float32(self.encoder.blocks[0])
         init_conv_weights(self)
 
     def forward(self, x):

@@ -10,7 +10,9 @@ there are more levels); NORMALIZATION, KERNEL_SIZE and ACTIVATION are honoured a
 """
 from torch import nn
 
-from biapy.models.blocks import ConvBlock, ConvNormAct, conv_nd, conv_transpose_nd, decode_level, init_conv_weights
+from biapy.models.blocks import (ConvBlock, ConvNormAct, conv_nd, conv_transpose_nd, decode_level, init_conv_weights,
+                                 keep_input_float32)
+from biapy.models.float32 import keep_float32
 from biapy.models.mae import check_token_fit
 from biapy.models.vit import ViTEncoder, init_vit_weights, tokens_to_map
 
@@ -43,7 +45,7 @@ class UNETRDecoder(nn.Module):
         super().__init__()
         S = len(factors)
         # factors[i] is the up-sampling from level i+1 to level i.
-        self.stem = ConvBlock(ndim, in_channels, widths[0], kernel, norm, act)
+        self.stem = keep_input_float32(ConvBlock(ndim, in_channels, widths[0], kernel, norm, act))
         self.skips = nn.ModuleList(SkipPath(ndim, dim, widths[l], factors[l:], kernel, norm, act)
                                    for l in range(1, S))
         up = conv_transpose_nd(ndim)
@@ -82,7 +84,7 @@ class UNETR(nn.Module):
         self.encoder = ViTEncoder(ndim, in_channels, patch_spatial, token_size, embed_dim, depth, heads,
                                   mlp_ratio, norm_eps)
         self.decoder = UNETRDecoder(ndim, in_channels, embed_dim, widths, factors, kernel, norm, act)
-        self.head = conv_nd(ndim)(widths[0], n_classes, 1)
+        self.head = keep_float32(conv_nd(ndim)(widths[0], n_classes, 1))
         init_vit_weights(self.encoder)
         init_conv_weights(self.decoder)
         init_conv_weights(self.head)

@@ -16,6 +16,7 @@ from torch import nn
 from timm.models.vision_transformer import Block
 
 from biapy.models import recompute
+from biapy.models.float32 import keep_float32
 
 
 def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
@@ -50,16 +51,7 @@ class PatchEmbed(nn.Module):
         self.proj = conv(in_channels, dim, token_size, stride=token_size)
 
     def forward(self, x):
-        # The strided convolution as one matrix product over flattened patches: the same numbers, and under CPU
-        # bf16 autocast a backward of 1.2 rather than 6 ms a step of the run_all ViT (oneDNN's bf16 backward of
-        # such a convolution is slow). Trailing pixels short of a token are dropped, as the convolution does.
-        t = self.proj.kernel_size[0]
-        grid = [s // t for s in x.shape[2:]]
-        x = x[(...,) + tuple(slice(0, g * t) for g in grid)]
-        split = [n for g in grid for n in (g, t)]  # (B, C, g0, t, g1, t[, g2, t])
-        order = [0, *range(2, 2 + 2 * len(grid), 2), 1, *range(3, 3 + 2 * len(grid), 2)]  # (B, g.., C, t..)
-        patches = x.reshape(*x.shape[:2], *split).permute(order).reshape(x.shape[0], math.prod(grid), -1)
-        return nn.functional.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
+        return self.proj(x).flatten(2).transpose(1, 2)
 
 
 class TransformerBlocks(nn.ModuleList):
@@ -67,18 +59,23 @@ class TransformerBlocks(nn.ModuleList):
 
     torch's fused CPU attention takes ~13x longer over its bf16 backward than over its float32 one (5.3 against
     0.4 ms a block of the run_all ViT), so a CPU training step under bf16 autocast has the blocks compute
-    attention as two matmuls and a softmax instead (timm's plain path): with the patch embedding's change above
-    the ViT's step ran 1.65x (width 256) to 2.1x (ViT-B) faster than in float32, where with the fused kernel it
-    was 1.05-1.15x slower at width 256 (bench/README.md).
+    attention as two matmuls and a softmax instead (timm's plain path): the ViT's step then ran 1.5x (width
+    256) to 2x (ViT-B) faster than in float32, where with the fused kernel it was 1.05-1.15x slower at width
+    256 (bench/README.md).
     """
 
     def __init__(self, blocks):
         super().__init__(blocks)
         self.fused = [blk.attn.fused_attn for blk in self]  # timm's own choice (TIMM_FUSED_ATTN)
 
+    # Above this many tokens the plain path's N x N attention weights, kept for the backward, cost more than the
+    # fused kernel's slowness (bf16 training step, width 256: plain 29 against fused 36 ms at 256 tokens, 83
+    # against 54 ms at 1024; at 4096 tokens plain took 4x the memory).
+    PLAIN_MAX_TOKENS = 256
+
     def pick_attention(self, x):
         slow_fused = (x.device.type == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
-                      and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+                      and torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.shape[1] <= self.PLAIN_MAX_TOKENS)
         for blk, fused in zip(self, self.fused):
             blk.attn.fused_attn = fused and not slow_fused
 
@@ -92,7 +89,7 @@ class ViTEncoder(nn.Module):
         self.ndim = ndim
         self.token_size = token_size
         self.grid = tuple(s // token_size for s in patch_spatial)
-        self.patch_embed = PatchEmbed(ndim, in_channels, token_size, dim)
+        self.patch_embed = keep_float32(PatchEmbed(ndim, in_channels, token_size, dim))  # reads the pixels
         self.register_buffer("pos_embed", sincos_pos_embed(self.grid, dim).unsqueeze(0), persistent=False)
         norm = partial(nn.LayerNorm, eps=norm_eps)
         self.blocks = TransformerBlocks(Block(dim, heads, mlp_ratio, qkv_bias=True, norm_layer=norm)
