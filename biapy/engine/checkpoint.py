@@ -7,6 +7,7 @@ import logging
 import pickle
 import random
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -37,10 +38,29 @@ def to_plain(value):
     return value
 
 
+@contextmanager
+def _without_crc32():
+    """torch.save spent 22 of its 30 ms on a 23 MB checkpoint (the 2D U-Net [16..256] with its AdamW state,
+    saved every epoch) computing the CRC-32 of each record. The file is written beside its place and renamed,
+    so a torn write never replaces a checkpoint, and a truncated one is still refused on loading."""
+    try:
+        from torch.utils.serialization import config as serialization
+        config = serialization.save
+        config.compute_crc32  # noqa: B018 (present since torch 2.6)
+    except (ImportError, AttributeError):  # older torch: always computed
+        yield
+        return
+    saved, config.compute_crc32 = config.compute_crc32, False
+    try:
+        yield
+    finally:
+        config.compute_crc32 = saved
+
+
 def save_checkpoint(path, payload: dict) -> None:
     """Write `payload` to a temporary file beside `path`, then rename: a failure leaves the old file intact."""
     try:
-        with atomic_path(path) as tmp:
+        with atomic_path(path) as tmp, _without_crc32():
             torch.save(payload, tmp)
     except (OSError, RuntimeError) as err:  # torch reports a full disk as RuntimeError("... file write failed")
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).strip().splitlines()[0]
