@@ -162,14 +162,18 @@ def test_another_task_head_is_made_anew_even_where_its_shape_fits(tmp_path, capl
 
 
 def test_a_start_is_recognized_by_its_file_not_by_its_name(tmp_path, monkeypatch):
-    """A relative name typed in another folder is another file; a moved copy or a link is the same one."""
+    """A relative name typed in another folder is another file; a moved copy or a link is the same one. The two
+    files have the same size and the same last 512 KB, and no CRC-32s (as save_checkpoint writes them)."""
     import biapy.engine.resume as R
+    from biapy.engine.checkpoint import save_checkpoint
     from biapy.errors import ConfigError
     from biapy.job import Job
 
     for folder, value in (("a", 1.0), ("b", 2.0)):
         (tmp_path / folder).mkdir()
-        torch.save({"model": {"w": torch.full((64,), value)}}, tmp_path / folder / "start.pth")
+        save_checkpoint(tmp_path / folder / "start.pth", {"model": {"w": torch.full((4096,), value),
+                                                                    "tail": torch.zeros(1 << 17)}})
+    assert (tmp_path / "a" / "start.pth").stat().st_size == (tmp_path / "b" / "start.pth").stat().st_size
     monkeypatch.chdir(tmp_path / "a")
     began = R.start_record(Path("start.pth"))
     job, own = Job(tmp_path, "run", 1), tmp_path / "last.pth"
@@ -199,3 +203,20 @@ def test_checkpoints_skip_the_crc_and_leave_torch_s_setting_as_it_was(tmp_path):
     path.write_bytes(path.read_bytes()[:300])
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         load_checkpoint(path)
+
+
+def test_a_model_with_float32_layers_pickles_and_loads_in_a_fresh_process(tmp_path):
+    """The float32 ends swap a layer's class for a generated one, which pickle must find by name."""
+    import pickle
+    import subprocess
+    import sys
+
+    from biapy.models.unet import UNet
+
+    model = UNet(2, 1, 1, [4, 8])
+    (tmp_path / "m.pkl").write_bytes(pickle.dumps(model))
+    code = ("import pickle, sys; m = pickle.load(open(sys.argv[1], 'rb')); "
+            "print(type(m.head).__name__, type(m.encoder.blocks[0].conv1[0]).__name__)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.pkl")], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.split() == ["Float32Conv2d", "Float32Conv2d"]

@@ -146,3 +146,14 @@ def test_vit_models_read_pixels_and_write_outputs_in_float32_under_autocast(arch
     assert tokens.dtype == torch.float32 and out.dtype == torch.float32
     keys = {k for k in model.state_dict()}
     assert "encoder.patch_embed.proj.weight" in keys and "head.weight" in keys  # names as before
+
+
+def test_keep_float32_takes_torch_layers_only():
+    """Its classes are found by name for pickling, which works for torch.nn layers."""
+    from biapy.models.float32 import keep_float32
+    from biapy.models.vit import PatchEmbed
+
+    with pytest.raises(TypeError, match="PatchEmbed is not a torch.nn layer"):
+        keep_float32(PatchEmbed(2, 1, 4, 8))
+    layer = keep_float32(torch.nn.Linear(3, 2))
+    assert keep_float32(layer) is layer and type(layer).__name__ == "Float32Linear"

@@ -7,6 +7,7 @@ first convolution (its normalization then takes the offset away), a shortcut tha
 patch embedding and the output heads leave only normalized features to bf16, at a small share of the compute.
 """
 import torch
+from torch import nn
 
 _CLASSES = {}
 
@@ -19,12 +20,27 @@ class _Float32:
             return super().forward(x.float(), *args, **kwargs)
 
 
+def _float32_class(cls):
+    if cls not in _CLASSES:
+        name = f"Float32{cls.__name__}"
+        _CLASSES[cls] = type(name, (_Float32, cls), {"__module__": __name__, "__qualname__": name})
+    return _CLASSES[cls]
+
+
+def __getattr__(name):
+    """`Float32Conv2d` and the like by name, as pickle looks a layer's class up."""
+    base = getattr(nn, name[len("Float32"):], None) if name.startswith("Float32") else None
+    if isinstance(base, type) and issubclass(base, nn.Module):
+        return _float32_class(base)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def keep_float32(module):
-    """`module` runs in float32 under autocast. Its class becomes a subclass of its own (parameters, state-dict
-    keys and copies stay as they were)."""
+    """`module`, a torch.nn layer, runs in float32 under autocast. Its class becomes a subclass of its own
+    (parameters, state-dict keys, copies and pickles stay as they were)."""
     cls = type(module)
     if not issubclass(cls, _Float32):
-        if cls not in _CLASSES:
-            _CLASSES[cls] = type(f"Float32{cls.__name__}", (_Float32, cls), {})
-        module.__class__ = _CLASSES[cls]
+        if getattr(nn, cls.__name__, None) is not cls:
+            raise TypeError(f"keep_float32: {cls.__name__} is not a torch.nn layer")
+        module.__class__ = _float32_class(cls)
     return module

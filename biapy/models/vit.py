@@ -89,7 +89,8 @@ class ViTEncoder(nn.Module):
         self.ndim = ndim
         self.token_size = token_size
         self.grid = tuple(s // token_size for s in patch_spatial)
-        self.patch_embed = keep_float32(PatchEmbed(ndim, in_channels, token_size, dim))  # reads the pixels
+        self.patch_embed = PatchEmbed(ndim, in_channels, token_size, dim)
+        keep_float32(self.patch_embed.proj)  # it reads the pixels
         self.register_buffer("pos_embed", sincos_pos_embed(self.grid, dim).unsqueeze(0), persistent=False)
         norm = partial(nn.LayerNorm, eps=norm_eps)
         self.blocks = TransformerBlocks(Block(dim, heads, mlp_ratio, qkv_bias=True, norm_layer=norm)
