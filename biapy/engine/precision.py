@@ -1,7 +1,7 @@
 """TRAIN.AMP: which reduced precision training and test inference run in, on this device.
 
-Autocast runs convolutions and matrix products in the reduced type and keeps reductions, norms and losses
-in float32; outputs are turned back to float32 before they are stitched, scored or written.
+Autocast runs convolutions and matrix products in the reduced type. The layers at the network's ends stay in
+float32 (biapy/models/float32.py), so predictions are float32 when they are stitched, scored or written.
 """
 import logging
 from contextlib import nullcontext
