@@ -249,7 +249,7 @@ def run_case(args):
 
     from biapy.data.io import read_image
     from biapy.data.patches import grid_starts
-    from biapy.engine.precision import describe_amp
+    from biapy.engine.precision import describe_amp, precision_name
     from biapy.engine.trainer import _unwrap
     from biapy.models.folding import fold_batch_norm
     from biapy.runner import setup_logging
@@ -343,10 +343,10 @@ def run_case(args):
             masked = statistics.median(bare(steps) for _ in range(args.repeats))
             return masked, full
 
-        out["mae_s"] = {out["precision"].split(" (")[0]: mask_ratios()}
+        out["mae_s"] = {precision_name(trainer.amp_dtype): mask_ratios()}
         if trainer.amp_dtype is not None:  # the same in float32: fixed costs weigh differently there
             amp, trainer.amp_dtype, scaler, trainer.scaler = trainer.amp_dtype, None, trainer.scaler, None
-            out["mae_s"]["float32"] = mask_ratios()
+            out["mae_s"][precision_name(None)] = mask_ratios()
             trainer.amp_dtype, trainer.scaler = amp, scaler
 
     # Whole-image inference: stitched prediction vs the bare forward passes it needs, with the model the

@@ -113,10 +113,10 @@ def coerce(key, value, default):
                 raise ConfigError(f"{key}: expected a finite number, got {value!r}")
             return float(value)
     elif isinstance(default, str):
-        if key in BOOLEAN_WORDS and isinstance(value, str) and value.lower() in _YAML_BOOLEANS:
-            value = _YAML_BOOLEANS[value.lower()]  # `TRAIN.AMP no` on the command line, as `AMP: no` in YAML
-        if isinstance(value, bool) and key in BOOLEAN_WORDS:  # YAML reads `AMP: off` as false
-            return BOOLEAN_WORDS[key][value]
+        if key in BOOLEAN_WORDS:  # YAML reads `AMP: off` as false; `TRAIN.AMP no` on the command line alike
+            flag = _YAML_BOOLEANS.get(value.lower()) if isinstance(value, str) else value
+            if isinstance(flag, bool):
+                return BOOLEAN_WORDS[key][flag]
         if isinstance(value, str):
             return value
     elif isinstance(default, (list, tuple)):

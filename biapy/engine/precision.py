@@ -48,8 +48,11 @@ def autocast(device, dtype):
     return nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def precision_name(dtype):
+    """An autocast dtype (or None) in words: 'bf16 mixed precision', 'fp16 mixed precision' or 'float32'."""
+    return {torch.bfloat16: "bf16 mixed precision", torch.float16: "fp16 mixed precision"}.get(dtype, "float32")
+
+
 def describe_amp(setting, device):
     """What TRAIN.AMP gives on `device`, for the job's start-up line: e.g. 'bf16 mixed precision (TRAIN.AMP auto)'."""
-    dtype = resolve_amp(setting, device, warn=False)[0]
-    names = {torch.bfloat16: "bf16 mixed precision", torch.float16: "fp16 mixed precision"}
-    return f"{names.get(dtype, 'float32')} (TRAIN.AMP {setting})"
+    return f"{precision_name(resolve_amp(setting, device, warn=False)[0])} (TRAIN.AMP {setting})"
