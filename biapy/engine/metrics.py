@@ -81,41 +81,46 @@ def _gaussian_1d(size: int, sigma: float, device, dtype) -> torch.Tensor:
     return g / g.sum()
 
 
-def _blur(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """Separable 'valid' Gaussian filter over every spatial axis, per channel (groups=C)."""
+def _blur(x: torch.Tensor, kernels) -> torch.Tensor:
+    """Separable 'valid' Gaussian filter, one 1-D kernel per spatial axis, per channel (groups=C)."""
     c, nsp = x.shape[1], x.dim() - 2
     conv = F.conv2d if nsp == 2 else F.conv3d
-    for axis in range(nsp):
+    for axis, kernel in enumerate(kernels):
+        if kernel.numel() == 1:  # a one-pixel window (an axis of 1 or 2 pixels): nothing to average
+            continue
         shape = [1, 1] + [1] * nsp
         shape[2 + axis] = kernel.numel()
         x = conv(x, kernel.reshape(shape).repeat(c, *([1] * (nsp + 1))), groups=c)
     return x
 
 
-def ssim_window(spatial, win_size=11) -> int:
-    """The odd Gaussian window SSIM uses on an image of this spatial shape (shrunk to fit thin stacks)."""
-    win = min(win_size, *spatial)
-    return max(win if win % 2 == 1 else win - 1, 1)
+def ssim_window(spatial, win_size=11) -> tuple:
+    """The odd Gaussian window SSIM uses on an image of this spatial shape, per axis: `win_size`, shrunk on an
+    axis too short for it only. A 3D stack of one or two slices is then scored slice by slice, as 2D images;
+    shrunk on every axis, its 1-pixel window had compared single pixels' brightness, and a few slices had
+    narrowed the window in y and x too."""
+    sizes = [min(win_size, n) for n in spatial]
+    return tuple(w if w % 2 else max(w - 1, 1) for w in sizes)
 
 
 def ssim_valid_map(x, y, rng, win, sigma=1.5):
-    """SSIM map of float (B, C, *spatial) tensors where the whole window fits ('valid': every spatial
-    axis shrinks by win - 1); `rng` (B,) data ranges.
+    """SSIM map of float (B, C, *spatial) tensors where the whole window fits ('valid': each spatial
+    axis shrinks by its window's size - 1); `win` the window per axis (`ssim_window`), `rng` (B,) data ranges.
 
     Computed on (v - offset) / range, one offset per sample (the target's mean): the same SSIM, but
     the variances E[v^2] - mu^2 do not cancel away in float32 on bright or offset images (uint16 near
     60000, floats near 1e6) and huge values do not overflow. The luminance term adds the offset back.
     """
-    kernel = _gaussian_1d(win, sigma, x.device, x.dtype)
+    kernels = [_gaussian_1d(w, sigma, x.device, x.dtype) for w in win]
     shape = (-1,) + (1,) * (x.dim() - 1)
     rng = rng.to(x.dtype).reshape(shape)
     offset = y.detach().mean(dim=tuple(range(1, y.dim())), keepdim=True, dtype=torch.float64).to(x.dtype)
     x, y = (x - offset) / rng, (y - offset) / rng
     c1, c2 = 0.01 ** 2, 0.03 ** 2  # (K * range)^2 in units of the range
-    mu_x, mu_y = _blur(x, kernel), _blur(y, kernel)
-    sxx = _blur(x * x, kernel) - mu_x ** 2
-    syy = _blur(y * y, kernel) - mu_y ** 2
-    sxy = _blur(x * y, kernel) - mu_x * mu_y
+    mu_x, mu_y = _blur(x, kernels), _blur(y, kernels)
+    sxx = _blur(x * x, kernels) - mu_x ** 2
+    syy = _blur(y * y, kernels) - mu_y ** 2
+    sxy = _blur(x * y, kernels) - mu_x * mu_y
     lum_x, lum_y = mu_x + offset / rng, mu_y + offset / rng
     num = (2 * lum_x * lum_y + c1) * (2 * sxy + c2)
     den = (lum_x ** 2 + lum_y ** 2 + c1) * (sxx + syy + c2)
@@ -125,7 +130,7 @@ def ssim_valid_map(x, y, rng, win, sigma=1.5):
 def ssim(pred, target, data_range=None, reduction="mean", win_size=11, sigma=1.5):
     """Structural similarity (Wang et al. 2004) with a Gaussian window, 2D or 3D, differentiable.
 
-    The window shrinks (odd size) to fit small patches, e.g. thin 3D stacks. Computed in float32.
+    The window shrinks (odd size) on an axis too short for it, e.g. a thin 3D stack's z. Computed in float32.
     reduction 'none' -> the SSIM map (B, C, *spatial) of the input's shape (borders from reflect
     padding); 'per_sample' -> (B,); 'mean' -> scalar. Means use only the interior (valid) part of
     the map, as skimage does, so 'mean' equals the mean of the cropped 'none' map.
@@ -136,9 +141,8 @@ def ssim(pred, target, data_range=None, reduction="mean", win_size=11, sigma=1.5
         raise ValueError(f"ssim expects (B,C,y,x) or (B,C,z,y,x), got shape {tuple(pred.shape)}")
     x, y = pred.float(), target.float()
     win = ssim_window(x.shape[2:], win_size)
-    half = win // 2
-    if reduction == "none" and half:
-        pad = [half] * (2 * (x.dim() - 2))
+    if reduction == "none" and max(win) > 1:
+        pad = [w // 2 for w in reversed(win) for _ in range(2)]  # F.pad lists the last axis first
         x, y = F.pad(x, pad, mode="reflect"), F.pad(y, pad, mode="reflect")
     ssim_map = ssim_valid_map(x, y, _data_range(target, data_range), win, sigma)
     if reduction == "none":
