@@ -27,6 +27,23 @@ def test_shape_dtype_and_range_kept(ndim, shape, channels, dtype):
     assert not np.array_equal(out, img)
 
 
+@pytest.mark.parametrize("ndim,shape", [(2, (64, 60)), (3, (9, 40, 36))])
+def test_a_boolean_mask_is_degraded_into_float_values_between_0_and_1(tmp_path, ndim, shape):
+    """Noise and resampling put a mask's pixels between 0 and 1: the copy is float32 (a cast back to bool had made
+    99.99% of a mask with 7.5% True pixels True), in memory and written to the copies folder (3D: slab by slab)."""
+    mask = np.zeros(shape + (1,), bool)
+    mask[(slice(None),) * (ndim - 2) + (slice(20, 32), slice(10, 26))] = True
+    out = crappify(mask, 0.1, 4, ndim, np.random.default_rng(0))
+    assert out.dtype == np.float32 and out.shape == mask.shape
+    assert 0 <= out.min() and out.max() <= 1
+    assert abs(float(out.mean()) - float(mask.mean())) < 0.03
+    assert 0.5 < float(out[mask].mean()) and float(out[~mask].mean()) < 0.1
+    src = write_image(tmp_path / "src" / "mask.tif", mask, ndim)
+    copy = read_image(prepare_ssl_source([src], tmp_path / "ssl", 0.1, 4, ndim, seed=0)[0], ndim)
+    assert copy.dtype == np.float32 and 0 <= copy.min() and copy.max() <= 1
+    assert abs(float(copy.mean()) - float(mask.mean())) < 0.03
+
+
 def test_no_noise_only_resamples_and_factor_one_is_identity():
     img = _smooth((32, 32), np.float32)
     np.testing.assert_array_equal(crappify(img, 0, 1, 2, np.random.default_rng(0)), img)

@@ -23,12 +23,18 @@ from biapy.errors import DataError
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-_VERSION = 2  # bump when the degradation itself changes, so old copies are rebuilt
+_VERSION = 3  # bump when the degradation itself changes, so old copies are rebuilt (3: boolean images)
 _SLAB_VOXELS = 1 << 23  # voxels read from a lazy source per access (~16 MB of uint16)
 
 
+def degraded_dtype(dtype):
+    """The pixel type of a degraded copy: the image's own, float32 for a boolean image. Noise and resampling put
+    its pixels between 0 and 1, which a cast back to bool had turned True (99.99% of a mask's pixels)."""
+    return np.dtype(np.float32) if np.dtype(dtype) == np.bool_ else np.dtype(dtype)
+
+
 def crappify(img, noise, resizing_factor, ndim, rng):
-    """Degraded copy of a channel-last image held in memory (same shape and dtype); see degraded_slices."""
+    """Degraded copy of a channel-last image held in memory (same shape, `degraded_dtype`); see degraded_slices."""
     img = np.asarray(img)
     slices = list(degraded_slices(img, noise, resizing_factor, ndim, rng, value_range(img)))
     return np.stack(slices) if ndim == 3 else slices[0]
@@ -48,7 +54,7 @@ def degraded_slices(img, noise, resizing_factor, ndim, rng, bounds):
     lo, hi = bounds
     shape = tuple(img.shape)
     n_z = shape[0] if ndim == 3 else 1
-    plane, dtype = shape[ndim - 2:ndim], np.dtype(img.dtype)
+    plane, dtype = shape[ndim - 2:ndim], degraded_dtype(img.dtype)
     small = tuple(max(1, int(round(s / math.sqrt(resizing_factor)))) for s in shape[:ndim])
     small_z, small_plane = (small[0], small[1:]) if ndim == 3 else (1, small)
     down, up = _linear_taps(n_z, small_z), _linear_taps(small_z, n_z)
@@ -222,7 +228,7 @@ def _prepare_locked(src_files, names, dst_dir, noise, resizing_factor, ndim, see
         if ndim == 2:
             written = write_image(dst_dir / src.name, next(slices), ndim)
         else:
-            written = write_image_slices(dst_dir / src.name, slices, img.shape, img.dtype)
+            written = write_image_slices(dst_dir / src.name, slices, img.shape, degraded_dtype(img.dtype))
         files[src.name] = dict(_file_stamp(src), output=written.name, copy=_file_stamp(written))
     if todo or not same_params:
         _write_manifest(dst_dir / MANIFEST, {"params": params, "files": files})
