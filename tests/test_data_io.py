@@ -391,3 +391,22 @@ def test_fixed_clip_values_for_more_channels_than_the_image_has():
     norm = Normalizer("zero_mean_unit_variance", clip=True, lower_value=(10.0, 20.0))
     with pytest.raises(DataError, match=r"PERC_CLIP.LOWER_VALUE holds 2 channel value\(s\) but the image has 1"):
         norm.stats(np.zeros((8, 8, 1), np.float32))
+
+
+def test_unnamed_page_sequence_follows_the_rule_for_files_without_axis_names(tmp_path):
+    """A TIFF of pages written one by one without metadata: tifffile calls its page axis 'I', a guess, not a name.
+    Read by the rule for unnamed files: a volume in 3D; in 2D no longer 5 channels (whose hint had been to set the
+    patch's channels to 5, training on slices as channels) but a stack that needs PROBLEM.NDIM 3D."""
+    path = tmp_path / "pages.tif"
+    with tifffile.TiffWriter(path) as tw:
+        for k in range(5):
+            tw.write(np.full((12, 10), k, np.uint16), metadata=None)
+    volume = read_image(path, 3)
+    assert volume.shape == (5, 12, 10, 1) and volume[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(DataError, match=r"pages\.tif: .*does not fit a 2D image.*needs PROBLEM\.NDIM 3D"):
+        read_image(path, 2)
+    with pytest.raises(DataError, match="needs PROBLEM.NDIM 3D"):
+        image_shape(path, 2)
+    rgb_pages = tmp_path / "rgb_pages.tif"  # pages of RGB samples: the samples stay channels
+    tifffile.imwrite(rgb_pages, np.arange(4 * 6 * 5 * 3, dtype=np.uint8).reshape(4, 6, 5, 3), metadata=None)
+    assert read_image(rgb_pages, 3).shape == (4, 6, 5, 3)

@@ -123,8 +123,9 @@ def _plain_plan(shape, ndim, path, guess=None) -> _AxesPlan:
         lead += 1
     n = len(shape) - lead
     if n not in (ndim, ndim + 1):
+        stack = "; a stack of slices needs PROBLEM.NDIM 3D" if ndim == 2 and n == 4 else ""  # z, y, x, c
         raise DataError(f"{path}: array of shape {shape} does not fit a {ndim}D image (expected "
-                        f"{'(z, y, x[, c])' if ndim == 3 else '(y, x[, c])'})")
+                        f"{'(z, y, x[, c])' if ndim == 3 else '(y, x[, c])'}){stack}")
     keep = tuple(range(lead, len(shape)))
     channel = n - 1
     if n == ndim + 1 and guess is not None:
@@ -213,7 +214,7 @@ def _unsqueezed_series(tif):
         return tif.series(squeeze=False)[0]
     series = tif.series[0]
     return SimpleNamespace(shape=series.get_shape(False), axes=series.get_axes(False), dtype=series.dtype,
-                           dataoffset=series.dataoffset)
+                           dataoffset=series.dataoffset, kind=series.kind)
 
 
 def _tiff_header(path, ndim):
@@ -223,7 +224,7 @@ def _tiff_header(path, ndim):
     try:
         with _refusing_damage(path), tifffile.TiffFile(path) as tif:
             series = _unsqueezed_series(tif)
-            shape, axes = series.shape, series.axes
+            shape, axes, kind = series.shape, series.axes, series.kind
             shaped = tif.shaped_metadata[0] if tif.is_shaped and tif.shaped_metadata else None
             dtype = np.dtype(series.dtype).newbyteorder(tif.byteorder)
             offset = series.dataoffset
@@ -231,7 +232,9 @@ def _tiff_header(path, ndim):
         raise
     except Exception as e:  # tifffile raises many types for broken files
         raise DataError(f"{path}: cannot read TIFF ({_reason(e)})") from None
-    if shaped is not None and "axes" not in shaped and not tif.is_imagej:
+    # Axes that are tifffile's guesses, not the writer's names: a page sequence ('generic': I for its pages, as
+    # for channels as for slices), one page ('uniform'), tifffile's own array without axes (Q).
+    if kind in ("generic", "uniform") or (shaped is not None and "axes" not in shaped and not tif.is_imagej):
         plan = _plain_plan(shape, ndim, path, guess=axes)
     else:
         plan = _named_plan(shape, axes, ndim, path)
