@@ -82,15 +82,19 @@ def _gaussian_1d(size: int, sigma: float, device, dtype) -> torch.Tensor:
 
 
 def _blur(x: torch.Tensor, kernels) -> torch.Tensor:
-    """Separable 'valid' Gaussian filter, one 1-D kernel per spatial axis, per channel (groups=C)."""
-    c, nsp = x.shape[1], x.dim() - 2
-    conv = F.conv2d if nsp == 2 else F.conv3d
-    for axis, kernel in enumerate(kernels):
-        if kernel.numel() == 1:  # a one-pixel window (an axis of 1 or 2 pixels): nothing to average
+    """Separable 'valid' Gaussian filter, one 1-D kernel per spatial axis, per channel.
+
+    A weighted sum of the shifted views along each axis: the grouped convolution it replaces runs on torch's
+    slow reference kernel on a CPU (SSIM had taken 55-80% of a test phase; this is ~6x faster there)."""
+    for axis, kernel in enumerate(kernels, start=2):
+        size = kernel.numel()
+        if size == 1:  # a one-pixel window (an axis of 1 or 2 pixels): nothing to average
             continue
-        shape = [1, 1] + [1] * nsp
-        shape[2 + axis] = kernel.numel()
-        x = conv(x, kernel.reshape(shape).repeat(c, *([1] * (nsp + 1))), groups=c)
+        length, weights = x.shape[axis] - size + 1, kernel.tolist()
+        out = x.narrow(axis, 0, length) * weights[0]
+        for i in range(1, size):
+            out.add_(x.narrow(axis, i, length), alpha=weights[i])
+        x = out
     return x
 
 
