@@ -32,3 +32,7 @@ class TrainingError(BiapyError):
     """Training cannot go on (non-finite loss, ...); the last good checkpoint is kept."""
 
     exit_code = 5
+
+
+class AgreedStop(KeyboardInterrupt):
+    """Every rank stops here together after a signal, the last checkpoint saved: a clean end, unlike a failure."""

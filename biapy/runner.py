@@ -19,7 +19,7 @@ from biapy.config.checks import cores_per_process
 from biapy.config.load import plain_tree
 from biapy.engine.resume import check_start
 from biapy.engine.precision import describe_amp
-from biapy.errors import ConfigError
+from biapy.errors import AgreedStop, ConfigError
 from biapy.job import Job
 from biapy.utils.files import atomic_write_text
 from biapy.utils.memory import tune_process_memory
@@ -127,7 +127,6 @@ class BiaPy:
 
     def run_job(self):
         from biapy.engine.distributed import cleanup, init_distributed
-        from biapy.engine.trainer import AgreedStop
 
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         is_main_env = int(os.environ.get("RANK", 0)) == 0

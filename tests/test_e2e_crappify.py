@@ -95,6 +95,23 @@ def test_run_id_omitted_takes_the_next_free_one_and_test_only_loads_best(data2d,
     assert len(list(second.per_image.iterdir())) == 2
 
 
+def test_a_test_only_job_does_not_import_the_training_charts(data2d, tmp_path):
+    """matplotlib (0.65 s of start-up) is imported by the trainer's charts, which a test-only job never draws."""
+    import subprocess
+    import sys
+
+    first = run(tiny_config(data2d, 2, TRAIN={"EPOCHS": 1}, TEST={"ENABLE": False}), tmp_path, name="trained")
+    test_only = tiny_config(data2d, 2, TRAIN={"ENABLE": False}, MODEL={"LOAD_CHECKPOINT": True},
+                            PATHS={"CHECKPOINT_FILE": str(first.checkpoint("best"))})
+    script = ("import json, sys\nfrom biapy import BiaPy\n"
+              f"job = BiaPy(json.loads({json.dumps(json.dumps(test_only))}), result_dir=sys.argv[1], name='t').run_job()\n"
+              "print(len(list(job.per_image.iterdir())), 'matplotlib' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["2", "False"]
+
+
 def test_custom_normalization_of_a_test_only_job_comes_from_the_tested_checkpoint(data2d, tmp_path):
     """A test-only job on another job's checkpoint uses the dataset mean/std stored in that checkpoint, even
     with the .npy copies beside it gone, and restores the images exactly as the training job did."""

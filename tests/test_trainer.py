@@ -12,7 +12,8 @@ from biapy.config.defaults import get_defaults
 from biapy.engine.checkpoint import load_checkpoint
 from biapy.engine.distributed import DistInfo
 from biapy.engine.loaders import make_loader, release_workers
-from biapy.engine.trainer import Trainer, load_for_test
+from biapy.engine.resume import load_for_test
+from biapy.engine.trainer import Trainer
 from biapy.errors import CheckpointError, ConfigError, TrainingError
 from biapy.job import Job
 

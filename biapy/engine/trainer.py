@@ -38,16 +38,13 @@ from biapy.engine.metrics import MetricAverager
 from biapy.engine.optim import build_optimizer, build_scheduler
 from biapy.engine.precision import autocast, resolve_amp
 from biapy.engine.reporting import EpochReporter, describe_model
-from biapy.errors import TrainingError
+from biapy.errors import AgreedStop, TrainingError
 from biapy.utils.files import atomic_path
 
 log = logging.getLogger(__name__)
 
 SYNC_EVERY = 20  # steps between host reads of the loss
 CNN_ARCHS = ("unet", "resunet")
-
-load_for_test = R.load_for_test  # re-exported: the workflows import it from here
-
 
 def _unwrap(model):
     model = getattr(model, "_orig_mod", model)
@@ -76,10 +73,6 @@ def forked_rng():
         yield
     finally:
         set_rng_states(states)
-
-
-class AgreedStop(KeyboardInterrupt):
-    """Every rank stops here together after a signal, the last checkpoint saved: a clean end, unlike a failure."""
 
 
 class StopRequest:

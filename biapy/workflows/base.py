@@ -177,11 +177,13 @@ class Workflow(ABC):
 
     # ---------------------------------------------------------------- run
     def run(self):
-        from biapy.engine.trainer import Trainer, load_for_test
+        from biapy.engine.resume import load_for_test
         from biapy.models.folding import fold_batch_norm
 
         test_files = None
         if self.cfg.TRAIN.ENABLE:
+            from biapy.engine.trainer import Trainer  # its charts import matplotlib (0.65 s) for training only
+
             self.prepare_training()
             if self.cfg.TEST.ENABLE:
                 test_files = self.check_test_inputs()
