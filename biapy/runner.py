@@ -21,7 +21,7 @@ from biapy.engine.resume import check_start
 from biapy.engine.precision import describe_amp
 from biapy.errors import AgreedStop, ConfigError
 from biapy.job import Job
-from biapy.utils.files import atomic_write_text
+from biapy.utils.files import atomic_path, atomic_write_text
 from biapy.utils.memory import tune_process_memory
 
 log = logging.getLogger("biapy")
@@ -181,9 +181,8 @@ class BiaPy:
             src = Path(self.config_source)
             dst = job.config_files / src.name
             if src.resolve() != dst.resolve():
-                tmp = dst.with_name(dst.name + ".tmp")
-                shutil.copyfile(src, tmp)
-                os.replace(tmp, dst)
+                with atomic_path(dst) as tmp:  # a temporary name of this process: runs of one NAME copy at once
+                    shutil.copyfile(src, tmp)
         else:
             atomic_write_text(job.config_files / f"{self.name}.yaml",
                               yaml.safe_dump(plain_tree(self.config_source), sort_keys=False))

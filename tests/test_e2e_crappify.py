@@ -281,3 +281,20 @@ def test_amp_sets_the_precision_of_training_and_test_inference_on_a_cpu(amp, amx
     assert f"Device: CPU (no --gpu given); {said} (TRAIN.AMP {amp})" in capsys.readouterr().out
     check_results_tree(job, data2d, 2)
     assert all(tifffile.imread(f).dtype == np.float32 for f in job.per_image.iterdir())
+
+
+def test_runs_of_one_name_copy_their_yaml_through_temporary_files_of_their_own(data2d, tmp_path):
+    """Another run of the same NAME copying the YAML at the same moment: its temporary file (here left in place
+    at the name every run had used) must not stop this one (it had: 'config_files/c.yaml.tmp: No such file')."""
+    import yaml
+    from biapy.config.load import plain_tree
+    from biapy.job import Job
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(plain_tree(tiny_config(data2d, 2, TRAIN={"EPOCHS": 1}, TEST={"ENABLE": False}))))
+    job = Job(tmp_path / "out", "sweep", 2)
+    (job.config_files / "c.yaml.tmp").mkdir(parents=True)  # run 1's copy in progress
+    code = main(["--config", str(path), "--result_dir", str(tmp_path / "out"), "--name", "sweep", "--run_id", "2"])
+    assert code == 0
+    assert (job.config_files / "c.yaml").read_text() == path.read_text()
+    assert [p.name for p in job.config_files.iterdir() if p.name.startswith(".")] == []  # no temporary left

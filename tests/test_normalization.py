@@ -170,10 +170,24 @@ def test_lazy_stats_use_a_bounded_sample(tmp_path):
 def test_a_percentile_above_a_fixed_upper_value_is_refused():
     """The config cannot compare a percentile with a value: the image can. Every pixel had become one value."""
     img = np.arange(100, dtype=np.uint8).reshape(10, 10, 1)
-    with pytest.raises(DataError, match=r"PERC_CLIP: the lower bound 89.1 is not below the upper bound 10 here"):
+    with pytest.raises(DataError, match=r"PERC_CLIP: the lower bound 89.1 is above the upper bound 10 here"):
         Normalizer("zero_mean_unit_variance", True, lower_perc=90, upper_value=[10.0]).stats(img)
     ok = Normalizer("zero_mean_unit_variance", True, lower_perc=5, upper_value=[90.0]).stats(img)
     assert ok["lo"][0] == pytest.approx(4.95) and ok["hi"][0] == 90
+
+
+@pytest.mark.parametrize("kind", TYPES[:3])
+def test_percentile_clipping_of_an_image_with_a_constant_channel(kind):
+    """A missing stain (a channel of zeros) beside a real one: its percentiles are equal, which had stopped the run
+    as if LOWER_PERC were above UPPER_PERC. The constant channel stays finite, the other is clipped as asked."""
+    rng = np.random.default_rng(0)
+    img = np.stack([rng.integers(0, 60000, (40, 50)), np.zeros((40, 50), int)], -1).astype(np.uint16)
+    norm = Normalizer(kind, True, lower_perc=1, upper_perc=99)
+    st = norm.stats(img)
+    assert st["lo"][1] == st["hi"][1] == 0
+    assert st["lo"][0] == pytest.approx(np.percentile(img[..., 0], 1))
+    out = norm.normalize(img, st)
+    assert np.isfinite(out).all() and np.ptp(out[..., 1]) == 0 and np.ptp(out[..., 0]) > 0
 
 
 def test_percentile_clipping_of_a_boolean_image():

@@ -162,8 +162,10 @@ class Normalizer:
             lo = np.broadcast_to(self.lower_value, (c,)).astype(np.float64)
         if hi is None and self.upper_value is not None:
             hi = np.broadcast_to(self.upper_value, (c,)).astype(np.float64)
-        if lo is not None and hi is not None and np.any(lo >= hi):  # a percentile against a fixed value
-            raise DataError(f"DATA.NORMALIZATION.PERC_CLIP: the lower bound {_shown(lo)} is not below the upper "
+        # A percentile against a fixed value can cross it. Equal bounds are a channel that is one value between
+        # the percentiles (an empty stain, say): already constant there, it is clipped to that value, no error.
+        if lo is not None and hi is not None and np.any(lo > hi):
+            raise DataError(f"DATA.NORMALIZATION.PERC_CLIP: the lower bound {_shown(lo)} is above the upper "
                             f"bound {_shown(hi)} here, so every pixel would be clipped to one value; expected "
                             "LOWER_PERC/LOWER_VALUE below UPPER_PERC/UPPER_VALUE in input units")
         return lo, hi
