@@ -127,6 +127,31 @@ def test_biapy_3_7_list_forms_and_unused_keys_are_accepted(caplog):
     assert "ignored (3D test volumes are read, predicted, written and scored by slabs" in chunks
 
 
+@pytest.mark.parametrize("loss, weights, expected", [
+    ([], [], ("", [])),  # BiaPy 3.7.1's default: the workflow's loss (it had been refused: 'expected a string')
+    (["MSE"], [1.0], ("MSE", [])),
+    (["SSIM", "MAE"], [0.3, 0.7], ("W_MAE_SSIM", [0.7, 0.3])),  # the weights follow their terms
+    (["MSE", "SSIM"], [], ("W_MSE_SSIM", [1.0, 1.0])),  # BiaPy sums its terms, each weighing 1 when not given
+    (["DICE", "CE"], [2.0, 1.0], ("CE_DICE", [1.0, 2.0])),
+])
+def test_biapy_3_7_1_loss_lists_read_as_one_loss(loss, weights, expected):
+    cfg = load_config({"LOSS": {"TYPE": loss, "WEIGHTS": weights}})
+    assert (cfg.LOSS.TYPE, list(cfg.LOSS.WEIGHTS)) == expected
+    flags = ["LOSS.TYPE", "[" + ", ".join(loss) + "]"] + (["LOSS.WEIGHTS", str(weights)] if weights else [])
+    cli = load_config(None, flags)  # bare words on the command line, as in the YAML
+    assert (cli.LOSS.TYPE, list(cli.LOSS.WEIGHTS)) == expected
+
+
+@pytest.mark.parametrize("loss, weights, message", [
+    (["MAE", "PCC"], [], r"LOSS\.TYPE: \['MAE', 'PCC'\] is not a mix this tool has; expected one name, or \[MAE, SSIM\]"),
+    (["MAE", "SSIM"], [1.0], r"LOSS\.WEIGHTS: \[1\.0\] must hold one weight per LOSS\.TYPE term"),
+    (["MSE"], [2.0], r"LOSS\.WEIGHTS: \[2\.0\] would scale the one LOSS\.TYPE term"),
+])
+def test_biapy_loss_lists_this_tool_cannot_take_are_named(loss, weights, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config({"LOSS": {"TYPE": loss, "WEIGHTS": weights}})
+
+
 def test_command_line_overrides_win_over_the_yaml(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("TRAIN:\n  EPOCHS: 3\n")

@@ -254,7 +254,7 @@ _C.MODEL.MAE_DEC_MLP_DIMS = 2048
 _C.MODEL.ACTIVATION_CHECKPOINTING = False
 # Start from a checkpoint (PATHS.CHECKPOINT_FILE, or this job's own by LOAD_CHECKPOINT_EPOCH).
 _C.MODEL.LOAD_CHECKPOINT = False
-# Load only the model weights (True) or also optimizer, scheduler and epoch to continue (False; same task only).
+# (new) Load only the model weights (True) or also optimizer, scheduler and epoch to continue (False; same task only).
 _C.MODEL.LOAD_CHECKPOINT_ONLY_WEIGHTS = True
 # This job's checkpoint to test with, or to load when CHECKPOINT_FILE is empty: 'best_on_val' or 'last_on_train'.
 _C.MODEL.LOAD_CHECKPOINT_EPOCH = "best_on_val"
@@ -271,7 +271,7 @@ _C.MODEL.FREEZE_ENCODER_EPOCHS = 0
 _C.LOSS = CN()
 # Loss: SELF_SUPERVISED 'MAE', 'MSE', 'SSIM', 'W_MAE_SSIM', 'W_MSE_SSIM'; SEMANTIC_SEG 'CE', 'DICE',
 # 'CE_DICE'; masking takes 'MAE' or 'MSE' on the hidden pixels. "" = the default (crappify MAE,
-# masking MSE, segmentation CE). A BiaPy list form (["MAE"]) is accepted too.
+# masking MSE, segmentation CE). BiaPy 3.7.1's list form too: [] , ["MAE"], ["MAE", "SSIM"], ["DICE", "CE"].
 _C.LOSS.TYPE = ""
 # Weights of the two terms of W_MAE_SSIM / W_MSE_SSIM / CE_DICE; [] = [0.5, 0.5].
 _C.LOSS.WEIGHTS = []
@@ -340,7 +340,7 @@ _C.TEST.METRICS = []
 _C.TEST.FULL_IMG = False
 # Test-time augmentation (crappify, SEMANTIC_SEG): mean over the 8 flips/turns of the Y-X plane (4 if Y != X).
 _C.TEST.AUGMENTATION = False
-# Patches per forward pass in whole-image prediction; -1 = TRAIN.BATCH_SIZE.
+# (new) Patches per forward pass in whole-image prediction; -1 = TRAIN.BATCH_SIZE.
 _C.TEST.BATCH_SIZE = -1
 # (new) Segmentation: also save class probabilities as float32 TIFFs beside the label maps.
 _C.TEST.SAVE_PROBABILITIES = False

@@ -63,13 +63,21 @@ _YAML_BOOLEANS = {"yes": True, "on": True, "true": True, "no": False, "off": Fal
 
 
 def _decode(value):
-    """Strings such as '(64, 64, 1)' or '1e-4' become Python values, as YACS does."""
+    """Strings such as '(64, 64, 1)' or '1e-4' become Python values, as YACS does; a list of bare words, such
+    as '[MAE, SSIM]' on the command line, is read as YAML reads it."""
     if not isinstance(value, str):
         return value
     try:
         return ast.literal_eval(value)
     except (ValueError, SyntaxError):
-        return value
+        pass
+    if value.startswith("[") and value.endswith("]"):
+        try:
+            words = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+        return words if isinstance(words, list) else value
+    return value
 
 
 def _is_number(value):
@@ -163,11 +171,45 @@ DERIVED = ("SYSTEM.DEVICE", "PATHS.CHECKPOINT", "PATHS.RESULT_DIR", "PATHS.PER_I
            "LOG.TENSORBOARD_LOG_DIR")
 
 
+# BiaPy 3.7.1's LOSS.TYPE is a list of terms summed with LOSS.WEIGHTS; here two-term mixes have one name each,
+# whose LOSS.WEIGHTS follow these terms.
+LOSS_MIXES = {frozenset({"MAE", "SSIM"}): ("W_MAE_SSIM", ("MAE", "SSIM")),
+              frozenset({"MSE", "SSIM"}): ("W_MSE_SSIM", ("MSE", "SSIM")),
+              frozenset({"CE", "DICE"}): ("CE_DICE", ("CE", "DICE"))}
+
+
+def _loss_list_form(values, source):
+    """`values` with BiaPy 3.7.1's list form of LOSS.TYPE read as one name: [] the default, [X] X, a two-term mix
+    its combined loss, LOSS.WEIGHTS put in that loss's order of terms (each 1 when not given, as in BiaPy)."""
+    names = _decode(values.get("LOSS.TYPE"))
+    if not isinstance(names, (list, tuple)):
+        return values
+    names = [str(n).upper() for n in names]
+    weights = list(_decode(values.get("LOSS.WEIGHTS", [])) or [1.0] * len(names))
+    if len(weights) != len(names):
+        raise ConfigError(f"{source}: LOSS.WEIGHTS: {weights} must hold one weight per LOSS.TYPE term {names}")
+    values = dict(values)
+    if len(names) < 2:
+        if weights not in ([], [1], [1.0]):
+            raise ConfigError(f"{source}: LOSS.WEIGHTS: {weights} would scale the one LOSS.TYPE term {names}; "
+                              "expected [] or [1.0] (weights apply to two-term losses here)")
+        values["LOSS.TYPE"], values["LOSS.WEIGHTS"] = (names[0] if names else ""), []
+        return values
+    mix = LOSS_MIXES.get(frozenset(names)) if len(set(names)) == len(names) == 2 else None
+    if mix is None:
+        raise ConfigError(f"{source}: LOSS.TYPE: {names} is not a mix this tool has; expected one name, or "
+                          "[MAE, SSIM], [MSE, SSIM] or [DICE, CE] (W_MAE_SSIM, W_MSE_SSIM, CE_DICE)")
+    weight_of = dict(zip(names, weights))
+    values["LOSS.TYPE"], values["LOSS.WEIGHTS"] = mix[0], [weight_of[term] for term in mix[1]]
+    return values
+
+
 def merge_values(cfg, values: dict, source: str):
     """Merge a flat {'A.B': value} mapping into cfg, checking each key and type."""
     valid = _leaf_keys(cfg)
     valid_set = set(valid)
     biapy_keys = None
+    values = _loss_list_form(values, source)
     derived = [k for k in values if ALIASES.get(k, k) in DERIVED and values[k] not in ("", None)]
     if derived:
         log.warning("%s: %s set from --result_dir, --name, --run_id and --gpu; the value%s given %s replaced",
