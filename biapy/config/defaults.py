@@ -37,7 +37,7 @@ _C.PROBLEM.SELF_SUPERVISED = CN()
 _C.PROBLEM.SELF_SUPERVISED.PRETEXT_TASK = "crappify"
 # crappify: down-sampling factor of the image area (each spatial axis shrinks by sqrt of it); 2, 4 or 6.
 _C.PROBLEM.SELF_SUPERVISED.RESIZING_FACTOR = 4
-# crappify: std of the added Gaussian noise as a fraction of the image maximum; 0 disables noise.
+# crappify: std of the added Gaussian noise as a fraction of each channel's maximum; 0 disables noise.
 _C.PROBLEM.SELF_SUPERVISED.NOISE = 0.2
 # masking with a CNN (unet/resunet) (new): side in pixels of the square/cubic blocks that are hidden.
 _C.PROBLEM.SELF_SUPERVISED.MASK_BLOCK_SIZE = 8

@@ -23,7 +23,7 @@ from biapy.errors import DataError
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-_VERSION = 3  # bump when the degradation itself changes, so old copies are rebuilt (3: boolean images)
+_VERSION = 3  # bump when the degradation itself changes, so old copies are rebuilt (3: booleans, channels)
 _SLAB_VOXELS = 1 << 23  # voxels read from a lazy source per access (~16 MB of uint16)
 
 
@@ -44,7 +44,8 @@ def degraded_slices(img, noise, resizing_factor, ndim, rng, bounds):
     """The degraded image, yielded one (Y, X, C) z slice at a time (a 2D image is a single slice).
 
     Gaussian noise of std `noise * hi` (none when noise == 0), clipped to `bounds` = (lo, hi), the
-    image's own range; then every spatial axis (Z too) is linearly down-sampled to
+    image's own range, per channel (`value_range`): at the brightest channel's level, noise had buried a dim
+    stain beside it (correlation with the original -0.001) and turned an empty one into noise; then every spatial axis (Z too) is linearly down-sampled to
     round(size / sqrt(factor)) and linearly up-sampled back, as F.interpolate does with
     align_corners=False. Linear resampling is separable, so Y and X are resampled per slice and Z
     between slices: a few slices are in memory at a time, whatever the volume's size. `img` may be
@@ -99,18 +100,21 @@ def degraded_slices(img, noise, resizing_factor, ndim, rng, bounds):
 
 
 def value_range(img, path=None):
-    """(min, max) of an image, in memory or lazy (read in slabs), as float32 values; a DataError
-    naming `path` if a float image holds NaN or Inf pixels (degrading them would only spread them)."""
-    lo, hi, bad = math.inf, -math.inf, 0
+    """Per-channel (min, max) of a channel-last image, in memory or lazy (read in slabs), as float32 arrays
+    (C,); a DataError naming `path` if a float image holds NaN or Inf pixels (degrading them would only
+    spread them)."""
+    channels = img.shape[-1]
+    lo, hi, bad = np.full(channels, np.inf), np.full(channels, -np.inf), 0
     for slab in iter_slabs(img, _SLAB_VOXELS):
         n = count_non_finite(slab)
         if n:  # counted over every slab, so the message gives the file's total
             bad += n
         elif slab.size:
-            lo, hi = min(lo, float(slab.min())), max(hi, float(slab.max()))
+            pixels = slab.reshape(-1, channels)
+            lo, hi = np.minimum(lo, pixels.min(0)), np.maximum(hi, pixels.max(0))
     if bad:
         raise non_finite_error(path or "image", bad)
-    return float(np.float32(lo)), float(np.float32(hi))
+    return lo.astype(np.float32), hi.astype(np.float32)
 
 
 class _SlabReader:
