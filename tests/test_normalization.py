@@ -50,8 +50,12 @@ def test_expected_values_per_type():
     np.testing.assert_allclose(d.normalize(u8, d.stats(u8)), u8 / 255.0, rtol=1e-6)
     f = np.full((4, 4, 1), 0.5, np.float32)
     np.testing.assert_allclose(d.normalize(f, d.stats(f)), f)  # float max <= 1: left as is
-    bright = np.linspace(0, 4000, 16, dtype=np.float32).reshape(4, 4, 1)
-    np.testing.assert_allclose(d.normalize(bright, d.stats(bright)), bright / 4000, rtol=1e-6)  # else by its max
+    for dtype, top, by in ((np.float32, 4000, 65535), (np.float32, 200, 255), (np.int32, 4000, 65535),
+                           (np.int64, 250, 255), (np.int16, 4000, 32767)):
+        # Wider integers and floats as BiaPy: 255 or 65535 by the image's maximum (an int32 image had been divided
+        # by 2^31 - 1, a float one by its own maximum); 8/16-bit integers by their type's maximum.
+        other = np.linspace(0, top, 16).astype(dtype).reshape(4, 4, 1)
+        np.testing.assert_allclose(d.normalize(other, d.stats(other)), other / by, rtol=1e-6, err_msg=str(dtype))
     s = Normalizer("scale_range")
     x = s.normalize(img, s.stats(img))
     np.testing.assert_allclose(x.reshape(-1, 2).min(0), 0, atol=1e-6)

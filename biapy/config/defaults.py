@@ -61,7 +61,8 @@ _C.DATA.PATCH_SIZE = (256, 256, 1)
 _C.DATA.REFLECT_TO_COMPLETE_SHAPE = True
 
 _C.DATA.NORMALIZATION = CN()
-# 'zero_mean_unit_variance' (per image), 'div' (by the dtype range), 'scale_range' (per-image min/max
+# 'zero_mean_unit_variance' (per image), 'div' (8/16-bit integers by their type's maximum, other types by
+# 255 or 65535 as the image's maximum fits, floats up to 1 as they are), 'scale_range' (per-image min/max
 # to [0, 1]) or 'custom' (mean/std measured on the training set, saved beside the checkpoints).
 _C.DATA.NORMALIZATION.TYPE = "zero_mean_unit_variance"
 _C.DATA.NORMALIZATION.PERC_CLIP = CN()

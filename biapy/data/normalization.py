@@ -117,6 +117,18 @@ def _moments(flat, lo, hi):
     return mn, mx, mean + shift, std
 
 
+def _div_by(dtype, image_max) -> float:
+    """What 'div' divides an image by: an 8- or 16-bit integer type's maximum (255, 65535: the same for every
+    image of a dataset), 1 for booleans and for floats up to 1, else 255 or 65535, whichever the image's maximum
+    fits, as BiaPy 3.7.1 does for every type. By its type's maximum an int32 image had been divided by 2^31 - 1
+    (inputs below 2e-6), and by its own maximum each float image had had a scale of its own."""
+    if np.issubdtype(dtype, np.integer) and np.dtype(dtype).itemsize <= 2:
+        return float(np.iinfo(dtype).max)
+    if dtype == np.bool_ or (np.issubdtype(dtype, np.floating) and image_max <= 1):
+        return 1.0
+    return 255.0 if image_max <= 255 else 65535.0
+
+
 class Normalizer:
     def __init__(self, kind="zero_mean_unit_variance", clip=False, lower_perc=-1.0, upper_perc=-1.0,
                  lower_value=(-1.0,), upper_value=(-1.0,), mean=(-1.0,), std=(-1.0,)):
@@ -187,14 +199,7 @@ class Normalizer:
     def _affine(self, st, dtype):
         c = len(st["mean"])
         if self.kind == "div":
-            if np.issubdtype(dtype, np.integer):
-                top = float(np.iinfo(dtype).max)
-            elif dtype == np.bool_:
-                top = 1.0
-            else:
-                m = float(st["max"].max())
-                top = m if m > 1 else 1.0
-            return np.full(c, 1.0 / top), np.zeros(c)
+            return np.full(c, 1.0 / _div_by(dtype, float(st["max"].max()))), np.zeros(c)
         if self.kind == "scale_range":
             scale = 1.0 / _floor(st["max"] - st["min"], st["max"])
             return scale, -st["min"] * scale
