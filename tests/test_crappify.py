@@ -7,7 +7,7 @@ import pytest
 import tifffile
 
 import biapy.data.crappify as crappify_module
-from biapy.data.crappify import MANIFEST, crappify, prepare_ssl_source
+from biapy.data.crappify import MANIFEST, copies_folder, crappify, prepare_ssl_source
 from biapy.data.io import open_image_lazy, read_image, write_image, write_image_slices
 from biapy.errors import DataError
 
@@ -97,7 +97,8 @@ def test_prepare_writes_copies_and_manifest(tmp_path):
     for src, deg in zip(files, out):
         a, b = read_image(src, 2), read_image(deg, 2)
         assert a.shape == b.shape and a.dtype == b.dtype and not np.array_equal(a, b)
-    manifest = json.loads((dst / MANIFEST).read_text())
+    assert {p.parent for p in out} == {dst / "noise0.1_factor4_seed3"}
+    manifest = json.loads((out[0].parent / MANIFEST).read_text())
     assert manifest["params"]["noise"] == 0.1 and manifest["params"]["resizing_factor"] == 4
     assert set(manifest["files"]) == {"im0.tif", "im1.tif"}
     assert {"size", "mtime_ns"} <= set(manifest["files"]["im0.tif"])
@@ -123,16 +124,26 @@ def test_copies_of_jpeg_sources_are_written_losslessly(tmp_path):
     assert prepare_ssl_source([src], tmp_path / "ssl", 0.2, 4, 2, seed=0)[0] == out  # the manifest finds it
 
 
-def test_reused_when_unchanged_rebuilt_when_params_or_sources_change(tmp_path, caplog):
+def test_reused_when_unchanged_rebuilt_when_sources_change_kept_apart_per_parameters(tmp_path, caplog):
     files, dst = _sources(tmp_path)
-    out = prepare_ssl_source(files, dst, 0.1, 4, 2, seed=0)
-    stamp = out[0].stat().st_mtime_ns
+    first = prepare_ssl_source(files, dst, 0.1, 4, 2, seed=0)
+    stamp, copy = first[0].stat().st_mtime_ns, first[0].read_bytes()
     prepare_ssl_source(files, dst, 0.1, 4, 2, seed=0)
-    assert out[0].stat().st_mtime_ns == stamp  # reused
+    assert first[0].stat().st_mtime_ns == stamp  # reused
+    # Other NOISE or SYSTEM.SEED (a sweep run in parallel): copies of their own, the first run's left as they were
+    # (rebuilt in place, they had been read by a run still training or testing on the first ones).
+    out = prepare_ssl_source(files, dst, 0.2, 4, 2, seed=0)
+    seeded = prepare_ssl_source(files, dst, 0.2, 4, 2, seed=1)
+    assert len({first[0].parent, out[0].parent, seeded[0].parent}) == 3
+    assert first[0].read_bytes() == copy and first[0].stat().st_mtime_ns == stamp
+    assert json.loads((out[0].parent / MANIFEST).read_text())["params"]["noise"] == 0.2
+    assert out[0].read_bytes() != seeded[0].read_bytes()  # SYSTEM.SEED draws other noise
+    manifest = json.loads((out[0].parent / MANIFEST).read_text())
+    manifest["params"]["version"] -= 1  # copies of an older degradation
+    (out[0].parent / MANIFEST).write_text(json.dumps(manifest))
     with caplog.at_level(logging.INFO, logger="biapy.data.crappify"):
         prepare_ssl_source(files, dst, 0.2, 4, 2, seed=0)
-    assert "noise 0.1 -> 0.2" in caplog.text
-    assert json.loads((dst / MANIFEST).read_text())["params"]["noise"] == 0.2
+    assert f"parameters changed (version {crappify_module._VERSION - 1} -> {crappify_module._VERSION})" in caplog.text
     before = read_image(out[1], 2)
     write_image(files[1], _smooth((20, 24)) // 2, 2)  # edit one source
     caplog.clear()
@@ -149,8 +160,6 @@ def test_reused_when_unchanged_rebuilt_when_params_or_sources_change(tmp_path, c
     with caplog.at_level(logging.INFO, logger="biapy.data.crappify"):
         prepare_ssl_source(files, dst, 0.2, 4, 2, seed=0)
     assert "degraded file(s) changed" in caplog.text and out[0].read_bytes() == good
-    prepare_ssl_source(files, dst, 0.2, 4, 2, seed=1)  # SYSTEM.SEED draws other noise
-    assert out[0].read_bytes() != good
 
 
 def test_two_sources_with_one_file_name_are_refused(tmp_path):
@@ -229,7 +238,7 @@ def test_non_finite_pixels_are_counted_across_slabs(tmp_path, monkeypatch):
     monkeypatch.setattr(crappify_module, "_SLAB_VOXELS", 16)  # one slice per slab
     with pytest.raises(DataError, match=r"vol.tif: 2 pixel\(s\) are NaN or Inf"):
         prepare_ssl_source([src], tmp_path / "ssl", 0.1, 4, 3, seed=0)
-    assert not (tmp_path / "ssl" / "vol.tif").exists()
+    assert not list((tmp_path / "ssl").rglob("vol.tif"))
 
 
 def test_write_image_slices_round_trip_and_refuses_a_wrong_count(tmp_path):
@@ -250,12 +259,13 @@ def test_jobs_sharing_the_copies_folder_take_turns(tmp_path):
 
     src = tmp_path / "src"
     write_image(src / "a.tif", np.random.default_rng(0).integers(0, 255, (32, 32)).astype(np.uint8), 2)
-    dst = tmp_path / "dst"
-    dst.mkdir()
+    dst = copies_folder(tmp_path / "dst", 0.2, 2, 0)
+    dst.mkdir(parents=True)
     done = threading.Event()
     with open(dst / ".lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # another job is building
-        worker = threading.Thread(target=lambda: (prepare_ssl_source([src / "a.tif"], dst, 0.2, 2, 2, 0), done.set()))
+        worker = threading.Thread(target=lambda: (prepare_ssl_source([src / "a.tif"], tmp_path / "dst", 0.2, 2, 2, 0),
+                                                  done.set()))
         worker.start()
         assert not done.wait(0.5)  # waits for the lock
     worker.join(30)

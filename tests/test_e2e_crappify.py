@@ -52,8 +52,8 @@ def test_crappify_end_to_end(ndim, data2d, data3d, tmp_path, monkeypatch):
     job = run(tiny_config(data, ndim), tmp_path)
     assert released == [1]
     check_results_tree(job, data, ndim, extra_columns=("input_psnr", "input_ssim"))
-    manifest = data["train"][0].parent / "x_ssl_source" / "manifest.json"
-    assert manifest.is_file()
+    manifests = list((data["train"][0].parent / "x_ssl_source").glob("*/manifest.json"))
+    assert [m.parent.name for m in manifests] == ["noise0.2_factor4_seed0"]
     out = tifffile.TiffFile(next(job.per_image.iterdir()))
     assert out.is_imagej  # Fiji reads the axes
 
@@ -104,7 +104,8 @@ def test_a_test_only_job_does_not_import_the_training_charts(data2d, tmp_path):
     test_only = tiny_config(data2d, 2, TRAIN={"ENABLE": False}, MODEL={"LOAD_CHECKPOINT": True},
                             PATHS={"CHECKPOINT_FILE": str(first.checkpoint("best"))})
     script = ("import json, sys\nfrom biapy import BiaPy\n"
-              f"job = BiaPy(json.loads({json.dumps(json.dumps(test_only))}), result_dir=sys.argv[1], name='t').run_job()\n"
+              f"cfg = json.loads({json.dumps(json.dumps(test_only))})\n"
+              "job = BiaPy(cfg, result_dir=sys.argv[1], name='t').run_job()\n"
               "print(len(list(job.per_image.iterdir())), 'matplotlib' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1], timeout=300)
@@ -136,7 +137,7 @@ def test_test_images_read_up_front_only_with_test_in_memory(in_memory, data2d, t
     events = []
     read, predict = base.read_image, base.Workflow.predict_slabs
     # Reads of the network's inputs (the degraded test copies), not of the originals read for scoring.
-    monkeypatch.setattr(base, "read_image", lambda path, ndim: (Path(path).parent.name.endswith("_ssl_source")
+    monkeypatch.setattr(base, "read_image", lambda path, ndim: (Path(path).parent.parent.name.endswith("_ssl_source")
                                                                 and events.append("read")) or read(path, ndim))
     monkeypatch.setattr(base.Workflow, "predict_slabs",
                         lambda self, *args: events.append("predict") or predict(self, *args))

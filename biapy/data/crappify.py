@@ -1,9 +1,10 @@
 """Crappify pretext data: degrade images (noise, then down- and up-sampling) and keep the copies.
 
-The copies live in SSL_SOURCE_DIR with a `manifest.json` recording the parameters and each source
-file's size and modification time; they are reused only while all of these match, so changing
-NOISE or RESIZING_FACTOR (or editing an image) rebuilds them instead of silently training on stale
-data. The noise of each file is seeded by (SYSTEM.SEED, file name): rebuilding gives the same copies.
+The copies live in SSL_SOURCE_DIR, one folder per (NOISE, RESIZING_FACTOR, SYSTEM.SEED), each with a
+`manifest.json` recording the parameters and each source file's size and modification time; they are
+reused only while all of these match, so editing an image (or a new version of the degradation) rebuilds
+them instead of silently training on stale data. The noise of each file is seeded by (SYSTEM.SEED, file
+name): rebuilding gives the same copies.
 """
 import json
 import logging
@@ -45,12 +46,12 @@ def degraded_slices(img, noise, resizing_factor, ndim, rng, bounds):
 
     Gaussian noise of std `noise * hi` (none when noise == 0), clipped to `bounds` = (lo, hi), the
     image's own range, per channel (`value_range`): at the brightest channel's level, noise had buried a dim
-    stain beside it (correlation with the original -0.001) and turned an empty one into noise; then every spatial axis (Z too) is linearly down-sampled to
-    round(size / sqrt(factor)) and linearly up-sampled back, as F.interpolate does with
-    align_corners=False. Linear resampling is separable, so Y and X are resampled per slice and Z
-    between slices: a few slices are in memory at a time, whatever the volume's size. `img` may be
-    a lazy image (open_image_lazy); noise is drawn slice after slice, the same numbers a single
-    draw over the whole image gives.
+    stain beside it (correlation with the original -0.001) and turned an empty one into noise. Then every
+    spatial axis (Z too) is linearly down-sampled to round(size / sqrt(factor)) and linearly up-sampled back,
+    as F.interpolate does with align_corners=False. Linear resampling is separable, so Y and X are resampled
+    per slice and Z between slices: a few slices are in memory at a time, whatever the volume's size. `img`
+    may be a lazy image (open_image_lazy); noise is drawn slice after slice, the same numbers a single draw
+    over the whole image gives.
     """
     lo, hi = bounds
     shape = tuple(img.shape)
@@ -166,13 +167,21 @@ def _file_stamp(path):
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def copies_folder(dst_dir, noise, resizing_factor, seed) -> Path:
+    """The folder of the degraded copies made with these parameters, inside SSL_SOURCE_DIR: runs with other
+    ones (a seed sweep run in parallel, say) keep copies of their own. In one shared folder, a run rebuilt the
+    copies another was still training or testing on, and that one's scores came from the wrong copies."""
+    return Path(dst_dir) / f"noise{float(noise):g}_factor{float(resizing_factor):g}_seed{int(seed)}"
+
+
 def prepare_ssl_source(src_files, dst_dir, noise, resizing_factor, ndim, seed):
-    """Degraded copies of `src_files` in `dst_dir` (same names), rebuilt unless the manifest matches.
+    """Degraded copies of `src_files` (same names) in `copies_folder(dst_dir, ...)`, rebuilt unless its
+    manifest matches.
 
     Returns the degraded paths aligned with `src_files`. Files are written atomically and the
     manifest last, so an interrupted build is redone on the next run.
     """
-    dst_dir = Path(dst_dir)
+    dst_dir = copies_folder(dst_dir, noise, resizing_factor, seed)
     src_files = [Path(p) for p in src_files]
     names = [p.name for p in src_files]
     if len(set(names)) != len(names):
