@@ -44,3 +44,27 @@ def test_epoch_line_prints_metrics_with_fixed_decimals():
               "metrics": {"psnr": 12.9, "ssim": 0.70701, "mse": 1234567.0}}
     assert summary_line(record, 10, True) == ("Epoch 3/10  train 0.5123  val 0.4000  psnr 12.9000  ssim 0.7070  "
                                               "mse 1.235e+06  lr 1.0e-03  1.3s  *best")
+
+
+def test_tensorboard_panels_scale_each_channel_on_its_own():
+    """A bright stain, a dim one and an empty one: one scale for all had shown the dim one black (max 0.006);
+    two channels, or more than three, had shown the first alone."""
+    from biapy.utils.tensorboard import to_panel
+
+    ramp = np.linspace(0, 1, 20 * 16, dtype=np.float32).reshape(20, 16)
+    img = np.stack([200 + ramp * 55000, 77 + ramp * 232, np.zeros_like(ramp)], -1)
+    panel = to_panel(img, 2)
+    assert panel.shape == (20, 16, 3)
+    np.testing.assert_allclose(panel[..., :2].max(axis=(0, 1)), 1)
+    np.testing.assert_allclose(panel[..., 2], 0)
+    np.testing.assert_allclose(panel[..., 1], ramp, atol=1e-5)
+    two = to_panel(img[..., :2], 2)
+    np.testing.assert_allclose(two[..., :2], panel[..., :2])
+    np.testing.assert_allclose(two[..., 2], 0)
+    five = to_panel(np.concatenate([img, img[..., :2]], -1), 2)
+    np.testing.assert_allclose(five, panel)
+    grey = to_panel(np.stack([ramp] * 4)[..., None] * 7, 3)  # 3D, one channel: the middle slice in grey
+    np.testing.assert_allclose(grey, np.repeat(ramp[..., None], 3, -1), atol=1e-6)
+    nan = img.copy()
+    nan[..., 1] = np.nan
+    assert np.isfinite(to_panel(nan, 2)).all()

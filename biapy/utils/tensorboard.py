@@ -1,5 +1,6 @@
 """A SummaryWriter wrapper that is a no-op off rank 0 and turns channel-last images into panels."""
 import logging
+import warnings
 
 import numpy as np
 
@@ -7,17 +8,23 @@ log = logging.getLogger(__name__)
 
 
 def to_panel(array, ndim) -> np.ndarray:
-    """Channel-last image -> (H, W, 3) float in [0, 1]: middle z slice in 3D, RGB if 3 channels else channel 0."""
+    """Channel-last image -> (H, W, 3) float in [0, 1]: middle z slice in 3D; one channel grey, else its first
+    three as red, green (and blue), each scaled to its own min-max: with one scale for all, a dim stain beside
+    a bright one showed black, and two channels, or more than three, showed the first alone."""
     a = np.asarray(array, dtype=np.float32)
     if a.ndim == ndim:  # no channel axis
         a = a[..., None]
     if ndim == 3:
         a = a[a.shape[0] // 2]
-    a = a[..., :3] if a.shape[-1] == 3 else a[..., :1]
-    lo, hi = np.nanmin(a), np.nanmax(a)
-    a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
-    a = np.nan_to_num(a, nan=0.0)
-    return np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a
+    a = a[..., :3]
+    with warnings.catch_warnings(), np.errstate(all="ignore"):  # an all-NaN channel: NaN bounds, shown black
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lo, hi = np.nanmin(a, axis=(0, 1)), np.nanmax(a, axis=(0, 1))
+        span = np.where(hi > lo, hi - lo, np.inf)
+        a = np.nan_to_num((a - lo) / span, nan=0.0)
+    if a.shape[-1] == 1:
+        return np.repeat(a, 3, axis=-1)
+    return np.concatenate([a, np.zeros(a.shape[:2] + (3 - a.shape[-1],), np.float32)], axis=-1)
 
 
 class TensorBoard:
