@@ -188,7 +188,14 @@ def run_job(tool, epochs, rep, work, src_data, peer_python, timeout, quiet_wait,
     r["test"] = tt - te if tt is not None and te is not None else None
     names = sorted(p.name for p in (src_data / "test").iterdir())
     r["psnr"] = P.folder_psnr(job_results / "per_image", src_data / "test", names) if rc == 0 else None
-    r["input_psnr"] = P.folder_psnr(data / "test_ssl_source", src_data / "test", names)
+    copies = data / "test_ssl_source"  # BiaPy's degraded copies; ours are in a folder per parameters there
+    if tool != "biapy":
+        from biapy.data.crappify import copies_folder
+
+        shared = shared_config(epochs, data, overrides)
+        ssl = shared["PROBLEM"]["SELF_SUPERVISED"]
+        copies = copies_folder(copies, ssl["NOISE"], ssl["RESIZING_FACTOR"], shared["SYSTEM"]["SEED"])
+    r["input_psnr"] = P.folder_psnr(copies, src_data / "test", names)
     if rc != 0:
         tail = "\n".join(s for _, s in lines[-15:])
         print(f"[run] {name} FAILED (exit {rc}); last lines:\n{tail}\nfull log: {jdir / 'stamped.log'}", flush=True)

@@ -133,13 +133,17 @@ def test_biapy_3_7_list_forms_and_unused_keys_are_accepted(caplog):
     (["SSIM", "MAE"], [0.3, 0.7], ("W_MAE_SSIM", [0.7, 0.3])),  # the weights follow their terms
     (["MSE", "SSIM"], [], ("W_MSE_SSIM", [1.0, 1.0])),  # BiaPy sums its terms, each weighing 1 when not given
     (["DICE", "CE"], [2.0, 1.0], ("CE_DICE", [1.0, 2.0])),
+    (["W_MAE_SSIM"], [0.3, 0.7], ("W_MAE_SSIM", [0.3, 0.7])),  # this tool's own name in BiaPy's one-element list
+    (["MAE"], 1.0, ("MAE", [])),  # a bare weight
 ])
 def test_biapy_3_7_1_loss_lists_read_as_one_loss(loss, weights, expected):
     cfg = load_config({"LOSS": {"TYPE": loss, "WEIGHTS": weights}})
     assert (cfg.LOSS.TYPE, list(cfg.LOSS.WEIGHTS)) == expected
     flags = ["LOSS.TYPE", "[" + ", ".join(loss) + "]"] + (["LOSS.WEIGHTS", str(weights)] if weights else [])
+    flags += ["DATA.TRAIN.PATH", "[a]"] if loss == [] else []  # a bracketed value of another key: as YAML reads it
     cli = load_config(None, flags)  # bare words on the command line, as in the YAML
     assert (cli.LOSS.TYPE, list(cli.LOSS.WEIGHTS)) == expected
+    assert load_config({"DATA": {"TRAIN": {"PATH": "[a]"}}}).DATA.TRAIN.PATH == "[a]"  # a YAML string stays one
 
 
 @pytest.mark.parametrize("loss, weights, message", [

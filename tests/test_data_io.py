@@ -395,16 +395,23 @@ def test_fixed_clip_values_for_more_channels_than_the_image_has():
 
 def test_unnamed_page_sequence_follows_the_rule_for_files_without_axis_names(tmp_path):
     """A TIFF of pages written one by one without metadata: tifffile calls its page axis 'I', a guess, not a name.
-    Read by the rule for unnamed files: a volume in 3D; in 2D no longer 5 channels (whose hint had been to set the
-    patch's channels to 5, training on slices as channels) but a stack that needs PROBLEM.NDIM 3D."""
+    A volume in 3D; in 2D, up to 3 pages are channels and more no longer 5 channels (whose hint had been to set
+    the patch's channels to 5, training on slices as channels) but a stack that needs PROBLEM.NDIM 3D."""
     path = tmp_path / "pages.tif"
     with tifffile.TiffWriter(path) as tw:
         for k in range(5):
             tw.write(np.full((12, 10), k, np.uint16), metadata=None)
     volume = read_image(path, 3)
     assert volume.shape == (5, 12, 10, 1) and volume[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4]
-    with pytest.raises(DataError, match=r"pages\.tif: .*does not fit a 2D image.*needs PROBLEM\.NDIM 3D"):
+    with pytest.raises(DataError, match=r"pages\.tif: 5 pages of 12x10 pixels without axis names: a stack of slices "
+                                        r"needs PROBLEM\.NDIM 3D"):
         read_image(path, 2)
+    three = tmp_path / "three.tif"  # up to 3 pages: channels, in 2D (as BiaPy reads such a file)
+    with tifffile.TiffWriter(three) as tw:
+        for k in range(3):
+            tw.write(np.full((12, 10), k, np.uint16), metadata=None)
+    assert read_image(three, 2).shape == (12, 10, 3) and read_image(three, 2)[0, 0].tolist() == [0, 1, 2]
+    assert read_image(three, 3).shape == (3, 12, 10, 1)
     with pytest.raises(DataError, match="needs PROBLEM.NDIM 3D"):
         image_shape(path, 2)
     rgb_pages = tmp_path / "rgb_pages.tif"  # pages of RGB samples: the samples stay channels

@@ -18,7 +18,6 @@ def test_pixel_losses_known_values():
     a, b = torch.zeros(2, 1, 16, 16), torch.full((2, 1, 16, 16), 0.5)
     assert float(loss_of("MAE")(a, b)) == pytest.approx(0.5)
     assert float(loss_of("MSE")(a, b)) == pytest.approx(0.25)
-    assert float(loss_of(["MSE"])(a, b)) == pytest.approx(0.25)  # BiaPy list form
     x = torch.rand(2, 1, 16, 16)
     assert float(loss_of("SSIM")(x, x)) == pytest.approx(0.0, abs=1e-5)
     y = torch.rand(2, 1, 16, 16)

@@ -63,21 +63,13 @@ _YAML_BOOLEANS = {"yes": True, "on": True, "true": True, "no": False, "off": Fal
 
 
 def _decode(value):
-    """Strings such as '(64, 64, 1)' or '1e-4' become Python values, as YACS does; a list of bare words, such
-    as '[MAE, SSIM]' on the command line, is read as YAML reads it."""
+    """Strings such as '(64, 64, 1)' or '1e-4' become Python values, as YACS does."""
     if not isinstance(value, str):
         return value
     try:
         return ast.literal_eval(value)
     except (ValueError, SyntaxError):
-        pass
-    if value.startswith("[") and value.endswith("]"):
-        try:
-            words = yaml.safe_load(value)
-        except yaml.YAMLError:
-            return value
-        return words if isinstance(words, list) else value
-    return value
+        return value
 
 
 def _is_number(value):
@@ -185,7 +177,11 @@ def _loss_list_form(values, source):
     if not isinstance(names, (list, tuple)):
         return values
     names = [str(n).upper() for n in names]
-    weights = list(_decode(values.get("LOSS.WEIGHTS", [])) or [1.0] * len(names))
+    if len(names) == 1 and names[0] in {mix for mix, _ in LOSS_MIXES.values()}:
+        return values  # [W_MAE_SSIM]: a one-element list of a name that has two weights (unwrapped by coerce)
+    weights = _decode(values.get("LOSS.WEIGHTS", []))
+    weights = list(weights) if isinstance(weights, (list, tuple)) else [weights]  # a bare number: one weight
+    weights = weights or [1.0] * len(names)
     if len(weights) != len(names):
         raise ConfigError(f"{source}: LOSS.WEIGHTS: {weights} must hold one weight per LOSS.TYPE term {names}")
     values = dict(values)
@@ -296,7 +292,18 @@ def parse_overrides(pairs) -> dict:
     """['TRAIN.EPOCHS', '3', ...] -> {'TRAIN.EPOCHS': '3'}."""
     if len(pairs) % 2:
         raise ConfigError(f"command-line overrides must come as KEY VALUE pairs; {pairs[-1]!r} has no value")
-    return dict(zip(pairs[::2], pairs[1::2]))
+    return {key: _command_line_list(value) for key, value in zip(pairs[::2], pairs[1::2])}
+
+
+def _command_line_list(value):
+    """A command-line list of bare words, '[MAE, SSIM]', read as YAML reads it in a file; anything else as given."""
+    if not (value.startswith("[") and value.endswith("]")) or _decode(value) is not value:
+        return value
+    try:
+        words = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    return words if isinstance(words, list) else value
 
 
 def load_config(config=None, overrides=()):

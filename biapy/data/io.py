@@ -235,6 +235,11 @@ def _tiff_header(path, ndim):
     # Axes that are tifffile's guesses, not the writer's names: a page sequence ('generic': I for its pages, as
     # for channels as for slices), one page ('uniform'), tifffile's own array without axes (Q).
     if kind in ("generic", "uniform") or (shaped is not None and "axes" not in shaped and not tif.is_imagej):
+        if kind == "generic" and axes.endswith("S") and shape[-1] == 1:  # grey pages: no samples axis to read
+            shape, axes = shape[:-1], axes[:-1]
+        if kind == "generic" and ndim == 2 and axes.startswith("I") and len(shape) == 3 and shape[0] > 3:
+            raise DataError(f"{path}: {shape[0]} pages of {shape[1]}x{shape[2]} pixels without axis names: a stack "
+                            "of slices needs PROBLEM.NDIM 3D (up to 3 pages read as channels)")
         plan = _plain_plan(shape, ndim, path, guess=axes)
     else:
         plan = _named_plan(shape, axes, ndim, path)

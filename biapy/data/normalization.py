@@ -2,8 +2,8 @@
 
 Every DATA.NORMALIZATION.TYPE reduces to that map, so a patch is normalized as cheaply as a whole
 image (datasets keep raw pixels and normalize each patch), and `denormalize` is its exact inverse:
-- 'div': divide by the dtype's range (uint8 255, uint16 65535, other ints their max; floats by the
-  image maximum when it exceeds 1, else 1);
+- 'div': divide 8- and 16-bit integers by their type's maximum (uint8 255, uint16 65535), other types
+  as BiaPy 3.7.1 does: booleans and floats up to 1 by 1, else by 255 or 65535 as the image's maximum fits;
 - 'scale_range': per-image min/max to [0, 1];
 - 'zero_mean_unit_variance': per-image mean/std, or the fixed ZERO_MEAN_UNIT_VAR.MEAN_VAL/STD_VAL where set
   (as BiaPy 3.7 does);

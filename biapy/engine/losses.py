@@ -81,10 +81,7 @@ def _weighted(first, second, w):
 
 def build_loss(cfg):
     """LOSS.TYPE -> callable(pred, target) -> scalar tensor (LOSS.WEIGHTS for the two-term losses)."""
-    kind = cfg.LOSS.TYPE
-    if isinstance(kind, (list, tuple)):  # BiaPy's list form ["MAE"]
-        kind = kind[0] if kind else ""
-    kind = str(kind).upper()
+    kind = str(cfg.LOSS.TYPE).upper()  # BiaPy's list forms were read as one name (config.load)
     weights = list(cfg.LOSS.WEIGHTS) or [0.5, 0.5]
     labels = {"ignore_index": int(cfg.LOSS.IGNORE_INDEX),
               "class_weights": list(cfg.LOSS.CLASS_WEIGHTS) if cfg.LOSS.CLASS_REBALANCE == "manual" else None}

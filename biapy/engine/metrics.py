@@ -75,24 +75,23 @@ def psnr(pred, target, data_range=None, reduction="mean"):
     return _reduce(values, reduction)
 
 
-def _gaussian_1d(size: int, sigma: float, device, dtype) -> torch.Tensor:
-    coords = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2.0
-    g = torch.exp(-(coords ** 2) / (2 * sigma ** 2))
-    return g / g.sum()
+def _gaussian_weights(size: int, sigma: float) -> list:
+    """A normalized 1-D Gaussian of `size` taps as Python floats: the blur reads no weights back from a GPU."""
+    taps = [math.exp(-((i - (size - 1) / 2.0) ** 2) / (2 * sigma ** 2)) for i in range(size)]
+    return [t / sum(taps) for t in taps]
 
 
 def _blur(x: torch.Tensor, kernels) -> torch.Tensor:
-    """Separable 'valid' Gaussian filter, one 1-D kernel per spatial axis, per channel.
+    """Separable 'valid' Gaussian filter, one list of weights per spatial axis, per channel.
 
     A weighted sum of the shifted views along each axis: the grouped convolution it replaces runs on torch's
     slow reference kernel on a CPU (SSIM had taken 55-80% of a test phase; this is ~6x faster there)."""
-    for axis, kernel in enumerate(kernels, start=2):
-        size = kernel.numel()
-        if size == 1:  # a one-pixel window (an axis of 1 or 2 pixels): nothing to average
+    for axis, weights in enumerate(kernels, start=2):
+        if len(weights) == 1:  # a one-pixel window (an axis of 1 or 2 pixels): nothing to average
             continue
-        length, weights = x.shape[axis] - size + 1, kernel.tolist()
+        length = x.shape[axis] - len(weights) + 1
         out = x.narrow(axis, 0, length) * weights[0]
-        for i in range(1, size):
+        for i in range(1, len(weights)):
             out.add_(x.narrow(axis, i, length), alpha=weights[i])
         x = out
     return x
@@ -115,7 +114,7 @@ def ssim_valid_map(x, y, rng, win, sigma=1.5):
     the variances E[v^2] - mu^2 do not cancel away in float32 on bright or offset images (uint16 near
     60000, floats near 1e6) and huge values do not overflow. The luminance term adds the offset back.
     """
-    kernels = [_gaussian_1d(w, sigma, x.device, x.dtype) for w in win]
+    kernels = [_gaussian_weights(w, sigma) for w in win]
     shape = (-1,) + (1,) * (x.dim() - 1)
     rng = rng.to(x.dtype).reshape(shape)
     offset = y.detach().mean(dim=tuple(range(1, y.dim())), keepdim=True, dtype=torch.float64).to(x.dtype)
