@@ -466,3 +466,19 @@ def test_yaml_on_off_words_of_train_amp_name_its_settings(tmp_path, word, settin
     path.write_text("TRAIN:\n  AMP: 3\n")
     with pytest.raises(ConfigError, match="TRAIN.AMP: expected a string, got 3"):
         load_config(path)
+
+
+@pytest.mark.parametrize("problem, arch", [("SEMANTIC_SEG", "unetr"), ("SELF_SUPERVISED", "mae")])
+def test_a_vit_does_not_need_z_down_to_match_the_feature_maps(problem, arch):
+    """Z_DOWN pools a 3D U-Net's encoder; a ViT never reads it, so a template's Z_DOWN beside three UNETR levels
+    had stopped the job."""
+    sections = {"PROBLEM": {"TYPE": problem, "NDIM": "3D"}, "DATA": {"PATCH_SIZE": (16, 32, 32, 1)},
+                "MODEL": {"ARCHITECTURE": arch, "FEATURE_MAPS": [16, 32, 64], "Z_DOWN": [1, 2, 2],
+                          "DROPOUT_VALUES": [0.0, 0.0, 0.0], "VIT_TOKEN_SIZE": 8}}
+    if arch == "mae":
+        sections["PROBLEM"]["SELF_SUPERVISED"] = {"PRETEXT_TASK": "masking"}
+    checked(sections)
+    sections["MODEL"]["ARCHITECTURE"] = "unet"  # a U-Net still needs one value per down-sampling
+    if arch == "unetr":
+        with pytest.raises(ConfigError, match=r"MODEL.Z_DOWN: \[1, 2, 2\] must have 2 values"):
+            checked(sections)

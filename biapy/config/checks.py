@@ -281,7 +281,8 @@ def _check_model(cfg):
     if m.KERNEL_SIZE % 2 == 0:  # 'same' padding of an even kernel is lopsided: skip and decoder features misalign
         raise ConfigError(f"MODEL.KERNEL_SIZE: {m.KERNEL_SIZE} must be odd (3, 5, ...) so that 'same' padding is "
                           "symmetric")
-    if cfg.PROBLEM.NDIM == "3D" and len(m.Z_DOWN) != levels - 1:
+    vit = m.ARCHITECTURE in ("mae", "unetr")  # Z_DOWN pools a CNN encoder: a ViT's tokens are not pooled
+    if cfg.PROBLEM.NDIM == "3D" and not vit and len(m.Z_DOWN) != levels - 1:
         raise ConfigError(f"MODEL.Z_DOWN: {list(m.Z_DOWN)} must have {levels - 1} values "
                           f"(one per down-sampling of MODEL.FEATURE_MAPS)")
     for z in m.Z_DOWN:
@@ -298,7 +299,7 @@ def _check_model(cfg):
         if ignore != -1 and not 0 <= ignore < m.N_CLASSES:
             raise ConfigError(f"PROBLEM.SEMANTIC_SEG.IGNORE_CLASS_ID: {ignore} is not a class of MODEL.N_CLASSES "
                               f"{m.N_CLASSES}; expected -1 (none) or 0..{m.N_CLASSES - 1}")
-    if m.ARCHITECTURE in ("mae", "unetr"):
+    if vit:
         _check_vit(cfg)
     if task == "masking":
         _check_masking(cfg)

@@ -221,8 +221,8 @@ _C.MODEL.NORMALIZATION = "bn"
 _C.MODEL.KERNEL_SIZE = 3
 # Activation of CNNs: 'elu', 'relu', 'leaky_relu', 'gelu' or 'silu'.
 _C.MODEL.ACTIVATION = "elu"
-# 3D only: z pooling factor per down-sampling (len(FEATURE_MAPS) - 1 values): 1 keeps z, 2 halves it,
-# 0 = same as y/x. Use 1s for thin, anisotropic stacks.
+# 3D U-Nets only: z pooling factor per down-sampling (len(FEATURE_MAPS) - 1 values): 1 keeps z, 2 halves
+# it, 0 = same as y/x. Use 1s for thin, anisotropic stacks. A ViT (mae, unetr) does not read it.
 _C.MODEL.Z_DOWN = [0, 0, 0, 0]
 # Output classes of SEMANTIC_SEG (2 = binary: background + foreground).
 _C.MODEL.N_CLASSES = 2
