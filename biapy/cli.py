@@ -3,6 +3,7 @@ import argparse
 import atexit
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -94,14 +95,21 @@ def main(argv=None):
     except BiapyError as err:
         _traceback_if(args.verbose)
         # One line even when a value in the message (a path, a key) holds a line break.
-        _error("\\n".join(str(err).splitlines()))
+        _error("\\n".join(_in_worker(str(err)).splitlines()))
         return err.exit_code
     except OSError as err:  # the environment, not a bug: a full disk, a folder that vanished, permissions
         _traceback_if(args.verbose)
         where = f"{err.filename}: " if err.filename else ""
-        _error(f"{where}{err.strerror or err}")
+        _error(f"{where}{err.strerror or _in_worker(str(err))}")
         return 1
     except (MemoryError, RuntimeError) as err:
+        killed = _WORKER_KILLED.search(str(err))
+        if killed:
+            _traceback_if(args.verbose)
+            _error(f"a data-loading worker (pid {killed[1]}) was killed ({killed[2]}), as the system does when memory "
+                   "runs out; lower SYSTEM.NUM_WORKERS or TRAIN.BATCH_SIZE, then run the same command again to "
+                   "resume")
+            return 1
         peer_gone = _rank_tag() and any(text in str(err) for text in _PEER_GONE)
         if not (peer_gone or isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"):
             raise  # a bug: shown with its traceback
@@ -126,6 +134,20 @@ def main(argv=None):
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+_WORKER_KILLED = re.compile(r"DataLoader worker \(pid (\d+)\) is killed by signal: ([^.]+)")  # torch's words
+
+
+def _in_worker(text):
+    """An error raised in a DataLoader worker, as torch raises it again in the main process ('Caught X in
+    DataLoader worker process 0.' and the worker's whole traceback): its last line, the error itself, without
+    the type's module path."""
+    if not text.startswith("Caught ") or "DataLoader worker process" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    kind, sep, message = last.partition(": ")
+    return message if sep and kind.rsplit(".", 1)[-1].endswith(("Error", "Exception")) else last
 
 
 class _Terminated(KeyboardInterrupt):

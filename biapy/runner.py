@@ -6,7 +6,6 @@
 import logging
 import os
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -181,8 +180,9 @@ class BiaPy:
             src = Path(self.config_source)
             dst = job.config_files / src.name
             if src.resolve() != dst.resolve():
+                data = src.read_bytes()  # read, then written: an error names the file it is about
                 with atomic_path(dst) as tmp:  # a temporary name of this process: runs of one NAME copy at once
-                    shutil.copyfile(src, tmp)
+                    Path(tmp).write_bytes(data)
         else:
             atomic_write_text(job.config_files / f"{self.name}.yaml",
                               yaml.safe_dump(plain_tree(self.config_source), sort_keys=False))

@@ -417,3 +417,16 @@ def test_unnamed_page_sequence_follows_the_rule_for_files_without_axis_names(tmp
     rgb_pages = tmp_path / "rgb_pages.tif"  # pages of RGB samples: the samples stay channels
     tifffile.imwrite(rgb_pages, np.arange(4 * 6 * 5 * 3, dtype=np.uint8).reshape(4, 6, 5, 3), metadata=None)
     assert read_image(rgb_pages, 3).shape == (4, 6, 5, 3)
+
+
+def test_a_volume_truncated_while_open_lazily_is_a_data_error_naming_it(tmp_path):
+    """Training from disk (IN_MEMORY False) reads through memory maps: a file cut short during the run had raised
+    numpy's 'mmap length is greater than file size' with a traceback."""
+    vol = np.arange(6 * 40 * 50, dtype=np.uint16).reshape(6, 40, 50, 1)
+    path = write_image(tmp_path / "vol.tif", vol, 3)
+    lazy = open_image_lazy(path, 3)
+    np.testing.assert_array_equal(lazy[4:6, :10], vol[4:6, :10])
+    with open(path, "r+b") as fh:
+        fh.truncate(5000)
+    with pytest.raises(DataError, match=r"vol\.tif: cannot read image \(.*\); was the file changed during the run\?"):
+        lazy[4:6, :10]

@@ -299,3 +299,25 @@ def test_runs_of_one_name_copy_their_yaml_through_temporary_files_of_their_own(d
     assert code == 0
     assert (job.config_files / "c.yaml").read_text() == path.read_text()
     assert [p.name for p in job.config_files.iterdir() if p.name.startswith(".")] == []  # no temporary left
+
+
+def test_a_full_disk_while_copying_the_yaml_names_the_copy_not_the_users_file(data2d, tmp_path, monkeypatch, capsys):
+    """shutil's copy reported its source: 'ERROR: .../c.yaml: No space left on device' blamed the user's YAML."""
+    import errno
+
+    import yaml
+    from biapy.config.load import plain_tree
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(plain_tree(tiny_config(data2d, 2, TRAIN={"EPOCHS": 1}, TEST={"ENABLE": False}))))
+    real = Path.write_bytes
+
+    def full(self, data):
+        if self.parent.name == "config_files":
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real(self, data)
+    monkeypatch.setattr(Path, "write_bytes", full)
+    code = main(["--config", str(path), "--result_dir", str(tmp_path / "out"), "--name", "full", "--run_id", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.startswith("ERROR: ") and "config_files/.c.yaml.tmp" in err, err
+    assert "No space left on device" in err and path.read_text()  # the user's file untouched

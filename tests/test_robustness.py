@@ -21,7 +21,7 @@ import yaml
 from biapy.cli import main
 from biapy.config.load import plain_tree
 from biapy.data.io import read_image, write_image
-from biapy.errors import BiapyError, ConfigError
+from biapy.errors import BiapyError, ConfigError, DataError
 from biapy.job import Job
 from biapy.runner import resolve_device
 from tests.conftest import make_dataset, tiny_config
@@ -647,6 +647,47 @@ def test_disk_full_while_saving_a_checkpoint(world, intact, capsys, monkeypatch)
     assert not [p for p in ckpts.iterdir() if p.name.startswith(f".{GOOD}_{job_id}")]  # no temporary left
 
 
+def test_disk_full_names_the_checkpoint_though_the_train_log_then_fails_too(world, intact, capsys, monkeypatch):
+    """Once the disk is full, the train log written as training ends fails as well: its error had replaced the
+    checkpoint's ('ERROR: No space left on device', no file named)."""
+    import biapy.engine.reporting as reporting
+
+    full_disk = []
+
+    def full(obj, f, *a, **k):
+        full_disk.append(True)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def train_log(path, history, real=reporting.write_train_log):
+        if full_disk:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, history)
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(reporting, "write_train_log", train_log)
+    job_id = world.next_id + 1
+    assert world.run(world.cfg(), "disk_full_log") != 0
+    one_error_line(capsys, "No space left on device", f"{GOOD}_{job_id}-checkpoint-last.pth")
+
+
+def test_a_killed_save_leaves_no_temporary_for_good(tmp_path):
+    """A run killed while it saved a checkpoint left `.NAME-checkpoint-last.pth.tmpPID` (hundreds of MB) for ever:
+    the next save removes those of processes that no longer run."""
+    import subprocess
+    import sys
+
+    from biapy.engine.checkpoint import save_checkpoint
+    path = tmp_path / "job_1-checkpoint-last.pth"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".{path.name}.tmp{int(gone.stdout)}"  # a process that has ended
+    stale.write_bytes(b"half a checkpoint")
+    live = tmp_path / f".{path.name}.tmp1"  # init, which runs: another process may still be writing it
+    live.write_bytes(b"in progress")
+    other = tmp_path / ".job_1-checkpoint-best.pth.tmp999999999"  # another file's: not this save's business
+    other.write_bytes(b"x")
+    save_checkpoint(path, {"model": {"w": torch.ones(2)}})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, live.name, other.name])
+
+
 def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     from biapy.engine.checkpoint import save_checkpoint
     path = tmp_path / "c.pth"
@@ -693,6 +734,41 @@ def test_out_of_memory_says_what_to_lower(world, intact, capsys, monkeypatch):
     monkeypatch.setattr(CrappifyWorkflow, "compute_loss", oom)
     assert world.run(world.cfg(), "oom") == 1
     one_error_line(capsys, "out of memory", "Tried to allocate 20.00 GiB", "TRAIN.BATCH_SIZE", "MODEL.ACTIVATION_CHECKPOINTING")
+
+
+def test_a_killed_loader_worker_is_one_line_that_says_what_to_lower(world, intact, capsys, monkeypatch):
+    """torch's RuntimeError when the kernel kills a DataLoader worker (out of memory, say) had been a traceback."""
+    from biapy.workflows.crappify import CrappifyWorkflow
+
+    def killed(self, batch, train):
+        raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. ")
+    monkeypatch.setattr(CrappifyWorkflow, "compute_loss", killed)
+    assert world.run(world.cfg(), "worker_killed") == 1
+    one_error_line(capsys, "data-loading worker (pid 4242) was killed (Killed)", "SYSTEM.NUM_WORKERS",
+                   "run the same command again to resume")
+
+
+@pytest.mark.parametrize("error, code, culprit", [
+    (lambda: DataError("/d/img_005.tif: cannot read image (ValueError: mmap length is greater than file size)"), 3,
+     "ERROR: /d/img_005.tif: cannot read image (ValueError: mmap length"),
+    (lambda: FileNotFoundError(2, "No such file or directory", "/d/img_005.tif"), 1,
+     "ERROR: [Errno 2] No such file or directory: '/d/img_005.tif'"),
+])
+def test_an_error_in_a_loader_worker_is_its_own_one_line(world, intact, capsys, monkeypatch, error, code, culprit):
+    """torch raises a worker's error again with the worker's whole traceback in its message ('Caught DataError in
+    DataLoader worker process 0.' and ~20 lines): only the error's own line is shown."""
+    from torch._utils import ExceptionWrapper
+
+    from biapy.workflows.crappify import CrappifyWorkflow
+
+    def in_worker(self, batch, train):
+        try:
+            raise error()
+        except Exception:
+            ExceptionWrapper(where="in DataLoader worker process 0").reraise()
+    monkeypatch.setattr(CrappifyWorkflow, "compute_loss", in_worker)
+    assert world.run(world.cfg(), "worker_error") == code
+    assert one_error_line(capsys, culprit).startswith(culprit) and "Caught" not in capsys.readouterr().err
 
 
 def test_sigterm_outside_training_exits_130_without_traceback(world, intact, capsys, monkeypatch):

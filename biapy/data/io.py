@@ -512,11 +512,15 @@ class LazyTiff:
                  len(shape) - 1)
         inner = tuple(slice(a, b) for a, b in box[k + 1:])
         rows = (box[k][1] - box[k][0],) + tuple(shape[k + 1:])
-        with open(self.path, "rb") as fh:
-            for index in itertools.product(*(range(a, b) for a, b in box[:k])):
-                start = self._offset + sum(i * st for i, st in zip(index, strides)) + box[k][0] * strides[k]
-                target = tuple(i - a for i, (a, _) in zip(index, box))
-                out[target] = _mapped_copy(fh, start, rows, self._stored, inner)
+        try:
+            with open(self.path, "rb") as fh:
+                for index in itertools.product(*(range(a, b) for a, b in box[:k])):
+                    start = self._offset + sum(i * st for i, st in zip(index, strides)) + box[k][0] * strides[k]
+                    target = tuple(i - a for i, (a, _) in zip(index, box))
+                    out[target] = _mapped_copy(fh, start, rows, self._stored, inner)
+        except (OSError, ValueError) as e:  # replaced, truncated or removed since it was opened (mmap: ValueError)
+            raise DataError(f"{self.path}: cannot read image ({_reason(e)}); was the file changed during the run?"
+                            ) from None
         return out
 
     def __array__(self, dtype=None, copy=None):

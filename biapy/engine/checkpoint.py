@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from biapy.errors import BiapyError, CheckpointError, ConfigError
-from biapy.utils.files import atomic_path
+from biapy.utils.files import atomic_path, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ def _without_crc32():
 
 def save_checkpoint(path, payload: dict) -> None:
     """Write `payload` to a temporary file beside `path`, then rename: a failure leaves the old file intact."""
+    remove_stale_temporaries(path)
     try:
         with atomic_path(path) as tmp, _without_crc32():
             torch.save(payload, tmp)

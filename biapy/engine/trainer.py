@@ -198,6 +198,7 @@ class Trainer:
         describe_model(self.model, self.job, self.dist.is_main, self.cfg.MODEL.ARCHITECTURE)
         reporter = EpochReporter(self.cfg, self.job, self.dist.is_main)
         plain = self.wf.model
+        ended = False
         try:
             with self.stop:
                 last_epoch = self._epochs(reporter)
@@ -206,12 +207,19 @@ class Trainer:
                 self.model.eval()
                 with forked_rng():
                     self.wf.on_epoch_end(last_epoch, reporter.tb, final=True)
+            ended = True
         finally:
             self.wf.model = plain
             self._next_batches = None
             for loader in (self.wf.train_loader, self.wf.val_loader):
                 release_workers(loader)
-            reporter.close(self.history)
+            try:
+                reporter.close(self.history)
+            except OSError as err:
+                if ended:
+                    raise
+                # The error that stopped training (a full disk: its checkpoint) is the one to report.
+                log.warning("Could not write the train log and charts either: %s", err)
         return self.history
 
     def _stop_agreed(self) -> bool:

@@ -2,6 +2,7 @@
 import os
 import shutil
 from contextlib import contextmanager
+from glob import escape as glob_escape
 from pathlib import Path
 
 
@@ -17,6 +18,27 @@ def atomic_path(path):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def remove_stale_temporaries(path):
+    """Remove the temporary files `atomic_path` left beside `path` from processes that no longer run (a run
+    killed while it wrote): a checkpoint's are hundreds of MB, and their process-id names never recur. Only
+    for files one process of this machine writes at a time (a run's checkpoints)."""
+    path = Path(path)
+    for tmp in path.parent.glob(f".{glob_escape(path.name)}.tmp*"):
+        pid = tmp.name[len(f".{path.name}.tmp"):]
+        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _running(pid) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: it runs
+        return True
+    return True
 
 
 def atomic_write_text(path, text):
