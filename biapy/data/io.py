@@ -687,7 +687,9 @@ def _write_atomically(path, write) -> Path:
         write(tmp)
         os.replace(tmp, path)
     except OSError as err:  # disk full, folder gone...
-        raise BiapyError(f"{path}: cannot write ({err.strerror or err})") from None
+        # numpy reports a full disk as a short write, without an errno: "589824 requested and 36528 written".
+        short = "; is the disk full?" if err.errno is None and "written" in str(err) else ""
+        raise BiapyError(f"{path}: cannot write ({err.strerror or err}){short}") from None
     finally:
         if tmp.exists():
             tmp.unlink()
