@@ -153,7 +153,8 @@ def run_job(tool, epochs, rep, work, src_data, peer_python, timeout, quiet_wait,
     data = jdir / "data"
     shutil.copytree(src_data, data)
     cfg = jdir / f"{name}.yaml"
-    cfg.write_text(P.to_yaml(shared_config(epochs, data, overrides)) + "\n")
+    shared = shared_config(epochs, data, overrides)
+    cfg.write_text(P.to_yaml(shared) + "\n")
     results = jdir / "results"
     busy = P.wait_for_quiet(quiet_wait)
     if tool == "biapy":
@@ -192,7 +193,6 @@ def run_job(tool, epochs, rep, work, src_data, peer_python, timeout, quiet_wait,
     if tool != "biapy":
         from biapy.data.crappify import copies_folder
 
-        shared = shared_config(epochs, data, overrides)
         ssl = shared["PROBLEM"]["SELF_SUPERVISED"]
         copies = copies_folder(copies, ssl["NOISE"], ssl["RESIZING_FACTOR"], shared["SYSTEM"]["SEED"])
     r["input_psnr"] = P.folder_psnr(copies, src_data / "test", names)

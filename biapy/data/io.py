@@ -24,6 +24,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from biapy.errors import BiapyError, ConfigError, DataError
+from biapy.utils.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -680,19 +681,15 @@ def _tiff_order(arr):
 
 
 def _write_atomically(path, write) -> Path:
-    """`write(tmp)` then rename onto `path`; a failure names the file and leaves any earlier one intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """`write(tmp)` then rename onto `path` (`atomic_path`); a failure names the file and leaves any earlier one
+    intact."""
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            write(tmp)
     except OSError as err:  # disk full, folder gone...
         # numpy reports a full disk as a short write, without an errno: "589824 requested and 36528 written".
         short = "; is the disk full?" if err.errno is None and "written" in str(err) else ""
         raise BiapyError(f"{path}: cannot write ({err.strerror or err}){short}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

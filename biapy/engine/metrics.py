@@ -78,7 +78,8 @@ def psnr(pred, target, data_range=None, reduction="mean"):
 def _gaussian_weights(size: int, sigma: float) -> list:
     """A normalized 1-D Gaussian of `size` taps as Python floats: the blur reads no weights back from a GPU."""
     taps = [math.exp(-((i - (size - 1) / 2.0) ** 2) / (2 * sigma ** 2)) for i in range(size)]
-    return [t / sum(taps) for t in taps]
+    total = sum(taps)
+    return [t / total for t in taps]
 
 
 def _blur(x: torch.Tensor, kernels) -> torch.Tensor:

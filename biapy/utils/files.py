@@ -11,7 +11,7 @@ def atomic_path(path):
     """Yield a temporary path beside `path`; on success it replaces `path` in one step."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = _temporary(path, os.getpid())
     try:
         yield tmp
         os.replace(tmp, path)
@@ -25,10 +25,16 @@ def remove_stale_temporaries(path):
     killed while it wrote): a checkpoint's are hundreds of MB, and their process-id names never recur. Only
     for files one process of this machine writes at a time (a run's checkpoints)."""
     path = Path(path)
-    for tmp in path.parent.glob(f".{glob_escape(path.name)}.tmp*"):
-        pid = tmp.name[len(f".{path.name}.tmp"):]
+    prefix = _temporary(path, "").name
+    for tmp in path.parent.glob(f"{glob_escape(prefix)}*"):
+        pid = tmp.name[len(prefix):]
         if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
             tmp.unlink(missing_ok=True)
+
+
+def _temporary(path, pid):
+    """The temporary file `atomic_path` writes for `path` in process `pid`."""
+    return path.with_name(f".{path.name}.tmp{pid}")
 
 
 def _running(pid) -> bool:
