@@ -11,7 +11,7 @@ setup(
     name="biapy-ssl",
     version="0.1.0",
     description="Self-supervised pretraining (crappify, masking) and fine-tuning for 2D/3D microscopy images",
-    long_description=Path(__file__).with_name("README.md").read_text() if Path("README.md").exists() else "",
+    long_description=Path(__file__).with_name("README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["biapy", "biapy.*"]),

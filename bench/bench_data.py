@@ -17,7 +17,6 @@ so the figures show the pipeline's own cost rather than the disk's. Temporary da
 """
 import argparse
 import json
-import os
 import resource
 import shutil
 import subprocess

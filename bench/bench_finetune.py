@@ -83,7 +83,7 @@ def make_data(root, n_unlabeled, n_labeled, n_test, size, photons, task="nuclei"
     return folders
 
 
-def common(args, seed=0):
+def common(seed=0):
     return {
         "SYSTEM": {"NUM_WORKERS": 0, "SEED": seed},
         "PROBLEM": {"NDIM": "2D"},
@@ -103,7 +103,7 @@ def merge(base, extra):
 
 
 def segmentation(args, f, checkpoint=None, seed=0):
-    cfg = merge(common(args, seed), {
+    cfg = merge(common(seed), {
         "PROBLEM": {"TYPE": "SEMANTIC_SEG", "NDIM": "2D"},
         "DATA": {"PATCH_SIZE": (64, 64, 1), "VAL": {"SPLIT_TRAIN": VAL_SPLIT},
                  # Few labeled images: more random patches per image and epoch (same for both arms).
@@ -155,7 +155,7 @@ def main():
         f = make_data(work / "data", args.unlabeled, args.labeled, args.test, args.size, args.photons, args.task)
         out = work / "out"
         t0 = time.perf_counter()
-        pre = merge(common(args), {
+        pre = merge(common(), {
             "PROBLEM": {"TYPE": "SELF_SUPERVISED", "NDIM": "2D", "SELF_SUPERVISED": {"PRETEXT_TASK": args.pretext}},
             "DATA": {"PATCH_SIZE": (64, 64, 1), "VAL": {"SPLIT_TRAIN": VAL_SPLIT},
                      "TRAIN": {"PATH": str(f["all_x"])}},

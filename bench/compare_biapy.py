@@ -29,10 +29,7 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

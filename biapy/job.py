@@ -30,10 +30,6 @@ class Job:
         return self.checkpoint_dir / f"{self.id}-checkpoint-{which}.pth"
 
     @property
-    def derived_models_log(self) -> Path:
-        return self.job_dir / "derived_models.log"
-
-    @property
     def results(self) -> Path:
         return self.job_dir / "results" / self.id
 

@@ -84,17 +84,22 @@ def resolve_device(gpu, local_rank=0):
     return torch.device(f"cuda:{index}"), f"GPU {index} ({torch.cuda.get_device_name(index)})"
 
 
-def _check_writable(result_dir):
+def _check_writable(result_dir, name):
+    """--result_dir, and the job folder NAME in it when it exists already (it is not made here: a run that
+    fails before it starts leaves no new folder), are folders this process can write in."""
     path = Path(result_dir)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"--result_dir: {result_dir} is a file; expected a folder for the results")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".biapy_write_test_{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(f"--result_dir: {result_dir} is not writable ({err.strerror or err})") from None
+    for flag, folder, made in (("--result_dir", path, True), ("--name", path / name, False)):
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"{flag}: {folder} is a file; expected a folder for the results")
+        if not (made or folder.exists()):
+            continue
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".biapy_write_test_{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            raise ConfigError(f"{flag}: {folder} is not writable ({err.strerror or err})") from None
 
 
 class BiaPy:
@@ -125,7 +130,7 @@ class BiaPy:
         return cfg
 
     def run_job(self):
-        from biapy.engine.distributed import cleanup, init_distributed
+        from biapy.engine.distributed import broadcast_object, cleanup, init_distributed
 
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         is_main_env = int(os.environ.get("RANK", 0)) == 0
@@ -142,8 +147,10 @@ class BiaPy:
         finished = False
         try:
             if dist.is_main:
-                _check_writable(self.result_dir)
-            run_id = self.run_id if self.run_id is not None else _agree(dist, next_run_id(self.result_dir, self.name))
+                _check_writable(self.result_dir, self.name)
+            run_id = self.run_id
+            if run_id is None:  # every rank takes rank 0's
+                run_id = broadcast_object(next_run_id(self.result_dir, self.name))
             self.job = Job(self.result_dir, self.name, run_id)
             self.cfg = finalize(cfg, self.job)
             check_start(self.cfg, self.job)
@@ -187,16 +194,6 @@ class BiaPy:
             atomic_write_text(job.config_files / f"{self.name}.yaml",
                               yaml.safe_dump(plain_tree(self.config_source), sort_keys=False))
         atomic_write_text(job.resolved_config, dump_config(self.cfg))
-
-
-def _agree(dist, value):
-    """All ranks take rank 0's value (run IDs must match across processes)."""
-    if dist.world_size == 1:
-        return value
-    import torch.distributed as tdist
-    box = [value]
-    tdist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def record_derived_model(checkpoint_file, job):

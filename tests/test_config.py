@@ -306,6 +306,17 @@ def test_coerce_keeps_types_and_refuses_others():
         coerce("K", 1.5, 1)
 
 
+def test_copy_folder_of_dot_is_beside_the_current_folder_not_inside_it(tmp_path, folders, monkeypatch):
+    """DATA.TRAIN.PATH '.' (run from inside the image folder): Path('.').name is '', and the copies had gone into
+    the image folder as '_ssl_source'."""
+    train, test = folders
+    monkeypatch.chdir(train)
+    cfg = checked({"DATA": {"TRAIN": {"PATH": "."}, "TEST": {"PATH": "../test"}}}, folders)
+    finalize(cfg, Job(tmp_path / "out", "demo", 1))
+    assert cfg.DATA.TRAIN.SSL_SOURCE_DIR == str(tmp_path / "train_ssl_source")
+    assert cfg.DATA.TEST.SSL_SOURCE_DIR == str(Path("..") / "test_ssl_source")  # relative paths stay relative
+
+
 def test_finalize_fills_derived_values_and_the_resolved_config_round_trips(tmp_path, folders):
     train, test = folders
     cfg = checked({"DATA": {"TRAIN": {"PATH": str(train)}, "TEST": {"PATH": str(test)}}}, folders)

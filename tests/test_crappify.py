@@ -67,7 +67,7 @@ def test_no_noise_only_resamples_and_factor_one_is_identity():
     img = _smooth((32, 32), np.float32)
     np.testing.assert_array_equal(crappify(img, 0, 1, 2, np.random.default_rng(0)), img)
     out = crappify(img, 0, 4, 2, np.random.default_rng(0))
-    assert 0 < np.abs(out - img).max() < 10  # smooth image: blurred a little
+    assert 0 < np.abs(out - img).max() < 25  # smooth image: blurred a little (corners: ~2 pixels' step each way)
 
 
 def test_z_axis_is_resampled_too():
@@ -162,11 +162,44 @@ def test_reused_when_unchanged_rebuilt_when_sources_change_kept_apart_per_parame
     assert "degraded file(s) changed" in caplog.text and out[0].read_bytes() == good
 
 
-def test_two_sources_with_one_file_name_are_refused(tmp_path):
+def test_two_sources_with_one_file_name_or_stem_are_refused(tmp_path):
+    """'x.jpg' and 'x.png' both have the copy 'x.png': training had paired one image with the other's copy."""
     a = write_image(tmp_path / "one" / "im.tif", _smooth((20, 24)), 2)
     b = write_image(tmp_path / "two" / "im.tif", _smooth((20, 24)), 2)
-    with pytest.raises(DataError, match="two source images share a file name"):
+    with pytest.raises(DataError, match="im.tif and im.tif would write the same output files"):
         prepare_ssl_source([a, b], tmp_path / "ssl", 0.1, 4, 2, seed=0)
+    from PIL import Image
+    for name in ("x.jpg", "x.png"):
+        Image.fromarray(_smooth((20, 24))[..., 0]).save(tmp_path / "one" / name)
+    with pytest.raises(DataError, match="x.jpg and x.png would write the same output files"):
+        prepare_ssl_source([tmp_path / "one" / "x.jpg", tmp_path / "one" / "x.png"], tmp_path / "ssl", 0.1, 4, 2,
+                           seed=0)
+    assert not (tmp_path / "ssl").exists()
+
+
+def test_current_copies_are_used_from_a_folder_this_job_cannot_write(tmp_path, monkeypatch):
+    """A read-only share, or another user's folder: its copies serve while they are current (the lock file had
+    stopped the run), and only stale ones are an error."""
+    files, dst = _sources(tmp_path)
+    made = prepare_ssl_source(files, dst, 0.1, 4, 2, seed=0)
+
+    def read_only(path, mode="r", *args, **kwargs):
+        if "w" in mode:
+            raise PermissionError(13, "Permission denied", str(path))
+        return open(path, mode, *args, **kwargs)
+    monkeypatch.setattr(crappify_module, "open", read_only, raising=False)
+    assert prepare_ssl_source(files, dst, 0.1, 4, 2, seed=0) == made
+    write_image(files[0], _smooth((20, 24)) // 2, 2)  # a source changed: its copy would need a rebuild
+    with pytest.raises(PermissionError):
+        prepare_ssl_source(files, dst, 0.1, 4, 2, seed=0)
+    with pytest.raises(PermissionError):  # other parameters: no copies there
+        prepare_ssl_source(files, dst, 0.2, 4, 2, seed=0)
+
+
+def test_a_file_name_that_is_not_utf8_seeds_its_noise_by_its_bytes():
+    latin1 = b"caf\xe9.tif".decode("utf-8", "surrogateescape")  # how Python holds a Latin-1 name
+    a = crappify_module._file_seed(0, latin1).random()
+    assert a == crappify_module._file_seed(0, latin1).random() != crappify_module._file_seed(0, "cafe.tif").random()
 
 
 def test_noise_is_seeded_by_the_file_name(tmp_path):
@@ -178,22 +211,19 @@ def test_noise_is_seeded_by_the_file_name(tmp_path):
 
 
 def _whole_image_reference(img, noise, factor, ndim, rng):
-    """The degradation computed on the whole image at once (noise, clip, F.interpolate down and up)."""
-    import torch
-    import torch.nn.functional as F
+    """The degradation computed on the whole image at once: noise and clip, then BiaPy 3.7.1's resampling
+    (skimage's resize to int(size / sqrt(factor)) and back, order 1, mode 'reflect', no anti-aliasing)."""
+    from skimage.transform import resize
 
     x = img.astype(np.float32)
     lo, hi = float(x.min()), float(x.max())
     if noise > 0:
         x = np.clip(x + rng.standard_normal(x.shape, dtype=np.float32) * np.float32(noise * hi), lo, hi)
     spatial = img.shape[:ndim]
-    small = tuple(max(1, int(round(s / np.sqrt(factor)))) for s in spatial)
-    if small != spatial:
-        mode = "bilinear" if ndim == 2 else "trilinear"
-        t = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 0)))[None]
-        t = F.interpolate(F.interpolate(t, size=small, mode=mode, align_corners=False),
-                          size=spatial, mode=mode, align_corners=False)
-        x = np.moveaxis(t[0].numpy(), 0, -1)
+    small = tuple(max(1, int(s / np.sqrt(factor))) for s in spatial)
+    for size in (small, spatial):
+        x = resize(x, size + img.shape[ndim:], order=1, mode="reflect", clip=True, preserve_range=True,
+                   anti_aliasing=False)
     if np.issubdtype(img.dtype, np.integer):
         x = np.clip(np.rint(x), np.iinfo(img.dtype).min, np.iinfo(img.dtype).max)
     return x.astype(img.dtype)
@@ -201,16 +231,19 @@ def _whole_image_reference(img, noise, factor, ndim, rng):
 
 @pytest.mark.parametrize("ndim,shape,channels,dtype,factor", [
     (2, (31, 27), 1, np.uint8, 4), (2, (20, 22), 3, np.uint16, 9), (2, (16, 16), 1, np.float32, 2),
-    (3, (7, 15, 13), 2, np.float32, 4), (3, (12, 10, 9), 1, np.float32, 9), (3, (1, 12, 12), 1, np.float32, 4),
-    (3, (9, 8, 8), 1, np.float32, 16)])
-def test_slice_by_slice_equals_the_whole_image_computation(ndim, shape, channels, dtype, factor):
+    (2, (19, 23), 1, np.float32, 3), (3, (7, 15, 13), 2, np.float32, 4), (3, (12, 10, 9), 1, np.float32, 9),
+    (3, (1, 12, 12), 1, np.float32, 4), (3, (9, 8, 8), 1, np.float32, 16), (3, (19, 21, 20), 1, np.uint16, 4)])
+def test_slice_by_slice_equals_biapys_whole_image_resize(ndim, shape, channels, dtype, factor):
+    """BiaPy's sizes (int, not round: 19 slices -> 9 at factor 4) and its mirrored borders (torch's clamped
+    ones had changed the up-sampled border rows by up to 10 of 200)."""
     img = _smooth(shape, dtype, channels) + np.arange(np.prod(shape[:ndim])).reshape(shape[:ndim] + (1,)).astype(dtype) % 7
     ours = crappify(img, 0.2, factor, ndim, np.random.default_rng(1))
     ref = _whole_image_reference(img, 0.2, factor, ndim, np.random.default_rng(1))
-    if ndim == 2:  # the same operations: bit for bit
-        np.testing.assert_array_equal(ours, ref)
-    else:  # separable vs joint trilinear: float rounding only
-        np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5 * float(img.max()))
+    diff = np.abs(ours.astype(np.float64) - ref)
+    if np.issubdtype(dtype, np.integer):  # float rounding moves a value at a half by one grey level, rarely
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+    else:
+        assert diff.max() <= 1e-5 * float(img.max())
 
 
 def test_volume_is_degraded_from_disk_slab_by_slab_as_in_memory(tmp_path, monkeypatch):

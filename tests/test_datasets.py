@@ -50,6 +50,7 @@ def test_lazy_and_in_memory_give_identical_patches(tmp_path, ndim, shapes, patch
             (xm, ym), (xl, yl) = mem[i], lazy[i]
             assert xm.shape == (2,) + patch[:-1] and xm.dtype == torch.float32
             torch.testing.assert_close(xm, xl, rtol=0, atol=0)
+            assert int(ym) == int(yl) == i  # 'same' mode: the sample's index (masking seeds its masks by it)
     # a fresh epoch draws fresh crops, the same epoch repeats them
     mem.set_epoch(0)
     first = torch.stack([mem[i][0] for i in range(len(mem))])

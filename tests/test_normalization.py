@@ -62,6 +62,42 @@ def test_expected_values_per_type():
     np.testing.assert_allclose(x.reshape(-1, 2).max(0), 1, atol=1e-6)
 
 
+def test_div_picks_each_channels_divisor_as_biapy():
+    """Floats and wider integers: 1, 255 or 65535 by each channel's own maximum. By the brightest channel's, a
+    float channel in [0, 1] beside one up to 200 had been divided by 255 (BiaPy leaves it as it is)."""
+    rng = np.random.default_rng(0)
+    img = np.stack([rng.random((16, 16)) * 0.9, rng.random((16, 16)) * 200, rng.random((16, 16)) * 3000], -1)
+    d = Normalizer("div")
+    for dtype, by in ((np.float32, (1, 255, 65535)), (np.int32, (1, 255, 65535))):
+        x = img.astype(dtype)
+        np.testing.assert_allclose(d.normalize(x, d.stats(x)), x / np.array(by, np.float32), rtol=1e-6)
+    u16 = img.astype(np.uint16)  # 8- and 16-bit integers: their type's maximum, every channel
+    np.testing.assert_allclose(d.normalize(u16, d.stats(u16)), u16 / 65535.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", TYPES[:3])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_a_channel_of_zeros_and_ones_is_kept_as_it_is(kind, dtype):
+    """BiaPy 3.7.1 neither clips nor normalizes a 0/1 channel (a mask given as input): 'div' had divided a uint8 one
+    by 255, and the others had moved it with each image's share of ones."""
+    rng = np.random.default_rng(1)
+    mask = (rng.random((30, 40)) > 0.97).astype(dtype)  # 3% ones: a 1-99 percentile clip would erase them
+    img = np.stack([(rng.random((30, 40)) * 200).astype(dtype), mask], -1)
+    norm = Normalizer(kind, True, lower_perc=1, upper_perc=99)
+    st = norm.stats(img)
+    out = norm.normalize(img, st)
+    np.testing.assert_array_equal(out[..., 1], mask)
+    assert np.ptp(out[..., 0]) > 0 and out[..., 0].max() < 2  # the other channel is clipped and normalized
+    np.testing.assert_array_equal(norm.denormalize(out, st)[..., 1], mask)
+
+
+def test_custom_normalizes_a_channel_of_zeros_and_ones_with_the_dataset_values():
+    mask = np.zeros((10, 10, 1), np.uint8)
+    mask[:3] = 1
+    c = Normalizer("custom", mean=(0.5,), std=(0.25,))
+    np.testing.assert_allclose(c.normalize(mask, c.stats(mask)), (mask - 0.5) / 0.25)
+
+
 @pytest.mark.parametrize("kind", TYPES)
 def test_constant_image_is_finite(kind):
     img = np.full((8, 8, 2), 1000, np.uint16)
@@ -185,10 +221,10 @@ def test_percentile_clipping_of_an_image_with_a_constant_channel(kind):
     """A missing stain (a channel of zeros) beside a real one: its percentiles are equal, which had stopped the run
     as if LOWER_PERC were above UPPER_PERC. The constant channel stays finite, the other is clipped as asked."""
     rng = np.random.default_rng(0)
-    img = np.stack([rng.integers(0, 60000, (40, 50)), np.zeros((40, 50), int)], -1).astype(np.uint16)
+    img = np.stack([rng.integers(0, 60000, (40, 50)), np.full((40, 50), 7)], -1).astype(np.uint16)
     norm = Normalizer(kind, True, lower_perc=1, upper_perc=99)
     st = norm.stats(img)
-    assert st["lo"][1] == st["hi"][1] == 0
+    assert st["lo"][1] == st["hi"][1] == 7
     assert st["lo"][0] == pytest.approx(np.percentile(img[..., 0], 1))
     out = norm.normalize(img, st)
     assert np.isfinite(out).all() and np.ptp(out[..., 1]) == 0 and np.ptp(out[..., 0]) > 0

@@ -7,6 +7,7 @@ run's files byte-identical.
 """
 import errno
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -245,7 +246,6 @@ def test_unreadable_image(world, intact, capsys, how):
 
 
 def test_complex_pixels_are_refused_by_name(world, intact, capsys):
-    import tifffile
 
     x, _, victim = _spoil_first(world, "complex", lambda p: tifffile.imwrite(
         p, (read_image(p, 2)[..., 0] * (1 + 1j)).astype(np.complex64)))
@@ -256,7 +256,6 @@ def test_complex_pixels_are_refused_by_name(world, intact, capsys):
 def test_image_without_pixels(world, intact, capsys):
     import warnings
 
-    import tifffile
 
     def spoil(p):
         with warnings.catch_warnings():
@@ -587,6 +586,50 @@ def test_result_folder_not_writable(world, intact, capsys):
     one_error_line(capsys, "--result_dir", "a_file is a file; expected a folder")
 
 
+def test_job_folder_that_is_a_file_is_refused_before_any_work(world, intact, capsys):
+    """It had been found only after the data were prepared, as 'config_files: Not a directory' (exit 1)."""
+    (world.out / "jobfile").write_text("")
+    assert world.run(world.cfg(), "job_is_file", name="jobfile") == 2
+    one_error_line(capsys, "--name", "jobfile is a file; expected a folder")
+    assert (world.out / "jobfile").read_text() == ""
+
+
+def test_two_training_images_with_one_stem_are_refused(world, intact, capsys):
+    """'x.jpg' and 'x.png' in one folder had the one copy 'x.png': training paired an image with the other's copy."""
+    x, _ = world.bad_folder("stems")
+    from PIL import Image
+    Image.fromarray(np.full((40, 40), 7, np.uint8)).save(x / "same.png")
+    Image.fromarray(np.full((40, 40), 9, np.uint8)).save(x / "same.jpg")
+    assert world.run(world.cfg(DATA={"TRAIN": {"PATH": str(x)}}), "stems") == 3
+    one_error_line(capsys, "DATA.TRAIN.PATH", "same.jpg and same.png would write the same output files")
+
+
+@pytest.mark.parametrize("task", ["crappify", "masking"])
+def test_file_names_that_are_not_utf8_run_through(world, capsys, task):
+    """Latin-1 names from an old share (Python holds their odd bytes as escapes): crappify's seed, the masking
+    check's TensorBoard tag and the metrics CSV had stopped the run with a UnicodeEncodeError."""
+    folders = {}
+    for split in ("train", "test"):
+        folders[split] = world.root / "latin1" / split
+        folders[split].mkdir(parents=True, exist_ok=True)
+        for i, src in enumerate(sorted(world.data[split][0].iterdir())):
+            shutil.copy(src, os.path.join(os.fsencode(folders[split]), b"caf\xe9_%d.tif" % i))
+    cfg = world.cfg(PROBLEM={"SELF_SUPERVISED": {"PRETEXT_TASK": task}}, TEST={"ENABLE": True},
+                    DATA={"TRAIN": {"PATH": str(folders["train"])}, "TEST": {"PATH": str(folders["test"])}})
+    assert world.run(cfg, f"latin1_{task}", name=f"latin1_{task}") == 0, capsys.readouterr().err
+    job = Job(world.out, f"latin1_{task}", world.next_id)
+    rows = job.metrics_csv.read_text(encoding="utf-8").splitlines()
+    assert len(rows) == 1 + len(list(folders["test"].iterdir())) and rows[1].startswith("caf\ufffd_0.tif,")
+
+
+def test_file_names_near_the_length_limit_are_written(tmp_path):
+    """The temporary beside a 250-byte name (legal) had been 12 bytes too long: 'File name too long'."""
+    from biapy.utils.files import atomic_write_text
+    path = tmp_path / ("a" * 246 + ".csv")
+    atomic_write_text(path, "x")
+    assert path.read_text() == "x" and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
 @pytest.mark.parametrize("name", ["../evil", "a/b", "..", "a..b", "/abs"])
 def test_name_with_path_separators_or_dotdot(world, intact, capsys, name):
     assert world.run(world.cfg(), "bad_name", name=name) == 2
@@ -709,7 +752,6 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     (OSError("589824 requested and 36528 written"), "589824 requested and 36528 written); is the disk full?"),
 ])
 def test_disk_full_while_writing_a_result_image(world, intact, capsys, monkeypatch, error, says):
-    import tifffile
 
     def full(*a, **k):
         raise error

@@ -475,8 +475,12 @@ def _ssl_copy_dir(data, split):
         return data[split].SSL_SOURCE_DIR
     if split == "VAL" and data.VAL.FROM_TRAIN:
         return _ssl_copy_dir(data, "TRAIN")
-    path = data[split].PATH
-    return str(Path(path).parent / f"{Path(path).name}_ssl_source") if path else ""
+    if not data[split].PATH:
+        return ""
+    path = Path(data[split].PATH)
+    if path.name in ("", ".."):  # '.' or '..': named after the folder itself, not put inside it as '_ssl_source'
+        path = Path(os.path.abspath(path))
+    return str(path.parent / f"{path.name}_ssl_source")
 
 
 def env_process_count(name):

@@ -2,7 +2,8 @@
 
 Key names follow BiaPy's so that a BiaPy YAML runs unchanged. Keys marked (new) are ours.
 Derived values (paths of the results tree, "-1 = automatic" choices) are filled in by
-`biapy.config.checks.finalize`; a YAML file normally leaves them alone.
+`biapy.config.checks.finalize`, SYSTEM.DEVICE by the runner from --gpu; a YAML file leaves them alone.
+They are written to the run's config.yaml so that it tells what the run used.
 """
 from yacs.config import CfgNode as CN
 
@@ -35,7 +36,7 @@ _C.PROBLEM.NDIM = "2D"
 _C.PROBLEM.SELF_SUPERVISED = CN()
 # Pretext task: 'crappify' (restore degraded images) or 'masking' (reconstruct hidden regions).
 _C.PROBLEM.SELF_SUPERVISED.PRETEXT_TASK = "crappify"
-# crappify: down-sampling factor of the image area (each spatial axis shrinks by sqrt of it); 2, 4 or 6.
+# crappify: down-sampling factor of the image area (each spatial axis shrinks to int(size / sqrt(it))); 2, 4 or 6.
 _C.PROBLEM.SELF_SUPERVISED.RESIZING_FACTOR = 4
 # crappify: std of the added Gaussian noise as a fraction of each channel's maximum; 0 disables noise.
 _C.PROBLEM.SELF_SUPERVISED.NOISE = 0.2
@@ -62,8 +63,8 @@ _C.DATA.REFLECT_TO_COMPLETE_SHAPE = True
 
 _C.DATA.NORMALIZATION = CN()
 # 'zero_mean_unit_variance' (per image), 'div' (8/16-bit integers by their type's maximum, other types by
-# 255 or 65535 as the image's maximum fits, floats up to 1 as they are), 'scale_range' (per-image min/max
-# to [0, 1]) or 'custom' (mean/std measured on the training set, saved beside the checkpoints).
+# 1, 255 or 65535 as each channel's maximum fits), 'scale_range' (per-image min/max to [0, 1]) or 'custom'
+# (mean/std measured on the training set, saved beside the checkpoints). A 0/1 channel is kept, but by 'custom'.
 _C.DATA.NORMALIZATION.TYPE = "zero_mean_unit_variance"
 _C.DATA.NORMALIZATION.PERC_CLIP = CN()
 # Clip each image to percentiles (or fixed values) before normalizing.

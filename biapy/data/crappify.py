@@ -14,17 +14,14 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from biapy.data.io import (count_non_finite, iter_slabs, non_finite_error, open_image_lazy, read_image,
+from biapy.data.io import (check_unique_stems, count_non_finite, iter_slabs, non_finite_error, open_image_lazy, read_image,
                            slab_depth, write_image, write_image_slices)
-from biapy.errors import DataError
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-_VERSION = 3  # bump when the degradation itself changes, so old copies are rebuilt (3: booleans, channels)
+_VERSION = 4  # bump when the degradation changes, so old copies are rebuilt (3: booleans, channels; 4: BiaPy's resize)
 _SLAB_VOXELS = 1 << 23  # voxels read from a lazy source per access (~16 MB of uint16)
 
 
@@ -47,9 +44,11 @@ def degraded_slices(img, noise, resizing_factor, ndim, rng, bounds):
     Gaussian noise of std `noise * hi` (none when noise == 0), clipped to `bounds` = (lo, hi), the
     image's own range, per channel (`value_range`): at the brightest channel's level, noise had buried a dim
     stain beside it (correlation with the original -0.001) and turned an empty one into noise. Then every
-    spatial axis (Z too) is linearly down-sampled to round(size / sqrt(factor)) and linearly up-sampled back,
-    as F.interpolate does with align_corners=False. Linear resampling is separable, so Y and X are resampled
-    per slice and Z between slices: a few slices are in memory at a time, whatever the volume's size. `img`
+    spatial axis (Z too) is linearly down-sampled to int(size / sqrt(factor)) and linearly up-sampled back,
+    as BiaPy's crappify does (skimage's resize, order 1, mode 'reflect', no anti-aliasing; `_linear_taps`),
+    and integers are rounded to the nearest (BiaPy truncates: half a grey level darker on average). Linear
+    resampling is separable, so Y and X are resampled per slice and Z between slices: a few slices are in
+    memory at a time, whatever the volume's size. `img`
     may be a lazy image (open_image_lazy); noise is drawn slice after slice, the same numbers a single draw
     over the whole image gives.
     """
@@ -57,7 +56,7 @@ def degraded_slices(img, noise, resizing_factor, ndim, rng, bounds):
     shape = tuple(img.shape)
     n_z = shape[0] if ndim == 3 else 1
     plane, dtype = shape[ndim - 2:ndim], degraded_dtype(img.dtype)
-    small = tuple(max(1, int(round(s / math.sqrt(resizing_factor)))) for s in shape[:ndim])
+    small = tuple(max(1, int(s / math.sqrt(resizing_factor))) for s in shape[:ndim])
     small_z, small_plane = (small[0], small[1:]) if ndim == 3 else (1, small)
     down, up = _linear_taps(n_z, small_z), _linear_taps(small_z, n_z)
     needed = {i for i0, i1, _ in down for i in (i0, i1)}
@@ -92,7 +91,7 @@ def degraded_slices(img, noise, resizing_factor, ndim, rng, bounds):
         k0, k1, w = up[j]
         low = small_slice(k0)
         x = _resize_plane(_lerp(low, small_slice(k1) if k1 != k0 else None, w), plane)
-        for k in [k for k in smalls if k < k0]:
+        for k in [k for k in smalls if k < k0 - 1]:  # the last output slices mirror back to k0 - 1
             del smalls[k]
         if np.issubdtype(dtype, np.integer):
             info = np.iinfo(dtype)
@@ -134,14 +133,20 @@ class _SlabReader:
 
 
 def _linear_taps(n_in, n_out):
-    """Per output index (i0, i1, w): linear interpolation from n_in to n_out samples with
-    align_corners=False, source = (dst + 0.5) * n_in / n_out - 0.5 clamped at 0, as torch computes it."""
-    scale = n_in / n_out
+    """Per output index (i0, i1, w): linear interpolation from n_in to n_out samples at source
+    (dst + 0.5) * n_in / n_out - 0.5, mirrored about the end samples where it falls outside them, as
+    skimage's resize (scipy's zoom, grid mode, 'mirror') computes it. Clamping there instead (torch's
+    align_corners=False) had changed the border rows of an up-sampled copy from BiaPy's."""
+    if n_in == n_out:
+        return [(d, d, np.float32(0)) for d in range(n_in)]
+    scale, last = n_in / n_out, n_in - 1
     taps = []
     for d in range(n_out):
-        src = max((d + 0.5) * scale - 0.5, 0.0) if n_in != n_out else float(d)
-        i0 = min(int(src), n_in - 1)
-        taps.append((i0, min(i0 + 1, n_in - 1), np.float32(src - i0)))
+        src = abs((d + 0.5) * scale - 0.5)
+        if src > last:
+            src = max(2 * last - src, 0.0)
+        i0 = min(int(src), last)
+        taps.append((i0, min(i0 + 1, last), np.float32(src - i0)))
     return taps
 
 
@@ -150,16 +155,20 @@ def _lerp(a, b, w):
 
 
 def _resize_plane(x, size):
-    """Bilinear (align_corners=False) resize of a (Y, X, C) float32 slice to `size` (y, x)."""
-    if tuple(x.shape[:2]) == tuple(size):
-        return x
-    t = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 0)))[None]
-    t = F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False)
-    return np.moveaxis(t[0].numpy(), 0, -1)
+    """Linear resize of a (Y, X, C) float32 slice to `size` (y, x), one axis after the other (`_linear_taps`)."""
+    for axis, n_out in enumerate(size):
+        if x.shape[axis] != n_out:
+            i0, i1, w = (np.array(v) for v in zip(*_linear_taps(x.shape[axis], n_out)))
+            w = w.reshape((-1,) + (1,) * (x.ndim - 1 - axis))
+            low, x = np.take(x, i0, axis), np.take(x, i1, axis)
+            x -= low  # in place: low + (high - low) * w, a third fewer passes over the slice
+            x *= w
+            x += low
+    return x
 
 
 def _file_seed(seed, name):
-    return np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(name.encode())])
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(os.fsencode(name))])  # any file name's bytes
 
 
 def _file_stamp(path):
@@ -184,14 +193,24 @@ def prepare_ssl_source(src_files, dst_dir, noise, resizing_factor, ndim, seed):
     dst_dir = copies_folder(dst_dir, noise, resizing_factor, seed)
     src_files = [Path(p) for p in src_files]
     names = [p.name for p in src_files]
-    if len(set(names)) != len(names):
-        raise DataError(f"{dst_dir}: two source images share a file name; degraded copies need unique names")
+    check_unique_stems(src_files, str(dst_dir))  # copies are named after their source's stem ('x.jpg' -> 'x.png')
+    params = {"version": _VERSION, "noise": float(noise), "resizing_factor": float(resizing_factor),
+              "ndim": int(ndim), "seed": int(seed)}
     # Jobs sharing the folder take turns: two builds with other NOISE at once left the manifest of one
     # beside the copies of the other, and later jobs trusted it.
-    dst_dir.mkdir(parents=True, exist_ok=True)
-    with open(dst_dir / ".lock", "w") as lock:
+    try:
+        dst_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(dst_dir / ".lock", "w")
+    except OSError:
+        # A folder this job cannot write (a read-only share, another user's): its copies serve while current.
+        old = _read_manifest(dst_dir / MANIFEST)
+        if old is None or old.get("params") != params or any(
+                _why_stale(src, old["files"].get(src.name), dst_dir) for src in src_files):
+            raise
+        return [dst_dir / old["files"][n]["output"] for n in names]
+    with lock:
         _lock(lock)
-        return _prepare_locked(src_files, names, dst_dir, noise, resizing_factor, ndim, seed)
+        return _prepare_locked(src_files, names, dst_dir, params, noise, resizing_factor, ndim, seed)
 
 
 def _lock(fh):
@@ -202,27 +221,30 @@ def _lock(fh):
     fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file is closed
 
 
-def _prepare_locked(src_files, names, dst_dir, noise, resizing_factor, ndim, seed):
-    params = {"version": _VERSION, "noise": float(noise), "resizing_factor": float(resizing_factor),
-              "ndim": int(ndim), "seed": int(seed)}
+def _why_stale(src, entry, dst_dir):
+    """Why the manifest's `entry` for `src` does not hold its current copy, or None when it does."""
+    if entry is None:
+        return "new source file(s)"
+    current = _file_stamp(src)
+    if {k: entry.get(k) for k in current} != current:
+        return "source file(s) changed"
+    if not (dst_dir / entry["output"]).is_file():
+        return "degraded file(s) missing"
+    if entry.get("copy") not in (None, _file_stamp(dst_dir / entry["output"])):
+        return "degraded file(s) changed"  # overwritten or damaged: it had stopped every later run
+    return None
+
+
+def _prepare_locked(src_files, names, dst_dir, params, noise, resizing_factor, ndim, seed):
     old = _read_manifest(dst_dir / MANIFEST)
     same_params = old is not None and old.get("params") == params
     old_files = old.get("files", {}) if same_params else {}
     todo, reasons = [], set()
     for src in src_files:
-        entry = old_files.get(src.name)
-        current = _file_stamp(src)
-        if entry is None:
-            reasons.add("new source file(s)")
-        elif {k: entry.get(k) for k in current} != current:
-            reasons.add("source file(s) changed")
-        elif not (dst_dir / entry["output"]).is_file():
-            reasons.add("degraded file(s) missing")
-        elif entry.get("copy") not in (None, _file_stamp(dst_dir / entry["output"])):
-            reasons.add("degraded file(s) changed")  # overwritten or damaged: it had stopped every later run
-        else:
-            continue
-        todo.append(src)
+        reason = _why_stale(src, old_files.get(src.name), dst_dir)
+        if reason:
+            reasons.add(reason)
+            todo.append(src)
     if old is not None and not same_params:
         changed = [f"{k} {old.get('params', {}).get(k)} -> {v}" for k, v in params.items()
                    if old.get("params", {}).get(k) != v]

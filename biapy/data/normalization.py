@@ -3,14 +3,15 @@
 Every DATA.NORMALIZATION.TYPE reduces to that map, so a patch is normalized as cheaply as a whole
 image (datasets keep raw pixels and normalize each patch), and `denormalize` is its exact inverse:
 - 'div': divide 8- and 16-bit integers by their type's maximum (uint8 255, uint16 65535), other types
-  as BiaPy 3.7.1 does: booleans and floats up to 1 by 1, else by 255 or 65535 as the image's maximum fits;
+  as BiaPy 3.7.1 does, per channel: by 1 up to 1, else by 255 or 65535 as the channel's maximum fits;
 - 'scale_range': per-image min/max to [0, 1];
 - 'zero_mean_unit_variance': per-image mean/std, or the fixed ZERO_MEAN_UNIT_VAR.MEAN_VAL/STD_VAL where set
   (as BiaPy 3.7 does);
 - 'custom': one mean/std for the whole training set (`fit`, or MEAN_VAL/STD_VAL), saved beside the
   checkpoints as normalization_{mean,std}_value.npy so test time uses the same.
 PERC_CLIP clips each image first (percentiles per image and channel, or fixed values); statistics
-are measured on the clipped values. A floor on std/range keeps constant images finite.
+are measured on the clipped values. A floor on std/range keeps constant images finite. A channel of 0s
+and 1s only is neither clipped nor normalized (but by 'custom'), as in BiaPy 3.7.1.
 """
 import logging
 import os
@@ -117,16 +118,29 @@ def _moments(flat, lo, hi):
     return mn, mx, mean + shift, std
 
 
-def _div_by(dtype, image_max) -> float:
-    """What 'div' divides an image by: an 8- or 16-bit integer type's maximum (255, 65535: the same for every
-    image of a dataset), 1 for booleans and for floats up to 1, else 255 or 65535, whichever the image's maximum
-    fits, as BiaPy 3.7.1 does for every type. By its type's maximum an int32 image had been divided by 2^31 - 1
-    (inputs below 2e-6), and by its own maximum each float image had had a scale of its own."""
+def _div_by(dtype, channel_max):
+    """What 'div' divides each channel by: an 8- or 16-bit integer type's maximum (255, 65535: the same for every
+    image of a dataset), else as BiaPy 3.7.1 does for every type, channel by channel: 1 for a channel whose
+    maximum is at most 1, 255 for one up to 255, else 65535. By its type's maximum an int32 image had been divided
+    by 2^31 - 1 (inputs below 2e-6), and by the brightest channel's rule a float channel in [0, 1] beside one up
+    to 200 had been divided by 255."""
+    channel_max = np.asarray(channel_max, dtype=np.float64)
     if np.issubdtype(dtype, np.integer) and np.dtype(dtype).itemsize <= 2:
-        return float(np.iinfo(dtype).max)
-    if dtype == np.bool_ or (np.issubdtype(dtype, np.floating) and image_max <= 1):
-        return 1.0
-    return 255.0 if image_max <= 255 else 65535.0
+        return np.full(channel_max.shape, float(np.iinfo(dtype).max))
+    return np.where(channel_max <= 1, 1.0, np.where(channel_max <= 255, 255.0, 65535.0))
+
+
+def _binary_channels(flat):
+    """Per channel of (n, c) pixels: whether it holds only 0 and 1 (a mask given as a channel, say). BiaPy 3.7.1
+    neither clips nor normalizes such a channel, under every type, and neither does this tool (but 'custom')."""
+    if flat.dtype == np.bool_:
+        return np.ones(flat.shape[1], dtype=bool)
+    within = (flat.min(axis=0) >= 0) & (flat.max(axis=0) <= 1)
+    if np.issubdtype(flat.dtype, np.integer):
+        return within
+    for c in np.flatnonzero(within):  # floats in [0, 1]: are they all 0 or 1?
+        within[c] = all(bool(np.all((b[:, c] == 0) | (b[:, c] == 1))) for b in _chunks(flat))
+    return within
 
 
 class Normalizer:
@@ -189,17 +203,22 @@ class Normalizer:
         """
         flat = _sample(img)
         lo, hi = self._clip_bounds(flat)
+        binary = _binary_channels(flat) if self.kind != "custom" else np.zeros(flat.shape[1], dtype=bool)
+        if binary.any():  # kept as they are: no clipping bound may fall between 0 and 1
+            lo = None if lo is None else np.where(binary, 0.0, lo)
+            hi = None if hi is None else np.where(binary, 1.0, hi)
         mn, mx, mean, std = _moments(flat, lo, hi)
         if not (np.isfinite(mean).all() and np.isfinite(std).all()):
             raise DataError("pixel values are NaN or Inf (expected finite values)")
         out = {"min": mn, "max": mx, "mean": mean, "std": std, "lo": lo, "hi": hi, "dtype": str(flat.dtype)}
-        out["scale"], out["offset"] = self._affine(out, flat.dtype)
+        scale, offset = self._affine(out, flat.dtype)
+        out["scale"], out["offset"] = np.where(binary, 1.0, scale), np.where(binary, 0.0, offset)
         return out
 
     def _affine(self, st, dtype):
         c = len(st["mean"])
         if self.kind == "div":
-            return np.full(c, 1.0 / _div_by(dtype, float(st["max"].max()))), np.zeros(c)
+            return 1.0 / _div_by(dtype, st["max"]), np.zeros(c)
         if self.kind == "scale_range":
             scale = 1.0 / _floor(st["max"] - st["min"], st["max"])
             return scale, -st["min"] * scale

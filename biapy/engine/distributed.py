@@ -61,13 +61,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    if is_initialized():
-        tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
-        tensor /= tdist.get_world_size()
-    return tensor
-
-
 def broadcast_buffers(model, src=0) -> None:
     """Rank `src`'s buffers (batch-norm running statistics) on every rank; no-op in a single process. DDP sends
     them at the start of each training forward pass only, so after an epoch's last step every rank holds the

@@ -1,6 +1,7 @@
 """Writing files so that a crash never leaves a half-written one behind."""
 import os
 import shutil
+import zlib
 from contextlib import contextmanager
 from glob import escape as glob_escape
 from pathlib import Path
@@ -33,8 +34,12 @@ def remove_stale_temporaries(path):
 
 
 def _temporary(path, pid):
-    """The temporary file `atomic_path` writes for `path` in process `pid`."""
-    return path.with_name(f".{path.name}.tmp{pid}")
+    """The temporary file `atomic_path` writes for `path` in process `pid`. A name near the 255-byte limit is
+    shortened (its start and a checksum of the whole): with the extra bytes, it had failed as 'too long'."""
+    name = path.name
+    if len(os.fsencode(name)) > 200:
+        name = f"{name[:64]}~{zlib.crc32(os.fsencode(name)):08x}"
+    return path.with_name(f".{name}.tmp{pid}")
 
 
 def _running(pid) -> bool:
@@ -47,9 +52,15 @@ def _running(pid) -> bool:
     return True
 
 
+def utf8_text(text) -> str:
+    """`text` writable as UTF-8: a file name that is not UTF-8 (Latin-1 from an old share, held by Python as
+    escapes) shows its odd bytes as U+FFFD; writing it as it was had stopped the run at its CSV or TensorBoard."""
+    return os.fsencode(text).decode("utf-8", "replace")
+
+
 def atomic_write_text(path, text):
     with atomic_path(path) as tmp:
-        Path(tmp).write_text(text)
+        Path(tmp).write_text(utf8_text(text), encoding="utf-8")
 
 
 def replace_folder(new, dst):

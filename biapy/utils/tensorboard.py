@@ -4,6 +4,8 @@ import warnings
 
 import numpy as np
 
+from biapy.utils.files import utf8_text
+
 log = logging.getLogger(__name__)
 
 
@@ -52,6 +54,7 @@ class TensorBoard:
         """A row of channel-last images (2D or 3D) shown side by side, each min-max scaled."""
         if self.writer is None or not arrays:
             return
+        tag = utf8_text(tag)  # tags are UTF-8, and a file name may not be
         panels = [to_panel(a, ndim) for a in arrays]
         if len({p.shape for p in panels}) == 1:
             self.writer.add_images(tag, np.stack(panels), step, dataformats="NHWC")

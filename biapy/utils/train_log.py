@@ -1,7 +1,6 @@
 """Per-epoch training records as JSON lines (one object per epoch), easy to read with pandas or jq."""
 import json
 import math
-from pathlib import Path
 
 from biapy.utils.files import atomic_write_text
 
@@ -25,9 +24,3 @@ def write_train_log(path, history) -> None:
     text = "".join(json.dumps(_clean(record), sort_keys=False) + "\n" for record in history)
     atomic_write_text(path, text)
 
-
-def read_train_log(path) -> list:
-    path = Path(path)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
