@@ -20,7 +20,7 @@ from biapy.engine.resume import check_start
 from biapy.engine.precision import describe_amp
 from biapy.errors import AgreedStop, ConfigError
 from biapy.job import Job
-from biapy.utils.files import atomic_path, atomic_write_text
+from biapy.utils.files import atomic_path, atomic_write_text, remove_stale_temporaries_under
 from biapy.utils.memory import tune_process_memory
 
 log = logging.getLogger("biapy")
@@ -181,6 +181,8 @@ class BiaPy:
 
     def _write_configs(self):
         job = self.job
+        for folder in (job.results, job.config_files):  # what a run killed outright (kill -9, out of memory) left
+            remove_stale_temporaries_under(folder)
         job.config_files.mkdir(parents=True, exist_ok=True)
         job.results.mkdir(parents=True, exist_ok=True)
         if isinstance(self.config_source, (str, Path)):

@@ -68,3 +68,15 @@ def test_tensorboard_panels_scale_each_channel_on_its_own():
     nan = img.copy()
     nan[..., 1] = np.nan
     assert np.isfinite(to_panel(nan, 2)).all()
+
+
+def test_large_images_become_previews_of_at_most_512_pixels_a_side():
+    """Full-size panels of a 2048² check image had added 18 MB to the TensorBoard file at every check."""
+    from biapy.utils.tensorboard import PANEL_SIDE, to_panel
+
+    big = np.zeros((2048, 1300, 1), np.float32)
+    big[:1024] = 1  # top half bright: block means keep the halves apart
+    panel = to_panel(big, 2)
+    assert PANEL_SIDE == 512 and panel.shape == (512, 325, 3)
+    assert panel[:256].min() == 1 and panel[256:].max() == 0
+    assert to_panel(np.zeros((4, 513, 100, 2)), 3).shape == (256, 50, 3)

@@ -731,6 +731,33 @@ def test_a_killed_save_leaves_no_temporary_for_good(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, live.name, other.name])
 
 
+def test_temporaries_of_a_run_killed_outright_are_removed_by_the_next(world, capsys):
+    """kill -9 (or the out-of-memory killer) while a file was written left its temporary for good: charts and
+    logs in the results, and degraded copies (gigabytes for a volume) beside the user's images."""
+    import subprocess
+    import sys
+
+    from biapy.config.checks import _ssl_copy_dir
+    from biapy.config.load import load_config
+    from biapy.data.crappify import copies_folder
+
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    x, _ = world.bad_folder("killed")
+    cfg = world.cfg(DATA={"TRAIN": {"PATH": str(x)}})
+    assert world.run(cfg, "killed", name="killed", run_id=1) == 0
+    job = Job(world.out, "killed", 1)
+    copies = copies_folder(_ssl_copy_dir(load_config(cfg).DATA, "TRAIN"), 0.2, 4, 0)
+    left = [job.charts / f".{job.id}_loss.png.tmp{gone}", job.train_logs / f".{job.id}_log.txt.tmp{gone}",
+            copies / f".{sorted(x.iterdir())[0].name}.tmp{gone}", copies / f".manifest.json.tmp{os.getppid()}"]
+    for path in left:
+        path.write_bytes(b"half a file")
+    live = job.charts / f".other.png.tmp{os.getppid()}"  # a process that runs may be writing it
+    live.write_bytes(b"in progress")
+    assert world.run(cfg.copy() | {"TRAIN": {"EPOCHS": 2}}, "killed", name="killed", run_id=1) == 0
+    assert not any(p.exists() for p in left) and live.exists()  # under the copies' lock: every temporary
+
+
 def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     from biapy.engine.checkpoint import save_checkpoint
     path = tmp_path / "c.pth"

@@ -380,7 +380,7 @@ _C.LOG.CHART_CREATION_FREQ = 5
 _C.LOG.TENSORBOARD_LOG_DIR = ""
 # (new) masking: write MAE_checks and TensorBoard reconstruction panels every N epochs; -1 = only at the end.
 _C.LOG.RECONSTRUCTION_FREQ = 5
-# (new) How many fixed validation images the MAE_checks panels show (a centred crop above 16.8 M voxels).
+# (new) How many fixed validation images the MAE_checks panels show (a centred crop above 1 M voxels).
 _C.LOG.RECONSTRUCTION_NUM_SAMPLES = 2
 
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from biapy.data.io import (check_unique_stems, count_non_finite, iter_slabs, non_finite_error, open_image_lazy, read_image,
-                           slab_depth, write_image, write_image_slices)
+from biapy.data.io import (check_unique_stems, count_non_finite, iter_slabs, non_finite_error, open_image_lazy,
+                           read_image, slab_depth, write_image, write_image_slices)
+from biapy.utils.files import atomic_write_text, remove_stale_temporaries_under
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +49,8 @@ def degraded_slices(img, noise, resizing_factor, ndim, rng, bounds):
     as BiaPy's crappify does (skimage's resize, order 1, mode 'reflect', no anti-aliasing; `_linear_taps`),
     and integers are rounded to the nearest (BiaPy truncates: half a grey level darker on average). Linear
     resampling is separable, so Y and X are resampled per slice and Z between slices: a few slices are in
-    memory at a time, whatever the volume's size. `img`
-    may be a lazy image (open_image_lazy); noise is drawn slice after slice, the same numbers a single draw
-    over the whole image gives.
+    memory at a time, whatever the volume's size. `img` may be a lazy image (open_image_lazy); noise is drawn
+    slice after slice, the same numbers a single draw over the whole image gives.
     """
     lo, hi = bounds
     shape = tuple(img.shape)
@@ -236,6 +236,7 @@ def _why_stale(src, entry, dst_dir):
 
 
 def _prepare_locked(src_files, names, dst_dir, params, noise, resizing_factor, ndim, seed):
+    remove_stale_temporaries_under(dst_dir, every=True)  # a killed build's: no one else writes here now
     old = _read_manifest(dst_dir / MANIFEST)
     same_params = old is not None and old.get("params") == params
     old_files = old.get("files", {}) if same_params else {}
@@ -283,7 +284,4 @@ def _read_manifest(path):
 
 
 def _write_manifest(path, data):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp{os.getpid()}-{path.name}")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True))

@@ -14,12 +14,12 @@ are measured on the clipped values. A floor on std/range keeps constant images f
 and 1s only is neither clipped nor normalized (but by 'custom'), as in BiaPy 3.7.1.
 """
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 
 from biapy.errors import ConfigError, DataError
+from biapy.utils.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -306,10 +306,8 @@ class Normalizer:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         for name, value in ((MEAN_FILE, self.mean), (STD_FILE, self.std)):
-            tmp = folder / f".tmp{os.getpid()}-{name}"
-            with open(tmp, "wb") as fh:
+            with atomic_path(folder / name) as tmp, open(tmp, "wb") as fh:
                 np.save(fh, np.asarray(value, dtype=np.float64))
-            os.replace(tmp, folder / name)
 
     def load(self, folder, saved=None):
         """The dataset mean/std ('custom') to test with. Per value, the first found: given in the config, in

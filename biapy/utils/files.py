@@ -26,10 +26,21 @@ def remove_stale_temporaries(path):
     killed while it wrote): a checkpoint's are hundreds of MB, and their process-id names never recur. Only
     for files one process of this machine writes at a time (a run's checkpoints)."""
     path = Path(path)
-    prefix = _temporary(path, "").name
-    for tmp in path.parent.glob(f"{glob_escape(prefix)}*"):
-        pid = tmp.name[len(prefix):]
-        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+    _remove_if_stale(path.parent.glob(f"{glob_escape(_temporary(path, '').name)}*"))
+
+
+def remove_stale_temporaries_under(folder, every=False):
+    """The same for every file under `folder` (a run's results, at its start). `every`: also those of processes
+    that run, for a folder whose writers take turns under a lock this process holds (crappify's copies, whose
+    temporaries from a killed build, beside the user's images by default, can be gigabytes)."""
+    if Path(folder).is_dir():
+        _remove_if_stale(Path(folder).rglob(".*.tmp*"), every)
+
+
+def _remove_if_stale(paths, every=False):
+    for tmp in paths:
+        pid = tmp.name.rpartition(".tmp")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and (every or not _running(int(pid))) and tmp.is_file():
             tmp.unlink(missing_ok=True)
 
 

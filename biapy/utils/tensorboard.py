@@ -8,17 +8,24 @@ from biapy.utils.files import utf8_text
 
 log = logging.getLogger(__name__)
 
+PANEL_SIDE = 512  # panels are previews (MAE_checks/ holds the full images): a 2048² check had added 18 MB per image
+
 
 def to_panel(array, ndim) -> np.ndarray:
-    """Channel-last image -> (H, W, 3) float in [0, 1]: middle z slice in 3D; one channel grey, else its first
-    three as red, green (and blue), each scaled to its own min-max: with one scale for all, a dim stain beside
-    a bright one showed black, and two channels, or more than three, showed the first alone."""
+    """Channel-last image -> (H, W, 3) float in [0, 1], at most PANEL_SIDE pixels a side: middle z slice in 3D;
+    one channel grey, else its first three as red, green (and blue), each scaled to its own min-max: with one
+    scale for all, a dim stain beside a bright one showed black, and two channels, or more than three, showed
+    the first alone."""
     a = np.asarray(array, dtype=np.float32)
     if a.ndim == ndim:  # no channel axis
         a = a[..., None]
     if ndim == 3:
         a = a[a.shape[0] // 2]
     a = a[..., :3]
+    step = -(-max(a.shape[:2]) // PANEL_SIDE)
+    if step > 1:  # block means of step x step pixels (the last partial row and column dropped)
+        h, w = a.shape[0] // step, a.shape[1] // step
+        a = a[:h * step, :w * step].reshape(h, step, w, step, -1).mean(axis=(1, 3))
     with warnings.catch_warnings(), np.errstate(all="ignore"):  # an all-NaN channel: NaN bounds, shown black
         warnings.simplefilter("ignore", RuntimeWarning)
         lo, hi = np.nanmin(a, axis=(0, 1)), np.nanmax(a, axis=(0, 1))
