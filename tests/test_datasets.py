@@ -163,3 +163,20 @@ def test_same_mode_batches_carry_the_input_once(tmp_path):
     x, y = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
     assert x.shape == (4, 1, 16, 16) and y.tolist() == [0, 1, 2, 3]
     torch.testing.assert_close(x, torch.stack([ds[i][0] for i in range(4)]))
+
+
+def test_lazy_reading_says_once_which_images_it_holds_whole(tmp_path, caplog):
+    """IN_MEMORY False on images that cannot be read by regions (a PNG here; compressed TIFFs without zarr):
+    one line for the dataset, where a --verbose run had logged one per file and a plain one nothing."""
+    import logging
+
+    files = _write(tmp_path, [(40, 40)], 2, dtype=np.uint8)
+    files.append(write_image(tmp_path / "flat.png", np.zeros((40, 40, 1), np.uint8), 2))
+    kw = dict(ndim=2, patch=(16, 16, 1), normalizer=Normalizer(), target_mode="same")
+    with caplog.at_level(logging.DEBUG):
+        PatchDataset(files, None, in_memory=False, **kw)
+        PatchDataset(files, None, in_memory=True, **kw)
+    lines = [r.getMessage() for r in caplog.records if "cannot be read a region at a time" in r.getMessage()]
+    assert lines == ["1 of 2 images cannot be read a region at a time (compressed TIFF without zarr installed, "
+                     "PNG/JPEG, NIfTI): held in memory whole"]
+    assert not [r for r in caplog.records if "memory-mapped" in r.getMessage()]

@@ -14,6 +14,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from biapy.data.io import (check_unique_stems, count_non_finite, iter_slabs, non_finite_error, open_image_lazy,
                            read_image, slab_depth, write_image, write_image_slices)
@@ -257,7 +258,7 @@ def _prepare_locked(src_files, names, dst_dir, params, noise, resizing_factor, n
     elif todo:
         log.info("Creating %s in %s", _copies(len(todo)), dst_dir)
     files = dict(old_files)
-    for src in todo:
+    for src in tqdm(todo, desc="Degrading", unit="image", disable=None, leave=False):
         img = read_image(src, ndim) if ndim == 2 else open_image_lazy(src, ndim)  # a volume: slab by slab
         slices = degraded_slices(img, noise, resizing_factor, ndim, _file_seed(seed, src.name),
                                  value_range(img, src))

@@ -15,6 +15,7 @@ from collections import namedtuple
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from biapy.data.io import check_finite, open_image_lazy, read_image
 from biapy.data.normalization import _sample
@@ -61,7 +62,7 @@ def _tensor(a, dtype):
 class PatchDataset(Dataset):
     def __init__(self, inputs, targets, ndim, patch, normalizer, target_mode, in_memory=True,
                  random_patches=True, patches_per_image=-1, overlap=None, padding=None, augmentor=None,
-                 seed=0, reflect_to_complete=True):
+                 seed=0, reflect_to_complete=True, progress=None):
         if target_mode not in TARGET_MODES:
             raise ValueError(f"target_mode must be one of {TARGET_MODES}, not {target_mode!r}")
         inputs = list(inputs)
@@ -80,7 +81,10 @@ class PatchDataset(Dataset):
             self.overlap, self.padding = zeros, zeros
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._images, self._targets, sources, counts, grids = [], [], [], [], []
-        for path, target in zip(inputs, targets):
+        pairs = zip(inputs, targets)
+        if progress:  # a bar labelled so, on a terminal: thousands of images take a while to read and measure
+            pairs = tqdm(pairs, total=len(inputs), desc=progress, unit="image", disable=None, leave=False)
+        for path, target in pairs:
             img = read_image(path, ndim) if self.in_memory else open_image_lazy(path, ndim)
             # The target first: a degraded input is made from it, and its name is the one the user knows.
             target_data = self._open_target(target, img, path) if target is not None else None
@@ -109,6 +113,10 @@ class PatchDataset(Dataset):
             counts.append(int(np.prod([len(a) for a in per_axis])))
         if not sources:
             raise DataError("no images to cut patches from")
+        whole = 0 if self.in_memory else sum(isinstance(img, np.ndarray) for img in self._images)
+        if whole:  # IN_MEMORY False was asked for memory's sake: say where it could not be had
+            log.info("%d of %d images cannot be read a region at a time (compressed TIFF without zarr installed, "
+                     "PNG/JPEG, NIfTI): held in memory whole", whole, len(self._images))
         self.sources = sources
         self._grids = grids
         per_image = np.asarray(counts, dtype=np.int64)

@@ -97,7 +97,8 @@ class Workflow(ABC):
             patches_per_image=d.TRAIN.PATCHES_PER_IMAGE if split == "train" else -1,
             overlap=tuple(node.OVERLAP), padding=tuple(node.PADDING),
             augmentor=Augmentor(self.cfg.AUGMENTOR, self.ndim) if augment else None,
-            seed=self.cfg.SYSTEM.SEED + self.dist.rank, reflect_to_complete=d.REFLECT_TO_COMPLETE_SHAPE)
+            seed=self.cfg.SYSTEM.SEED + self.dist.rank, reflect_to_complete=d.REFLECT_TO_COMPLETE_SHAPE,
+            progress=f"Reading {split} images" if self.dist.is_main else None)
 
     def prepare_training(self):
         cfg = self.cfg
