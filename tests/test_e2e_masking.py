@@ -200,15 +200,19 @@ def test_a_pixel_counts_as_hidden_only_where_every_covering_patch_hid_it(spatial
     np.testing.assert_array_equal(hidden[..., 0] == 1, ~seen)
 
 
+@pytest.mark.parametrize("full_img", [False, True])
 @pytest.mark.parametrize("spatial, padding", [((12, 10), (0, 0)), ((40, 36), (2, 3))])
-def test_a_pixel_seen_through_its_reflection_beyond_the_border_is_not_hidden(spatial, padding):
+def test_a_pixel_seen_through_its_reflection_beyond_the_border_is_not_hidden(spatial, padding, full_img):
     """An image smaller than the patch, or test padding at the border: a patch reads mirror copies of pixels.
-    Where such a copy was visible the network saw the pixel, which had still been scored as hidden."""
+    Where such a copy was visible the network saw the pixel, which had still been scored as hidden. With
+    TEST.FULL_IMG the one input is the image mirrored up to the network's divisor (its grid of patches had been
+    walked instead: a broadcast error, in the MAE_checks at the end of training too)."""
     import torch
 
     from biapy.config import get_defaults
     from biapy.data.normalization import Normalizer
-    from biapy.data.patches import assemble, grid_starts, reflect_indices
+    from biapy.data.patches import assemble, full_image_input, grid_starts, reflect_indices
+    from biapy.models import required_divisor
     from biapy.models.masking import block_mask
     from biapy.workflows.masking import MaskingWorkflow
 
@@ -216,6 +220,7 @@ def test_a_pixel_seen_through_its_reflection_beyond_the_border_is_not_hidden(spa
     wf.cfg, wf.channels, wf.normalizer = get_defaults(), 1, Normalizer("div")
     wf.cfg.PROBLEM.SELF_SUPERVISED.NORM_PIX_LOSS = False
     wf.cfg.DATA.TEST.OVERLAP, wf.cfg.DATA.TEST.PADDING, wf.cfg.TEST.BATCH_SIZE = (0.5, 0.5), padding, 3
+    wf.cfg.TEST.FULL_IMG = full_img
     wf.patch, wf.device, wf.model = (16, 16), torch.device("cpu"), torch.nn.Identity()
     masks = []
 
@@ -231,12 +236,17 @@ def test_a_pixel_seen_through_its_reflection_beyond_the_border_is_not_hidden(spa
     hidden = (hidden[..., 0] == 1) & ~wf.seen_through_border
     # Seen: visible, as itself or as a mirror copy, in a patch whose output there counts (its centre).
     seen = np.zeros(spatial, bool)
-    for start, m in zip(grid_starts(spatial, wf.patch, (0.5, 0.5), padding), masks):
-        rows, cols = (reflect_indices(s, p, n) for s, p, n in zip(start, wf.patch, spatial))
+    if full_img:
+        views, shape, padding = [(0, 0)], full_image_input(spatial, required_divisor(wf.cfg)), (0, 0)
+    else:
+        views, shape = grid_starts(spatial, wf.patch, (0.5, 0.5), padding), wf.patch
+    assert len(masks) == len(views) and tuple(masks[0].shape) == shape
+    for start, m in zip(views, masks):
+        rows, cols = (reflect_indices(s, p, n) for s, p, n in zip(start, shape, spatial))
         for i, j in zip(*np.nonzero(m.numpy() == 0)):
             r, c = rows[i], cols[j]
-            if start[0] + padding[0] <= r < start[0] + 16 - padding[0] and \
-                    start[1] + padding[1] <= c < start[1] + 16 - padding[1]:
+            if start[0] + padding[0] <= r < start[0] + shape[0] - padding[0] and \
+                    start[1] + padding[1] <= c < start[1] + shape[1] - padding[1]:
                 seen[r, c] = True
     assert wf.seen_through_border.any() and 0 < hidden.sum() < hidden.size
     np.testing.assert_array_equal(hidden, ~seen)

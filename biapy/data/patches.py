@@ -240,15 +240,17 @@ def _take_patch(img, start, patch):
     return img
 
 
-def predict_full(img, predict_fn, divisor):
-    """Network output over a whole (C, *spatial) tensor in one forward pass (TEST.FULL_IMG).
+def full_image_input(spatial, divisor):
+    """The shape TEST.FULL_IMG feeds the network for an image of `spatial` shape: each axis mirrored at its end
+    up to the next multiple of `divisor` (what the network's pooling needs)."""
+    return tuple(s + (-s) % int(d) for s, d in zip(spatial, divisor))
 
-    Each spatial axis is mirrored up to the next multiple of `divisor` (what the network's pooling
-    needs) and the output is cropped back: (C_out, *spatial).
-    """
+
+def predict_full(img, predict_fn, divisor):
+    """Network output over a whole (C, *spatial) tensor in one forward pass (TEST.FULL_IMG): the input of
+    `full_image_input`'s shape, the output cropped back to (C_out, *spatial)."""
     spatial = tuple(img.shape[1:])
-    padded = tuple(s + (-s) % int(d) for s, d in zip(spatial, divisor))
-    out = predict_fn(_take_patch(img, (0,) * len(spatial), padded)[None])[0]
+    out = predict_fn(_take_patch(img, (0,) * len(spatial), full_image_input(spatial, divisor))[None])[0]
     return out[(slice(None),) + tuple(slice(0, s) for s in spatial)]
 
 

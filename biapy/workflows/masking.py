@@ -11,8 +11,9 @@ import numpy as np
 import torch
 
 from biapy.data.io import image_stem, list_images, write_image
-from biapy.data.patches import grid_starts, reflect_indices
+from biapy.data.patches import full_image_input, grid_starts, reflect_indices
 from biapy.engine.losses import denormalize_tokens, masked_reconstruction_loss
+from biapy.models import required_divisor
 from biapy.models.masking import block_mask
 from biapy.workflows.base import Workflow
 from biapy.workflows.scoring import batch_image_metrics, image_scores
@@ -56,7 +57,7 @@ def _unique_names(stems):
 class MaskingWorkflow(Workflow):
     target_mode = "same"
     table_groups = {"all pixels": "", "hidden pixels": "hidden_"}
-    _patch_starts = None  # predict_slabs: the grid's patch starts, in the order predict_patches sees them
+    _views = None  # predict_slabs: (starts in the order predict_patches sees them, input shape, its padding)
     seen_through_border = None  # predict_slabs: pixels a patch saw as its reflection beyond the image border
 
     def __init__(self, cfg, job, dist, device):
@@ -134,35 +135,41 @@ class MaskingWorkflow(Workflow):
         # A CPU one: its numbers run in sequence whatever the batch, where CUDA's depend on each draw's shape.
         self._mask_generator = torch.Generator().manual_seed(self.cfg.SYSTEM.SEED)
         spatial, t = tuple(image.shape[:-1]), self.cfg.DATA.TEST
-        self._patch_starts = iter(grid_starts(spatial, self.patch, tuple(t.OVERLAP), tuple(t.PADDING)))
+        if self.cfg.TEST.FULL_IMG:  # one input: the image, mirrored at its ends up to the network's divisor
+            self._views = (iter([(0,) * len(spatial)]), full_image_input(spatial, required_divisor(self.cfg)),
+                           (0,) * len(spatial))
+        else:
+            self._views = (iter(grid_starts(spatial, self.patch, tuple(t.OVERLAP), tuple(t.PADDING))), self.patch,
+                           tuple(t.PADDING))
         self.seen_through_border = np.zeros(spatial, dtype=bool)
         try:
             yield from super().predict_slabs(image, stats, path)
         finally:
-            self._patch_starts = None  # later batches are not from this grid
+            self._views = None  # later batches are not from this image
 
     def _note_reflected_views(self, mask):
-        """Pixels a patch saw in its reflected part beyond the image border (patches in predict_slabs' grid
-        order): the stitched 'seen' channel holds each patch's part inside the image only, so such a pixel had
-        been scored as hidden while the network saw its mirror copy."""
-        if self._patch_starts is None:  # patches not from predict_slabs' grid
+        """Pixels an input saw in its reflected part beyond the image border (predict_slabs' patches in grid
+        order, or TEST.FULL_IMG's one input): the stitched 'seen' channel holds each input's part inside the
+        image only, so such a pixel had been scored as hidden while the network saw its mirror copy."""
+        if self._views is None:  # inputs not from predict_slabs
             return
+        starts, patch, padding = self._views
         visible = (mask[:, 0] < 0.5).cpu().numpy()
-        spatial, padding = self.seen_through_border.shape, tuple(self.cfg.DATA.TEST.PADDING)
+        spatial = self.seen_through_border.shape
         for seen in visible:
-            start = next(self._patch_starts)
-            if all(0 <= s and s + p <= n for s, p, n in zip(start, self.patch, spatial)):
+            start = next(starts)
+            if all(0 <= s and s + p <= n for s, p, n in zip(start, patch, spatial)):
                 continue
             outside = np.zeros(seen.shape, dtype=bool)
-            for axis, (s, p, n) in enumerate(zip(start, self.patch, spatial)):
+            for axis, (s, p, n) in enumerate(zip(start, patch, spatial)):
                 span = np.arange(s, s + p)
                 outside |= ((span < 0) | (span >= n)).reshape([-1 if a == axis else 1 for a in range(len(spatial))])
             where = np.nonzero(seen & outside)
-            targets = [reflect_indices(s, p, n)[w] for s, p, n, w in zip(start, self.patch, spatial, where)]
-            # Only where this patch's output counts (its centre, inside the padding): elsewhere it reconstructs
+            targets = [reflect_indices(s, p, n)[w] for s, p, n, w in zip(start, patch, spatial, where)]
+            # Only where this input's output counts (its centre, inside the padding): elsewhere it reconstructs
             # nothing, and the patches that do had their own view of the pixel, in the stitched channel.
             used = np.ones(len(targets[0]), dtype=bool)
-            for t, s, p, d in zip(targets, start, self.patch, padding):
+            for t, s, p, d in zip(targets, start, patch, padding):
                 used &= (s + d <= t) & (t < s + p - d)
             self.seen_through_border[tuple(t[used] for t in targets)] = True
 
