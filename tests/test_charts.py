@@ -80,3 +80,4 @@ def test_large_images_become_previews_of_at_most_512_pixels_a_side():
     assert PANEL_SIDE == 512 and panel.shape == (512, 325, 3)
     assert panel[:256].min() == 1 and panel[256:].max() == 0
     assert to_panel(np.zeros((4, 513, 100, 2)), 3).shape == (256, 50, 3)
+    assert to_panel(np.zeros((4096, 3, 1)), 2).shape == (512, 1, 3)  # thinner than a block: it had not reshaped

@@ -625,9 +625,10 @@ def test_file_names_that_are_not_utf8_run_through(world, capsys, task):
 def test_file_names_near_the_length_limit_are_written(tmp_path):
     """The temporary beside a 250-byte name (legal) had been 12 bytes too long: 'File name too long'."""
     from biapy.utils.files import atomic_write_text
-    path = tmp_path / ("a" * 246 + ".csv")
-    atomic_write_text(path, "x")
-    assert path.read_text() == "x" and [p.name for p in tmp_path.iterdir()] == [path.name]
+    for path in (tmp_path / ("a" * 246 + ".csv"), tmp_path / ("\N{MICROSCOPE}" * 60 + ".csv")):  # 4-byte characters
+        atomic_write_text(path, "x")
+        assert path.read_text() == "x"
+    assert len(list(tmp_path.iterdir())) == 2
 
 
 @pytest.mark.parametrize("name", ["../evil", "a/b", "..", "a..b", "/abs"])

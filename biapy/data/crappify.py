@@ -136,23 +136,32 @@ class _SlabReader:
         return self.slab[z - self.start]
 
 
-@functools.lru_cache(maxsize=64)  # the same few sizes for every slice of a volume
 def _linear_taps(n_in, n_out):
-    """Per output index (i0, i1, w): linear interpolation from n_in to n_out samples at source
-    (dst + 0.5) * n_in / n_out - 0.5, mirrored about the end samples where it falls outside them, as
-    skimage's resize (scipy's zoom, grid mode, 'mirror') computes it. Clamping there instead (torch's
-    align_corners=False) had changed the border rows of an up-sampled copy from BiaPy's."""
+    """Per output index (i0, i1, w): linear interpolation from n_in to n_out samples (`_linear_plan`)."""
+    return _linear_plan(n_in, n_out)[0]
+
+
+@functools.lru_cache(maxsize=64)  # the same few sizes for every slice of a volume
+def _linear_plan(n_in, n_out):
+    """(taps, mirrored): per output index (i0, i1, w), linear interpolation from n_in to n_out samples at
+    source (dst + 0.5) * n_in / n_out - 0.5, mirrored about the end samples where it falls outside them, as
+    skimage's resize (scipy's zoom, grid mode, 'mirror') computes it; and the output indices so mirrored.
+    Clamping there instead (torch's align_corners=False) had changed the border rows of an up-sampled copy
+    from BiaPy's."""
     if n_in == n_out:
-        return tuple((d, d, np.float32(0)) for d in range(n_in))
+        return tuple((d, d, np.float32(0)) for d in range(n_in)), ()
     scale, last = n_in / n_out, n_in - 1
-    taps = []
+    taps, mirrored = [], []
     for d in range(n_out):
-        src = abs((d + 0.5) * scale - 0.5)
-        if src > last:
-            src = max(2 * last - src, 0.0)
+        src = (d + 0.5) * scale - 0.5
+        if not 0 <= src <= last:
+            mirrored.append(d)
+            src = abs(src)
+            if src > last:
+                src = max(2 * last - src, 0.0)
         i0 = min(int(src), last)
         taps.append((i0, min(i0 + 1, last), np.float32(src - i0)))
-    return tuple(taps)
+    return tuple(taps), tuple(mirrored)
 
 
 def _lerp(a, b, w):
@@ -169,14 +178,12 @@ def _resize_plane(x, size):
         return x
     t = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 0)))[None]
     out = np.moveaxis(F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False)[0].numpy(), 0, -1)
-    taps = [_linear_taps(n, m) for n, m in zip(x.shape[:2], size)]
-    for axis, (n, m) in enumerate(zip(x.shape[:2], size)):
-        src = (np.arange(m) + 0.5) * n / m - 0.5
-        ends = np.flatnonzero((src < 0) | (src > n - 1)) if n != m else ()
-        if len(ends):
+    plans = [_linear_plan(n, m) for n, m in zip(x.shape[:2], size)]
+    for axis, (taps, mirrored) in enumerate(plans):
+        if mirrored:
             # Those rows (columns): along this axis from their mirrored taps, then along the other one.
-            part = _resample(x, [taps[axis][d] for d in ends], axis)
-            out[(slice(None),) * axis + (ends,)] = _resample(part, taps[1 - axis], 1 - axis)
+            part = _resample(x, [taps[d] for d in mirrored], axis)
+            out[(slice(None),) * axis + (list(mirrored),)] = _resample(part, plans[1 - axis][0], 1 - axis)
     return out
 
 
@@ -204,9 +211,9 @@ def copies_folder(dst_dir, noise, resizing_factor, seed) -> Path:
     return Path(dst_dir) / f"noise{float(noise):g}_factor{float(resizing_factor):g}_seed{int(seed)}"
 
 
-def prepare_ssl_source(src_files, dst_dir, noise, resizing_factor, ndim, seed):
+def prepare_ssl_source(src_files, dst_dir, noise, resizing_factor, ndim, seed, key=None):
     """Degraded copies of `src_files` (same names) in `copies_folder(dst_dir, ...)`, rebuilt unless its
-    manifest matches.
+    manifest matches. `key`: the config key of the sources, for errors (else the copies' folder).
 
     Returns the degraded paths aligned with `src_files`. Files are written atomically and the
     manifest last, so an interrupted build is redone on the next run.
@@ -214,7 +221,8 @@ def prepare_ssl_source(src_files, dst_dir, noise, resizing_factor, ndim, seed):
     dst_dir = copies_folder(dst_dir, noise, resizing_factor, seed)
     src_files = [Path(p) for p in src_files]
     names = [p.name for p in src_files]
-    check_unique_stems(src_files, str(dst_dir))  # copies are named after their source's stem ('x.jpg' -> 'x.png')
+    # Copies are named after their source's stem: 'x.jpg' and 'x.png' had both had the copy 'x.png'.
+    check_unique_stems(src_files, key or str(dst_dir))
     params = {"version": _VERSION, "noise": float(noise), "resizing_factor": float(resizing_factor),
               "ndim": int(ndim), "seed": int(seed)}
     # Jobs sharing the folder take turns: two builds with other NOISE at once left the manifest of one
@@ -224,11 +232,10 @@ def prepare_ssl_source(src_files, dst_dir, noise, resizing_factor, ndim, seed):
         lock = open(dst_dir / ".lock", "w")
     except OSError:
         # A folder this job cannot write (a read-only share, another user's): its copies serve while current.
-        old = _read_manifest(dst_dir / MANIFEST)
-        if old is None or old.get("params") != params or any(
-                _why_stale(src, old["files"].get(src.name), dst_dir) for src in src_files):
+        old, old_files, todo, _ = _stale_sources(src_files, dst_dir, params)
+        if old is None or todo:
             raise
-        return [dst_dir / old["files"][n]["output"] for n in names]
+        return [dst_dir / old_files[n]["output"] for n in names]
     with lock:
         _lock(lock)
         return _prepare_locked(src_files, names, dst_dir, params, noise, resizing_factor, ndim, seed)
@@ -256,17 +263,23 @@ def _why_stale(src, entry, dst_dir):
     return None
 
 
-def _prepare_locked(src_files, names, dst_dir, params, noise, resizing_factor, ndim, seed):
-    remove_stale_temporaries_under(dst_dir, every=True)  # a killed build's: no one else writes here now
+def _stale_sources(src_files, dst_dir, params):
+    """(manifest or None, its entries if made with `params` else {}, the sources whose copy must be made, why)."""
     old = _read_manifest(dst_dir / MANIFEST)
-    same_params = old is not None and old.get("params") == params
-    old_files = old.get("files", {}) if same_params else {}
+    old_files = old.get("files", {}) if old is not None and old.get("params") == params else {}
     todo, reasons = [], set()
     for src in src_files:
         reason = _why_stale(src, old_files.get(src.name), dst_dir)
         if reason:
             reasons.add(reason)
             todo.append(src)
+    return old, old_files, todo, reasons
+
+
+def _prepare_locked(src_files, names, dst_dir, params, noise, resizing_factor, ndim, seed):
+    remove_stale_temporaries_under(dst_dir, every=True)  # a killed build's: no one else writes here now
+    old, old_files, todo, reasons = _stale_sources(src_files, dst_dir, params)
+    same_params = old is not None and old.get("params") == params
     if old is not None and not same_params:
         changed = [f"{k} {old.get('params', {}).get(k)} -> {v}" for k, v in params.items()
                    if old.get("params", {}).get(k) != v]

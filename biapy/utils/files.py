@@ -48,8 +48,8 @@ def _temporary(path, pid):
     """The temporary file `atomic_path` writes for `path` in process `pid`. A name near the 255-byte limit is
     shortened (its start and a checksum of the whole): with the extra bytes, it had failed as 'too long'."""
     name = path.name
-    if len(os.fsencode(name)) > 200:
-        name = f"{name[:64]}~{zlib.crc32(os.fsencode(name)):08x}"
+    if len(os.fsencode(name)) > 200:  # cut in bytes: 64 characters may be 256 of them
+        name = f"{os.fsdecode(os.fsencode(name)[:64])}~{zlib.crc32(os.fsencode(name)):08x}"
     return path.with_name(f".{name}.tmp{pid}")
 
 

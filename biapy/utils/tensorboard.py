@@ -23,9 +23,10 @@ def to_panel(array, ndim) -> np.ndarray:
         a = a[a.shape[0] // 2]
     a = a[..., :3]
     step = -(-max(a.shape[:2]) // PANEL_SIDE)
-    if step > 1:  # block means of step x step pixels (the last partial row and column dropped)
-        h, w = a.shape[0] // step, a.shape[1] // step
-        a = a[:h * step, :w * step].reshape(h, step, w, step, -1).mean(axis=(1, 3))
+    if step > 1:  # block means of step x step pixels (no more than a thin image's side; partial blocks dropped)
+        sy, sx = min(step, a.shape[0]), min(step, a.shape[1])
+        h, w = a.shape[0] // sy, a.shape[1] // sx
+        a = a[:h * sy, :w * sx].reshape(h, sy, w, sx, -1).mean(axis=(1, 3))
     with warnings.catch_warnings(), np.errstate(all="ignore"):  # an all-NaN channel: NaN bounds, shown black
         warnings.simplefilter("ignore", RuntimeWarning)
         lo, hi = np.nanmin(a, axis=(0, 1)), np.nanmax(a, axis=(0, 1))

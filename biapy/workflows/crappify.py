@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 
 from biapy.data.crappify import prepare_ssl_source
-from biapy.data.io import check_unique_stems, list_images
+from biapy.data.io import list_images
 from biapy.engine.distributed import main_first
 from biapy.engine.losses import build_loss
 from biapy.errors import DataError
@@ -29,7 +29,6 @@ class CrappifyWorkflow(Workflow):
         node = self.cfg.DATA[split.upper()]
         key = f"DATA.{split.upper()}.PATH"
         originals = list_images(node.PATH, key)
-        check_unique_stems(originals, key)  # 'x.jpg' and 'x.png' would both have the copy 'x.png'
         if split != "train":  # before any degraded copy is made (prepare_training checked the training images)
             self._check_channels(originals, key)
         ssl = self.cfg.PROBLEM.SELF_SUPERVISED
@@ -37,7 +36,7 @@ class CrappifyWorkflow(Workflow):
         with main_first(self.dist):
             try:
                 degraded = prepare_ssl_source(originals, copies, ssl.NOISE, ssl.RESIZING_FACTOR, self.ndim,
-                                              self.cfg.SYSTEM.SEED)
+                                              self.cfg.SYSTEM.SEED, key)
             except OSError as err:
                 if not (err.filename and Path(err.filename).is_relative_to(copies)):
                     raise  # not the copy folder (a source image, say): its own message
