@@ -4,10 +4,12 @@
 `main.py` calls.
 """
 import logging
+import numbers
 import os
 import re
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -49,6 +51,24 @@ def setup_logging(is_main=True, verbose=False):
         tiff_log.addHandler(logging.NullHandler())  # else Python's last-resort handler prints what none shows
     # TRAIN.COMPILE on a machine without CUDA: torch notes that it found no CUDA runtime, which is expected.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.DEBUG if verbose else logging.ERROR)
+
+
+@contextmanager
+def _caller_state():
+    """The process-wide settings a job changes (its loggers, torch's threads and global random state), put back
+    when it ends: a notebook's own handlers and levels had been replaced for the rest of the session."""
+    loggers = [logging.getLogger(n) for n in ("biapy", "tifffile", "torch.utils.cpp_extension")]
+    saved = [(lg, list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        for lg, handlers, level, propagate in saved:
+            lg.handlers[:] = handlers
+            lg.setLevel(level)
+            lg.propagate = propagate
+        torch.set_num_threads(threads)
+        torch.set_rng_state(rng)
 
 
 def check_name(name):
@@ -123,13 +143,21 @@ class BiaPy:
         check_name(self.name)
         if not self.given_result_dir.strip():  # an unset shell variable: the run would land in the current folder
             raise ConfigError("--result_dir is empty; expected the folder under which the job folder NAME is made")
-        if self.run_id is not None and self.run_id < 0:
-            raise ConfigError(f"--run_id: {self.run_id} must be a non-negative integer")
+        if self.run_id is not None:  # from the API, any value: 1.5 or True had named a run folder
+            if isinstance(self.run_id, bool) or not isinstance(self.run_id, numbers.Integral) or self.run_id < 0:
+                raise ConfigError(f"--run_id: {self.run_id!r} must be a non-negative integer")
+            self.run_id = int(self.run_id)
         cfg = load_config(self.config_source, self.overrides)
         check_config(cfg)
         return cfg
 
     def run_job(self):
+        """Run the job; returns its `Job` (folders, checkpoints). In a notebook, the logging set-up, torch's thread
+        count and its global random state are the caller's again afterwards, whatever the outcome."""
+        with _caller_state():
+            return self._run_job()
+
+    def _run_job(self):
         from biapy.engine.distributed import broadcast_object, cleanup, init_distributed
 
         local_rank = int(os.environ.get("LOCAL_RANK", 0))

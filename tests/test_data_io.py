@@ -470,3 +470,23 @@ def test_a_tiff_header_is_read_again_once_the_file_changes(tmp_path):
     os.replace(other, path)
     assert path.stat().st_mtime_ns == st.st_mtime_ns and image_shape(path, 2) == (9, 8, 2)
     np.testing.assert_array_equal(read_image(path, 2), np.zeros((9, 8, 2), np.uint8))
+
+
+def test_ctrl_c_during_a_lazy_read_stays_a_keyboard_interrupt(tmp_path, monkeypatch):
+    """Interrupted while an array pointed into the map, closing the map had raised BufferError in its place."""
+    path = write_image(tmp_path / "v.tif", np.zeros((4, 16, 16, 1), np.uint16), 3)
+    lazy = open_image_lazy(path, 3)
+    assert isinstance(lazy, LazyTiff)
+    frombuffer = np.frombuffer
+
+    class Interrupted:
+        def __init__(self, *args, **kwargs):
+            self.array = frombuffer(*args, **kwargs)  # points into the map
+
+        @staticmethod
+        def reshape(*args):  # as a Ctrl-C inside numpy's copy: no frame of its own holds the array
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "frombuffer", Interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        lazy[1:3]

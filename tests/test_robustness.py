@@ -906,3 +906,55 @@ def test_test_images_that_would_write_the_same_output(world, intact, capsys):
 def test_nothing_to_do_is_a_config_error(world, intact, capsys):
     assert world.run(world.cfg(TRAIN={"ENABLE": False}, TEST={"ENABLE": False}), "nothing", run_id=1) == 2
     one_error_line(capsys, "TRAIN.ENABLE and TEST.ENABLE are both False")
+
+
+# ------------------------------------------------------------------ the notebook API
+def test_api_takes_numpy_values_and_paths_in_a_dict_config(world):
+    """A sweep's np.float64 LR had passed the checks, then stopped the run when its YAML copy was written (a
+    RepresenterError, after data preparation, with the run's folders left behind)."""
+    from biapy import BiaPy
+
+    cfg = world.cfg(TRAIN={"EPOCHS": np.int64(1), "LR": np.logspace(-3, -2, 2)[0]})
+    cfg["DATA"]["TRAIN"]["PATH"] = Path(cfg["DATA"]["TRAIN"]["PATH"])
+    job = BiaPy(cfg, world.out, "numpy_values", run_id=np.int64(1)).run_job()
+    assert job.checkpoint("last").is_file()
+    copied = yaml.safe_load((job.config_files / "numpy_values.yaml").read_text())
+    assert copied["TRAIN"]["LR"] == 0.001 and copied["DATA"]["TRAIN"]["PATH"] == str(world.data["train"][0])
+
+
+@pytest.mark.parametrize("run_id", [1.5, True, "2", -1])
+def test_api_run_id_must_be_a_non_negative_integer(world, run_id):
+    """1.5 or True had named run folders next_run_id never sees, '2' had raised a TypeError."""
+    from biapy import BiaPy
+
+    with pytest.raises(ConfigError, match="--run_id: .* must be a non-negative integer"):
+        BiaPy(world.cfg(), world.out, "bad_id", run_id=run_id).run_job()
+    assert not (world.out / "bad_id").exists()
+
+
+def test_api_gives_the_callers_logging_threads_and_random_state_back(world):
+    """In a notebook, a job had replaced the session's own handlers and levels for good, set torch's thread count
+    to its own and reseeded torch's global generator."""
+    import logging
+
+    from biapy import BiaPy
+
+    mine = logging.NullHandler()
+    lg = logging.getLogger("biapy")
+    lg.addHandler(mine)
+    lg.setLevel(logging.WARNING)
+    handlers = list(lg.handlers)  # with those of earlier jobs of this process run through main()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(123)
+    try:
+        BiaPy(world.cfg(SYSTEM={"NUM_CPUS": 2}), world.out, "caller_state", run_id=1).run_job()
+        assert lg.handlers == handlers and lg.level == logging.WARNING
+        assert torch.get_num_threads() == 1 and torch.initial_seed() == 123
+        with pytest.raises(ConfigError):  # a failed job gives them back too
+            BiaPy(world.cfg(TRAIN={"EPOCH": 1}), world.out, "caller_state").run_job()
+        assert lg.handlers == handlers and torch.get_num_threads() == 1
+    finally:
+        lg.removeHandler(mine)
+        lg.setLevel(logging.NOTSET)
+        torch.set_num_threads(threads)

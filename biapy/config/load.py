@@ -9,6 +9,7 @@ import ast
 import difflib
 import logging
 import math
+import os
 from pathlib import Path
 
 import yaml
@@ -236,11 +237,17 @@ class _NoAliasDumper(yaml.SafeDumper):
 
 
 def plain_tree(tree):
-    """Nested dicts (CfgNodes too) with tuples as lists: what the safe YAML writer takes."""
+    """Nested dicts (CfgNodes too) with tuples as lists, numpy values as Python's and paths as strings: what the
+    safe YAML writer and the config checks take (a sweep's np.float64 LR had passed the checks, then stopped the
+    run when its YAML copy was written)."""
     if isinstance(tree, dict):
         return {k: plain_tree(v) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):
         return [plain_tree(v) for v in tree]
+    if type(tree).__module__ == "numpy":  # np.float64(0.001), np.int64(5), np.bool_, an array
+        return plain_tree(tree.tolist()) if hasattr(tree, "tolist") else tree
+    if isinstance(tree, os.PathLike):
+        return os.fspath(tree)
     return tree
 
 
@@ -310,7 +317,7 @@ def load_config(config=None, overrides=()):
     """Defaults <- YAML file (path) or mapping <- KEY VALUE overrides. Not yet checked."""
     cfg = get_defaults()
     if isinstance(config, dict):
-        merge_values(cfg, _flatten(config), "config")
+        merge_values(cfg, _flatten(plain_tree(config)), "config")
     elif config is not None:
         merge_values(cfg, read_yaml(config), str(config))
     merge_values(cfg, parse_overrides(list(overrides)), "command line")

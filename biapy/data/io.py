@@ -501,9 +501,12 @@ def _mapped_copy(fh, start, shape, dtype, inner):
     aligned = start - start % mmap.ALLOCATIONGRANULARITY
     nbytes = int(np.prod(shape)) * dtype.itemsize
     with mmap.mmap(fh.fileno(), nbytes + start - aligned, offset=aligned, access=mmap.ACCESS_READ) as mm:
-        view = np.frombuffer(mm, dtype, count=nbytes // dtype.itemsize, offset=start - aligned)
-        region = view.reshape(shape)[(slice(None),) + inner].copy()
-        del view  # the map closes only once no array points into it
+        view = None
+        try:
+            view = np.frombuffer(mm, dtype, count=nbytes // dtype.itemsize, offset=start - aligned)
+            region = view.reshape(shape)[(slice(None),) + inner].copy()
+        finally:  # the map closes only once no array points into it: a Ctrl-C here had become a BufferError
+            del view
     return region
 
 
