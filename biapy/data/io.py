@@ -372,8 +372,8 @@ def image_shape(path, ndim: int) -> tuple:
 
 # PIL modes of a PNG whose pixels skimage's imread returns as they are: mode -> channels (1: no channel axis). Others
 # (palette, CMYK, ...) are converted on reading, so their shape is read from the pixels.
-_PLAIN_MODE_CHANNELS = {"1": 1, "L": 1, "I": 1, "I;16": 1, "I;16B": 1, "I;16L": 1, "F": 1, "LA": 2, "RGB": 3,
-                        "RGBA": 4}
+_PNG_MODE_CHANNELS = {"1": 1, "L": 1, "I": 1, "I;16": 1, "I;16B": 1, "I;16L": 1, "F": 1, "LA": 2, "RGB": 3,
+                      "RGBA": 4}
 
 
 def _png_header_shape(path):
@@ -384,7 +384,7 @@ def _png_header_shape(path):
 
     try:
         with Image.open(path) as im:
-            channels = _PLAIN_MODE_CHANNELS.get(im.mode)
+            channels = _PNG_MODE_CHANNELS.get(im.mode)
             if channels is None or getattr(im, "n_frames", 1) != 1:
                 return None
             width, height = im.size
