@@ -211,3 +211,17 @@ def test_streamed_slabs_match_plain_stitching_and_read_each_row_once(spatial, pa
     assert rows == sorted(set(rows)) == list(range(spatial[0]))
     if spatial[0] > 2 * patch[0]:
         assert len(slabs) > 1 and max(hi - lo for lo, hi in reads) <= patch[0]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7])
+def test_mirrored_runs_equal_reflect_indices_on_every_axis(size):
+    """Mirroring by narrowed and flipped runs gives exactly the pixels numpy's 'reflect' padding gives, on
+    any axis, for patches reaching past one or both ends, several times over for tiny images."""
+    from biapy.data.patches import _mirror
+
+    img = torch.arange(2 * size * 5 * size, dtype=torch.float32).reshape(2, size, 5, size)
+    for axis in (1, 3):
+        for start in range(-2 * size - 3, size + 2):
+            for length in (1, 2, size, 2 * size + 5):
+                idx = torch.from_numpy(reflect_indices(start, length, size))
+                torch.testing.assert_close(_mirror(img, axis, start, length), img.index_select(axis, idx))

@@ -1,4 +1,4 @@
-"""biapy.utils.transfer: copies to a GPU that the host does not wait for, and border indices made once.
+"""biapy.utils.transfer: copies to a GPU that the host does not wait for.
 
 The CUDA checks (no synchronizing call in whole-image stitching) run only where a GPU is present; on a
 CPU the same code paths are checked for their values and their caching."""
@@ -10,7 +10,7 @@ from biapy.config import get_defaults
 from biapy.data.normalization import Normalizer
 from biapy.data.patches import predict_whole
 from biapy.models.masking import _grid_order, grid_token_mask, random_token_mask
-from biapy.utils.transfer import index_on, queue_to_device
+from biapy.utils.transfer import queue_to_device
 from biapy.workflows.crappify import CrappifyWorkflow
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -31,21 +31,6 @@ class _NoWait:
     def __exit__(self, *exc):
         if self.cuda:
             torch.cuda.set_sync_debug_mode("default")
-
-
-def test_index_on_cpu_is_the_array_itself():
-    idx = np.array([3, 2, 1, 0, 1], dtype=np.int64)
-    t = index_on(idx, "cpu")
-    assert t.dtype == torch.int64 and t.tolist() == [3, 2, 1, 0, 1]
-
-
-def test_index_on_another_device_is_made_once_per_distinct_array():
-    # The meta device stands for a GPU here: no data, but a real device other than the CPU.
-    a = index_on(np.array([2, 1, 0, 1, 2]), "meta")
-    b = index_on(np.array([2, 1, 0, 1, 2]), torch.device("meta"))
-    c = index_on(np.array([1, 0, 1, 2, 3]), "meta")
-    assert a is b and a is not c
-    assert a.device.type == "meta" and a.shape == (5,) and a.dtype == torch.int64
 
 
 def test_queue_to_device_leaves_cpu_tensors_alone():

@@ -3,12 +3,9 @@
 After a copy from ordinary (pageable) host memory to a CUDA device the host waits until the stream has
 done all the work queued before it, so it cannot run ahead of the GPU: at every such copy inside a loop
 of forward passes the GPU drains and then idles while the host prepares the next launches. Whole-image
-prediction made one per row of patches and one per mirrored border patch, which cost it a third of its
-time on an H200. A copy from pinned memory is queued like a kernel.
+prediction made one per row of patches and one per mirrored border patch (an index array), which cost it a
+third of its time on an H200. A copy from pinned memory is queued like a kernel.
 """
-import functools
-
-import numpy as np
 import torch
 
 
@@ -27,22 +24,8 @@ def queue_to_device(t: torch.Tensor, device) -> torch.Tensor:
 
 
 def cache_key(device) -> torch.device:
-    """`device` as a key of the caches below: 'cuda' names the current GPU, which may change, so the index."""
+    """`device` as a key of a per-device cache: 'cuda' names the current GPU, which may change, so the index."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return device
-
-
-@functools.lru_cache(maxsize=256)
-def _cached_index(values: bytes, device: torch.device) -> torch.Tensor:
-    return queue_to_device(torch.from_numpy(np.frombuffer(values, dtype=np.int64).copy()), device)
-
-
-def index_on(idx: np.ndarray, device) -> torch.Tensor:
-    """An int64 index array as a tensor on `device`, made once per distinct array and device. A patch grid
-    mirrors the same few index runs at its borders over and over; callers must not write into it."""
-    device = torch.device(device)
-    if device.type == "cpu":
-        return torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
-    return _cached_index(np.ascontiguousarray(idx, dtype=np.int64).tobytes(), cache_key(device))
