@@ -4,6 +4,7 @@
     python bench/profile_mae.py --gpu 0         # the run_all GPU size (ViT-B, batch 64, bf16 autocast)
     python bench/profile_mae.py --gpu 0 --compile   # the same model under torch.compile (TRAIN.COMPILE)
     python bench/profile_mae.py --gpu 0 --trainer   # the step alone against the same step through the trainer
+    python bench/profile_mae.py --size gpu --batch 8 --rows 0   # ViT-B at 224x224 (MAE's own size) on the CPU
 
 For each mask ratio: the median wall milliseconds of a step (forward, masked loss, backward, AdamW), then
 one profiled block of steps: device kernel milliseconds per step, kernel launches per step and the
@@ -38,6 +39,7 @@ import run_all  # noqa: E402  (the cases' sizes)
 from biapy.config import load_config  # noqa: E402
 from biapy.engine.losses import masked_reconstruction_loss  # noqa: E402
 from biapy.engine.optimizers import AdamW  # noqa: E402
+from biapy.engine.precision import autocast, precision_name, resolve_amp  # noqa: E402
 from biapy.models import build_model  # noqa: E402
 
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
@@ -48,6 +50,8 @@ def main():
     ap.add_argument("--gpu", help="CUDA device index (default: CPU)")
     ap.add_argument("--compile", action="store_true", help="wrap the model in torch.compile first")
     ap.add_argument("--batch", type=int, help="patches per step (default: the run_all case's)")
+    ap.add_argument("--size", choices=("cpu", "gpu"),
+                    help="the run_all case's CPU or GPU size (model, patch, batch) on any device (default: the device's)")
     ap.add_argument("--steps", type=int, default=5, help="steps per timed block (default 5)")
     ap.add_argument("--rows", type=int, default=8, help="operators listed per ratio (default 8; 0: none)")
     ap.add_argument("--trainer", action="store_true",
@@ -55,7 +59,7 @@ def main():
     args = ap.parse_args()
     device = torch.device(f"cuda:{args.gpu}" if args.gpu is not None else "cpu")
     cuda = device.type == "cuda"
-    size = dict(run_all.CASES["2d_mae"]["gpu" if cuda else "cpu"])
+    size = dict(run_all.CASES["2d_mae"][args.size or ("gpu" if cuda else "cpu")])
     size["batch"] = args.batch or size["batch"]
     cfg = load_config(run_all.case_config("2d_mae", size, Path("unused"), 1, str(device)))
     torch.manual_seed(0)
@@ -64,10 +68,11 @@ def main():
     opt = AdamW(vit.parameters(), lr=1e-4)
     x = torch.randn(size["batch"], 1, *size["patch"], device=device)
     ssl = cfg.PROBLEM.SELF_SUPERVISED
+    amp = resolve_amp("auto", device, warn=False)[0]  # as TRAIN.AMP auto: bf16 on a GPU or an AMX CPU
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):  # as TRAIN.AMP auto
+        with autocast(device, amp):
             pred, mask = model(x)
             loss = masked_reconstruction_loss(pred, x, mask, vit.token_size, ssl.NORM_PIX_LOSS,
                                               ssl.LOSS_ON_MASKED_ONLY)
@@ -90,7 +95,7 @@ def main():
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     print(f"2D ViT MAE, {tuple(size['patch'])} x {size['batch']}, {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if cuda else ''}, torch {torch.__version__}"
-          f"{', torch.compile' if args.compile else ''}", flush=True)
+          f"{', torch.compile' if args.compile else ''}, {precision_name(amp)}", flush=True)
     walls = {}
     for ratio in (0.75, 0.0):
         vit.mask_ratio = ratio

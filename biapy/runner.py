@@ -85,6 +85,31 @@ def next_run_id(result_dir, name) -> int:
     return max(ids, default=0) + 1
 
 
+def claim_run_id(result_dir, name):
+    """The next free ID of job NAME, taken at once by making its results folder (mkdir is atomic): two jobs
+    started together without --run_id had both taken run 1, and one's results had replaced the other's.
+    Returns (ID, the folders made, innermost first: `release_claim` removes them if the run never starts)."""
+    results = Path(result_dir) / name / "results"
+    made = [d for d in (results, results.parent) if not d.exists()]
+    results.mkdir(parents=True, exist_ok=True)
+    run_id = next_run_id(result_dir, name)
+    while True:
+        try:
+            (results / f"{name}_{run_id}").mkdir()
+            return run_id, [results / f"{name}_{run_id}", *made]
+        except FileExistsError:
+            run_id += 1
+
+
+def release_claim(folders):
+    """Remove the folders `claim_run_id` made, those still empty: a run that fails before it starts leaves none."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # not empty (or gone): it and the folders above it stay
+
+
 def resolve_device(gpu, local_rank=0):
     """'0', '0,1' or None -> a torch.device; a missing GPU index is an error, no GPU at all means CPU."""
     if gpu is None or str(gpu).strip() in ("", "cpu"):
@@ -129,7 +154,7 @@ class BiaPy:
                  verbose=False):
         self.config_source = config
         self.given_result_dir = str(result_dir)
-        self.result_dir = Path(result_dir).resolve()
+        self.result_dir = Path(result_dir).expanduser().resolve()  # `--result_dir=~/r`: the shell left the ~
         self.name = name
         self.run_id = run_id
         self.gpu = gpu
@@ -138,6 +163,7 @@ class BiaPy:
         self.verbose = verbose
         self.cfg = None
         self.job = None
+        self._claimed = []  # folders made to claim a run ID, removed if the run does not start
 
     def _prepare(self):
         check_name(self.name)
@@ -178,7 +204,9 @@ class BiaPy:
                 _check_writable(self.result_dir, self.name)
             run_id = self.run_id
             if run_id is None:  # every rank takes rank 0's
-                run_id = broadcast_object(next_run_id(self.result_dir, self.name))
+                if dist.is_main:
+                    run_id, self._claimed = claim_run_id(self.result_dir, self.name)
+                run_id = broadcast_object(run_id)
             self.job = Job(self.result_dir, self.name, run_id)
             self.cfg = finalize(cfg, self.job)
             check_start(self.cfg, self.job)
@@ -204,11 +232,13 @@ class BiaPy:
             finished = True  # wait for every rank: rank 0 may still be writing the checkpoint of the stop
             raise
         finally:
+            release_claim(self._claimed)
             cleanup(wait=finished)
         return self.job
 
     def _write_configs(self):
         job = self.job
+        self._claimed = []  # the run has started: its folder is its own now
         for folder in (job.results, job.config_files):  # what a run killed outright (kill -9, out of memory) left
             remove_stale_temporaries_under(folder)
         job.config_files.mkdir(parents=True, exist_ok=True)
@@ -229,14 +259,18 @@ class BiaPy:
 def record_derived_model(checkpoint_file, job):
     """Append this run to the pretrained run's derived_models.log (lineage of fine-tuned runs)."""
     ckpt = Path(checkpoint_file).resolve()
-    if ckpt.parent.name != "checkpoints":
-        return
     source_job_dir = ckpt.parent.parent
+    # Only into one of this tool's job folders (NAME/checkpoints/NAME_ID-checkpoint-*.pth beside NAME/results):
+    # any other folder named 'checkpoints' (a downloaded model's) is not a run's, and may lie outside --result_dir.
+    own_name = re.fullmatch(re.escape(source_job_dir.name) + r"_\d+-checkpoint-.+\.pth", ckpt.name)
+    if ckpt.parent.name != "checkpoints" or not own_name or not (source_job_dir / "results").is_dir():
+        return
     if source_job_dir.resolve() == job.job_dir.resolve():
         return
     line = f"{time.strftime('%Y-%m-%d %H:%M:%S')}\t{job.results}\tfrom {ckpt.name}\n"
     try:
-        with open(source_job_dir / "derived_models.log", "a") as fh:
+        # UTF-8 whatever the locale; a folder name it cannot spell (held as escapes) is written as its own bytes.
+        with open(source_job_dir / "derived_models.log", "a", encoding="utf-8", errors="surrogateescape") as fh:
             fh.write(line)
     except OSError as err:
         log.warning("Could not record this run in %s/derived_models.log: %s", source_job_dir, err)

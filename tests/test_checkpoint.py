@@ -220,3 +220,120 @@ def test_a_model_with_float32_layers_pickles_and_loads_in_a_fresh_process(tmp_pa
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.pkl")], capture_output=True, text=True,
                          check=True).stdout
     assert out.split() == ["Float32Conv2d", "Float32Conv2d"]
+
+
+class _System:
+    """Unpickling this would run a shell command (torch 2.14 names it 'posix.system ... is blocked')."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickled_code_and_text_files_are_named_as_such(tmp_path):
+    """torch 2.14 words a refused global 'unsupported GLOBAL posix.system whose module posix is blocked': it had
+    been reported as 'not torch data'; a text file's reason had been a bare '101' (a KeyError)."""
+    marker = tmp_path / "pwned"
+    torch.save({"model": {}, "x": _System(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match=r"evil.pth: holds a pickled Python object \(\S*system\)"):
+        load_checkpoint(tmp_path / "evil.pth")
+    assert not marker.exists()
+    (tmp_path / "notes.pth").write_text("hello world\n")
+    with pytest.raises(CheckpointError, match=r"notes.pth: not a readable checkpoint .*: KeyError: \S+$"):
+        load_checkpoint(tmp_path / "notes.pth")
+
+
+@pytest.mark.parametrize("fields", [{"config": {"lr": 0.1}}, {"config": 123}, {"metadata": "oops"},
+                                    {"metadata": {"ndim": "x", "in_channels": True}}, {"extras": [1]}])
+def test_a_checkpoint_with_foreign_fields_still_gives_its_weights(tmp_path, caplog, fields):
+    """Another program's 'config' (a dict) or 'metadata' had crashed the run (AttributeError, ValueError):
+    fields not of the types this tool writes are ignored, each tensor still checked against the model."""
+    from biapy.engine.resume import load_model_from
+
+    cfg, src = get_defaults(), net()
+    path = tmp_path / "foreign.pth"
+    torch.save({"model": src.state_dict(), **fields}, path)
+    dst = net()
+    with caplog.at_level("WARNING"):
+        _, loaded, _ = load_model_from(dst, cfg, path, skip_unmatched=False)
+    assert "0.weight" in loaded and torch.equal(dst[0].weight, src[0].weight)
+    assert f"foreign.pth: ignoring {next(iter(fields))}" in caplog.text
+
+
+def test_model_entries_that_are_not_tensors_are_named():
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "odd.pth"
+        torch.save({"model": {"0.weight": torch.ones(4, 1, 3, 3), "0.bias": "zeros"}}, path)
+        with pytest.raises(CheckpointError, match=r"odd.pth: .*'model' entry '0.bias' holds a str; expected tensors"):
+            load_checkpoint(path)
+
+
+def _cfg(**model):
+    cfg = get_defaults()
+    for key, value in model.items():
+        cfg.MODEL[key] = value
+    return cfg
+
+
+@pytest.mark.parametrize("arch, key, trained, here", [
+    ("unet", "ACTIVATION", "elu", "relu"), ("resunet", "ACTIVATION", "elu", "relu"),
+    ("mae", "VIT_NORM_EPS", 1e-6, 1e-5), ("mae", "MAE_DEC_NUM_HEADS", 16, 8), ("unetr", "ACTIVATION", "elu", "relu"),
+    ("unetr", "VIT_NORM_EPS", 1e-6, 1e-5)])
+def test_a_run_goes_on_only_with_the_layers_it_was_trained_with(arch, key, trained, here, caplog):
+    """An ELU-trained run re-tested (or resumed) as ReLU had replaced its outputs (PSNR 18.75 -> 17.13)."""
+    from biapy.engine.checkpoint import check_own_run, function_key_differences, saved_config_tree
+    from biapy.errors import ConfigError
+
+    saved = _cfg(ARCHITECTURE=arch, **{key: trained})
+    state = {"config": saved.dump(), "metadata": checkpoint_metadata(saved)}
+    check_own_run(state, _cfg(ARCHITECTURE=arch, **{key: trained}), "r_1-checkpoint-last.pth", "r_1")
+    with pytest.raises(ConfigError, match=f"MODEL.{key} {trained} in the checkpoint, {here} here"):
+        check_own_run(state, _cfg(ARCHITECTURE=arch, **{key: here}), "r_1-checkpoint-last.pth", "r_1")
+    # A fine-tune may change it: told (only for a setting both architectures read).
+    tree, meta = saved_config_tree(state["config"]), state["metadata"]
+    assert function_key_differences(tree, meta, _cfg(ARCHITECTURE=arch, **{key: here}))
+    assert not function_key_differences(tree, dict(meta, architecture="mae"), _cfg(ARCHITECTURE="unetr",
+                                                                                   ACTIVATION="relu"))
+
+
+def test_a_run_resumes_only_with_its_own_optimizer():
+    """SGD resuming an AdamW run failed after the data preparation, advising MODEL.LOAD_CHECKPOINT_ONLY_WEIGHTS,
+    which a resume does not read. A test-only re-run does not use the optimizer."""
+    from biapy.engine.checkpoint import check_own_run
+    from biapy.errors import ConfigError
+
+    saved = get_defaults()
+    state = {"config": saved.dump(), "metadata": checkpoint_metadata(saved)}
+    cfg = get_defaults()
+    cfg.TRAIN.OPTIMIZER = "SGD"
+    with pytest.raises(ConfigError, match="TRAIN.OPTIMIZER ADAMW in the checkpoint, SGD here.*new --run_id"):
+        check_own_run(state, cfg, "r_1-checkpoint-last.pth", "r_1")
+    cfg.TRAIN.ENABLE = False
+    check_own_run(state, cfg, "r_1-checkpoint-last.pth", "r_1")
+
+
+def test_lineage_is_recorded_only_in_a_job_folder(tmp_path):
+    """A model downloaded into any folder named 'checkpoints' had gained a derived_models.log beside it, outside
+    --result_dir."""
+    from biapy.job import Job
+    from biapy.runner import record_derived_model
+
+    job = Job(tmp_path / "out", "ft", 1)
+    download = tmp_path / "dl" / "checkpoints" / "model.pth"
+    download.parent.mkdir(parents=True)
+    download.write_bytes(b"")
+    record_derived_model(download, job)
+    assert not (tmp_path / "dl" / "derived_models.log").exists()
+    source = Job(tmp_path / "out", "pre", 3)
+    source.results.mkdir(parents=True)
+    source.checkpoint_dir.mkdir()
+    for name in ("model.pth", "other_3-checkpoint-best.pth", source.checkpoint("best").name):
+        (source.checkpoint_dir / name).write_bytes(b"")
+        record_derived_model(source.checkpoint_dir / name, job)
+    lines = (source.job_dir / "derived_models.log").read_text().splitlines()
+    assert len(lines) == 1 and lines[0].endswith(f"{job.results}\tfrom pre_3-checkpoint-best.pth")

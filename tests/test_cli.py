@@ -9,7 +9,7 @@ import yaml
 
 from biapy.cli import main
 from biapy.config.load import plain_tree
-from biapy.runner import next_run_id
+from biapy.runner import claim_run_id, next_run_id, release_claim
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).parents[1]
@@ -70,6 +70,33 @@ def test_next_run_id_counts_existing_runs(tmp_path):
     assert next_run_id(tmp_path, "n") == 5
 
 
+def test_run_ids_are_claimed_at_once_and_released_while_empty(tmp_path):
+    """Two jobs started together without --run_id had both taken run 1 (the folder came after their data was
+    ready) and written into one run."""
+    first, made = claim_run_id(tmp_path, "n")
+    second, _ = claim_run_id(tmp_path, "n")
+    assert (first, second) == (1, 2) and (tmp_path / "n" / "results" / "n_1").is_dir()
+    assert made == [tmp_path / "n" / "results" / "n_1", tmp_path / "n" / "results", tmp_path / "n"]
+    release_claim(made)  # run 2's folder keeps the parents
+    assert not (tmp_path / "n" / "results" / "n_1").exists() and (tmp_path / "n" / "results" / "n_2").is_dir()
+    third, made = claim_run_id(tmp_path, "n")
+    (made[0] / "started").write_text("")
+    release_claim(made)  # never removes what a run wrote
+    assert third == 3 and (made[0] / "started").is_file()
+
+
+def test_a_job_without_run_id_that_fails_before_it_starts_leaves_no_folder(tmp_path, data2d, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.tif").write_text("not an image")  # found while the data is prepared, after the claim
+    cfg = tiny_config(data2d, 2)
+    cfg["DATA"]["TRAIN"]["PATH"] = str(bad)
+    path = write_yaml(tmp_path, cfg)
+    assert main(["--config", str(path), "--result_dir", str(tmp_path / "out"), "--name", "job"]) == 3
+    assert "broken.tif" in capsys.readouterr().err
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 @pytest.mark.parametrize("argv, culprit", [
     (["--config", "c.yaml", "--result_dir", "r", "--name", "n", "--run_id", "../x"], "--run_id"),
     (["--config", "c.yaml", "--result_dir", "r"], "--name"),
@@ -124,3 +151,42 @@ def test_only_rank_0_logs_with_or_without_verbose(is_main, verbose, level):
         assert logging.getLogger("biapy").getEffectiveLevel() == level
     finally:
         setup_logging(is_main=True)
+
+
+def test_a_tilde_in_result_dir_and_config_paths_is_the_home_folder(data2d, tmp_path, monkeypatch, capsys):
+    """`--result_dir=~/r` (the shell leaves a ~ after '=') had made a folder named '~' in the current one, and
+    `PATHS.CHECKPOINT_FILE ~/c.pth` was 'not found'."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    cwd.mkdir()
+    (home / "data").mkdir(parents=True)
+    (home / "data" / "train").symlink_to(data2d["train"][0])
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    cfg = tiny_config(data2d, 2, TRAIN={"EPOCHS": 1}, TEST={"ENABLE": False})
+    cfg["DATA"]["TRAIN"]["PATH"] = "~/data/train"
+    path = write_yaml(tmp_path, cfg)
+    assert main(["--config", str(path), "--result_dir=~/out", "--name", "job", "--run_id", "1"]) == 0
+    assert (home / "out" / "job" / "results" / "job_1").is_dir() and list(cwd.iterdir()) == []
+    assert (home / "data" / "train_ssl_source").is_dir()  # crappify's copies beside the images, in the home folder
+    capsys.readouterr()
+    assert main(["--config", str(path), "--result_dir=~/out", "--name", "job", "--run_id", "2",
+                 "MODEL.LOAD_CHECKPOINT", "True",
+                 "PATHS.CHECKPOINT_FILE", "~/out/job/checkpoints/job_1-checkpoint-best.pth"]) == 0
+    assert (home / "out" / "job" / "results" / "job_2").is_dir() and list(cwd.iterdir()) == []
+
+
+def test_the_lineage_log_takes_non_ascii_folder_names_whatever_the_locale(tmp_path):
+    """Under LC_ALL=C a results folder such as 'données' had stopped a fine-tuning run at its end (UnicodeEncodeError
+    writing derived_models.log)."""
+    import os
+
+    ckpt = tmp_path / "pre" / "checkpoints" / "pre_1-checkpoint-best.pth"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"")
+    (tmp_path / "pre" / "results").mkdir()
+    code = ("import sys\nfrom biapy.job import Job\nfrom biapy.runner import record_derived_model\n"
+            "record_derived_model(sys.argv[1], Job(sys.argv[2], 'ft', 1))\n")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0"}
+    subprocess.run([sys.executable, "-c", code, str(ckpt), str(tmp_path / "données")], env=env, cwd=ROOT, check=True)
+    assert "données/ft/results/ft_1\tfrom pre_1-checkpoint-best.pth" in \
+        (tmp_path / "pre" / "derived_models.log").read_text(encoding="utf-8")

@@ -1,5 +1,8 @@
 """Config defaults, BiaPy-compatible loading, checks and derived values."""
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -493,3 +496,101 @@ def test_a_vit_does_not_need_z_down_to_match_the_feature_maps(problem, arch):
     if arch == "unetr":
         with pytest.raises(ConfigError, match=r"MODEL.Z_DOWN: \[1, 2, 2\] must have 2 values"):
             checked(sections)
+
+
+def _alias_bomb(levels):
+    """A value of nested YAML aliases: a few hundred bytes that stand for 9**levels strings."""
+    nested = "[&l0 [" + ", ".join(['"x"'] * 9) + "]"
+    for i in range(1, levels):
+        nested += f", &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]"
+    return nested + "]"
+
+
+@pytest.mark.parametrize("text", [f"DATA:\n  PATCH_SIZE: {_alias_bomb(8)}\n",
+                                  "TRAIN: &a {EPOCHS: *a}\n",  # an alias of its own section: endless
+                                  "DATA: &a\n  TRAIN: {X: {<<: *a}}\n"])  # the same through a merge
+def test_yaml_aliases_that_repeat_a_value_without_end_are_refused_in_one_short_line(tmp_path, text):
+    """A 600-byte alias bomb had made a 254 MB error line (1.3 GB, 6 s); a self-referring alias a traceback."""
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"holds more than 10000 values or nests them more than 12 deep") as err:
+        load_config(path)
+    assert len(str(err.value)) < 300
+    with pytest.raises(ConfigError, match=r"^command line: TRAIN.METRICS holds more than 10000 values") as err:
+        load_config(None, ["TRAIN.METRICS", _alias_bomb(8).replace('"x"', "x")])  # bare words: read as YAML
+
+
+def test_long_values_are_cut_short_in_error_messages(tmp_path):
+    path = tmp_path / "long.yaml"
+    path.write_text(f"DATA:\n  PATCH_SIZE: [{', '.join(['x'] * 5000)}]\nTRAIN:\n  EPOCHS: {'n' * 5000}\n")
+    with pytest.raises(ConfigError, match=r"PATCH_SIZE: expected a list of finite numbers, got \['x', 'x'") as err:
+        load_config(path)
+    assert len(str(err.value)) < 200
+    with pytest.raises(ConfigError, match=r"EPOCHS: expected an integer, got 'nnn.*\.\.\..*' \(a string\)") as err:
+        load_config(None, ["TRAIN.EPOCHS", "n" * 5000])
+    assert len(str(err.value)) < 200
+
+
+@pytest.mark.parametrize("text, line, kind", [("? [1, 2]\n: 3\n", 1, "list"), ("TRAIN:\n  [1]: 3\n", 2, "list"),
+                                              ("TRAIN:\n  ? {a: 1}\n  : 3\n", 2, "mapping")])
+def test_yaml_keys_that_are_lists_or_mappings_are_named(tmp_path, text, line, kind):
+    """They had stopped the run with `TypeError: unhashable type` and a traceback."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(f"(line {line}): a key must be a plain name such as EPOCHS, "
+                                                    f"not a {kind}")):
+        load_config(path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("MODEL: {N_CLASSES: 2}\nDATA: {N_CLASSES: 3}\n", "MODEL.N_CLASSES is 2 but DATA.N_CLASSES is 3; both set "
+                                                      "MODEL.N_CLASSES"),
+    ("DATA:\n  EXTRACT_RANDOM_PATCH: true\n  TRAIN: {EXTRACT_RANDOM_PATCH: false}\n",
+     "DATA.EXTRACT_RANDOM_PATCH is True but DATA.TRAIN.EXTRACT_RANDOM_PATCH is False; both set "
+     "DATA.TRAIN.EXTRACT_RANDOM_PATCH"),
+])
+def test_a_biapy_key_and_its_new_name_set_differently_are_refused(tmp_path, text, message):
+    """The one read last had won silently (MODEL.N_CLASSES 3 above), where a key written twice is refused."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(path)
+    path.write_text("MODEL: {N_CLASSES: 3}\nDATA: {N_CLASSES: 3}\n")  # the same value twice: no doubt
+    assert load_config(path).MODEL.N_CLASSES == 3
+    path.write_text("MODEL: {N_CLASSES: 2}\n")
+    assert load_config(path, ["DATA.N_CLASSES", "4"]).MODEL.N_CLASSES == 4  # the command line overrides the file
+    with pytest.raises(ConfigError, match=re.escape("command line: DATA.N_CLASSES is 4 but MODEL.N_CLASSES is 5")):
+        load_config(path, ["DATA.N_CLASSES", "4", "MODEL.N_CLASSES", "5"])
+    assert load_config(None, ["TRAIN.EPOCHS", "2", "TRAIN.EPOCHS", "3"]).TRAIN.EPOCHS == 3  # appended: the last
+
+
+def test_a_tilde_in_config_paths_is_the_home_folder(tmp_path, monkeypatch):
+    """`~/...` had been read as a folder named '~' in the current one: 'folder ~/train does not exist'."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for folder in ("train", "test"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "c.pth").write_bytes(b"")
+    cfg = load_config(None, ["DATA.TRAIN.PATH", "~/train", "DATA.TEST.PATH", "~/test", "DATA.TEST.SSL_SOURCE_DIR",
+                             "~/copies", "MODEL.LOAD_CHECKPOINT", "True", "PATHS.CHECKPOINT_FILE", "~/c.pth"])
+    check_config(cfg)
+    assert (cfg.DATA.TRAIN.PATH, cfg.DATA.TEST.SSL_SOURCE_DIR, cfg.PATHS.CHECKPOINT_FILE) == (
+        str(tmp_path / "train"), str(tmp_path / "copies"), str(tmp_path / "c.pth"))
+    assert cfg.DATA.TRAIN.SSL_SOURCE_DIR == "" and finalize(cfg, Job(tmp_path, "w", 1)).DATA.TRAIN.SSL_SOURCE_DIR == \
+        str(tmp_path / "train_ssl_source")
+
+
+def test_the_yaml_file_is_read_as_utf_8_whatever_the_locale(tmp_path):
+    """Under LC_ALL=C a comment such as '# données' had stopped the run: 'ascii' codec can't decode."""
+    good, bom, latin = tmp_path / "good.yaml", tmp_path / "bom.yaml", tmp_path / "latin.yaml"
+    good.write_bytes("# données\nTRAIN:\n  EPOCHS: 7\n".encode("utf-8"))
+    bom.write_bytes("# données\nTRAIN:\n  EPOCHS: 8\n".encode("utf-8-sig"))
+    latin.write_bytes("# données\nTRAIN:\n  EPOCHS: 9\n".encode("latin-1"))
+    code = ("import sys\nfrom biapy.config import load_config\nfrom biapy.errors import ConfigError\n"
+            "for path in sys.argv[1:]:\n    try:\n        print(load_config(path).TRAIN.EPOCHS)\n"
+            "    except ConfigError as err:\n        print(err)\n")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONIOENCODING": "utf-8"}
+    out = subprocess.run([sys.executable, "-c", code, str(good), str(bom), str(latin)], capture_output=True,
+                         text=True, encoding="utf-8", env=env, cwd=Path(__file__).parents[1], check=True).stdout
+    lines = out.splitlines()
+    assert lines[:2] == ["7", "8"]
+    assert lines[2].startswith(f"--config: cannot read {latin}: 'utf-8' codec can't decode") and len(lines) == 3

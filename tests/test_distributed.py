@@ -156,3 +156,40 @@ def test_the_validation_loss_under_two_processes_is_that_of_the_saved_model_in_o
     trainer = Trainer(wf)
     trainer._apply_freeze(0)
     assert trainer._validate(0)[0] == pytest.approx(logged, rel=1e-5)
+
+
+def test_ranks_wait_for_each_other_longer_than_torchs_default(monkeypatch):
+    """A rank waiting while rank 0 built the copies, or predicted a large test volume, had been stopped by
+    torch's default timeout (30 min for gloo, 10 for NCCL) with a traceback."""
+    from datetime import timedelta
+
+    from biapy.engine import distributed
+
+    seen = {}
+    monkeypatch.setattr(distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.tdist, "init_process_group", lambda **kw: seen.update(kw))
+    for key, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "localhost",
+                       "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(key, value)
+    info = distributed.init_distributed("gloo")
+    assert info.enabled and info.rank == 1 and not info.is_main
+    assert seen["timeout"] >= timedelta(hours=24) and seen["backend"] == "gloo"
+
+
+def test_too_few_patches_for_a_batch_per_process_says_how_the_batch_was_counted(data2d, tmp_path):
+    """Under two processes each takes a whole batch a step: the error had read 'BATCH_SIZE: 2 is larger than the
+    3 training patches', which one process trains on."""
+    from biapy.config import check_config, finalize, load_config
+    from biapy.engine.distributed import DistInfo
+    from biapy.errors import DataError
+    from biapy.workflows import get_workflow
+
+    cfg = tiny_config(data2d, 2, TRAIN={"EPOCHS": 1, "BATCH_SIZE": 2},
+                      DATA={"TRAIN": {"PATCHES_PER_IMAGE": 1}})  # 3 images to train on, 3 patches
+    cfg = load_config(cfg)
+    check_config(cfg)
+    job = Job(tmp_path, "few", 1)
+    cfg = finalize(cfg, job)
+    two = DistInfo(rank=0, world_size=2, enabled=True)
+    with pytest.raises(DataError, match=r"^TRAIN.BATCH_SIZE: 2 x 2 processes = 4 is larger than the 3 training"):
+        get_workflow(cfg)(cfg, job, two, torch.device("cpu")).prepare_training()

@@ -103,3 +103,17 @@ def test_gpu_library_pages_leave_rss_and_torch_still_computes():
 def test_only_cuda_libraries_are_released(path, is_gpu):
     from biapy.utils.memory import _GPU_LIBRARY
     assert bool(_GPU_LIBRARY.search(path)) == is_gpu
+
+
+def test_mapped_files_with_non_ascii_paths_are_read_under_any_locale(tmp_path):
+    """/proc/self/smaps names every mapped file: under the C locale one named 'données' had stopped the job."""
+    if not os.path.exists("/proc/self/smaps"):
+        pytest.skip("Linux only")
+    data = tmp_path / "données.bin"
+    data.write_bytes(b"\0" * 4096)
+    code = ("import mmap, sys; fh = open(sys.argv[1], 'rb'); m = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)\n"
+            "from biapy.utils.memory import gpu_library_mappings; print(type(gpu_library_mappings()).__name__)")
+    env = dict(os.environ, LC_ALL="C", LANG="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")
+    done = subprocess.run([sys.executable, "-c", code, str(data)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "list"

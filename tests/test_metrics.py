@@ -36,6 +36,13 @@ def test_psnr_identical_is_capped_never_inf():
     assert math.isfinite(float(M.psnr(flat + 1, flat)))
 
 
+def test_psnr_of_nan_outputs_is_nan_not_the_cap():
+    """An all-NaN prediction had read PSNR 100 in the test table (`not mse > 0` is true for NaN)."""
+    assert math.isnan(M.psnr_from_mse(float("nan"), 1.0))
+    assert math.isnan(float(M.psnr_from_mse(torch.tensor(float("nan")), 1.0)))
+    assert math.isnan(float(M.psnr(torch.full((1, 1, 4, 4), float("nan")), torch.rand(1, 1, 4, 4))))
+
+
 def test_ssim_matches_skimage_2d():
     from skimage.metrics import structural_similarity
     rng = np.random.default_rng(0)

@@ -298,3 +298,18 @@ def test_zero_mean_unit_variance_takes_the_fixed_values_where_given():
     cfg = get_defaults()
     cfg.DATA.NORMALIZATION.ZERO_MEAN_UNIT_VAR.MEAN_VAL = [60.0]
     assert Normalizer.from_cfg(cfg).given_mean.tolist() == [60.0]
+
+
+@pytest.mark.parametrize("mean,std,bad", [([float("nan")], [1.0], "mean"), ([0.0], [-5.0], "std"),
+                                          ([0.0], [float("inf")], "std"), (["a"], [1.0], "mean")])
+def test_custom_values_loaded_for_testing_must_be_finite_and_stds_positive(tmp_path, mean, std, bad):
+    """A NaN mean in the checkpoint or beside it had made every test output NaN (scored PSNR 100); a negative
+    std, which the config check refuses, had been taken from a file."""
+    with pytest.raises(DataError, match=rf"model\.pth: its normalization {bad} .*(expected finite|not a list)"):
+        Normalizer("custom").load(tmp_path, {"type": "custom", "mean": mean, "std": std}, tmp_path / "model.pth")
+    if bad == "mean" and mean == ["a"]:
+        return
+    np.save(tmp_path / MEAN_FILE, np.array(mean))
+    np.save(tmp_path / STD_FILE, np.array(std))
+    with pytest.raises(DataError, match=rf"{STD_FILE if bad == 'std' else MEAN_FILE} holds .*expected finite"):
+        Normalizer("custom").load(tmp_path)

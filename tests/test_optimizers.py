@@ -140,3 +140,34 @@ def test_grad_scaler_protocol():
     scaler.update()
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), before))
     assert scaler.get_scale() == 2.0 ** 9
+
+
+@pytest.mark.parametrize("ours, before, after", [
+    (optimizers.SGD, {"lr": 0.05, "momentum": 0.9}, {"lr": 0.01, "momentum": 0.5}),
+    (optimizers.AdamW, {"lr": 0.01, "betas": (0.9, 0.999)}, {"lr": 0.02, "betas": (0.5, 0.6)}),
+])
+def test_a_loaded_state_keeps_this_optimizer_s_hyperparameters(ours, before, after):
+    """A resume had gone on with the saved weight decay and betas while config.yaml recorded the new ones."""
+    a = net()
+    opt = ours(groups(a, 0.02), **before)
+    train(a, opt, 2)
+    resumed = ours(groups(a, 0.5), **after)
+    resumed.load_state_dict(opt.state_dict())
+    assert [g["weight_decay"] for g in resumed.param_groups] == [0.5, 0.0]
+    for group in resumed.param_groups:
+        assert {k: group[k] for k in after} == after
+    assert resumed.state.keys() == opt.state.keys()  # the moments are the saved ones
+
+
+def test_a_resumed_run_trains_with_the_config_s_weight_decay_and_betas(tmp_path):
+    from biapy.engine.checkpoint import load_checkpoint
+    from biapy.job import Job
+    from tests.test_robustness import World
+
+    world = World(tmp_path)
+    assert world.run(world.cfg(TRAIN={"EPOCHS": 1}), "first", name="wd", run_id=1) == 0
+    resumed = world.cfg(TRAIN={"EPOCHS": 2, "W_DECAY": 0.5, "OPT_BETAS": [0.5, 0.6]})
+    assert world.run(resumed, "resumed", name="wd", run_id=1) == 0
+    groups = load_checkpoint(Job(world.out, "wd", 1).checkpoint("last"))["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.5, 0.0]
+    assert all(tuple(g["betas"]) == (0.5, 0.6) for g in groups)

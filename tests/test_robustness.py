@@ -298,6 +298,21 @@ def test_a_rerun_of_a_trained_run_under_other_input_or_layout_settings_is_refuse
     cfg = world.cfg(TRAIN={"ENABLE": train}, TEST={"ENABLE": True}, MODEL={"KERNEL_SIZE": 5})
     assert world.run(cfg, f"rerun_kernel_{train}", run_id=1) == 2
     one_error_line(capsys, "MODEL.KERNEL_SIZE 3 in the checkpoint, 5 here")
+    # An ELU-trained run re-tested as ReLU had replaced its outputs (PSNR 18.75 -> 17.13) and its config.yaml.
+    cfg = world.cfg(TRAIN={"ENABLE": train, "EPOCHS": 2}, TEST={"ENABLE": True}, MODEL={"ACTIVATION": "relu"})
+    assert world.run(cfg, f"rerun_activation_{train}", run_id=1) == 2
+    one_error_line(capsys, "run good_1 was trained with other settings", "MODEL.ACTIVATION elu in the checkpoint, "
+                   "relu here", "new --run_id")
+
+
+def test_resuming_a_run_with_another_optimizer_is_refused_before_any_work(world, intact, capsys):
+    """It had failed after the data preparation, advising MODEL.LOAD_CHECKPOINT_ONLY_WEIGHTS, which a resume
+    does not read (it always restores its optimizer)."""
+    cfg = world.cfg(TRAIN={"EPOCHS": 2, "OPTIMIZER": "SGD"})
+    assert world.run(cfg, "resume_sgd", run_id=1) == 2
+    line = one_error_line(capsys, "run good_1 was trained with other settings",
+                          "TRAIN.OPTIMIZER ADAMW in the checkpoint, SGD here", "new --run_id")
+    assert "LOAD_CHECKPOINT_ONLY_WEIGHTS" not in line
 
 
 def test_testing_another_checkpoint_into_a_trained_run_is_refused(world, intact, capsys):
@@ -545,6 +560,22 @@ def test_checkpoint_with_pickled_code_is_refused_and_runs_nothing(world, intact,
     assert world.run(_from_checkpoint(world, ckpt), "ckpt_pickled") == 4
     one_error_line(capsys, "pickled.pth", "pickled Python object", "weights_only=True")
     assert not marker.exists()
+
+
+def test_a_downloaded_checkpoint_with_foreign_fields_fine_tunes_and_writes_only_under_result_dir(world, intact,
+                                                                                                   capsys):
+    """A 'config' dict (common in other programs' checkpoints) had crashed the run ('dict' object has no attribute
+    'read'), a stray 'metadata' too; a model in any folder named 'checkpoints' had gained a derived_models.log."""
+    download = world.root / "dl" / "checkpoints" / "model.pth"
+    download.parent.mkdir(parents=True)
+    weights = torch.load(world.good_job.checkpoint("best"), weights_only=True)["model"]
+    torch.save({"model": weights, "config": {"lr": 0.1}, "metadata": "oops"}, download)
+    assert world.run(_from_checkpoint(world, download, TRAIN={"EPOCHS": 1}), "foreign", name="foreign") == 0
+    assert "model.pth: ignoring config, metadata" in capsys.readouterr().out
+    assert sorted(p.name for p in (world.root / "dl").iterdir()) == ["checkpoints"]
+    torch.save({"model": dict(weights, extra="x")}, download)
+    assert world.run(_from_checkpoint(world, download, TRAIN={"EPOCHS": 1}), "foreign_value", name="foreign2") == 4
+    one_error_line(capsys, "model.pth", "'model' entry 'extra' holds a str; expected tensors only")
 
 
 def test_checkpoint_of_another_architecture(world, intact, capsys):

@@ -449,8 +449,23 @@ def _fit_lengths_as_biapy(cfg):
         cfg.MODEL.DROPOUT_VALUES = [0.0] * levels
 
 
+# The paths a user gives in the config; `~` in them is expanded here, before anything reads them.
+USER_PATHS = tuple(f"DATA.{split}.{name}" for split in ("TRAIN", "VAL", "TEST")
+                   for name in ("PATH", "GT_PATH", "SSL_SOURCE_DIR")) + ("PATHS.CHECKPOINT_FILE",)
+
+
+def _expand_user_paths(cfg):
+    for key in USER_PATHS:
+        *parents, name = key.split(".")
+        node = cfg
+        for part in parents:
+            node = node[part]
+        _store(node, name, os.path.expanduser(node[name]))
+
+
 def check_config(cfg, check_paths=True):
     """Raise ConfigError on the first problem found, in the order a user would fix them."""
+    _expand_user_paths(cfg)
     _check_problem(cfg)
     _check_system(cfg)
     _fit_lengths_as_biapy(cfg)

@@ -10,6 +10,7 @@ import difflib
 import logging
 import math
 import os
+import reprlib
 from pathlib import Path
 
 import yaml
@@ -31,7 +32,18 @@ _BIAPY_KEYS_FILE = Path(__file__).with_name("biapy_3_7_1_keys.txt")
 
 
 def _biapy_keys():
-    return set(_BIAPY_KEYS_FILE.read_text().split())
+    return set(_BIAPY_KEYS_FILE.read_text(encoding="utf-8").split())
+
+
+# Values as error messages show them: cut short, so that a long list or string keeps the message one short line.
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict = 3, 8, 8, 4
+_SHORT.maxstring = _SHORT.maxother = 80
+
+
+def shown(value) -> str:
+    """repr(value), cut short for an error message."""
+    return _SHORT.repr(value)
 
 
 def _flatten(tree, prefix=""):
@@ -111,7 +123,7 @@ def coerce(key, value, default):
     elif isinstance(default, float):
         if _is_number(value):
             if not _finite(value):
-                raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+                raise ConfigError(f"{key}: expected a finite number, got {shown(value)}")
             return float(value)
     elif isinstance(default, str):
         if key in BOOLEAN_WORDS:  # YAML reads `AMP: off` as false; `TRAIN.AMP no` on the command line alike
@@ -125,13 +137,13 @@ def coerce(key, value, default):
             # A list of numbers by default (sizes, ranges, per-channel values) takes finite numbers only.
             if default and all(_is_number(d) for d in default) and not all(
                     _is_number(v) and _finite(v) for v in value):
-                raise ConfigError(f"{key}: expected a list of finite numbers, got {value!r}")
+                raise ConfigError(f"{key}: expected a list of finite numbers, got {shown(value)}")
             if default and all(isinstance(d, float) for d in default):
                 value = [float(v) for v in value]  # (0, 1) for (0.9, 0.999): torch wants floats
             return type(default)(value)
         if not isinstance(value, (bool, str)) and isinstance(value, (int, float)) and default == []:
             return [value]
-    raise ConfigError(f"{key}: expected {expected}, got {value!r} ({_type_name(value)})")
+    raise ConfigError(f"{key}: expected {expected}, got {shown(value)} ({_type_name(value)})")
 
 
 def _suggest(key, valid):
@@ -184,17 +196,18 @@ def _loss_list_form(values, source):
     weights = list(weights) if isinstance(weights, (list, tuple)) else [weights]  # a bare number: one weight
     weights = weights or [1.0] * len(names)
     if len(weights) != len(names):
-        raise ConfigError(f"{source}: LOSS.WEIGHTS: {weights} must hold one weight per LOSS.TYPE term {names}")
+        raise ConfigError(f"{source}: LOSS.WEIGHTS: {shown(weights)} must hold one weight per LOSS.TYPE term "
+                          f"{shown(names)}")
     values = dict(values)
     if len(names) < 2:
         if weights not in ([], [1], [1.0]):
-            raise ConfigError(f"{source}: LOSS.WEIGHTS: {weights} would scale the one LOSS.TYPE term {names}; "
-                              "expected [] or [1.0] (weights apply to two-term losses here)")
+            raise ConfigError(f"{source}: LOSS.WEIGHTS: {shown(weights)} would scale the one LOSS.TYPE term "
+                              f"{shown(names)}; expected [] or [1.0] (weights apply to two-term losses here)")
         values["LOSS.TYPE"], values["LOSS.WEIGHTS"] = (names[0] if names else ""), []
         return values
     mix = LOSS_MIXES.get(frozenset(names)) if len(set(names)) == len(names) == 2 else None
     if mix is None:
-        raise ConfigError(f"{source}: LOSS.TYPE: {names} is not a mix this tool has; expected one name, or "
+        raise ConfigError(f"{source}: LOSS.TYPE: {shown(names)} is not a mix this tool has; expected one name, or "
                           "[MAE, SSIM], [MSE, SSIM] or [DICE, CE] (W_MAE_SSIM, W_MSE_SSIM, CE_DICE)")
     weight_of = dict(zip(names, weights))
     values["LOSS.TYPE"], values["LOSS.WEIGHTS"] = mix[0], [weight_of[term] for term in mix[1]]
@@ -211,6 +224,7 @@ def merge_values(cfg, values: dict, source: str):
     if derived:
         log.warning("%s: %s set from --result_dir, --name, --run_id and --gpu; the value%s given %s replaced",
                     source, ", ".join(derived), "s" if len(derived) > 1 else "", "are" if len(derived) > 1 else "is")
+    set_by = {}  # target key -> (key given, value): a BiaPy key and its new name must not disagree
     for key, value in values.items():
         target = ALIASES.get(key, key)
         if target not in valid_set:
@@ -228,7 +242,13 @@ def merge_values(cfg, values: dict, source: str):
         *parents, leaf = target.split(".")
         for part in parents:
             node = node[part]
-        node[leaf] = coerce(target, value, node[leaf])
+        value = coerce(target, value, node[leaf])
+        if target in set_by and set_by[target][1] != value:
+            first, first_value = set_by[target]
+            raise ConfigError(f"{source}: {first} is {shown(first_value)} but {key} is {shown(value)}; both set "
+                              f"{target} (BiaPy's name and this tool's); keep one of them")
+        set_by[target] = (key, value)
+        node[leaf] = value
 
 
 class _NoAliasDumper(yaml.SafeDumper):
@@ -265,6 +285,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: keys written below it may override
                 continue
+            if not isinstance(key_node, yaml.ScalarNode):  # `? [1, 2]`: unhashable, and no key's name
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"a key must be a plain name such as EPOCHS, not a "
+                    f"{'list' if isinstance(key_node, yaml.SequenceNode) else 'mapping'}", key_node.start_mark)
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"{key} appears twice in the same section",
@@ -281,7 +305,8 @@ def read_yaml(path) -> dict:
     if not path.is_file():
         raise ConfigError(f"--config: file {path} does not exist")
     try:
-        tree = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+        # UTF-8 whatever the locale, as the config.yaml this tool writes (utf-8-sig: a BOM is skipped).
+        tree = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
@@ -292,17 +317,38 @@ def read_yaml(path) -> dict:
         return {}
     if not isinstance(tree, dict):
         raise ConfigError(f"--config: {path} must hold sections such as TRAIN: and DATA:, not a {type(tree).__name__}")
+    _check_size(tree, f"--config: {path}")
     return _flatten(tree)
 
 
+MAX_VALUES, MAX_DEPTH = 10_000, 12  # far above any config (BiaPy's has some 600 keys, 4 levels deep)
+
+
+def _check_size(tree, where):
+    """Refuse a tree that YAML aliases (`*name`) make huge or endless: a few lines of nested aliases stand for
+    billions of values, which reading, checking or an error message would spell out."""
+    count, todo = 0, [(tree, 1)]
+    while todo:
+        node, depth = todo.pop()
+        count += 1
+        if count > MAX_VALUES or depth > MAX_DEPTH:
+            raise ConfigError(f"{where} holds more than {MAX_VALUES} values or nests them more than {MAX_DEPTH} "
+                              "deep (aliases such as *name repeating each other?); expected a configuration's "
+                              "sections, keys and values")
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        todo.extend((child, depth + 1) for child in children)
+
+
 def parse_overrides(pairs) -> dict:
-    """['TRAIN.EPOCHS', '3', ...] -> {'TRAIN.EPOCHS': '3'}."""
+    """['TRAIN.EPOCHS', '3', ...] -> {'TRAIN.EPOCHS': '3'}; a key given twice takes its last value, as in BiaPy
+    (yacs' merge_from_list), so a script may append overrides to a base command."""
     if len(pairs) % 2:
-        raise ConfigError(f"command-line overrides must come as KEY VALUE pairs; {pairs[-1]!r} has no value")
-    return {key: _command_line_list(value) for key, value in zip(pairs[::2], pairs[1::2])}
+        raise ConfigError(f"command-line overrides must come as KEY VALUE pairs; {shown(pairs[-1])} has no value")
+    values = dict(zip(pairs[::2], pairs[1::2]))
+    return {key: _command_line_list(key, value) for key, value in values.items()}
 
 
-def _command_line_list(value):
+def _command_line_list(key, value):
     """A command-line list of bare words, '[MAE, SSIM]', read as YAML reads it in a file; anything else as given."""
     if not (value.startswith("[") and value.endswith("]")) or _decode(value) is not value:
         return value
@@ -310,7 +356,10 @@ def _command_line_list(value):
         words = yaml.safe_load(value)
     except yaml.YAMLError:
         return value
-    return words if isinstance(words, list) else value
+    if not isinstance(words, list):
+        return value
+    _check_size(words, f"command line: {key}")  # YAML aliases there too
+    return words
 
 
 def load_config(config=None, overrides=()):

@@ -3,9 +3,9 @@
 The copies live in SSL_SOURCE_DIR, one folder per (NOISE, RESIZING_FACTOR, SYSTEM.SEED), each with a
 `manifest.json` recording the parameters and each source file's size and modification time; they are
 reused only while all of these match, so editing an image (or a new version of the degradation) rebuilds
-them instead of silently training on stale data. The noise of each file is seeded by (SYSTEM.SEED, the config
-key of its folder, file name): rebuilding gives the same copies, wherever the images are, and a test image named
-as a training image gets noise of its own.
+them instead of silently training on stale data. The noise of each file is seeded by (SYSTEM.SEED, the file's
+absolute path): rebuilding gives the same copies, whichever job builds them, and a test image named as a
+training image gets noise of its own.
 """
 import functools
 import json
@@ -27,7 +27,7 @@ from biapy.utils.files import atomic_write_text, remove_stale_temporaries_under
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-_VERSION = 5  # bump when the degradation changes, so old copies are rebuilt (4: BiaPy's resize; 5: noise per key)
+_VERSION = 5  # bump when the degradation changes, so old copies are rebuilt (4: BiaPy's resize; 5: noise per path)
 _SLAB_VOXELS = 1 << 23  # voxels read from a lazy source per access (~16 MB of uint16)
 
 
@@ -196,11 +196,10 @@ def _resample(x, taps, axis):
     return low + (high - low) * w
 
 
-def _file_seed(seed, key, name):
-    """The noise generator of one file. The key (DATA.TEST.PATH, ...) is in it because the seed and name alone
-    gave test/x/img.tif the noise of train/x/img.tif, which training had learnt to remove (correlation 0.86)."""
-    return np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(str(key or "").encode()),
-                                  zlib.crc32(os.fsencode(name))])  # any file name's bytes
+def _file_seed(seed, path):
+    """The noise generator of one source file, by its absolute path: by its name alone, test/x/img.tif had had
+    the noise of train/x/img.tif, which training had learnt to remove (correlation 0.86)."""
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(os.fsencode(Path(path).resolve()))])
 
 
 def _file_stamp(path):
@@ -217,8 +216,7 @@ def copies_folder(dst_dir, noise, resizing_factor, seed) -> Path:
 
 def prepare_ssl_source(src_files, dst_dir, noise, resizing_factor, ndim, seed, key=None):
     """Degraded copies of `src_files` (same names) in `copies_folder(dst_dir, ...)`, rebuilt unless its
-    manifest matches. `key`: the config key of the sources (DATA.TRAIN.PATH, ...): part of the noise's seed,
-    and named in errors (else the copies' folder is).
+    manifest matches. `key`: the config key of the sources, for errors (else the copies' folder).
 
     Returns the degraded paths aligned with `src_files`. Files are written atomically and the
     manifest last, so an interrupted build is redone on the next run.
@@ -243,7 +241,7 @@ def prepare_ssl_source(src_files, dst_dir, noise, resizing_factor, ndim, seed, k
         return [dst_dir / old_files[n]["output"] for n in names]
     with lock:
         _lock(lock)
-        return _prepare_locked(src_files, names, dst_dir, params, noise, resizing_factor, ndim, seed, key)
+        return _prepare_locked(src_files, names, dst_dir, params, noise, resizing_factor, ndim, seed)
 
 
 def _lock(fh):
@@ -281,7 +279,7 @@ def _stale_sources(src_files, dst_dir, params):
     return old, old_files, todo, reasons
 
 
-def _prepare_locked(src_files, names, dst_dir, params, noise, resizing_factor, ndim, seed, key):
+def _prepare_locked(src_files, names, dst_dir, params, noise, resizing_factor, ndim, seed):
     remove_stale_temporaries_under(dst_dir, every=True)  # a killed build's: no one else writes here now
     old, old_files, todo, reasons = _stale_sources(src_files, dst_dir, params)
     same_params = old is not None and old.get("params") == params
@@ -298,7 +296,7 @@ def _prepare_locked(src_files, names, dst_dir, params, noise, resizing_factor, n
     files = dict(old_files)
     for src in tqdm(todo, desc="Degrading", unit="image", disable=None, leave=False):
         img = read_image(src, ndim) if ndim == 2 else open_image_lazy(src, ndim)  # a volume: slab by slab
-        slices = degraded_slices(img, noise, resizing_factor, ndim, _file_seed(seed, key, src.name),
+        slices = degraded_slices(img, noise, resizing_factor, ndim, _file_seed(seed, src),
                                  value_range(img, src))
         if ndim == 2:
             written = write_image(dst_dir / src.name, next(slices), ndim)
@@ -316,7 +314,7 @@ def _copies(n):
 
 def _read_manifest(path):
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
         return data if isinstance(data, dict) and isinstance(data.get("files"), dict) else None
     except (OSError, ValueError):
         return None

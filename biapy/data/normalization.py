@@ -309,21 +309,31 @@ class Normalizer:
             with atomic_path(folder / name) as tmp, open(tmp, "wb") as fh:
                 np.save(fh, np.asarray(value, dtype=np.float64))
 
-    def load(self, folder, saved=None):
+    def load(self, folder, saved=None, checkpoint=None):
         """The dataset mean/std ('custom') to test with. Per value, the first found: given in the config, in
-        `saved` (the `state()` stored in the checkpoint being tested), in `folder`'s .npy files."""
+        `saved` (the `state()` stored in `checkpoint`, the one being tested), in `folder`'s .npy files. Loaded
+        values must be finite, stds positive: a NaN mean had made every output NaN, scored as PSNR 100."""
         if self.kind != "custom":
             return
-        saved = saved if saved and saved.get("type") == "custom" else {}
+        saved = saved if isinstance(saved, dict) and saved.get("type") == "custom" else {}
         loaded = []
         for name, key, given in ((MEAN_FILE, "mean", self.given_mean), (STD_FILE, "std", self.given_std)):
-            path = Path(folder) / name
-            if given is not None:
+            if given is not None:  # check_config has checked the config's values
                 loaded.append(given)
-            elif saved.get(key) is not None:
-                loaded.append(np.asarray(saved[key], dtype=np.float64))
+                continue
+            if saved.get(key) is not None:
+                where = f"{checkpoint or 'the checkpoint'}: its normalization {key}"
+                try:
+                    value = np.atleast_1d(np.asarray(saved[key], dtype=np.float64))
+                except (TypeError, ValueError):
+                    raise DataError(f"{where} {saved[key]!r:.80} is not a list of numbers") from None
             else:
-                loaded.append(_read_saved(path))
+                where = Path(folder) / name
+                value = _read_saved(where)
+            if not (np.all(np.isfinite(value)) and (key == "mean" or np.all(value > 0))):
+                raise DataError(f"{where} holds {value.tolist()!r:.80}; expected finite values"
+                                f"{', all above 0' if key == 'std' else ''}, as training saves them")
+            loaded.append(value)
         self.mean, self.std = loaded
 
     def state(self):

@@ -77,19 +77,48 @@ def load_checkpoint(path, mmap=False) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # truncated zip, random bytes, pickled objects...
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        # torch < 2.14: "Unsupported global: GLOBAL builtins.getattr"; 2.14: "unsupported GLOBAL posix.system whose..."
+        found = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", str(err), re.IGNORECASE)
         if isinstance(err, pickle.UnpicklingError) and found:
             raise CheckpointError(f"{path}: holds a pickled Python object ({found.group(1)}), not loaded for safety "
                                   "(torch.load weights_only=True); expected plain tensors and values") from None
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if reason.startswith("Weights only load failed"):  # torch's advice to load unsafely does not apply here
             reason = "not torch data"
+        elif " " not in reason and reason != type(err).__name__:  # a bare value (a text file: KeyError 101)
+            reason = f"{type(err).__name__}: {reason}"
         raise CheckpointError(f"{path}: not a readable checkpoint (corrupt, truncated or not saved by "
                               f"torch with plain values): {reason[:200]}") from None
     if isinstance(state, dict) and "model" not in state and state and all(torch.is_tensor(v) for v in state.values()):
         state = {"model": state}  # a bare state_dict
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise CheckpointError(f"{path}: not a model checkpoint (no 'model' weights inside)")
+    for key, value in state["model"].items():
+        if not (isinstance(key, str) and torch.is_tensor(value)):
+            raise CheckpointError(f"{path}: not a model checkpoint: its 'model' entry {key!r} holds a "
+                                  f"{type(value).__name__}; expected tensors only")
+    return _without_foreign_fields(state, path)
+
+
+# This tool's checkpoint fields and metadata entries, by the type it writes them with.
+_FIELD_TYPES = {"config": str, "metadata": dict, "extras": dict}
+_METADATA_TYPES = {"ndim": int, "in_channels": int, "n_classes": int, "architecture": str, "problem": str,
+                   "pretext_task": str}
+
+
+def _without_foreign_fields(state, path) -> dict:
+    """`state` less the fields (and metadata entries) of another type than this tool writes: another program's
+    checkpoint (a 'config' dict, say) still gives its weights, each tensor checked against the model."""
+    ignored = [k for k, kind in _FIELD_TYPES.items() if state.get(k) is not None and not isinstance(state[k], kind)]
+    state = {k: v for k, v in state.items() if k not in ignored}
+    meta = state.get("metadata") or {}
+    odd = [k for k, kind in _METADATA_TYPES.items()
+           if k in meta and (not isinstance(meta[k], kind) or isinstance(meta[k], bool))]
+    if odd:
+        state["metadata"] = {k: v for k, v in meta.items() if k not in odd}
+    ignored += [f"metadata {k!r}" for k in odd]
+    if ignored:
+        log.warning("%s: ignoring %s (not of the types this tool writes)", Path(path).name, ", ".join(ignored))
     return state
 
 
@@ -152,6 +181,14 @@ _LAYOUT_KEYS = {"unet": ("MODEL.FEATURE_MAPS", "MODEL.KERNEL_SIZE", "MODEL.Z_DOW
 # Settings that change what the weights expect without changing their shapes: told, not refused.
 INPUT_KEYS = ("DATA.NORMALIZATION.TYPE", "MODEL.NORMALIZATION")
 
+# What else build_model reads that changes what trained weights compute, by architecture: without changing
+# their shapes (a fine-tune is told), and shapes outside the family's shared layout (the run's own decoder).
+_FUNCTION_KEYS = {"unet": ("MODEL.ACTIVATION",), "resunet": ("MODEL.ACTIVATION",),
+                  "mae": ("MODEL.VIT_NORM_EPS", "MODEL.MAE_DEC_NUM_HEADS"),
+                  "unetr": ("MODEL.ACTIVATION", "MODEL.VIT_NORM_EPS")}
+_OWN_LAYOUT_KEYS = {"mae": ("MODEL.MAE_DEC_HIDDEN_SIZE", "MODEL.MAE_DEC_NUM_LAYERS", "MODEL.MAE_DEC_MLP_DIMS"),
+                    "unetr": ("MODEL.FEATURE_MAPS", "MODEL.KERNEL_SIZE")}
+
 
 def saved_config_tree(saved_config: str) -> dict:
     """A checkpoint's own config (YAML text) as nested dicts; {} when absent or unreadable."""
@@ -168,6 +205,14 @@ def layout_key_differences(saved: dict, cfg) -> list:
     """'KEY value in the checkpoint, value here' for the layout keys on which the checkpoint's config
     (`saved_config_tree`) and `cfg` differ: why its tensors do not fit, or (head count) fit but are read another way."""
     return key_differences(saved, cfg, _LAYOUT_KEYS.get(_FAMILIES.get(str(cfg.MODEL.ARCHITECTURE), ""), ()))
+
+
+def function_key_differences(saved: dict, meta: dict, cfg) -> list:
+    """`key_differences` of the settings a checkpoint's weights were trained under (INPUT_KEYS, and the
+    _FUNCTION_KEYS its architecture and this one both read): a fine-tune may change them, and is told."""
+    mine = str(cfg.MODEL.ARCHITECTURE)
+    theirs = _FUNCTION_KEYS.get(str(meta.get("architecture", mine)), ())
+    return key_differences(saved, cfg, INPUT_KEYS + tuple(k for k in _FUNCTION_KEYS.get(mine, ()) if k in theirs))
 
 
 def key_differences(saved: dict, cfg, keys) -> list:
@@ -231,7 +276,13 @@ def check_own_run(state: dict, cfg, path, run) -> None:
             raise CheckpointError(f"{path}: run {run} was trained for {theirs} but this config asks for {mine}; "
                                   "use a new --run_id or --name")
     saved = saved_config_tree(state.get("config"))
-    differ = key_differences(saved, cfg, INPUT_KEYS) + layout_key_differences(saved, cfg)
+    arch = str(cfg.MODEL.ARCHITECTURE)
+    keys = INPUT_KEYS + _FUNCTION_KEYS.get(arch, ()) + _OWN_LAYOUT_KEYS.get(arch, ())
+    if cfg.PROBLEM.TYPE == "SEMANTIC_SEG":
+        keys += ("MODEL.N_CLASSES",)
+    if cfg.TRAIN.ENABLE:  # a resume restores the optimizer's state, which only its own TRAIN.OPTIMIZER reads
+        keys += ("TRAIN.OPTIMIZER",)
+    differ = key_differences(saved, cfg, keys) + layout_key_differences(saved, cfg)
     if differ:
         raise ConfigError(f"run {run} was trained with other settings than these ({'; '.join(differ)}): set them "
                           f"as in its training to go on with {Path(path).name}, or pass a new --run_id to train anew")

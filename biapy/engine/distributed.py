@@ -6,6 +6,7 @@ import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as tdist
@@ -14,6 +15,11 @@ from biapy.config.checks import env_process_count
 from biapy.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+# How long a rank waits for the others in a collective. Ranks legitimately wait long: while rank 0 alone builds
+# the degraded copies, or while one rank predicts a large test volume. torch's default (30 min for gloo, 10 for
+# NCCL) had stopped such jobs with a traceback. A rank that dies is seen by torchrun at once, not by this.
+COLLECTIVE_TIMEOUT = timedelta(hours=48)
 
 
 @dataclass(frozen=True)
@@ -45,7 +51,8 @@ def init_distributed(backend="gloo") -> DistInfo:
                           "python -m torch.distributed.run --nproc_per_node=K main.py ... (it sets them), or unset "
                           "WORLD_SIZE for one process")
     if not is_initialized():
-        tdist.init_process_group(backend=backend, init_method="env://", world_size=world_size, rank=rank)
+        tdist.init_process_group(backend=backend, init_method="env://", world_size=world_size, rank=rank,
+                                 timeout=COLLECTIVE_TIMEOUT)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, is_main=rank == 0, enabled=True)
 
 

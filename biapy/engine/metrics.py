@@ -61,7 +61,9 @@ def psnr_from_mse(mse_value, data_range):
         return 10.0 * torch.log10(rng2 / torch.maximum(mse_value.float(), floor))
     rng2 = max(float(data_range), 1e-8) ** 2
     value = float(mse_value)
-    if not value > 0:  # 0 or NaN-free identical images -> the cap
+    if math.isnan(value):  # NaN outputs: `not value > 0` had scored them as the cap
+        return math.nan
+    if value <= 0:  # identical images -> the cap
         return PSNR_CAP
     return min(PSNR_CAP, 10.0 * math.log10(rng2 / value))
 

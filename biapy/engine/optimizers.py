@@ -60,7 +60,9 @@ class BaseOptimizer:
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Raises ValueError (or KeyError) when the saved groups or buffers do not fit these parameters."""
+        """The saved buffers and step counts. Unlike torch.optim, the groups keep their own hyperparameters (the
+        config's TRAIN.W_DECAY, OPT_BETAS...; the LR is the schedule's): a resumed run runs under the config its
+        config.yaml records. Raises ValueError (or KeyError) when the saved groups or buffers do not fit."""
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"saved state has {len(saved_groups)} parameter group(s), this model "
@@ -79,8 +81,6 @@ class BaseOptimizer:
             p = by_index[int(i)]
             state[p] = {k: self._restore(k, v, p) for k, v in saved.items()}
         self.state = state
-        for group, saved in zip(self.param_groups, saved_groups):
-            group.update({k: v for k, v in saved.items() if k != "params"})
 
     @staticmethod
     def _restore(key, value, p):

@@ -12,10 +12,10 @@ import os
 import re
 from pathlib import Path
 
-from biapy.engine.checkpoint import (INPUT_KEYS, check_compatible, check_own_run, checkpoint_metadata,
-                                     is_step_counter, key_differences, layout_key_differences, load_checkpoint,
-                                     load_weights, other_task, rng_states, save_checkpoint, saved_config_tree,
-                                     set_rng_states, to_plain)
+from biapy.engine.checkpoint import (check_compatible, check_own_run, checkpoint_metadata, function_key_differences,
+                                     is_step_counter, layout_key_differences, load_checkpoint, load_weights,
+                                     other_task, rng_states, save_checkpoint, saved_config_tree, set_rng_states,
+                                     to_plain)
 from biapy.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,9 @@ def save(t, path, **kwargs) -> None:
     save_checkpoint(path, build_payload(t, **kwargs))
 
 
-def restore_training(t, state, path, with_rng=True) -> None:
-    """Optimizer, scheduler, scaler, counters and history from `state` (the model is loaded separately)."""
+def restore_training(t, state, path, with_rng=True, advice="pass a new --run_id to train anew") -> None:
+    """Optimizer, scheduler, scaler, counters and history from `state` (the model is loaded separately);
+    `advice` ends the error when they do not fit."""
     try:
         if state.get("optimizer"):
             t.optimizer.load_state_dict(state["optimizer"])
@@ -60,7 +61,7 @@ def restore_training(t, state, path, with_rng=True) -> None:
             t.scaler.load_state_dict(state["scaler"])
     except (ValueError, KeyError, RuntimeError) as err:
         raise CheckpointError(f"{path}: optimizer/scheduler state does not fit this model or TRAIN.OPTIMIZER "
-                              f"({str(err).splitlines()[0][:160]}); set MODEL.LOAD_CHECKPOINT_ONLY_WEIGHTS True") from None
+                              f"({str(err).splitlines()[0][:160]}); {advice}") from None
     t.start_epoch = int(state.get("epoch", 0))
     t.skip_steps = int(state.get("step_in_epoch", 0))
     t.partial_loss = tuple(state.get("partial_loss", (0.0, 0)))
@@ -136,10 +137,10 @@ def load_model_from(t_model, cfg, path, skip_unmatched, own_run=None):
     if differ:
         log.warning("%s was trained with other model settings (%s); its weights were loaded where they fit",
                     path.name, "; ".join(differ))
-    inputs = key_differences(saved, cfg, INPUT_KEYS)
+    inputs = function_key_differences(saved, state.get("metadata") or {}, cfg)
     if inputs:  # the weights load, but they learned from inputs (or with layers) of another kind
-        log.warning("%s was trained with %s; the pretrained features may fit this run's inputs less well",
-                    path.name, "; ".join(inputs))
+        log.warning("%s was trained with %s; the pretrained features may fit this run's inputs and layers less "
+                    "well", path.name, "; ".join(inputs))
     if skipped:
         more = f", ... {len(skipped) - 6} more (--verbose lists them)" if len(skipped) > 6 else ""
         shown = ", ".join(skipped[:6]) + more
@@ -268,7 +269,8 @@ def resume_or_start(t) -> bool:
         log.warning("MODEL.LOAD_CHECKPOINT_ONLY_WEIGHTS False: %s was trained for another task, so only its "
                     "weights are loaded; this run's training starts at epoch 1", path.name)
     elif not cfg.MODEL.LOAD_CHECKPOINT_ONLY_WEIGHTS:
-        restore_training(t, state, path, with_rng=False)
+        # Another run's optimizer state may not fit this TRAIN.OPTIMIZER; its weights alone always do
+        restore_training(t, state, path, with_rng=False, advice="set MODEL.LOAD_CHECKPOINT_ONLY_WEIGHTS True")
         if t.start_epoch >= cfg.TRAIN.EPOCHS and t.skip_steps == 0:
             raise ConfigError(f"TRAIN.EPOCHS: {cfg.TRAIN.EPOCHS}, but {path.name} already holds {t.start_epoch} epoch(s) "
                               "and MODEL.LOAD_CHECKPOINT_ONLY_WEIGHTS False continues its count; raise TRAIN.EPOCHS "

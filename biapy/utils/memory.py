@@ -81,7 +81,7 @@ class Mapping(NamedTuple):
 def gpu_library_mappings():
     """This process's mappings of CUDA libraries, as [Mapping] (Linux; [] elsewhere)."""
     try:
-        with open("/proc/self/smaps") as fh:
+        with open("/proc/self/smaps", encoding="utf-8", errors="replace") as fh:  # any locale, any mapped path
             lines = fh.read().splitlines()
     except OSError:
         return []

@@ -122,8 +122,11 @@ class Workflow(ABC):
         self.train_dataset = self._dataset(inputs, targets, "train", cfg.AUGMENTOR.ENABLE)
         self.val_dataset = self._dataset(val_inputs, val_targets, "val", False)
         n_train = len(self.train_dataset)
-        if n_train < cfg.TRAIN.BATCH_SIZE * self.dist.world_size:
-            raise DataError(f"TRAIN.BATCH_SIZE: {cfg.TRAIN.BATCH_SIZE} is larger than the {n_train} training "
+        needed = cfg.TRAIN.BATCH_SIZE * self.dist.world_size  # each process takes a whole batch per step
+        if n_train < needed:
+            batches = (f"{cfg.TRAIN.BATCH_SIZE} x {self.dist.world_size} processes = {needed}"
+                       if self.dist.world_size > 1 else str(needed))
+            raise DataError(f"TRAIN.BATCH_SIZE: {batches} is larger than the {n_train} training "
                             f"patches per epoch ({len(inputs)} image(s)); lower it or add images")
         common = {"dist": self.dist, "num_workers": cfg.SYSTEM.NUM_WORKERS, "seed": cfg.SYSTEM.SEED,
                   "pin_memory": bool(cfg.SYSTEM.PIN_MEM) and str(self.device).startswith("cuda")}
@@ -174,7 +177,7 @@ class Workflow(ABC):
         """What `checkpoint_extras` saved, back from the `checkpoint` the test phase loaded. Without training in
         this run, 'custom' normalization takes that checkpoint's mean/std (else the .npy files beside it)."""
         if not self.cfg.TRAIN.ENABLE:
-            self.normalizer.load(Path(checkpoint).parent, saved=(extras or {}).get("normalization"))
+            self.normalizer.load(Path(checkpoint).parent, (extras or {}).get("normalization"), checkpoint)
 
     # ---------------------------------------------------------------- run
     def run(self):
