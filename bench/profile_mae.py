@@ -5,6 +5,7 @@
     python bench/profile_mae.py --gpu 0 --compile   # the same model under torch.compile (TRAIN.COMPILE)
     python bench/profile_mae.py --gpu 0 --trainer   # the step alone against the same step through the trainer
     python bench/profile_mae.py --size gpu --batch 8 --rows 0   # ViT-B at 224x224 (MAE's own size) on the CPU
+    python bench/profile_mae.py --amp off                        # in float32 (TRAIN.AMP off)
 
 For each mask ratio: the median wall milliseconds of a step (forward, masked loss, backward, AdamW), then
 one profiled block of steps: device kernel milliseconds per step, kernel launches per step and the
@@ -50,6 +51,8 @@ def main():
     ap.add_argument("--gpu", help="CUDA device index (default: CPU)")
     ap.add_argument("--compile", action="store_true", help="wrap the model in torch.compile first")
     ap.add_argument("--batch", type=int, help="patches per step (default: the run_all case's)")
+    ap.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
+                    help="TRAIN.AMP: the precision of the steps (default auto, as a run's)")
     ap.add_argument("--size", choices=("cpu", "gpu"),
                     help="the run_all case's CPU or GPU size (model, patch, batch) on any device (default: the device's)")
     ap.add_argument("--steps", type=int, default=5, help="steps per timed block (default 5)")
@@ -68,7 +71,7 @@ def main():
     opt = AdamW(vit.parameters(), lr=1e-4)
     x = torch.randn(size["batch"], 1, *size["patch"], device=device)
     ssl = cfg.PROBLEM.SELF_SUPERVISED
-    amp = resolve_amp("auto", device, warn=False)[0]  # as TRAIN.AMP auto: bf16 on a GPU or an AMX CPU
+    amp = resolve_amp(args.amp, device)[0]  # auto: bf16 on a recent GPU or an AMX CPU, as a run's
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def step():
@@ -123,7 +126,8 @@ def through_trainer(args, size, device, alone_vit, alone, block):
 
     setup_logging(is_main=False)
     tmp = Path(tempfile.mkdtemp(prefix="profile_mae_"))
-    cfg, wf, trainer = run_all.case_trainer("2d_mae", size, tmp / "data", args.steps * 4, str(device))
+    cfg, wf, trainer = run_all.case_trainer("2d_mae", size, tmp / "data", args.steps * 4, str(device),
+                                            overrides={"TRAIN.AMP": args.amp})  # the precision of `alone`
     vits = (alone_vit, _unwrap(trainer.model))
     batch = tuple(t.to(device) for t in next(iter(wf.train_loader)))
 

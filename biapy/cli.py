@@ -71,8 +71,16 @@ def _rank_tag() -> str:
     return f"[rank {os.environ.get('RANK', '0')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
 
+MAX_ERROR_CHARS = 2000
+
+
 def _error(message):
-    """One line on stderr, in one write: lines of several processes sharing the terminal stay whole."""
+    """One line on stderr, in one write: lines of several processes sharing the terminal stay whole. A line
+    longer than MAX_ERROR_CHARS (a value spelled out whole) keeps its start, which names the culprit, and its
+    end, which says what was expected."""
+    if len(message) > MAX_ERROR_CHARS:
+        half = MAX_ERROR_CHARS // 2
+        message = f"{message[:half]} … ({len(message) - 2 * half} characters) … {message[-half:]}"
     sys.stderr.write(f"ERROR: {_rank_tag()}{message}\n")
     sys.stderr.flush()
 
@@ -111,15 +119,17 @@ def main(argv=None):
                    "resume")
             return 1
         peer_gone = _rank_tag() and any(text in str(err) for text in _PEER_GONE)
-        if not (peer_gone or isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"):
+        no_memory = (isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
+                     or _CPU_ALLOC_FAILED in str(err))  # torch's CPU allocator raises a RuntimeError
+        if not (peer_gone or no_memory):
             raise  # a bug: shown with its traceback
         _traceback_if(args.verbose)
         if peer_gone:
             _error("stopped because another process of this job failed (its error is above)")
             return 1
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        _error(f"out of memory ({first}); lower TRAIN.BATCH_SIZE or DATA.PATCH_SIZE, or in training turn on "
-               "MODEL.ACTIVATION_CHECKPOINTING")
+        _error(f"out of memory ({first}); lower TRAIN.BATCH_SIZE or DATA.PATCH_SIZE (testing: TEST.BATCH_SIZE, or "
+               "TEST.FULL_IMG False), or in training turn on MODEL.ACTIVATION_CHECKPOINTING")
         return 1
     except KeyboardInterrupt as stop:
         if isinstance(stop, _Terminated) and _rank_tag():
@@ -136,6 +146,7 @@ def main(argv=None):
     return 0
 
 
+_CPU_ALLOC_FAILED = "DefaultCPUAllocator: can't allocate memory"  # torch's words, before its size
 _WORKER_KILLED = re.compile(r"DataLoader worker \(pid (\d+)\) is killed by signal: ([^.]+)")  # torch's words
 
 

@@ -2,6 +2,18 @@
 
 Anything else that escapes is a bug: it is shown with a traceback.
 """
+import reprlib
+
+# Values as error messages show them: cut short, so that a long list or string keeps the message one short line.
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict = 3, 8, 8, 4
+_SHORT.maxstring = _SHORT.maxother = 80
+_SHORT.maxlong = 20
+
+
+def shown(value) -> str:
+    """repr(value), cut short for an error message (a list or tuple keeps its brackets)."""
+    return _SHORT.repr(value)
 
 
 class BiapyError(Exception):

@@ -20,7 +20,7 @@ from biapy.config.checks import cores_per_process
 from biapy.config.load import plain_tree
 from biapy.engine.resume import check_start
 from biapy.engine.precision import describe_amp
-from biapy.errors import AgreedStop, ConfigError
+from biapy.errors import AgreedStop, ConfigError, shown
 from biapy.job import Job
 from biapy.utils.files import atomic_path, atomic_write_text, remove_stale_temporaries_under
 from biapy.utils.memory import tune_process_memory
@@ -71,10 +71,20 @@ def _caller_state():
         torch.set_rng_state(rng)
 
 
+# The longest file name made from --name: NAME_<run id>-checkpoint-last.pth, with a run ID of up to 6 digits.
+_LONGEST_DERIVED = "_999999-checkpoint-last.pth"
+_NAME_MAX = 255  # bytes of one file name (ext4, xfs, btrfs, tmpfs, NTFS...)
+
+
 def check_name(name):
     if not name or name in (".", "..") or not _SAFE_NAME.match(name) or ".." in name:
-        raise ConfigError(f"--name: {name!r} must be a plain folder name (letters, digits, '.', '_', '-', '+'; "
+        raise ConfigError(f"--name: {shown(name)} must be a plain folder name (letters, digits, '.', '_', '-', '+'; "
                           "no path separators or '..')")
+    limit = _NAME_MAX - len(_LONGEST_DERIVED)
+    if len(os.fsencode(name)) > limit:  # refused before any work: it had failed when the first epoch was saved
+        raise ConfigError(f"--name: {shown(name)} is {len(os.fsencode(name))} characters long; expected at most "
+                          f"{limit}, so that the file names made from it (NAME_<run id>-checkpoint-last.pth) fit "
+                          f"the file system's limit of {_NAME_MAX} bytes")
 
 
 def next_run_id(result_dir, name) -> int:

@@ -150,7 +150,9 @@ def test_test_memory_bench_prints_a_row_per_depth_and_the_cost_per_voxel():
 
 def test_mae_profile_prints_both_ratios_and_the_operator_table():
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "profile_mae.py"), "--batch", "2", "--steps", "1",
-                          "--rows", "2"], capture_output=True, text=True, check=True, cwd=ROOT, timeout=300).stdout
+                          "--rows", "2", "--amp", "off"], capture_output=True, text=True, check=True, cwd=ROOT,
+                         timeout=300).stdout
+    assert re.search(r"^2D ViT MAE, \(128, 128\) x 2, cpu, .*, float32$", out, re.M)  # the precision it ran in
     walls = {float(m[0]): float(m[1]) for m in re.findall(r"mask ratio ([\d.]+): wall ([\d.]+) ms/step", out)}
     assert set(walls) == {0.75, 0.0} and all(w > 0 for w in walls.values())
     ratio = float(re.search(r"wall ratio 0.75 / 0: ([\d.]+)", out).group(1))

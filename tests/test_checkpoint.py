@@ -1,4 +1,5 @@
 """Checkpoint files: atomic writes, weights_only loading, tolerant weight loading, clear errors."""
+import os
 import random
 from pathlib import Path
 
@@ -247,7 +248,10 @@ def test_pickled_code_and_text_files_are_named_as_such(tmp_path):
 
 
 @pytest.mark.parametrize("fields", [{"config": {"lr": 0.1}}, {"config": 123}, {"metadata": "oops"},
-                                    {"metadata": {"ndim": "x", "in_channels": True}}, {"extras": [1]}])
+                                    {"metadata": {"ndim": "x", "in_channels": True}}, {"extras": [1]},
+                                    {"epoch": 2.5}, {"best_val": "inf"}, {"partial_loss": 0.5},
+                                    {"scheduler": [{"step": 3}]}, {"history": {"epoch": 1}},
+                                    {"bad_epochs": True}, {"rng": [1, 2]}])
 def test_a_checkpoint_with_foreign_fields_still_gives_its_weights(tmp_path, caplog, fields):
     """Another program's 'config' (a dict) or 'metadata' had crashed the run (AttributeError, ValueError):
     fields not of the types this tool writes are ignored, each tensor still checked against the model."""
@@ -337,3 +341,75 @@ def test_lineage_is_recorded_only_in_a_job_folder(tmp_path):
         record_derived_model(source.checkpoint_dir / name, job)
     lines = (source.job_dir / "derived_models.log").read_text().splitlines()
     assert len(lines) == 1 and lines[0].endswith(f"{job.results}\tfrom pre_3-checkpoint-best.pth")
+
+
+def test_training_fields_of_other_types_are_dropped_and_none_is_taken_as_unset(tmp_path):
+    """Another program's {'epoch': None} or {'scheduler': [...]} had stopped a fine-tune with
+    MODEL.LOAD_CHECKPOINT_ONLY_WEIGHTS False in a traceback (int(None); 'list' has no attribute 'get')."""
+    path = tmp_path / "foreign.pth"
+    torch.save({"model": net().state_dict(), "epoch": None, "best_val": None, "step_in_epoch": 3,
+                "partial_loss": 0.5, "scheduler": [{"step": 1}], "optimizer": {"state": {}}}, path)
+    state = load_checkpoint(path)
+    assert sorted(state) == ["model", "optimizer", "step_in_epoch"]
+
+
+class _Trainer:
+    """What restore_training reads and sets of a Trainer."""
+
+    def __init__(self):
+        from biapy.engine.optim import LRSchedule
+
+        self.model = net()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
+        self.scheduler = LRSchedule(self.optimizer, "warmupcosine", 1e-3, 40, warmup=4)
+        self.scaler = None
+        self.steps_per_epoch, self.accum = 4, 1
+        self.cfg = get_defaults()
+        self.wf = type("Wf", (), {"train_loader": range(4)})()
+        self.dist = type("Dist", (), {"world_size": 1})()
+
+
+@pytest.mark.parametrize("fields, says", [
+    ({"scheduler": {"step": None}}, "TypeError"),
+    ({"scheduler": {"step": "x"}}, "invalid literal"),
+    ({"optimizer": {"state": {}, "param_groups": 3}}, "TypeError"),
+    ({"epoch": 1, "step_in_epoch": 2, "partial_loss": [1.0]}, "ValueError"),
+    ({"epoch": -3}, "epoch is -3"),
+    ({"history": [1, 2]}, "history"),
+])
+@pytest.mark.parametrize("advice", ["set MODEL.LOAD_CHECKPOINT_ONLY_WEIGHTS True to load its weights only",
+                                    "pass a new --run_id to train anew"])
+def test_training_state_of_another_layout_is_one_checkpoint_error(tmp_path, fields, says, advice):
+    """Fields of this tool's types laid out otherwise (another program's) had escaped as TypeError or
+    AttributeError tracebacks; the advice is the caller's (a fine-tune's, or a resume's of its own run)."""
+    from biapy.engine.resume import restore_training
+
+    path = tmp_path / "foreign.pth"
+    torch.save({"model": net().state_dict(), **fields}, path)
+    state = load_checkpoint(path)
+    with pytest.raises(CheckpointError) as caught:
+        restore_training(_Trainer(), state, path, with_rng=False, advice=advice)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    assert says in message and message.endswith(advice)
+
+
+def test_a_checkpoint_that_cannot_be_written_asks_about_the_disk_only_when_it_may_be_full(tmp_path, monkeypatch):
+    """A file name too long had been told 'is the disk full?'."""
+    import errno
+
+    from biapy.errors import BiapyError
+
+    too_long = tmp_path / ("n" * 250 + "_1-checkpoint-last.pth")
+    with pytest.raises(BiapyError) as caught:
+        save_checkpoint(too_long, {"model": {"w": torch.ones(2)}})
+    assert "File name too long" in str(caught.value) and "disk" not in str(caught.value)
+    assert list(tmp_path.iterdir()) == []  # no temporary left
+    for code, asks in ((errno.ENOSPC, True), (errno.EDQUOT, True), (errno.EROFS, False), (errno.EACCES, False)):
+        def fail(obj, f, *a, code=code, **k):
+            raise OSError(code, os.strerror(code))
+        monkeypatch.setattr(torch, "save", fail)
+        with pytest.raises(BiapyError) as caught:
+            save_checkpoint(tmp_path / "c.pth", {"model": {}})
+        assert os.strerror(code) in str(caught.value)
+        assert str(caught.value).endswith("; is the disk full?") == asks, caught.value

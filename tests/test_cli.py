@@ -70,6 +70,31 @@ def test_next_run_id_counts_existing_runs(tmp_path):
     assert next_run_id(tmp_path, "n") == 5
 
 
+def test_an_error_line_is_capped_keeping_its_culprit_and_what_was_expected(tmp_path, data2d, capsys):
+    cfg = tiny_config(data2d, 2)
+    cfg["DATA"]["TRAIN"]["PATH"] = "/no" + ("/" + "a" * 200) * 15  # a path is printed whole: 3 KB
+    assert run_main(tmp_path, cfg) == 2
+    line = capsys.readouterr().err.strip()
+    assert "\n" not in line and len(line) < 2100
+    assert line.startswith("ERROR: DATA.TRAIN.PATH") and line.endswith("a does not exist")
+    assert "characters) …" in line
+
+
+def test_the_cpu_allocator_running_out_is_one_line_that_says_what_to_lower(tmp_path, data2d, capsys, monkeypatch):
+    """torch's CPU allocator raises a RuntimeError, not a MemoryError: a TEST.FULL_IMG pass over a 20000x20000
+    image had ended with a traceback."""
+    from biapy.runner import BiaPy
+
+    def no_memory(self):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 12800000000 bytes. Error code 12 (Cannot allocate memory)")
+    monkeypatch.setattr(BiaPy, "run_job", no_memory)
+    assert run_main(tmp_path, tiny_config(data2d, 2)) == 1
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("ERROR: out of memory ([enforce fail") and "12800000000 bytes" in line
+    assert "TEST.FULL_IMG False" in line and "\n" not in line
+
+
 def test_run_ids_are_claimed_at_once_and_released_while_empty(tmp_path):
     """Two jobs started together without --run_id had both taken run 1 (the folder came after their data was
     ready) and written into one run."""

@@ -11,6 +11,7 @@ import yaml
 from biapy.config import check_config, finalize, get_defaults, load_config
 from biapy.config.load import coerce
 from biapy.errors import ConfigError
+from biapy.models import check_patch_fits
 from biapy.job import Job
 
 DEFAULTS_FILE = Path(__file__).parents[1] / "biapy" / "config" / "defaults.py"
@@ -529,6 +530,25 @@ def test_long_values_are_cut_short_in_error_messages(tmp_path):
     with pytest.raises(ConfigError, match=r"EPOCHS: expected an integer, got 'nnn.*\.\.\..*' \(a string\)") as err:
         load_config(None, ["TRAIN.EPOCHS", "n" * 5000])
     assert len(str(err.value)) < 200
+
+
+@pytest.mark.parametrize("overrides, start", [
+    (["TRAIN.OPTIMIZER", "x" * 5000], "TRAIN.OPTIMIZER: 'xxx"),
+    (["MODEL.ARCHITECTURE", "x" * 5000], "MODEL.ARCHITECTURE: 'xxx"),
+    (["DATA.PATCH_SIZE", "[" + ", ".join(["1"] * 3000) + "]"], "DATA.PATCH_SIZE: (1, 1, 1"),
+    (["MODEL.DROPOUT_VALUES", "[" + ", ".join(["0.1"] * 3000) + "]"], "MODEL.DROPOUT_VALUES: [0.1, 0.1"),
+    (["TRAIN.OPT_BETAS", "[" + ", ".join(["0.5"] * 3000) + "]"], "TRAIN.OPT_BETAS: (0.5, 0.5"),
+    (["DATA.TEST.OVERLAP", "[" + ", ".join(["0.5"] * 3000) + "]"], "DATA.TEST.OVERLAP: (0.5, 0.5"),
+    (["MODEL.FEATURE_MAPS", "[" + ", ".join(["2"] * 3000) + "]", "MODEL.DROPOUT_VALUES", "[" + ", ".join(["0"] * 3000)
+      + "]"], "DATA.PATCH_SIZE (256, 256) must be divisible by (6"),
+])
+def test_checks_show_long_values_cut_short(overrides, start):
+    """Checks had spelled a value out whole: 5 to 15 KB on one line (a 900-digit pooling divisor)."""
+    cfg = load_config(None, ["DATA.TRAIN.PATH", "x", "DATA.TEST.PATH", "x"] + overrides)
+    with pytest.raises(ConfigError) as err:
+        check_config(cfg, check_paths=False)
+        check_patch_fits(cfg)
+    assert str(err.value).startswith(start) and len(str(err.value)) < 300, str(err.value)[:400]
 
 
 @pytest.mark.parametrize("text, line, kind", [("? [1, 2]\n: 3\n", 1, "list"), ("TRAIN:\n  [1]: 3\n", 2, "list"),

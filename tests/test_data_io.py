@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from skimage import io as skio
 
-from biapy.data.io import (LazyTiff, check_consistent_channels, check_finite, image_shape, list_images,
+from biapy.data.io import (LazyTiff, check_consistent_channels, check_finite, image_shape, iter_slabs, list_images,
                            open_image_lazy, read_image, write_image)
 from biapy.errors import ConfigError, DataError
 
@@ -490,3 +490,30 @@ def test_ctrl_c_during_a_lazy_read_stays_a_keyboard_interrupt(tmp_path, monkeypa
     monkeypatch.setattr(np, "frombuffer", Interrupted)
     with pytest.raises(KeyboardInterrupt):
         lazy[1:3]
+
+
+def test_images_over_pillows_pixel_limit_are_read_and_the_limit_is_kept(tmp_path, monkeypatch):
+    """Pillow's guard against decompression bombs had refused the user's own PNGs over 179 M pixels (a 20000x20000
+    one), when read and when its shape was read; it is lifted for this tool's reads only."""
+    a = np.random.default_rng(0).integers(0, 200, (16, 18), dtype=np.uint8)  # 288 pixels
+    Image.fromarray(a).save(tmp_path / "big.png")
+    Image.fromarray(a).save(tmp_path / "big.jpg", quality=95)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # over twice the limit: an error
+    decoded = []
+    imread = skio.imread
+    monkeypatch.setattr(skio, "imread", lambda *args, **kw: decoded.append(1) or imread(*args, **kw))
+    assert image_shape(tmp_path / "big.png", 2) == (16, 18, 1) and not decoded  # from the header
+    np.testing.assert_array_equal(read_image(tmp_path / "big.png", 2)[..., 0], a)
+    assert read_image(tmp_path / "big.jpg", 2).shape == (16, 18, 1)
+    assert Image.MAX_IMAGE_PIXELS == 100
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(tmp_path / "big.png")  # other code keeps the limit
+
+
+def test_iter_slabs_reads_a_lazy_2d_image_by_rows(tmp_path):
+    """A lazy 2D image is read a slab of rows at a time (crappify's value range), not whole."""
+    a = np.arange(30 * 7 * 2, dtype=np.uint16).reshape(30, 7, 2)
+    lazy = open_image_lazy(write_image(tmp_path / "a.tif", a, 2), 2)
+    slabs = list(iter_slabs(lazy, 7 * 2 * 4))
+    assert [len(s) for s in slabs] == [4] * 7 + [2]
+    np.testing.assert_array_equal(np.concatenate(slabs), a)

@@ -1,4 +1,6 @@
 """biapy.data.normalization: every type round-trips, constant images stay finite, clipping, custom fit/save/load."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -313,3 +315,32 @@ def test_custom_values_loaded_for_testing_must_be_finite_and_stds_positive(tmp_p
     np.save(tmp_path / STD_FILE, np.array(std))
     with pytest.raises(DataError, match=rf"{STD_FILE if bad == 'std' else MEAN_FILE} holds .*expected finite"):
         Normalizer("custom").load(tmp_path)
+
+
+@pytest.mark.parametrize("kind", TYPES)
+@pytest.mark.parametrize("peak", [1e300, -1e300, 1e39])
+def test_pixel_values_beyond_float32_are_refused_without_overflow_warnings(kind, peak):
+    """float64 pixels near 1e300 had overflowed the squares (four RuntimeWarnings), then been called NaN or Inf;
+    up to 1e154 they had passed, and become Inf, then NaN, in the float32 patch."""
+    import warnings
+
+    img = peak * np.random.default_rng(0).random((12, 10, 2))
+    img[3, 4, 1] = peak
+    n = _normalizer(kind, **({"mean": [-1.0], "std": [-1.0]} if kind == "custom" else {}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        n.fit([img])
+        assert kind != "custom" or n.mean is None  # no dataset values (nor files) from such an image
+        n.mean, n.std = np.zeros(2), np.ones(2)
+        with pytest.raises(DataError, match=rf"^pixel values up to {re.escape(f'{abs(peak):.3g}')} in magnitude are too large to "
+                                            r"normalize \(overflow\); expected values below about 3.4e38"):
+            n.stats(img)
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_the_largest_float32_values_still_normalize(kind):
+    img = 3e38 * np.random.default_rng(1).random((12, 10, 2))
+    n = _normalizer(kind)
+    n.fit([img])
+    x = n.normalize(img, n.stats(img))
+    assert np.isfinite(x).all()

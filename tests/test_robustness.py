@@ -989,3 +989,113 @@ def test_api_gives_the_callers_logging_threads_and_random_state_back(world):
         lg.removeHandler(mine)
         lg.setLevel(logging.NOTSET)
         torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------ found by the audit of bad input
+@pytest.mark.parametrize("fields, says", [
+    ({"epoch": None}, None), ({"epoch": 0, "best_val": None}, None),
+    ({"epoch": 0, "partial_loss": 0.5}, "ignoring partial_loss"),
+    ({"epoch": 0, "scheduler": [{"step": 1}]}, "ignoring scheduler"),
+])
+def test_a_foreign_checkpoint_s_training_fields_of_other_types_are_ignored(world, intact, capsys, fields, says):
+    """MODEL.LOAD_CHECKPOINT_ONLY_WEIGHTS False with another program's checkpoint had ended in TypeError
+    (int(None), float(None), tuple(0.5)) or AttributeError ('list' object has no attribute 'get') tracebacks."""
+    ckpt = world.root / "foreign_training.pth"
+    weights = torch.load(world.good_job.checkpoint("best"), weights_only=True)["model"]
+    torch.save({"model": weights, **fields}, ckpt)
+    cfg = _from_checkpoint(world, ckpt, TRAIN={"EPOCHS": 1})
+    cfg["MODEL"]["LOAD_CHECKPOINT_ONLY_WEIGHTS"] = False
+    assert world.run(cfg, "foreign_training", name="foreign_training") == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "Continuing from epoch 0 of foreign_training.pth" in out
+    assert says is None or f"foreign_training.pth: {says}" in out
+
+
+def test_a_foreign_checkpoint_s_training_state_of_another_layout_is_one_line(world, intact, capsys):
+    ckpt = world.root / "foreign_layout.pth"
+    weights = torch.load(world.good_job.checkpoint("best"), weights_only=True)["model"]
+    torch.save({"model": weights, "epoch": 0, "scheduler": {"step": None}}, ckpt)
+    cfg = _from_checkpoint(world, ckpt, TRAIN={"EPOCHS": 1})
+    cfg["MODEL"]["LOAD_CHECKPOINT_ONLY_WEIGHTS"] = False
+    assert world.run(cfg, "foreign_layout", name="foreign_layout") == 4
+    one_error_line(capsys, "foreign_layout.pth: its training state (optimizer, scheduler, epoch counters) is not of "
+                   "this tool's layout (TypeError", "set MODEL.LOAD_CHECKPOINT_ONLY_WEIGHTS True to load its weights only")
+
+
+def test_testing_another_task_s_checkpoint_under_a_fine_tuned_run_s_id_names_the_task(world, intact, capsys):
+    """It had advised a new --run_id, under which the test was then refused for the other task's head."""
+    x, y = world.data["train"]
+    cfg = _seg_cfg(world, x, y)
+    assert world.run(cfg, "seg_own", name="seg_own", run_id=1) == 0
+    capsys.readouterr()
+    cfg["TRAIN"] = {"ENABLE": False}
+    cfg["TEST"] = {"ENABLE": True}
+    cfg["MODEL"]["LOAD_CHECKPOINT"] = True
+    cfg["PATHS"] = {"CHECKPOINT_FILE": str(world.good_job.checkpoint("best"))}
+    before = _hashes(world.out / "seg_own")
+    assert world.run(cfg, "seg_test_pretext", name="seg_own", run_id=1) == 4
+    line = one_error_line(capsys, "good_1-checkpoint-best.pth", "trained for SELF_SUPERVISED crappify but this "
+                          "config asks for SEMANTIC_SEG", "test a checkpoint of this task")
+    assert "--run_id" not in line
+    assert _hashes(world.out / "seg_own") == before
+
+
+def test_a_name_too_long_for_its_file_names_is_refused_before_any_work(world, intact, capsys):
+    """250 characters had trained a whole epoch, then failed to save it ('File name too long'); 300 had failed
+    with a bare OS error."""
+    for name in ("n" * 229, "n" * 300):
+        assert world.run(world.cfg(), "long_name", name=name) == 2
+        one_error_line(capsys, "--name", f"is {len(name)} characters long", "at most 228", "255 bytes")
+        assert name not in os.listdir(world.out)
+    assert world.run(world.cfg(), "longest_name", name="n" * 228, run_id=999999) == 0
+    assert Job(world.out, "n" * 228, 999999).checkpoint("last").is_file()
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".hdf5", ".zarr", ".tif"])
+def test_a_data_path_that_is_a_file_is_called_a_file(world, intact, capsys, suffix):
+    """An existing .h5/.hdf5/.zarr file had been reported as a folder that 'does not exist'."""
+    image = world.root / f"volume{suffix}"
+    image.write_bytes(b"data")
+    assert world.run(world.cfg(DATA={"TRAIN": {"PATH": str(image)}}), "data_file") == 2
+    one_error_line(capsys, f"DATA.TRAIN.PATH: {image} is a file; expected a folder of images (put volume{suffix} "
+                   "in a folder of its own)")
+
+
+@pytest.mark.parametrize("key, path", [
+    ("DATA.TRAIN.PATH", "/tmp/" + "a" * 300),
+    ("DATA.TEST.PATH", "/tmp" + ("/" + "b" * 200) * 25),  # 5 KB: longer than PATH_MAX
+    ("PATHS.CHECKPOINT_FILE", "/tmp/" + "c" * 300 + ".pth"),
+], ids=["name_over_255_bytes", "path_over_path_max", "checkpoint_name_over_255_bytes"])
+def test_a_path_too_long_to_look_up_names_its_key(world, intact, capsys, key, path):
+    """Path.exists() raises on such a path: it had ended as 'ERROR: /…: File name too long' (exit 1)."""
+    section, name = key.split(".", 1)
+    values = {"TRAIN": {"PATH": path}} if key == "DATA.TRAIN.PATH" else {"TEST": {"PATH": path}}
+    cfg = world.cfg(DATA=values, TEST={"ENABLE": True}) if section == "DATA" else _from_checkpoint(world, path)
+    assert world.run(cfg, "path_too_long") == 2
+    one_error_line(capsys, f"{key}: cannot look up", "File name too long")
+
+
+@pytest.mark.parametrize("key", ["DATA.TRAIN.SSL_SOURCE_DIR", "DATA.TRAIN.PATH", "PATHS.CHECKPOINT_FILE"])
+def test_a_nul_character_in_a_path_is_named(world, intact, capsys, key):
+    """It had ended in 'ValueError: embedded null byte' (a traceback), or an error line holding the NUL."""
+    section, rest = key.split(".", 1)
+    cfg = world.cfg()
+    node = cfg.setdefault(section, {})
+    for part in rest.split(".")[:-1]:
+        node = node.setdefault(part, {})
+    node[rest.split(".")[-1]] = "/tmp/x\0y"
+    assert world.run(cfg, "nul_path") == 2
+    line = one_error_line(capsys, f"{key}: '/tmp/x\\x00y' holds a NUL character; expected a file system path")
+    assert "\0" not in line
+
+
+@pytest.mark.parametrize("task", ["masking"])  # crappify refuses its float32 copy of it first (as NaN or Inf)
+def test_pixel_values_too_large_to_normalize_are_named(world, intact, capsys, task):
+    """float64 pixels near 1e300 had printed overflow warnings, then been called NaN or Inf."""
+    def spoil(p):
+        tifffile.imwrite(p, 1e300 * np.random.default_rng(0).random((48, 48)))  # float64, kept so
+    x, _, victim = _spoil_first(world, f"too_large_{task}", spoil)
+    cfg = world.cfg(PROBLEM={"SELF_SUPERVISED": {"PRETEXT_TASK": task}}, DATA={"TRAIN": {"PATH": str(x)}})
+    assert world.run(cfg, f"too_large_{task}") == 3
+    one_error_line(capsys, victim.name, "pixel values up to 1e+300 in magnitude are too large to normalize",
+                   "expected values below about 3.4e38")

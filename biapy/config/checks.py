@@ -7,7 +7,7 @@ import math
 import os
 from pathlib import Path
 
-from biapy.errors import CheckpointError, ConfigError
+from biapy.errors import CheckpointError, ConfigError, shown
 from biapy.models import ARCHITECTURES  # torch-free import: the table only
 
 LOSSES = {
@@ -35,8 +35,8 @@ def _one_of(key, value, choices):
     """The choice `value` names (`_named_choice`); ConfigError if none."""
     choice = _named_choice(value, choices)
     if choice is None:
-        shown = ", ".join("'' (none)" if c == "" else str(c) for c in choices)
-        raise ConfigError(f"{key}: {value!r} is not valid; expected one of {shown}")
+        names = ", ".join("'' (none)" if c == "" else str(c) for c in choices)
+        raise ConfigError(f"{key}: {shown(value)} is not valid; expected one of {names}")
     return choice
 
 
@@ -103,11 +103,11 @@ def _check_patch(cfg):
     want = ndim + 1
     if len(patch) != want:
         layout = "(y, x, channels)" if ndim == 2 else "(z, y, x, channels)"
-        raise ConfigError(f"DATA.PATCH_SIZE: {tuple(patch)} has {len(patch)} values but PROBLEM.NDIM is "
+        raise ConfigError(f"DATA.PATCH_SIZE: {shown(tuple(patch))} has {len(patch)} values but PROBLEM.NDIM is "
                           f"{cfg.PROBLEM.NDIM}; expected {want} values {layout}")
     for value in patch:
         if not isinstance(value, int) or value < 1:
-            raise ConfigError(f"DATA.PATCH_SIZE: {tuple(patch)} must hold positive integers")
+            raise ConfigError(f"DATA.PATCH_SIZE: {shown(tuple(patch))} must hold positive integers")
     spatial = tuple(patch[:-1])
     for split in ("TRAIN", "VAL", "TEST"):
         node = cfg.DATA[split]
@@ -115,14 +115,16 @@ def _check_patch(cfg):
             value = tuple(node[name])
             key = f"DATA.{split}.{name}"
             if len(value) != ndim:
-                raise ConfigError(f"{key}: {value} has {len(value)} values; expected one per spatial axis ({ndim})")
+                raise ConfigError(f"{key}: {shown(value)} has {len(value)} values; expected one per spatial axis "
+                                  f"({ndim})")
             if name == "OVERLAP":
                 for v in value:
                     _in_open_range(key, v, 0, 1, include_low=True)
             else:
                 for v, p in zip(value, spatial):
                     if not 0 <= v < p / 2 or int(v) != v:
-                        raise ConfigError(f"{key}: {value} must be whole pixels below half the patch {spatial}")
+                        raise ConfigError(f"{key}: {shown(value)} must be whole pixels below half the patch "
+                                          f"{shown(spatial)}")
 
 
 def _check_system(cfg):
@@ -138,14 +140,15 @@ def _check_data(cfg):
     fixed = norm.TYPE in ("custom", "zero_mean_unit_variance")  # the types that read MEAN_VAL/STD_VAL
     std = list(norm.ZERO_MEAN_UNIT_VAR.STD_VAL)
     if fixed and std and any(v != -1 for v in std) and not all(v > 0 for v in std):
-        raise ConfigError(f"DATA.NORMALIZATION.ZERO_MEAN_UNIT_VAR.STD_VAL: {std} must hold positive values "
+        raise ConfigError(f"DATA.NORMALIZATION.ZERO_MEAN_UNIT_VAR.STD_VAL: {shown(std)} must hold positive values "
                           "(or be [-1.0] to measure them)")
     channels = int(cfg.DATA.PATCH_SIZE[-1])
     for name in ("MEAN_VAL", "STD_VAL"):
         values = list(norm.ZERO_MEAN_UNIT_VAR[name])
         if fixed and values != [-1.0] and len(values) not in (1, channels):
-            raise ConfigError(f"DATA.NORMALIZATION.ZERO_MEAN_UNIT_VAR.{name}: {values} holds {len(values)} value(s) "
-                              f"but DATA.PATCH_SIZE has {channels} channel(s); expected 1 value or one per channel")
+            raise ConfigError(f"DATA.NORMALIZATION.ZERO_MEAN_UNIT_VAR.{name}: {shown(values)} holds {len(values)} "
+                              f"value(s) but DATA.PATCH_SIZE has {channels} channel(s); expected 1 value or one per "
+                              "channel")
     clip = norm.PERC_CLIP
     if clip.ENABLE:
         for name in ("LOWER_PERC", "UPPER_PERC"):
@@ -162,8 +165,8 @@ def _check_data(cfg):
             n = max(len(lower), len(upper))
             fits = all(len(v) in (1, n) for v in (lower, upper))  # a single value applies to every channel
             if not fits or any(lower[min(i, len(lower) - 1)] >= upper[min(i, len(upper) - 1)] for i in range(n)):
-                raise ConfigError(f"DATA.NORMALIZATION.PERC_CLIP: LOWER_VALUE {lower} must be below UPPER_VALUE "
-                                  f"{upper}, channel by channel (1 value, or one per channel)")
+                raise ConfigError(f"DATA.NORMALIZATION.PERC_CLIP: LOWER_VALUE {shown(lower)} must be below UPPER_VALUE "
+                                  f"{shown(upper)}, channel by channel (1 value, or one per channel)")
     _in_open_range("DATA.VAL.SPLIT_TRAIN", cfg.DATA.VAL.SPLIT_TRAIN, 0, 1)
     ppi = cfg.DATA.TRAIN.PATCHES_PER_IMAGE
     if ppi != -1 and ppi < 1:
@@ -185,22 +188,39 @@ def _check_class_loss(cfg):
         return
     n = cfg.MODEL.N_CLASSES
     if loss.CLASS_REBALANCE == "none" and weights:
-        raise ConfigError(f"LOSS.CLASS_WEIGHTS: {weights} is set but LOSS.CLASS_REBALANCE is 'none', so it would not "
-                          "be used; set LOSS.CLASS_REBALANCE 'manual'")
+        raise ConfigError(f"LOSS.CLASS_WEIGHTS: {shown(weights)} is set but LOSS.CLASS_REBALANCE is 'none', so it "
+                          "would not be used; set LOSS.CLASS_REBALANCE 'manual'")
     if loss.CLASS_REBALANCE == "manual" and (len(weights) != n or not _weights(weights) or not sum(weights) > 0):
-        raise ConfigError(f"LOSS.CLASS_WEIGHTS: {weights} must hold {n} non-negative weights (one per class of "
+        raise ConfigError(f"LOSS.CLASS_WEIGHTS: {shown(weights)} must hold {n} non-negative weights (one per class of "
                           "MODEL.N_CLASSES), not all 0, with LOSS.CLASS_REBALANCE 'manual'")
 
 
+def _kind(key, path) -> str:
+    """'folder', 'file', 'other' or 'missing': what `path` names; ConfigError naming `key` where the system cannot
+    look it up (a name longer than 255 bytes, a path longer than PATH_MAX: pathlib raises, not False)."""
+    try:
+        p = Path(path)
+        if not p.exists():
+            return "missing"
+        return "folder" if p.is_dir() else "file" if p.is_file() else "other"
+    except OSError as err:
+        raise ConfigError(f"{key}: cannot look up {path} ({err.strerror or err}); expected a path the file system "
+                          "can hold (each name in it at most 255 bytes, the whole at most 4096)") from None
+
+
 def _check_folder(key, path):
+    what = "label images" if key.endswith("GT_PATH") else "images"
     if not path:
-        what = "label images" if key.endswith("GT_PATH") else "images"
         raise ConfigError(f"{key} is empty; expected the folder that holds the {what}")
-    p = Path(path)
-    if not p.exists():
+    # Images are read from a folder (an HDF5 file or Zarr store is one image in it, as any other format).
+    kind = _kind(key, path)
+    if kind == "missing":
         raise ConfigError(f"{key}: folder {path} does not exist")
-    if not (p.is_dir() or p.suffix.lower() in (".zarr", ".h5", ".hdf5")):
-        raise ConfigError(f"{key}: {path} is not a folder")
+    if kind == "file":
+        raise ConfigError(f"{key}: {path} is a file; expected a folder of {what} (put {Path(path).name} in a "
+                          "folder of its own)")
+    if kind == "other":
+        raise ConfigError(f"{key}: {path} is not a folder; expected a folder of {what}")
 
 
 def _check_folders(cfg):
@@ -214,9 +234,10 @@ def _check_folders(cfg):
             if seg:
                 _check_folder("DATA.VAL.GT_PATH", cfg.DATA.VAL.GT_PATH)
     ckpt = cfg.PATHS.CHECKPOINT_FILE
-    if cfg.MODEL.LOAD_CHECKPOINT and ckpt and Path(ckpt).is_dir():
+    kind = _kind("PATHS.CHECKPOINT_FILE", ckpt) if cfg.MODEL.LOAD_CHECKPOINT and ckpt else None
+    if kind == "folder":
         raise CheckpointError(f"PATHS.CHECKPOINT_FILE: {ckpt} is a folder; expected a checkpoint file (.pth)")
-    if cfg.MODEL.LOAD_CHECKPOINT and ckpt and not Path(ckpt).is_file():
+    if kind in ("missing", "other"):
         raise CheckpointError(f"{ckpt}: checkpoint file not found (PATHS.CHECKPOINT_FILE)")
     if cfg.TEST.ENABLE:
         _check_folder("DATA.TEST.PATH", cfg.DATA.TEST.PATH)
@@ -244,7 +265,7 @@ def _check_ssl_sources(cfg):
     seen = {}
     for split, (copies, source) in _ssl_sources(cfg).items():
         key, where = f"DATA.{split}.SSL_SOURCE_DIR", Path(copies).resolve()
-        if where.exists() and not where.is_dir():
+        if _kind(key, where) in ("file", "other"):
             raise ConfigError(f"{key}: {copies} is a file; expected a folder for the degraded copies")
         for input_key, folder in inputs.items():
             if Path(folder).resolve() == where:
@@ -265,15 +286,15 @@ def _check_model(cfg):
     what = f"{cfg.PROBLEM.TYPE}" + (f" with PRETEXT_TASK {task}" if task else "")
     architecture = _named_choice(m.ARCHITECTURE, allowed)
     if architecture is None:
-        raise ConfigError(f"MODEL.ARCHITECTURE: {m.ARCHITECTURE!r} is not available for {what}; "
+        raise ConfigError(f"MODEL.ARCHITECTURE: {shown(m.ARCHITECTURE)} is not available for {what}; "
                           f"expected one of {', '.join(allowed)}")
     _store(m, "ARCHITECTURE", architecture)
     levels = len(m.FEATURE_MAPS)
     _at_least("MODEL.FEATURE_MAPS (number of levels)", levels, 2)
     if not all(isinstance(f, int) and f >= 1 for f in m.FEATURE_MAPS):
-        raise ConfigError(f"MODEL.FEATURE_MAPS: {list(m.FEATURE_MAPS)} must hold positive integers")
+        raise ConfigError(f"MODEL.FEATURE_MAPS: {shown(list(m.FEATURE_MAPS))} must hold positive integers")
     if len(m.DROPOUT_VALUES) != levels:
-        raise ConfigError(f"MODEL.DROPOUT_VALUES: {list(m.DROPOUT_VALUES)} must have one value per "
+        raise ConfigError(f"MODEL.DROPOUT_VALUES: {shown(list(m.DROPOUT_VALUES))} must have one value per "
                           f"MODEL.FEATURE_MAPS level ({levels})")
     for p in m.DROPOUT_VALUES:
         _in_open_range("MODEL.DROPOUT_VALUES", p, 0, 1, include_low=True)
@@ -283,7 +304,7 @@ def _check_model(cfg):
                           "symmetric")
     vit = m.ARCHITECTURE in ("mae", "unetr")  # Z_DOWN pools a CNN encoder: a ViT's tokens are not pooled
     if cfg.PROBLEM.NDIM == "3D" and not vit and len(m.Z_DOWN) != levels - 1:
-        raise ConfigError(f"MODEL.Z_DOWN: {list(m.Z_DOWN)} must have {levels - 1} values "
+        raise ConfigError(f"MODEL.Z_DOWN: {shown(list(m.Z_DOWN))} must have {levels - 1} values "
                           f"(one per down-sampling of MODEL.FEATURE_MAPS)")
     for z in m.Z_DOWN:
         _one_of("MODEL.Z_DOWN values", z, (0, 1, 2))
@@ -351,7 +372,7 @@ def _check_train(cfg):
         raise ConfigError(f"TRAIN.LR: {t.LR} is out of range; expected a positive number")
     _at_least("TRAIN.W_DECAY", t.W_DECAY, 0)
     if len(t.OPT_BETAS) != 2 or not all(0 <= b < 1 for b in t.OPT_BETAS):
-        raise ConfigError(f"TRAIN.OPT_BETAS: {tuple(t.OPT_BETAS)} must be two values in [0, 1)")
+        raise ConfigError(f"TRAIN.OPT_BETAS: {shown(tuple(t.OPT_BETAS))} must be two values in [0, 1)")
     _at_least("TRAIN.BATCH_SIZE", t.BATCH_SIZE, 1)
     _at_least("TRAIN.ACCUM_ITER", t.ACCUM_ITER, 1)
     _at_least("TRAIN.EPOCHS", t.EPOCHS, 1)
@@ -460,6 +481,8 @@ def _expand_user_paths(cfg):
         node = cfg
         for part in parents:
             node = node[part]
+        if "\0" in node[name]:  # no system call takes it (Python raises ValueError), and it garbles the error line
+            raise ConfigError(f"{key}: {shown(node[name])} holds a NUL character; expected a file system path")
         _store(node, name, os.path.expanduser(node[name]))
 
 
@@ -504,7 +527,7 @@ def env_process_count(name):
     if not value:
         return None
     if not value.isdigit():
-        raise ConfigError(f"environment variable {name}={value!r} is not a process count (expected a whole "
+        raise ConfigError(f"environment variable {name}={shown(value)} is not a process count (expected a whole "
                           "number, as torchrun sets it)")
     return int(value)
 

@@ -10,14 +10,13 @@ import difflib
 import logging
 import math
 import os
-import reprlib
 from pathlib import Path
 
 import yaml
 from yacs.config import CfgNode as CN
 
 from biapy.config.defaults import get_defaults
-from biapy.errors import ConfigError
+from biapy.errors import ConfigError, shown
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +33,6 @@ _BIAPY_KEYS_FILE = Path(__file__).with_name("biapy_3_7_1_keys.txt")
 def _biapy_keys():
     return set(_BIAPY_KEYS_FILE.read_text(encoding="utf-8").split())
 
-
-# Values as error messages show them: cut short, so that a long list or string keeps the message one short line.
-_SHORT = reprlib.Repr()
-_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict = 3, 8, 8, 4
-_SHORT.maxstring = _SHORT.maxother = 80
-
-
-def shown(value) -> str:
-    """repr(value), cut short for an error message."""
-    return _SHORT.repr(value)
 
 
 def _flatten(tree, prefix=""):

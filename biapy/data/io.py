@@ -17,6 +17,7 @@ import itertools
 import logging
 import mmap
 import os
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -288,7 +289,8 @@ def read_image(path, ndim: int) -> np.ndarray:
         elif ext in PLAIN_EXTS:
             from skimage import io as skio
 
-            arr = np.asarray(skio.imread(path))
+            with _no_pixel_limit():
+                arr = np.asarray(skio.imread(path))
             plan = _plain_plan(arr.shape, 2, path)
         elif ext in CHUNKED_EXTS:
             arr = np.asarray(_open_chunked(path)[...])
@@ -302,6 +304,30 @@ def read_image(path, ndim: int) -> np.ndarray:
         raise
     except Exception as e:
         raise DataError(f"{path}: cannot read image ({_reason(e)})") from None
+
+
+_LIFTED = {"readers": 0, "limit": None}  # Pillow's pixel limit while lifted
+_LIFTED_LOCK = threading.Lock()
+
+
+@contextmanager
+def _no_pixel_limit():
+    """Pillow's limit lifted while this tool reads a PNG/JPEG: its guard against decompression bombs had refused
+    the user's own images over 179 M pixels (a 20000x20000 PNG). Restored once the last reader is done, so reads
+    in other threads neither keep the limit lifted nor restore it under one still reading."""
+    from PIL import Image
+
+    with _LIFTED_LOCK:
+        if _LIFTED["readers"] == 0:
+            _LIFTED["limit"], Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        _LIFTED["readers"] += 1
+    try:
+        yield
+    finally:
+        with _LIFTED_LOCK:
+            _LIFTED["readers"] -= 1
+            if _LIFTED["readers"] == 0:
+                Image.MAX_IMAGE_PIXELS = _LIFTED["limit"]
 
 
 def _reason(error) -> str:
@@ -383,7 +409,7 @@ def _png_header_shape(path):
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        with _no_pixel_limit(), Image.open(path) as im:
             channels = _PNG_MODE_CHANNELS.get(im.mode)
             if channels is None or getattr(im, "n_frames", 1) != 1:
                 return None
@@ -454,8 +480,9 @@ def slab_ranges(shape, voxels, min_depth=1):
 
 
 def iter_slabs(img, voxels):
-    """A numpy or 2D image whole, a lazy 3D one as numpy slabs of about `voxels` voxels, in order."""
-    if isinstance(img, np.ndarray) or len(img.shape) < 4:
+    """A numpy image whole, a lazy one as numpy slabs (z slices, or rows of a 2D image) of about `voxels` voxels,
+    in order."""
+    if isinstance(img, np.ndarray):
         yield np.asarray(img)
         return
     for a, b in slab_ranges(img.shape, voxels):
@@ -675,7 +702,12 @@ def write_image(path, array, ndim: int) -> Path:
             Image.fromarray(np.ascontiguousarray(arr[..., 0] if arr.shape[-1] == 1 else arr)).save(tmp, format="PNG")
     else:
         def write(tmp):
-            _write_tiff(tmp, _tiff_order(arr), arr.shape, arr.dtype, ndim)
+            pixels = _tiff_order(arr)
+            if not pixels.flags.c_contiguous:  # channels moved before Y: page by page, or tifffile copies it whole
+                pages = (np.ascontiguousarray(pixels[i]) for i in np.ndindex(pixels.shape[:-2]))
+                _write_tiff(tmp, pages, arr.shape, arr.dtype, ndim)
+            else:
+                _write_tiff(tmp, pixels, arr.shape, arr.dtype, ndim)
     return _write_atomically(path if plain else _tiff_path(path), write)
 
 

@@ -118,6 +118,26 @@ def _moments(flat, lo, hi):
     return mn, mx, mean + shift, std
 
 
+# Patches are normalized in float32 (`Normalizer.normalize`): a pixel beyond its range becomes Inf there, then NaN.
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _measured(flat, lo, hi):
+    """`_moments` of pixels that can be normalized: DataError for NaN or Inf pixels (not clipped away), or finite
+    ones beyond float32's range (1e300 had overflowed the squares, then been called NaN or Inf)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # values out of range are refused below, by name
+        mn, mx, mean, std = _moments(flat, lo, hi)
+    if np.isfinite(mn).all() and np.isfinite(mx).all():
+        peak = max(np.abs(mn).max(), np.abs(mx).max())
+        if peak > _FLOAT32_MAX:
+            raise DataError(f"pixel values up to {peak:.3g} in magnitude are too large to normalize (overflow); "
+                            "expected values below about 3.4e38 (float32's range, in which patches are normalized; "
+                            "rescale the image)")
+    if not (np.isfinite(mean).all() and np.isfinite(std).all()):
+        raise DataError("pixel values are NaN or Inf (expected finite values)")
+    return mn, mx, mean, std
+
+
 def _div_by(dtype, channel_max):
     """What 'div' divides each channel by: an 8- or 16-bit integer type's maximum (255, 65535: the same for every
     image of a dataset), else as BiaPy 3.7.1 does for every type, channel by channel: 1 for a channel whose
@@ -202,14 +222,13 @@ class Normalizer:
         Holds the raw moments and the affine map `scale`/`offset` (plus clip bounds `lo`/`hi`).
         """
         flat = _sample(img)
-        lo, hi = self._clip_bounds(flat)
+        with np.errstate(over="ignore", invalid="ignore"):  # percentiles of values near 1e308: `_measured` says
+            lo, hi = self._clip_bounds(flat)
         binary = _binary_channels(flat) if self.kind != "custom" else np.zeros(flat.shape[1], dtype=bool)
         if binary.any():  # kept as they are: no clipping bound may fall between 0 and 1
             lo = None if lo is None else np.where(binary, 0.0, lo)
             hi = None if hi is None else np.where(binary, 1.0, hi)
-        mn, mx, mean, std = _moments(flat, lo, hi)
-        if not (np.isfinite(mean).all() and np.isfinite(std).all()):
-            raise DataError("pixel values are NaN or Inf (expected finite values)")
+        mn, mx, mean, std = _measured(flat, lo, hi)
         out = {"min": mn, "max": mx, "mean": mean, "std": std, "lo": lo, "hi": hi, "dtype": str(flat.dtype)}
         scale, offset = self._affine(out, flat.dtype)
         out["scale"], out["offset"] = np.where(binary, 1.0, scale), np.where(binary, 0.0, offset)
@@ -283,7 +302,15 @@ class Normalizer:
         total = sums = squares = None
         for img in images:
             flat = _sample(img)
-            _, _, mean, std = _moments(flat, *self._clip_bounds(flat))
+            with np.errstate(over="ignore", invalid="ignore"):
+                bounds = self._clip_bounds(flat)
+            try:
+                _, _, mean, std = _measured(flat, *bounds)
+            except DataError:
+                # NaN, Inf or too large: no dataset values (none saved), and the image is refused by its name when
+                # the datasets measure it (`stats`), as the images come here unnamed.
+                self.mean, self.std = self.given_mean, self.given_std
+                return
             n = int(np.prod(img.shape[:-1]))  # a sample's moments stand for all of its image's pixels
             if total is None:
                 total, sums, squares = 0, np.zeros_like(mean), np.zeros_like(mean)
@@ -301,7 +328,7 @@ class Normalizer:
 
     def save(self, folder):
         """Write normalization_{mean,std}_value.npy into `folder` (atomically); 'custom' only."""
-        if self.kind != "custom" or self.mean is None:
+        if self.kind != "custom" or self.mean is None or self.std is None:
             return
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)

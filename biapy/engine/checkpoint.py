@@ -3,6 +3,7 @@
 A checkpoint is a dict of plain tensors and Python values (the config as YAML text, RNG states as
 tensors/lists), so `torch.load(path, weights_only=True)` reads it without unpickling code.
 """
+import errno
 import logging
 import pickle
 import random
@@ -65,7 +66,12 @@ def save_checkpoint(path, payload: dict) -> None:
             torch.save(payload, tmp)
     except (OSError, RuntimeError) as err:  # torch reports a full disk as RuntimeError("... file write failed")
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).strip().splitlines()[0]
-        raise BiapyError(f"{path}: cannot write the checkpoint ({reason[:200]}); is the disk full?") from None
+        # Asked only where the disk may be full: an OS reason of its own (a file name too long, a read-only
+        # folder) is named alone. torch's writer and a short write give no errno: a full disk, most likely.
+        code = getattr(err, "errno", None)
+        full = code is None or code in (errno.ENOSPC, errno.EDQUOT)
+        raise BiapyError(f"{path}: cannot write the checkpoint ({reason[:200]})"
+                         f"{'; is the disk full?' if full else ''}") from None
 
 
 def load_checkpoint(path, mmap=False) -> dict:
@@ -100,8 +106,12 @@ def load_checkpoint(path, mmap=False) -> dict:
     return _without_foreign_fields(state, path)
 
 
-# This tool's checkpoint fields and metadata entries, by the type it writes them with.
-_FIELD_TYPES = {"config": str, "metadata": dict, "extras": dict}
+# This tool's checkpoint fields and metadata entries, by the type it writes them with (resume.build_payload).
+_FIELD_TYPES = {"config": str, "metadata": dict, "extras": dict,
+                "optimizer": dict, "scheduler": dict, "scaler": dict, "rng": dict, "began": dict,
+                "epoch": int, "step_in_epoch": int, "bad_epochs": int,
+                "epoch_steps": int, "world_size": int, "batch_size": int, "accum_iter": int,
+                "best_val": float, "stopped_early": bool, "partial_loss": (list, tuple), "history": (list, tuple)}
 _METADATA_TYPES = {"ndim": int, "in_channels": int, "n_classes": int, "architecture": str, "problem": str,
                    "pretext_task": str}
 
@@ -109,17 +119,22 @@ _METADATA_TYPES = {"ndim": int, "in_channels": int, "n_classes": int, "architect
 def _without_foreign_fields(state, path) -> dict:
     """`state` less the fields (and metadata entries) of another type than this tool writes: another program's
     checkpoint (a 'config' dict, say) still gives its weights, each tensor checked against the model."""
-    ignored = [k for k, kind in _FIELD_TYPES.items() if state.get(k) is not None and not isinstance(state[k], kind)]
-    state = {k: v for k, v in state.items() if k not in ignored}
+    ignored = [k for k, kind in _FIELD_TYPES.items() if state.get(k) is not None and not _of_type(state[k], kind)]
+    # None stands for a field left unset (this tool's own scaler without AMP, 'began' of older runs): as absent.
+    state = {k: v for k, v in state.items() if k not in ignored and not (k in _FIELD_TYPES and v is None)}
     meta = state.get("metadata") or {}
-    odd = [k for k, kind in _METADATA_TYPES.items()
-           if k in meta and (not isinstance(meta[k], kind) or isinstance(meta[k], bool))]
+    odd = [k for k, kind in _METADATA_TYPES.items() if k in meta and not _of_type(meta[k], kind)]
     if odd:
         state["metadata"] = {k: v for k, v in meta.items() if k not in odd}
     ignored += [f"metadata {k!r}" for k in odd]
     if ignored:
         log.warning("%s: ignoring %s (not of the types this tool writes)", Path(path).name, ", ".join(ignored))
     return state
+
+
+def _of_type(value, kind) -> bool:
+    """`value` is of `kind` as this tool writes it: a bool is no count (True is an int to Python)."""
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
 
 
 def _strip(name: str) -> str:
@@ -254,7 +269,8 @@ def check_compatible(meta: dict, cfg, path) -> None:
                               f"'{mine['architecture']}'")
 
 
-def _task(meta) -> str:
+def task_name(meta) -> str:
+    """'SELF_SUPERVISED masking', 'SEMANTIC_SEG': the task of a checkpoint's metadata (`checkpoint_metadata`)."""
     if meta.get("problem") == "SELF_SUPERVISED":
         return f"SELF_SUPERVISED {meta.get('pretext_task')}"
     return str(meta.get("problem"))
@@ -262,7 +278,7 @@ def _task(meta) -> str:
 
 def other_task(meta: dict, cfg) -> bool:
     """The checkpoint was trained for another task than `cfg` asks (its output layer means something else)."""
-    return bool(meta) and "problem" in meta and _task(meta) != _task(checkpoint_metadata(cfg))
+    return bool(meta) and "problem" in meta and task_name(meta) != task_name(checkpoint_metadata(cfg))
 
 
 def check_own_run(state: dict, cfg, path, run) -> None:
@@ -271,7 +287,7 @@ def check_own_run(state: dict, cfg, path, run) -> None:
     another DATA.NORMALIZATION.TYPE, would replace the run's outputs with meaningless ones."""
     meta = state.get("metadata") or {}
     if meta and "problem" in meta:
-        theirs, mine = _task(meta), _task(checkpoint_metadata(cfg))
+        theirs, mine = task_name(meta), task_name(checkpoint_metadata(cfg))
         if theirs != mine:
             raise CheckpointError(f"{path}: run {run} was trained for {theirs} but this config asks for {mine}; "
                                   "use a new --run_id or --name")

@@ -15,7 +15,7 @@ from pathlib import Path
 from biapy.engine.checkpoint import (check_compatible, check_own_run, checkpoint_metadata, function_key_differences,
                                      is_step_counter, layout_key_differences, load_checkpoint, load_weights,
                                      other_task, rng_states, save_checkpoint, saved_config_tree, set_rng_states,
-                                     to_plain)
+                                     task_name, to_plain)
 from biapy.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,8 @@ def save(t, path, **kwargs) -> None:
 
 def restore_training(t, state, path, with_rng=True, advice="pass a new --run_id to train anew") -> None:
     """Optimizer, scheduler, scaler, counters and history from `state` (the model is loaded separately);
-    `advice` ends the error when they do not fit."""
+    `advice` ends the error when they do not fit. Fields of other types than this tool writes were dropped on
+    loading (`load_checkpoint`); what is left may still be laid out otherwise (another program's checkpoint)."""
     try:
         if state.get("optimizer"):
             t.optimizer.load_state_dict(state["optimizer"])
@@ -61,17 +62,42 @@ def restore_training(t, state, path, with_rng=True, advice="pass a new --run_id 
             t.scaler.load_state_dict(state["scaler"])
     except (ValueError, KeyError, RuntimeError) as err:
         raise CheckpointError(f"{path}: optimizer/scheduler state does not fit this model or TRAIN.OPTIMIZER "
-                              f"({str(err).splitlines()[0][:160]}); {advice}") from None
-    t.start_epoch = int(state.get("epoch", 0))
-    t.skip_steps = int(state.get("step_in_epoch", 0))
-    t.partial_loss = tuple(state.get("partial_loss", (0.0, 0)))
-    _fit_layout(t, saved_layout(state))
-    t.best_val = float(state.get("best_val", float("inf")))
-    t.bad_epochs = int(state.get("bad_epochs", 0))
-    t.stopped_early = bool(state.get("stopped_early", False))
-    t.history = list(state.get("history", []))
-    if with_rng:
-        set_rng_states(state.get("rng"))
+                              f"({_first_line(err)}); {advice}") from None
+    except (TypeError, AttributeError) as err:  # a dict of another layout: {'step': None}, a list for a dict...
+        raise _foreign_layout(path, err, advice) from None
+    try:
+        t.start_epoch = _count(state, "epoch")
+        t.skip_steps = _count(state, "step_in_epoch")
+        total, count = state.get("partial_loss", (0.0, 0))
+        t.partial_loss = (float(total), int(count))
+        _fit_layout(t, saved_layout(state))
+        t.best_val = float(state.get("best_val", float("inf")))
+        t.bad_epochs = _count(state, "bad_epochs")
+        t.stopped_early = bool(state.get("stopped_early", False))
+        t.history = list(state.get("history", []))
+        if not all(isinstance(record, dict) for record in t.history):
+            raise TypeError("its history holds other entries than one dict per epoch")
+        if with_rng:
+            set_rng_states(state.get("rng"))
+    except (TypeError, ValueError, AttributeError, KeyError, RuntimeError) as err:
+        raise _foreign_layout(path, err, advice) from None
+
+
+def _count(state, key) -> int:
+    value = int(state.get(key, 0))
+    if value < 0:
+        raise ValueError(f"{key} is {value}; expected a count (0 or more)")
+    return value
+
+
+def _first_line(err) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:160]
+
+
+def _foreign_layout(path, err, advice) -> CheckpointError:
+    return CheckpointError(f"{path}: its training state (optimizer, scheduler, epoch counters) is not of this tool's "
+                           f"layout ({type(err).__name__}: {_first_line(err)}); {advice}")
 
 
 # What a step and an update are: a checkpoint saved mid-epoch resumes at its step only where all of them match.
@@ -180,6 +206,13 @@ def check_start(cfg, job) -> None:
         if resumes and start is not None:
             _check_same_start(state.get("began"), start, job, own)
     elif not cfg.TRAIN.ENABLE and foreign and (last.exists() or best.exists()):
+        # A checkpoint of another task is refused under any run ID (load_for_test): no new --run_id to advise.
+        meta = load_checkpoint(start, mmap=True).get("metadata") or {}
+        if other_task(meta, cfg):
+            raise CheckpointError(f"{start}: checkpoint was trained for {task_name(meta)} but this config asks "
+                                  f"for {task_name(checkpoint_metadata(cfg))}, so the test would score its "
+                                  "untrained output layer; test a checkpoint of this task (a fine-tuned run's "
+                                  "own: MODEL.LOAD_CHECKPOINT False, or PATHS.CHECKPOINT_FILE set to it)")
         raise ConfigError(f"PATHS.CHECKPOINT_FILE: run {job.id} has checkpoints of its own, and testing {start.name} "
                           f"would replace its test outputs with another model's; pass a new --run_id to test it")
     if cfg.MODEL.LOAD_CHECKPOINT and not resumes:
@@ -270,7 +303,8 @@ def resume_or_start(t) -> bool:
                     "weights are loaded; this run's training starts at epoch 1", path.name)
     elif not cfg.MODEL.LOAD_CHECKPOINT_ONLY_WEIGHTS:
         # Another run's optimizer state may not fit this TRAIN.OPTIMIZER; its weights alone always do
-        restore_training(t, state, path, with_rng=False, advice="set MODEL.LOAD_CHECKPOINT_ONLY_WEIGHTS True")
+        restore_training(t, state, path, with_rng=False,
+                         advice="set MODEL.LOAD_CHECKPOINT_ONLY_WEIGHTS True to load its weights only")
         if t.start_epoch >= cfg.TRAIN.EPOCHS and t.skip_steps == 0:
             raise ConfigError(f"TRAIN.EPOCHS: {cfg.TRAIN.EPOCHS}, but {path.name} already holds {t.start_epoch} epoch(s) "
                               "and MODEL.LOAD_CHECKPOINT_ONLY_WEIGHTS False continues its count; raise TRAIN.EPOCHS "

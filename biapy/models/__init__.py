@@ -4,7 +4,7 @@ Every model has top-level submodules `encoder`, `decoder` and `head`, so pretrai
 to a downstream model by name (only `head.*` differs between a U-Net's pretext and segmentation
 versions; `encoder.*` is shared by MAE and UNETR).
 """
-from biapy.errors import ConfigError
+from biapy.errors import ConfigError, shown
 
 # (PROBLEM.TYPE, PRETEXT_TASK or None) -> architectures that combination can use.
 ARCHITECTURES = {
@@ -25,12 +25,13 @@ def _task(cfg):
 def _check_architecture(cfg):
     key = (cfg.PROBLEM.TYPE, _task(cfg))
     if key not in ARCHITECTURES:
-        raise ConfigError(f"PROBLEM.TYPE: {cfg.PROBLEM.TYPE!r} is not valid; expected SELF_SUPERVISED or SEMANTIC_SEG")
+        raise ConfigError(f"PROBLEM.TYPE: {shown(cfg.PROBLEM.TYPE)} is not valid; expected SELF_SUPERVISED or "
+                          "SEMANTIC_SEG")
     allowed = ARCHITECTURES[key]
     arch = cfg.MODEL.ARCHITECTURE
     if arch not in allowed:
         what = cfg.PROBLEM.TYPE + (f" with PRETEXT_TASK {key[1]}" if key[1] else "")
-        raise ConfigError(f"MODEL.ARCHITECTURE: {arch!r} is not available for {what}; "
+        raise ConfigError(f"MODEL.ARCHITECTURE: {shown(arch)} is not available for {what}; "
                           f"expected one of {', '.join(allowed)}")
     return arch
 
@@ -57,9 +58,9 @@ def check_patch_fits(cfg):
         else:
             why = f"{len(m.FEATURE_MAPS)} levels (MODEL.FEATURE_MAPS)"
             if _ndim(cfg) == 3:
-                why += f" and MODEL.Z_DOWN {list(m.Z_DOWN)}"
-        raise ConfigError(f"DATA.PATCH_SIZE ({', '.join(map(str, spatial))}) must be divisible by "
-                          f"({', '.join(map(str, div))}) for MODEL.ARCHITECTURE {m.ARCHITECTURE} with {why}")
+                why += f" and MODEL.Z_DOWN {shown(list(m.Z_DOWN))}"
+        raise ConfigError(f"DATA.PATCH_SIZE {shown(spatial)} must be divisible by {shown(div)} for MODEL.ARCHITECTURE "
+                          f"{m.ARCHITECTURE} with {why}")
     if m.ARCHITECTURE in ("unet", "resunet") and all(s == d for s, d in zip(spatial, div)):
         _check_one_pixel_bottleneck(cfg, spatial, div)
 
