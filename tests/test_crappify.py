@@ -366,3 +366,14 @@ def test_jobs_sharing_the_copies_folder_take_turns(tmp_path):
         assert not done.wait(0.5)  # waits for the lock
     worker.join(30)
     assert done.is_set() and json.loads((dst / MANIFEST).read_text())["params"]["noise"] == 0.2
+
+
+def test_an_original_beyond_float32_is_refused_by_its_own_name(tmp_path):
+    """Finite float64 pixels near 1e300 had made a copy of Inf and NaN (an overflow warning, then an error naming
+    the copy in the _ssl_source folder, not the user's file)."""
+    src = tmp_path / "src" / "huge.tif"
+    src.parent.mkdir()
+    tifffile.imwrite(src, (_smooth((20, 24))[..., 0] / 200.0 * 1e306).astype(np.float64))  # its sum overflows too
+    with pytest.raises(DataError, match=r"src/huge.tif: pixel values up to 9.95e\+305 in magnitude are too large"):
+        prepare_ssl_source([src], tmp_path / "ssl", 0.1, 4, 2, seed=0)
+    assert not list((tmp_path / "ssl").rglob("huge.tif"))

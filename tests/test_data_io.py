@@ -517,3 +517,16 @@ def test_iter_slabs_reads_a_lazy_2d_image_by_rows(tmp_path):
     slabs = list(iter_slabs(lazy, 7 * 2 * 4))
     assert [len(s) for s in slabs] == [4] * 7 + [2]
     np.testing.assert_array_equal(np.concatenate(slabs), a)
+
+
+def test_a_time_series_is_named_as_such(tmp_path):
+    """ImageJ's TZYX had been 'cannot map axes TZCYXS … (T=3 left)', which says neither what it is nor what to do."""
+    path = tmp_path / "movie.tif"
+    tifffile.imwrite(path, np.zeros((3, 8, 16, 16), np.uint8), imagej=True, metadata={"axes": "TZYX"})
+    with pytest.raises(DataError, match=r"movie.tif: has a T axis of 3 time points besides its Z axis of 8 slices .*"
+                                        r"expected one 3D image per file: save each time point as a file of its own"):
+        read_image(path, 3)
+    flat = tmp_path / "flat.tif"
+    tifffile.imwrite(flat, np.zeros((3, 16, 16), np.uint8), imagej=True, metadata={"axes": "TYX"})
+    with pytest.raises(DataError, match=r"flat.tif: has a T axis of 3 time points .*expected one 2D image per file"):
+        read_image(flat, 2)

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from biapy.data.io import (check_unique_stems, count_non_finite, iter_slabs, non_finite_error, open_image_lazy,
-                           slab_depth, write_image, write_image_slices)
+from biapy.data.io import (FLOAT32_MAX, beyond_float32_error, check_unique_stems, count_non_finite, iter_slabs,
+                           non_finite_error, open_image_lazy, slab_depth, write_image, write_image_slices)
 from biapy.utils.files import atomic_write_text, remove_stale_temporaries_under
 
 log = logging.getLogger(__name__)
@@ -172,6 +172,10 @@ def value_range(img, path=None):
             lo, hi = np.minimum(lo, pixels.min(0)), np.maximum(hi, pixels.max(0))
     if bad:
         raise non_finite_error(path or "image", bad)
+    bounds = np.abs(np.r_[lo, hi])
+    peak = float(bounds[np.isfinite(bounds)].max(initial=0.0))
+    if peak > FLOAT32_MAX:  # the copy is computed and written in float32: its pixels would be Inf, then NaN
+        raise beyond_float32_error(path or "image", peak)
     return lo.astype(np.float32), hi.astype(np.float32)
 
 

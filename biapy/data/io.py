@@ -168,15 +168,22 @@ def _named_plan(shape, axes, ndim, path) -> _AxesPlan:
         roles["Z"] = z
     else:
         for i in rest:
-            if axes[i] in "ZT":
-                raise DataError(f"{path}: has a {axes[i]} axis of {shape[i]} slices (a 3D stack) "
-                                "but PROBLEM.NDIM is 2D")
+            if axes[i] == "Z":
+                raise DataError(f"{path}: has a Z axis of {shape[i]} slices (a 3D stack) but PROBLEM.NDIM is 2D")
+            if axes[i] == "T":
+                raise DataError(f"{path}: has a T axis of {shape[i]} time points (stored axes '{axes}', shape "
+                                f"{shape}); expected one 2D image per file: save each time point as a file of its own")
     c = take("C")
     c = take("S") if c is None else c
     c = take("?") if c is None else c
     if c is not None:
         roles["C"] = c
     if rest:
+        t = next((i for i in rest if axes[i] == "T"), None)
+        if t is not None:  # a time series of volumes (ImageJ's TZYX)
+            raise DataError(f"{path}: has a T axis of {shape[t]} time points besides its Z axis of "
+                            f"{shape[roles['Z']]} slices (stored axes '{axes}', shape {shape}); expected one "
+                            f"{ndim}D image per file: save each time point as a file of its own")
         extra = ", ".join(f"{axes[i]}={shape[i]}" for i in rest)
         raise DataError(f"{path}: cannot map axes '{axes}' {shape} to a {ndim}D image with channels ({extra} left)")
     order = tuple(keep.index(roles[a]) for a in "ZYXC" if a in roles)
@@ -447,14 +454,28 @@ def count_non_finite(arr) -> int:
     """NaN/Inf pixels of a numpy array (0 for integer images)."""
     if not np.issubdtype(arr.dtype, np.floating):
         return 0
-    # One float64 sum is cheap and is NaN/Inf whenever a pixel is; only then count them.
-    if np.isfinite(np.add.reduce(arr, axis=None, dtype=np.float64)):
+    # One float64 sum is cheap and is NaN/Inf whenever a pixel is; only then count them (finite pixels near 1e308
+    # may overflow it too: no warning, the count tells).
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = np.add.reduce(arr, axis=None, dtype=np.float64)
+    if np.isfinite(total):
         return 0
     return int(arr.size - np.count_nonzero(np.isfinite(arr)))
 
 
 def non_finite_error(path, bad) -> DataError:
     return DataError(f"{path}: {bad} pixel(s) are NaN or Inf (expected finite values)")
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # patches and degraded copies are computed in float32
+
+
+def beyond_float32_error(path, peak) -> DataError:
+    """For finite pixels (float64) that float32, in which this tool computes, would turn into Inf."""
+    where = f"{path}: " if path else ""
+    return DataError(f"{where}pixel values up to {peak:.3g} in magnitude are too large to normalize (overflow); "
+                     "expected values below about 3.4e38 (float32's range, in which patches are normalized; rescale "
+                     "the image)")
 
 
 def check_finite(img, path) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from biapy.data.io import FLOAT32_MAX, beyond_float32_error
 from biapy.errors import ConfigError, DataError
 from biapy.utils.files import atomic_path
 
@@ -118,10 +119,6 @@ def _moments(flat, lo, hi):
     return mn, mx, mean + shift, std
 
 
-# Patches are normalized in float32 (`Normalizer.normalize`): a pixel beyond its range becomes Inf there, then NaN.
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
 def _measured(flat, lo, hi):
     """`_moments` of pixels that can be normalized: DataError for NaN or Inf pixels (not clipped away), or finite
     ones beyond float32's range (1e300 had overflowed the squares, then been called NaN or Inf)."""
@@ -129,10 +126,8 @@ def _measured(flat, lo, hi):
         mn, mx, mean, std = _moments(flat, lo, hi)
     if np.isfinite(mn).all() and np.isfinite(mx).all():
         peak = max(np.abs(mn).max(), np.abs(mx).max())
-        if peak > _FLOAT32_MAX:
-            raise DataError(f"pixel values up to {peak:.3g} in magnitude are too large to normalize (overflow); "
-                            "expected values below about 3.4e38 (float32's range, in which patches are normalized; "
-                            "rescale the image)")
+        if peak > FLOAT32_MAX:  # patches are normalized in float32: such a pixel becomes Inf there, then NaN
+            raise beyond_float32_error(None, peak)
     if not (np.isfinite(mean).all() and np.isfinite(std).all()):
         raise DataError("pixel values are NaN or Inf (expected finite values)")
     return mn, mx, mean, std
