@@ -9,7 +9,7 @@ import sys
 import threading
 import traceback
 
-from biapy.errors import BiapyError
+from biapy.errors import BiapyError, first_line
 
 EXIT_INTERRUPTED = 130
 
@@ -127,8 +127,7 @@ def main(argv=None):
         if peer_gone:
             _error("stopped because another process of this job failed (its error is above)")
             return 1
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        _error(f"out of memory ({first}); lower TRAIN.BATCH_SIZE or DATA.PATCH_SIZE (testing: TEST.BATCH_SIZE, or "
+        _error(f"out of memory ({first_line(err)}); lower TRAIN.BATCH_SIZE or DATA.PATCH_SIZE (testing: TEST.BATCH_SIZE, or "
                "TEST.FULL_IMG False), or in training turn on MODEL.ACTIVATION_CHECKPOINTING")
         return 1
     except KeyboardInterrupt as stop:

@@ -16,6 +16,13 @@ def shown(value) -> str:
     return _SHORT.repr(value)
 
 
+def first_line(err, limit=200) -> str:
+    """An exception's first line (its type's name when it has no text), cut at `limit` characters: what a one-line
+    error quotes of a library's message."""
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:limit]
+
+
 class BiapyError(Exception):
     """A problem with the user's input or environment, explained in one line."""
 

@@ -71,8 +71,9 @@ def _caller_state():
         torch.set_rng_state(rng)
 
 
-# The longest file name made from --name: NAME_<run id>-checkpoint-last.pth, with a run ID of up to 6 digits.
-_LONGEST_DERIVED = "_999999-checkpoint-last.pth"
+# The longest file name made from --name: NAME_<run id>-checkpoint-<epoch>.pth, with room for a run ID of 12 digits
+# (a scheduler's job ID, say) and an epoch of 8.
+_LONGEST_DERIVED = f"_{'9' * 12}-checkpoint-{'9' * 8}.pth"
 _NAME_MAX = 255  # bytes of one file name (ext4, xfs, btrfs, tmpfs, NTFS...)
 
 
@@ -83,8 +84,8 @@ def check_name(name):
     limit = _NAME_MAX - len(_LONGEST_DERIVED)
     if len(os.fsencode(name)) > limit:  # refused before any work: it had failed when the first epoch was saved
         raise ConfigError(f"--name: {shown(name)} is {len(os.fsencode(name))} characters long; expected at most "
-                          f"{limit}, so that the file names made from it (NAME_<run id>-checkpoint-last.pth) fit "
-                          f"the file system's limit of {_NAME_MAX} bytes")
+                          f"{limit}, so that the file names made from it (NAME_<run id>-checkpoint-<epoch>.pth, room "
+                          f"for a 12-digit run ID) fit the file system's limit of {_NAME_MAX} bytes")
 
 
 def next_run_id(result_dir, name) -> int:

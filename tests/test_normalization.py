@@ -344,3 +344,20 @@ def test_the_largest_float32_values_still_normalize(kind):
     n.fit([img])
     x = n.normalize(img, n.stats(img))
     assert np.isfinite(x).all()
+
+
+def test_a_pixel_beyond_float32_that_the_sample_missed_is_refused_where_it_is_predicted():
+    """Statistics come from a sample of a large (or lazy) image: a float64 pixel of 1e300 outside it had been
+    predicted as Inf and scored, with only an overflow warning."""
+    from biapy.workflows.crappify import CrappifyWorkflow
+
+    wf = object.__new__(CrappifyWorkflow)
+    wf.cfg, wf.device, wf.patch, wf.normalizer = get_defaults(), torch.device("cpu"), (32, 32), Normalizer("div")
+    wf.cfg.DATA.TEST.OVERLAP, wf.cfg.DATA.TEST.PADDING = (0.0, 0.0), (0, 0)
+    wf.model = torch.nn.Identity()
+    image = np.random.default_rng(0).random((96, 64, 1))
+    stats = wf.normalizer.stats(image)  # measured before the pixel: as a sample that does not hold it
+    image[70, 5, 0] = 1e300
+    with pytest.raises(DataError, match=r"^image.tif \(rows 64..95\): pixel values up to 1e\+300 in magnitude are "
+                                        r"too large to normalize"):
+        wf.predict_image(image, stats, "image.tif")

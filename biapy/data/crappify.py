@@ -8,7 +8,6 @@ absolute path): rebuilding gives the same copies, whichever job builds them, and
 training image gets noise of its own.
 """
 import functools
-import itertools
 import json
 import logging
 import math
@@ -28,7 +27,7 @@ from biapy.utils.files import atomic_write_text, remove_stale_temporaries_under
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-_VERSION = 5  # bump when the degradation changes, so old copies are rebuilt (4: BiaPy's resize; 5: noise per path)
+_VERSION = 6  # bump when the degradation changes, so old copies are rebuilt (5: noise per path; 6: 2D in bands)
 _SLAB_VOXELS = 1 << 23  # voxels read from a lazy source per access (~16 MB of uint16)
 _BAND_VALUES = 1 << 18  # values of a 2D image degraded at a time (1 MB per float32 temporary)
 
@@ -126,7 +125,7 @@ def _degraded_plane(img, noise, resizing_factor, rng, bounds):
     bands = [(a, min(n_y, a + step)) for a in range(0, n_y, step)]
     smalls = [_reach(up[a:b]) for a, b in bands]  # the small rows each band is made of
     inputs = [_reach(down[k0:k1]) for k0, k1 in smalls]  # and the input rows those are made of
-    keep = list(itertools.accumulate([n_y] + [i0 for i0, _ in inputs[:0:-1]], min))[::-1]  # later bands' first row
+    keep = [min((i0 for i0, _ in inputs[k + 1:]), default=n_y) for k in range(len(inputs))]  # later bands' first row
     out = np.empty(img.shape, dtype)
     rows, first = np.empty((0, small_x, n_c), np.float32), 0  # input rows first.. reduced (noisy, clipped, X down)
     for (a, b), (k0, k1), (_, i1), drop in zip(bands, smalls, inputs, keep):

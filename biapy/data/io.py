@@ -485,6 +485,16 @@ def check_finite(img, path) -> None:
         raise non_finite_error(path, bad)
 
 
+def check_computable(region, where) -> None:
+    """`check_finite`, and float64 pixels within float32's range, in which patches are normalized: a region read
+    for prediction, where a large or lazy image's statistics came from a sample that may have missed them."""
+    check_finite(region, where)
+    if region.dtype == np.float64 and region.size:
+        peak = float(np.abs(region).max())
+        if peak > FLOAT32_MAX:
+            raise beyond_float32_error(where, peak)
+
+
 # ------------------------------------------------------------------------------------------
 # Lazy access
 # ------------------------------------------------------------------------------------------

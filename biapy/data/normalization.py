@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from biapy.data.io import FLOAT32_MAX, beyond_float32_error
-from biapy.errors import ConfigError, DataError
+from biapy.errors import ConfigError, DataError, shown
 from biapy.utils.files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -348,12 +348,12 @@ class Normalizer:
                 try:
                     value = np.atleast_1d(np.asarray(saved[key], dtype=np.float64))
                 except (TypeError, ValueError):
-                    raise DataError(f"{where} {saved[key]!r:.80} is not a list of numbers") from None
+                    raise DataError(f"{where} {shown(saved[key])} is not a list of numbers") from None
             else:
                 where = Path(folder) / name
                 value = _read_saved(where)
             if not (np.all(np.isfinite(value)) and (key == "mean" or np.all(value > 0))):
-                raise DataError(f"{where} holds {value.tolist()!r:.80}; expected finite values"
+                raise DataError(f"{where} holds {shown(value.tolist())}; expected finite values"
                                 f"{', all above 0' if key == 'std' else ''}, as training saves them")
             loaded.append(value)
         self.mean, self.std = loaded

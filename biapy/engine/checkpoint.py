@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from biapy.errors import BiapyError, CheckpointError, ConfigError
+from biapy.errors import BiapyError, CheckpointError, ConfigError, first_line
 from biapy.utils.files import atomic_path, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def save_checkpoint(path, payload: dict) -> None:
         with atomic_path(path) as tmp, _without_crc32():
             torch.save(payload, tmp)
     except (OSError, RuntimeError) as err:  # torch reports a full disk as RuntimeError("... file write failed")
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).strip().splitlines()[0]
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else first_line(err)
         # Asked only where the disk may be full: an OS reason of its own (a file name too long, a read-only
         # folder) is named alone. torch's writer and a short write give no errno: a full disk, most likely.
         code = getattr(err, "errno", None)
@@ -88,13 +88,13 @@ def load_checkpoint(path, mmap=False) -> dict:
         if isinstance(err, pickle.UnpicklingError) and found:
             raise CheckpointError(f"{path}: holds a pickled Python object ({found.group(1)}), not loaded for safety "
                                   "(torch.load weights_only=True); expected plain tensors and values") from None
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         if reason.startswith("Weights only load failed"):  # torch's advice to load unsafely does not apply here
             reason = "not torch data"
         elif " " not in reason and reason != type(err).__name__:  # a bare value (a text file: KeyError 101)
             reason = f"{type(err).__name__}: {reason}"
         raise CheckpointError(f"{path}: not a readable checkpoint (corrupt, truncated or not saved by "
-                              f"torch with plain values): {reason[:200]}") from None
+                              f"torch with plain values): {reason}") from None
     if isinstance(state, dict) and "model" not in state and state and all(torch.is_tensor(v) for v in state.values()):
         state = {"model": state}  # a bare state_dict
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):

@@ -16,7 +16,7 @@ from biapy.engine.checkpoint import (check_compatible, check_own_run, checkpoint
                                      is_step_counter, layout_key_differences, load_checkpoint, load_weights,
                                      other_task, rng_states, save_checkpoint, saved_config_tree, set_rng_states,
                                      task_name, to_plain)
-from biapy.errors import CheckpointError, ConfigError
+from biapy.errors import CheckpointError, ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def restore_training(t, state, path, with_rng=True, advice="pass a new --run_id 
             t.scaler.load_state_dict(state["scaler"])
     except (ValueError, KeyError, RuntimeError) as err:
         raise CheckpointError(f"{path}: optimizer/scheduler state does not fit this model or TRAIN.OPTIMIZER "
-                              f"({_first_line(err)}); {advice}") from None
+                              f"({first_line(err, 160)}); {advice}") from None
     except (TypeError, AttributeError) as err:  # a dict of another layout: {'step': None}, a list for a dict...
         raise _foreign_layout(path, err, advice) from None
     try:
@@ -90,14 +90,9 @@ def _count(state, key) -> int:
     return value
 
 
-def _first_line(err) -> str:
-    text = str(err).strip()
-    return (text.splitlines()[0] if text else type(err).__name__)[:160]
-
-
 def _foreign_layout(path, err, advice) -> CheckpointError:
     return CheckpointError(f"{path}: its training state (optimizer, scheduler, epoch counters) is not of this tool's "
-                           f"layout ({type(err).__name__}: {_first_line(err)}); {advice}")
+                           f"layout ({type(err).__name__}: {first_line(err, 160)}); {advice}")
 
 
 # What a step and an update are: a checkpoint saved mid-epoch resumes at its step only where all of them match.

@@ -17,9 +17,8 @@ from tqdm import tqdm
 from biapy.config import ndim_of
 from biapy.data.augmentation import Augmentor
 from biapy.data.datasets import PatchDataset, split_train_val
-from biapy.data.io import (MANY_CHANNELS, NO_AXES, check_consistent_channels, check_unique_stems, count_non_finite,
-                           image_shape, list_images, non_finite_error, open_image_lazy, read_image, write_image,
-                           write_image_slices)
+from biapy.data.io import (MANY_CHANNELS, NO_AXES, check_computable, check_consistent_channels, check_unique_stems,
+                           image_shape, list_images, open_image_lazy, read_image, write_image, write_image_slices)
 from biapy.data.normalization import Normalizer
 from biapy.data.patches import assemble, predict_augmented, predict_full, predict_slabs
 from biapy.engine.distributed import barrier
@@ -239,9 +238,7 @@ class Workflow(ABC):
 
         def read(lo, hi):
             region = np.asarray(image[lo:hi])
-            bad = count_non_finite(region)  # a lazy image's statistics come from a sample that may miss them
-            if bad:
-                raise non_finite_error(f"{path} (rows {lo}..{hi - 1})", bad)
+            check_computable(region, f"{path} (rows {lo}..{hi - 1})")
             x = self.normalizer.normalize(region, stats)
             return queue_to_device(torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 0))), self.device)
 
