@@ -530,3 +530,64 @@ def test_a_time_series_is_named_as_such(tmp_path):
     tifffile.imwrite(flat, np.zeros((3, 16, 16), np.uint8), imagej=True, metadata={"axes": "TYX"})
     with pytest.raises(DataError, match=r"flat.tif: has a T axis of 3 time points .*expected one 2D image per file"):
         read_image(flat, 2)
+
+
+def _written_calibration(path):
+    """(X, Y pixels per unit, ResolutionUnit, unit, z spacing) of a TIFF, as tifffile reads them."""
+    with tifffile.TiffFile(path) as tif:
+        page, meta = tif.pages[0], tif.imagej_metadata or {}
+        return (tuple(round(r, 6) for r in page.resolution), int(page.resolutionunit), meta.get("unit"),
+                meta.get("spacing"))
+
+
+def write_calibrated(path, array, kind):
+    """A calibrated input: 'imagej' (0.325 um pixels, 2D, or 0.2 um pixels and 1.5 um slices in 3D), 'ome'
+    (an OME-TIFF of 0.2 um pixels, 1.5 um slices in 3D)."""
+    axes = "ZYX" if array.ndim == 3 else "YX"
+    if kind == "ome":
+        sizes = {"PhysicalSizeX": 0.2, "PhysicalSizeY": 0.2, **({"PhysicalSizeZ": 1.5} if array.ndim == 3 else {})}
+        tifffile.imwrite(path, array, photometric="minisblack", metadata={"axes": axes, **sizes})
+    elif array.ndim == 2:
+        tifffile.imwrite(path, array, imagej=True, resolution=((40, 13), (40, 13)),
+                         metadata={"axes": axes, "unit": "um"})
+    else:
+        tifffile.imwrite(path, array, imagej=True, resolution=((5, 1), (5, 1)),
+                         metadata={"axes": axes, "unit": "um", "spacing": 1.5})
+    return path
+
+
+# What an ImageJ output of each input holds: pixels per unit, ResolutionUnit NONE, unit, z spacing.
+EXPECTED_CALIBRATION = {("imagej", 2): ((40 / 13, 40 / 13), "um", None), ("imagej", 3): ((5.0, 5.0), "um", 1.5),
+                        ("ome", 2): ((5.0, 5.0), "um", None), ("ome", 3): ((5.0, 5.0), "um", 1.5)}
+
+
+def expected_calibration(kind, ndim):
+    res, unit, spacing = EXPECTED_CALIBRATION[kind, ndim]
+    return tuple(round(r, 6) for r in res), 1, unit, spacing
+
+
+@pytest.mark.parametrize("kind", ["imagej", "ome"])
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_outputs_keep_the_calibration_of_their_input(tmp_path, kind, ndim):
+    """The pixel size, unit and z spacing of an ImageJ or OME input are written into an output (an ImageJ
+    hyperstack, as Fiji opens it calibrated), whole or slice by slice; an .ome.tif output keeps its name."""
+    from biapy.data.io import tiff_calibration, write_image_slices
+
+    shape = (3, 6, 5) if ndim == 3 else (6, 5)
+    src = write_calibrated(tmp_path / f"in.{'ome.' if kind == 'ome' else ''}tif",
+                           np.arange(np.prod(shape), dtype=np.uint16).reshape(shape), kind)
+    calibration = tiff_calibration(src)
+    want = expected_calibration(kind, ndim)
+    for dtype in (np.float32, np.uint8):
+        out = write_image(tmp_path / f"out_{np.dtype(dtype).name}.ome.tif", np.zeros(shape + (2,), dtype), ndim,
+                          calibration=calibration)
+        assert out.name.endswith(".ome.tif") and tifffile.TiffFile(out).is_imagej
+        assert _written_calibration(out) == want
+    if ndim == 3:
+        out = write_image_slices(tmp_path / "slices.tif", (np.zeros(shape[1:] + (1,), np.float32) for _ in range(3)),
+                                 shape + (1,), np.float32, calibration=calibration)
+        assert _written_calibration(out) == want
+    # Uncalibrated inputs (and non-TIFFs) have none; writing none gives tifffile's default, 1 pixel per unit.
+    write_image(tmp_path / "plain.tif", np.zeros(shape + (1,), np.uint8), ndim)
+    assert tiff_calibration(tmp_path / "plain.tif") is None
+    assert _written_calibration(tmp_path / "plain.tif")[:1] == ((1.0, 1.0),)

@@ -321,3 +321,44 @@ def test_a_full_disk_while_copying_the_yaml_names_the_copy_not_the_users_file(da
     err = capsys.readouterr().err.strip()
     assert code == 1 and err.startswith("ERROR: ") and "config_files/.c.yaml.tmp" in err, err
     assert "No space left on device" in err and path.read_text()  # the user's file untouched
+
+
+@pytest.mark.parametrize("task, ndim", [("crappify", 2), ("crappify", 3), ("masking", 3), ("segmentation", 2)])
+def test_outputs_and_degraded_copies_keep_the_calibration_of_their_input(task, ndim, tmp_path):
+    """A calibrated test image's per_image output (a segmentation's mask and probabilities too) and the degraded
+    copies of crappify have its pixel size, unit and z spacing: ImageJ inputs, and an OME-TIFF one (whose output
+    keeps its .ome.tif name, as an ImageJ file)."""
+    from biapy.data.synthetic import nuclei_image
+    from tests.test_data_io import _written_calibration, expected_calibration, write_calibrated
+
+    shapes = {2: [(48, 56), (52, 48), (48, 48), (60, 50)], 3: [(12, 40, 40), (13, 36, 44), (12, 40, 36)]}[ndim]
+    data, kinds = {}, {}
+    for split, names in (("train", [f"t{i}.tif" for i in range(len(shapes))]), ("test", ["ij.tif", "om.ome.tif"])):
+        x_dir, y_dir = tmp_path / split / "x", tmp_path / split / "y"
+        x_dir.mkdir(parents=True), y_dir.mkdir(parents=True)
+        for i, name in enumerate(names):
+            image, labels = nuclei_image(shapes[i], n_nuclei=4, radius=(3, 6), seed=i)
+            kinds[name] = "ome" if name.endswith(".ome.tif") else "imagej"
+            write_calibrated(x_dir / name, image[..., 0], kinds[name])
+            write_image(y_dir / name, labels[..., None], ndim)  # labels uncalibrated: the outputs take the image's
+        data[split] = (x_dir, y_dir)
+    ssl = {} if task == "segmentation" else {"SELF_SUPERVISED": {"PRETEXT_TASK": task, "MASK_BLOCK_SIZE": 4}}
+    cfg = tiny_config(data, ndim, TRAIN={"EPOCHS": 1}, PROBLEM=ssl)
+    if task == "segmentation":
+        cfg["PROBLEM"]["TYPE"] = "SEMANTIC_SEG"
+        cfg["DATA"]["TRAIN"]["GT_PATH"], cfg["DATA"]["TEST"]["GT_PATH"] = str(data["train"][1]), str(data["test"][1])
+        cfg["TEST"] = {"SAVE_PROBABILITIES": True}
+    job = run(cfg, tmp_path)
+    outputs = {name: [job.per_image / name] for name in ("ij.tif", "om.ome.tif")}
+    if task == "segmentation":
+        for name in outputs:
+            outputs[name].append(job.per_image / f"{name.split('.')[0]}_probabilities.tif")
+    if task == "crappify":
+        for split in ("train", "test"):
+            for copy in (tmp_path / split / "x_ssl_source").glob("*/*.tif"):
+                outputs.setdefault(copy.name, []).append(copy)
+        assert sum(map(len, outputs.values())) == 2 + len(shapes) + 2  # outputs, then every source's copy
+    for name, files in outputs.items():
+        for out in files:
+            assert tifffile.TiffFile(out).is_imagej, out
+            assert _written_calibration(out) == expected_calibration(kinds[name], ndim), out

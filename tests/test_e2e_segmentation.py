@@ -203,3 +203,43 @@ def test_partly_labelled_masks_train_and_score_with_ignore_index(data2d, tmp_pat
         lower = M.iou_per_class(pred[:, half:], gt[:, half:], 2)  # the annotated part alone
         for c, value in enumerate(lower.tolist()):
             assert float(row[f"iou_class{c}"]) == pytest.approx(value, abs=1e-5, nan_ok=True)
+
+
+def test_probabilities_that_would_replace_another_test_output_are_refused(seg_run, data2d, tmp_path):
+    """With TEST.SAVE_PROBABILITIES, x's probabilities go to x_probabilities.tif: a test image named so had had its
+    mask silently replaced by them (or they by it)."""
+    import shutil
+
+    from biapy.errors import DataError
+
+    out, job = seg_run
+    x, y = tmp_path / "x", tmp_path / "y"
+    for src, dst in ((data2d["test"][0], x), (data2d["test"][1], y)):
+        first = sorted(src.iterdir())[0]
+        for name in (first.name, first.stem + "_probabilities" + first.suffix):
+            dst.mkdir(exist_ok=True)
+            shutil.copy(first, dst / name)
+    cfg = tiny_config(data2d, 2, TRAIN={"ENABLE": False}, MODEL={"N_CLASSES": 2, "LOAD_CHECKPOINT": True},
+                      TEST={"SAVE_PROBABILITIES": True})
+    cfg["PROBLEM"]["TYPE"] = "SEMANTIC_SEG"
+    cfg["DATA"]["TEST"].update({"PATH": str(x), "GT_PATH": str(y)})
+    cfg["PATHS"] = {"CHECKPOINT_FILE": str(job.checkpoint("best"))}
+    with pytest.raises(DataError, match=r"^DATA.TEST.PATH: the probabilities of \S+ \(TEST.SAVE_PROBABILITIES\) "
+                                        r"would replace the output of \S+_probabilities\.tif; rename one of them"):
+        BiaPy(cfg, result_dir=out, name="prob_clash", run_id=1).run_job()
+
+
+def test_augmented_label_samples_are_written_as_small_integers(data2d, tmp_path):
+    """They had been int64, a TIFF Fiji does not open."""
+    import tifffile
+
+    cfg = tiny_config(data2d, 2, TRAIN={"EPOCHS": 1}, TEST={"ENABLE": False}, MODEL={"N_CLASSES": 2},
+                      AUGMENTOR={"ENABLE": True, "HFLIP": True, "AUG_SAMPLES": True, "AUG_NUM_SAMPLES": 2})
+    cfg["PROBLEM"]["TYPE"] = "SEMANTIC_SEG"
+    cfg["DATA"]["TRAIN"]["GT_PATH"] = str(data2d["train"][1])
+    job = BiaPy(cfg, result_dir=tmp_path, name="aug", run_id=1).run_job()
+    labels = sorted(job.aug.glob("aug_*_y.tif"))
+    assert len(labels) == 2
+    for path in labels:
+        y = tifffile.imread(path)
+        assert y.dtype == np.uint8 and set(np.unique(y)) <= {0, 1}

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from biapy.data.io import (FLOAT32_MAX, beyond_float32_error, check_unique_stems, count_non_finite, iter_slabs,
-                           non_finite_error, open_image_lazy, slab_depth, write_image, write_image_slices)
+                           non_finite_error, open_image_lazy, slab_depth, tiff_calibration, write_image,
+                           write_image_slices)
 from biapy.utils.files import atomic_write_text, remove_stale_temporaries_under
 
 log = logging.getLogger(__name__)
@@ -357,10 +358,12 @@ def _prepare_locked(src_files, names, dst_dir, params, noise, resizing_factor, n
         img = open_image_lazy(src, ndim)  # an uncompressed TIFF is read a slab (2D: band of rows) at a time
         slices = degraded_slices(img, noise, resizing_factor, ndim, _file_seed(seed, src),
                                  value_range(img, src))
+        calibration = tiff_calibration(src)  # the copy keeps its source's pixel size (same shape)
         if ndim == 2:
-            written = write_image(dst_dir / src.name, next(slices), ndim)
+            written = write_image(dst_dir / src.name, next(slices), ndim, calibration)
         else:
-            written = write_image_slices(dst_dir / src.name, slices, img.shape, degraded_dtype(img.dtype))
+            written = write_image_slices(dst_dir / src.name, slices, img.shape, degraded_dtype(img.dtype),
+                                         calibration)
         files[src.name] = dict(_file_stamp(src), output=written.name, copy=_file_stamp(written))
     if todo or not same_params:
         _write_manifest(dst_dir / MANIFEST, {"params": params, "files": files})

@@ -264,6 +264,72 @@ def _read_tiff_header(path, ndim, version):
     return plan, dtype, offset
 
 
+def tiff_calibration(path):
+    """The physical calibration of a TIFF, from its header, as `write_image(..., calibration=)` takes it, or None
+    (not a TIFF, unreadable, or uncalibrated: resolution 1/1 and no unit). A dict of `resolution` (X, Y pixels per
+    unit, each a (numerator, denominator) pair or a float), `resolutionunit` (the TIFF ResolutionUnit code),
+    `unit` (ImageJ's, e.g. 'um'; None when only ResolutionUnit names one) and `spacing` (the z step, or None),
+    taken from the first page's X/YResolution and ResolutionUnit and the ImageJ (or tifffile) metadata, or from
+    the OME-XML PhysicalSizeX/Y/Z of an OME-TIFF."""
+    if _suffix(path) not in TIFF_EXTS:
+        return None
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if tif.is_ome and tif.ome_metadata:
+                return _ome_calibration(tif.ome_metadata)
+            tags = tif.pages[0].tags
+            xres, yres, resunit = tags.valueof(282), tags.valueof(283), tags.valueof(296, default=2)
+            meta = tif.imagej_metadata if tif.is_imagej else (tif.shaped_metadata[0] if tif.is_shaped and
+                                                              tif.shaped_metadata else None)
+    except Exception as e:  # calibration is kept where it can be read; reading the pixels has its own errors
+        log.debug("%s: no calibration read (%s)", path, e)
+        return None
+    meta = meta if isinstance(meta, dict) else {}
+    unit, spacing = meta.get("unit"), meta.get("spacing")
+    unit = str(unit) if unit not in (None, "", "pixel", "pixels") else None
+    spacing = float(spacing) if isinstance(spacing, (int, float)) and spacing > 0 else None
+    resolution = None
+    if xres is not None and yres is not None and all(_ratio(r) > 0 for r in (xres, yres)):
+        resolution = (tuple(int(v) for v in xres) if isinstance(xres, tuple) else float(xres),
+                      tuple(int(v) for v in yres) if isinstance(yres, tuple) else float(yres))
+    if unit is None and (resolution is None or all(_ratio(r) == 1 for r in resolution)):
+        return None
+    return {"resolution": resolution, "resolutionunit": int(resunit), "unit": unit, "spacing": spacing}
+
+
+def _ratio(r):
+    try:
+        return r[0] / r[1] if isinstance(r, tuple) else float(r)
+    except (TypeError, ValueError, ZeroDivisionError, IndexError):
+        return 0.0
+
+
+def _ome_calibration(xml):
+    """`tiff_calibration` from OME-XML: the first image's PhysicalSizeX/Y/Z (in their units, micrometres by
+    default), in ImageJ's form."""
+    from xml.etree import ElementTree
+
+    pixels = next((e for e in ElementTree.fromstring(xml).iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None:
+        return None
+
+    def size(axis):
+        try:
+            value = float(pixels.get(f"PhysicalSize{axis}"))
+        except (TypeError, ValueError):
+            return None
+        return value if value > 0 else None
+
+    x, y, z = size("X"), size("Y"), size("Z")
+    if x is None and y is None and z is None:
+        return None
+    x, y = x or y, y or x
+    unit = pixels.get("PhysicalSizeXUnit") or pixels.get("PhysicalSizeYUnit") or "\u00b5m"
+    return {"resolution": (1 / x, 1 / y) if x else None, "resolutionunit": 1, "unit": unit, "spacing": z}
+
+
 def _check_ndim(ndim):
     if ndim not in (2, 3):
         raise ValueError(f"ndim must be 2 or 3, got {ndim!r}")
@@ -705,14 +771,15 @@ def _has_zarr() -> bool:
 # ------------------------------------------------------------------------------------------
 # Writing
 # ------------------------------------------------------------------------------------------
-def write_image(path, array, ndim: int) -> Path:
+def write_image(path, array, ndim: int, calibration=None) -> Path:
     """Write a channel-last image atomically; returns the path written.
 
     TIFF with ImageJ axes (YX/YXC/ZYX/ZYXC stored in Fiji's order, so Fiji shows channels and
     slices right); dtypes ImageJ lacks get tifffile's axes metadata instead. float64 -> float32,
     bool -> uint8. A .png path holds 2D uint8 grey/RGB/RGBA or uint16 grey data; anything else asked of it is
     written as a .tif beside it rather than silently losing values. JPEG is lossy (a label map read back
-    had gained a class), so a .jpg/.jpeg path is written as .png, or .tif, beside it.
+    had gained a class), so a .jpg/.jpeg path is written as .png, or .tif, beside it. `calibration`
+    (`tiff_calibration` of the source image) is written into a TIFF: its pixel size, unit and z spacing.
     """
     _check_ndim(ndim)
     path, arr = Path(path), np.asarray(array)
@@ -736,15 +803,15 @@ def write_image(path, array, ndim: int) -> Path:
             pixels = _tiff_order(arr)
             if not pixels.flags.c_contiguous:  # channels moved before Y: page by page, or tifffile copies it whole
                 pages = (np.ascontiguousarray(pixels[i]) for i in np.ndindex(pixels.shape[:-2]))
-                _write_tiff(tmp, pages, arr.shape, arr.dtype, ndim)
+                _write_tiff(tmp, pages, arr.shape, arr.dtype, ndim, calibration)
             else:
-                _write_tiff(tmp, pixels, arr.shape, arr.dtype, ndim)
+                _write_tiff(tmp, pixels, arr.shape, arr.dtype, ndim, calibration)
     return _write_atomically(path if plain else _tiff_path(path), write)
 
 
-def write_image_slices(path, slices, shape, dtype) -> Path:
+def write_image_slices(path, slices, shape, dtype, calibration=None) -> Path:
     """Write a 3D channel-last (Z, Y, X, C) image as a TIFF from an iterator of its (Y, X, C) z slices,
-    so the whole image never has to be in memory; atomic, as write_image."""
+    so the whole image never has to be in memory; atomic, as write_image (`calibration` too)."""
     shape, dtype = tuple(int(s) for s in shape), _storable(dtype)
     if len(shape) != 4:
         raise ValueError(f"write_image_slices: shape {shape} is not a 3D channel-last (Z, Y, X, C) shape")
@@ -759,7 +826,8 @@ def write_image_slices(path, slices, shape, dtype) -> Path:
         if n != shape[0]:
             raise ValueError(f"write_image_slices: {n} slices, expected {shape[0]}")
 
-    return _write_atomically(_tiff_path(Path(path)), lambda tmp: _write_tiff(tmp, pages(), shape, dtype, 3))
+    return _write_atomically(_tiff_path(Path(path)),
+                             lambda tmp: _write_tiff(tmp, pages(), shape, dtype, 3, calibration))
 
 
 def _storable(dtype) -> np.dtype:
@@ -795,10 +863,11 @@ def _write_atomically(path, write) -> Path:
     return path
 
 
-def _write_tiff(tmp, data, shape, dtype, ndim):
+def _write_tiff(tmp, data, shape, dtype, ndim, calibration=None):
     """`data`: pixels in _tiff_order, as one array or an iterator of parts in file order; `shape`
-    the channel-last shape. Above 4 GB an ImageJ file keeps one page header and contiguous pixels,
-    as ImageJ itself writes them (tifffile says so with a warning, silenced here)."""
+    the channel-last shape; `calibration` as `tiff_calibration` gives it (X/YResolution and ResolutionUnit,
+    the unit and z spacing in the ImageJ metadata). Above 4 GB an ImageJ file keeps one page header and
+    contiguous pixels, as ImageJ itself writes them (tifffile says so with a warning, silenced here)."""
     import warnings
 
     import tifffile
@@ -807,7 +876,17 @@ def _write_tiff(tmp, data, shape, dtype, ndim):
     spatial = tuple(shape[:-1])
     axes = ("ZYX" if ndim == 3 else "YX") if c == 1 else ("ZCYX" if ndim == 3 else "CYX")
     stored = spatial if c == 1 else spatial[:-2] + (c,) + spatial[-2:]
+    metadata, resolution = {"axes": axes}, {}
+    if calibration:
+        if calibration.get("resolution") is not None:
+            resolution = {"resolution": tuple(calibration["resolution"]),
+                          "resolutionunit": calibration.get("resolutionunit") or 1}
+        if calibration.get("unit"):  # ImageJ's description is ASCII: 'µm' as 'um', as ImageJ reads it
+            unit = str(calibration["unit"]).replace("\u00b5", "u").replace("\u03bc", "u")
+            metadata["unit"] = unit.encode("ascii", "backslashreplace").decode("ascii")
+        if ndim == 3 and calibration.get("spacing"):
+            metadata["spacing"] = float(calibration["spacing"])
     with open(tmp, "wb") as fh, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*truncating ImageJ file")
         tifffile.imwrite(fh, data, shape=stored, dtype=dtype, imagej=np.dtype(dtype) in _IMAGEJ_DTYPES,
-                         metadata={"axes": axes}, photometric="minisblack")
+                         metadata=metadata, photometric="minisblack", **resolution)

@@ -152,7 +152,10 @@ class Workflow(ABC):
             write_image(self.job.aug / f"aug_{i:03d}_x.tif", _channel_last(x), self.ndim)
             if self.target_mode != "same":
                 y = y[None] if y.ndim == self.ndim else y
-                write_image(self.job.aug / f"aug_{i:03d}_y.tif", _channel_last(y), self.ndim)
+                y = _channel_last(y)
+                if self.target_mode == "label":  # int64 class ids: Fiji opens no 64-bit TIFF
+                    y = y.astype(np.uint8 if y.max(initial=0) < 256 else np.uint16)
+                write_image(self.job.aug / f"aug_{i:03d}_y.tif", y, self.ndim)
 
     # ---------------------------------------------------------------- training hooks
     def to_device(self, batch):
@@ -262,18 +265,18 @@ class Workflow(ABC):
     def predict_patches(self, batch):
         return self.model(batch)
 
-    def write_slabs(self, path, slabs, shape, dtype):
+    def write_slabs(self, path, slabs, shape, dtype, calibration=None):
         """Write channel-last slabs (rows, *rest, C) as one image of `shape`; a 3D image z slice by z
-        slice, never whole. Returns the path written."""
+        slice, never whole. `calibration`: the source's (`tiff_calibration`). Returns the path written."""
         if self.ndim == 3:
-            return write_image_slices(path, (s for slab in slabs for s in slab), shape, dtype)
+            return write_image_slices(path, (s for slab in slabs for s in slab), shape, dtype, calibration)
         whole, row = np.empty(shape, dtype), 0  # filled in place: no list of slabs beside the image
         for slab in slabs:
             whole[row:row + len(slab)] = slab
             row += len(slab)
         if row != shape[0]:
             raise ValueError(f"write_slabs: {row} rows, expected {shape[0]}")
-        return write_image(path, whole, self.ndim)
+        return write_image(path, whole, self.ndim, calibration)
 
     def test(self, files=None):
         """Predict, write and score every test image. Outputs go to a staging folder that replaces per_image/

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 
 from biapy.data.crappify import prepare_ssl_source
-from biapy.data.io import list_images
+from biapy.data.io import list_images, tiff_calibration
 from biapy.engine.distributed import main_first
 from biapy.engine.losses import build_loss
 from biapy.errors import DataError
@@ -61,7 +61,8 @@ class CrappifyWorkflow(Workflow):
         restored = (self.normalizer.denormalize(np.moveaxis(slab.float().cpu().numpy(), 0, -1), stats)
                     for _, slab in slabs)
         shape = tuple(degraded.shape[:-1]) + (self.channels,)
-        written = self.write_slabs(self.per_image / Path(source).name, restored, shape, np.float32)
+        written = self.write_slabs(self.per_image / Path(source).name, restored, shape, np.float32,
+                                   tiff_calibration(source))
         if not self.cfg.DATA.TEST.LOAD_GT:
             return None
         # Scored from the files, in float32 a slab at a time for 3D images (image_scores).

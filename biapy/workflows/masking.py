@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from biapy.data.io import image_stem, list_images, write_image
+from biapy.data.io import image_stem, list_images, tiff_calibration, write_image
 from biapy.data.patches import full_image_input, grid_starts, reflect_indices
 from biapy.engine.losses import denormalize_tokens, masked_reconstruction_loss
 from biapy.models import required_divisor
@@ -207,7 +207,7 @@ class MaskingWorkflow(Workflow):
                 yield recon
 
         written = self.write_slabs(self.per_image / Path(source).name, reconstruction(),
-                                   spatial + (self.channels,), np.float32)
+                                   spatial + (self.channels,), np.float32, tiff_calibration(source))
         if not scored:
             return None
         self._drop_seen_through_border(hidden)  # complete now: every patch was predicted

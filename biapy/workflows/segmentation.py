@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from biapy.data.datasets import is_integer_valued
-from biapy.data.io import image_shape, image_stem, list_images, write_image
+from biapy.data.io import image_shape, image_stem, list_images, tiff_calibration, write_image
 from biapy.data.normalization import _sample
 from biapy.engine import metrics as M
 from biapy.engine.losses import build_loss
@@ -14,6 +14,9 @@ from biapy.errors import DataError
 from biapy.workflows.base import Workflow
 
 log = logging.getLogger(__name__)
+
+
+PROBABILITIES = "_probabilities"  # the stem suffix of TEST.SAVE_PROBABILITIES' files
 
 
 class SegmentationWorkflow(Workflow):
@@ -62,6 +65,13 @@ class SegmentationWorkflow(Workflow):
     def check_test_inputs(self):
         """Test labels too: one channel and their image's size, read from the headers before training."""
         sources, inputs = super().check_test_inputs()
+        if self.cfg.TEST.SAVE_PROBABILITIES:  # 'x_probabilities.tif' is also where x's probabilities go
+            stems = {image_stem(p): p for p in sources}
+            for stem, path in stems.items():
+                if f"{stem}{PROBABILITIES}" in stems:
+                    raise DataError(f"DATA.TEST.PATH: the probabilities of {Path(path).name} (TEST.SAVE_PROBABILITIES) "
+                                    f"would replace the output of {Path(stems[stem + PROBABILITIES]).name}; rename "
+                                    "one of them")
         if self.cfg.DATA.TEST.LOAD_GT:
             for label, image in zip(sources, inputs):
                 shape, want = image_shape(label, self.ndim), image_shape(image, self.ndim)[:-1] + (1,)
@@ -115,6 +125,8 @@ class SegmentationWorkflow(Workflow):
         # `label_source` is the label file when ground truth is loaded, else the image itself.
         name = Path(label_source).name
         gt = self.open_image(label_source) if self.cfg.DATA.TEST.LOAD_GT else None  # shape: check_test_inputs
+        # The test image (its label file has its name): the mask and probabilities keep its calibration.
+        calibration = tiff_calibration(Path(self.cfg.DATA.TEST.PATH) / name)
         counts = None  # per-class (intersection, union, sizes), summed over the slabs
 
         def probabilities():
@@ -133,12 +145,12 @@ class SegmentationWorkflow(Workflow):
 
         if self.cfg.TEST.SAVE_PROBABILITIES:
             stem = image_stem(name)
-            self.write_slabs(self.per_image / f"{stem}_probabilities.tif", probabilities(),
-                             spatial + (self.n_classes,), np.float32)
+            self.write_slabs(self.per_image / f"{stem}{PROBABILITIES}.tif", probabilities(),
+                             spatial + (self.n_classes,), np.float32, calibration)
         else:
             for _ in probabilities():
                 pass
-        write_image(self.per_image / name, labels[..., None], self.ndim)
+        write_image(self.per_image / name, labels[..., None], self.ndim, calibration)
         if gt is None:
             return None
         inter, union, sizes = counts
