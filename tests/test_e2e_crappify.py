@@ -245,10 +245,14 @@ def test_nan_voxels_missed_by_the_statistics_sample_stop_the_streamed_test(data3
 
 
 def test_compiled_model_trains_like_the_eager_one_and_saves_plain_weights(data2d, tmp_path):
-    """TRAIN.COMPILE (torch.compile, ~25 s to compile here): same first-epoch loss, checkpoint without wrapper names."""
+    """TRAIN.COMPILE (torch.compile, ~25 s to compile here): same first-epoch loss, checkpoint without wrapper names.
+    In float32, from a fresh compiler cache: in bf16 (TRAIN.AMP auto on an AMX CPU) compiled and eager kernels round
+    differently, and graphs an earlier test left (dynamic shapes) had moved the loss past 1e-4 in some suite runs."""
+    torch._dynamo.reset()
     losses, scores = [], []
     for compile_ in (False, True):
-        job = run(tiny_config(data2d, 2, TRAIN={"EPOCHS": 1, "COMPILE": compile_}), tmp_path / str(compile_))
+        cfg = tiny_config(data2d, 2, TRAIN={"EPOCHS": 1, "COMPILE": compile_, "AMP": "off"})
+        job = run(cfg, tmp_path / str(compile_))
         losses.append(train_log(job)[0]["train_loss"])
         with open(job.metrics_csv) as fh:
             scores.append([float(r["psnr"]) for r in csv.DictReader(fh)])
