@@ -65,13 +65,11 @@ def degraded_slices(img, noise, resizing_factor, ndim, rng, bounds):
         return
     lo, hi = bounds
     shape = tuple(img.shape)
-    n_z = shape[0] if ndim == 3 else 1
-    plane, dtype = shape[ndim - 2:ndim], degraded_dtype(img.dtype)
-    small = tuple(max(1, int(s / math.sqrt(resizing_factor))) for s in shape[:ndim])
-    small_z, small_plane = (small[0], small[1:]) if ndim == 3 else (1, small)
+    n_z, plane, dtype = shape[0], shape[1:3], degraded_dtype(img.dtype)
+    small_z, *small_plane = (max(1, int(s / math.sqrt(resizing_factor))) for s in shape[:3])
     down, up = _linear_taps(n_z, small_z), _linear_taps(small_z, n_z)
     needed = {i for i0, i1, _ in down for i in (i0, i1)}
-    source = _SlabReader(img) if ndim == 3 else None
+    source = _SlabReader(img)
     reduced, reduced_next, smalls = {}, 0, {}
 
     def reduced_slice(z):  # input slice z: noisy, clipped, down-sampled in Y and X
@@ -79,15 +77,11 @@ def degraded_slices(img, noise, resizing_factor, ndim, rng, bounds):
         while reduced_next <= z:
             k = reduced_next
             reduced_next += 1
-            noise_map = rng.standard_normal(shape[ndim - 2:], dtype=np.float32) if noise > 0 else None
+            noise_map = rng.standard_normal(shape[1:], dtype=np.float32) if noise > 0 else None
             if k not in needed:  # the noise is drawn all the same: later slices get the same numbers
                 continue
-            x = np.array(source[k] if source else img, dtype=np.float32)
-            if noise_map is not None:
-                noise_map *= np.float32(noise * hi)
-                x += noise_map
-                np.clip(x, lo, hi, out=x)
-            reduced[k] = _resize_plane(x, small_plane)
+            reduced[k] = _resize_plane(_noised(np.array(source[k], dtype=np.float32), noise_map, noise, lo, hi),
+                                       small_plane)
         return reduced[z]
 
     def small_slice(k):
@@ -104,10 +98,26 @@ def degraded_slices(img, noise, resizing_factor, ndim, rng, bounds):
         x = _resize_plane(_lerp(low, small_slice(k1) if k1 != k0 else None, w), plane)
         for k in [k for k in smalls if k < k0 - 1]:  # the last output slices mirror back to k0 - 1
             del smalls[k]
-        if np.issubdtype(dtype, np.integer):
-            info = np.iinfo(dtype)
-            x = np.clip(np.rint(x), info.min, info.max)
-        yield x.astype(dtype)
+        yield _as_degraded(x, dtype)
+
+
+def _noised(x, noise_map, noise, lo, hi):
+    """float32 pixels `x` plus `noise_map` (standard normal, or None for no noise) scaled to `noise * hi`, clipped
+    to the image's range (lo, hi); in place."""
+    if noise_map is not None:
+        noise_map *= np.float32(noise * hi)
+        x += noise_map
+        np.clip(x, lo, hi, out=x)
+    return x
+
+
+def _as_degraded(x, dtype):
+    """Degraded float32 pixels in the copy's type: integers rounded to the nearest and kept in the type's range.
+    Not in place: `x` may be a slice the 3D path keeps for the next ones (`_lerp` at weight 0 returns it)."""
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        x = np.clip(np.rint(x), info.min, info.max)
+    return x.astype(dtype, copy=False)
 
 
 def _degraded_plane(img, noise, resizing_factor, rng, bounds):
@@ -132,22 +142,14 @@ def _degraded_plane(img, noise, resizing_factor, rng, bounds):
     for (a, b), (k0, k1), (_, i1), drop in zip(bands, smalls, inputs, keep):
         if i1 > first + len(rows):
             x = np.array(img[first + len(rows):i1], dtype=np.float32)
-            if noise > 0:
-                noise_map = rng.standard_normal(x.shape, dtype=np.float32)
-                noise_map *= np.float32(noise * hi)
-                x += noise_map
-                del noise_map
-                np.clip(x, lo, hi, out=x)
+            x = _noised(x, rng.standard_normal(x.shape, dtype=np.float32) if noise > 0 else None, noise, lo, hi)
             rows = np.concatenate([rows, x if small_x == n_x else _resample(x, _linear_taps(n_x, small_x), 1)])
             del x
         small = _resample(rows, [(p - first, q - first, w) for p, q, w in down[k0:k1]], 0)
         x = _resample(small, [(p - k0, q - k0, w) for p, q, w in up[a:b]], 0)
         if small_x != n_x:
             x = _resample(x, _linear_taps(small_x, n_x), 1)
-        if np.issubdtype(dtype, np.integer):
-            info = np.iinfo(dtype)
-            np.clip(np.rint(x, out=x), info.min, info.max, out=x)
-        out[a:b] = x
+        out[a:b] = _as_degraded(x, dtype)
         rows, first = rows[drop - first:], drop  # rows no later band reads
     return out
 

@@ -206,8 +206,7 @@ def check_start(cfg, job) -> None:
         if other_task(meta, cfg):
             raise CheckpointError(f"{start}: checkpoint was trained for {task_name(meta)} but this config asks "
                                   f"for {task_name(checkpoint_metadata(cfg))}, so the test would score its "
-                                  "untrained output layer; test a checkpoint of this task (a fine-tuned run's "
-                                  "own: MODEL.LOAD_CHECKPOINT False, or PATHS.CHECKPOINT_FILE set to it)")
+                                  f"untrained output layer; {_TEST_THIS_TASK}")
         raise ConfigError(f"PATHS.CHECKPOINT_FILE: run {job.id} has checkpoints of its own, and testing {start.name} "
                           f"would replace its test outputs with another model's; pass a new --run_id to test it")
     if cfg.MODEL.LOAD_CHECKPOINT and not resumes:
@@ -321,6 +320,11 @@ def _runs_with_checkpoints(job) -> str:
     return f"runs with checkpoints: {', '.join(map(str, ids))} (pass --run_id); " if ids else ""
 
 
+# What to test instead of a checkpoint whose layers are not all trained for this task (a pretext run's).
+_TEST_THIS_TASK = ("test a checkpoint of this task (a fine-tuned run's own: MODEL.LOAD_CHECKPOINT False, or "
+                   "PATHS.CHECKPOINT_FILE set to it)")
+
+
 def load_for_test(wf) -> Path:
     """Weights for the test phase: this job's checkpoint by LOAD_CHECKPOINT_EPOCH (best, else last; or last) after
     training; with TRAIN.ENABLE False and MODEL.LOAD_CHECKPOINT True, PATHS.CHECKPOINT_FILE (or this job's, the same way)."""
@@ -345,8 +349,7 @@ def load_for_test(wf) -> Path:
     if untrained:  # SKIP_UNMATCHED_LAYERS suits a start, not a test: those layers would score as initialized
         shown = ", ".join(untrained[:4]) + (f", ... {len(untrained) - 4} more" if len(untrained) > 4 else "")
         raise CheckpointError(f"{path}: {len(untrained)} tensor(s) of the model are not in it ({shown}), so the test "
-                              "would score untrained layers; test a checkpoint of this task (a fine-tuned run's own: "
-                              "MODEL.LOAD_CHECKPOINT False, or PATHS.CHECKPOINT_FILE set to it)")
+                              f"would score untrained layers; {_TEST_THIS_TASK}")
     if hasattr(wf, "restore_extras"):
         wf.restore_extras(state.get("extras"), path)
     epoch = state.get("epoch")
