@@ -75,12 +75,22 @@ def _caller_state():
 # (a scheduler's job ID, say) and an epoch of 8.
 _LONGEST_DERIVED = f"_{'9' * 12}-checkpoint-{'9' * 8}.pth"
 _NAME_MAX = 255  # bytes of one file name (ext4, xfs, btrfs, tmpfs, NTFS...)
+# Windows' device names, alone or before an extension ('nul.txt' too): refused on every system, as results move
+# between machines.
+_WINDOWS_DEVICE = re.compile(r"(CON|PRN|AUX|NUL|COM[0-9]|LPT[0-9])(\..*)?", re.IGNORECASE)
 
 
 def check_name(name):
     if not name or name in (".", "..") or not _SAFE_NAME.match(name) or ".." in name:
         raise ConfigError(f"--name: {shown(name)} must be a plain folder name (letters, digits, '.', '_', '-', '+'; "
                           "no path separators or '..')")
+    if _WINDOWS_DEVICE.fullmatch(name):
+        raise ConfigError(f"--name: {shown(name)} is a device name on Windows, where its folder cannot be made; "
+                          "expected a name other than CON, PRN, AUX, NUL, COM0-9 or LPT0-9 (with or without an "
+                          "extension, in any case)")
+    if name.endswith("."):
+        raise ConfigError(f"--name: {shown(name)} ends in '.', which Windows drops from a folder name; expected a "
+                          "name that ends in a letter, digit, '_', '+' or '-'")
     limit = _NAME_MAX - len(_LONGEST_DERIVED)
     if len(os.fsencode(name)) > limit:  # refused before any work: it had failed when the first epoch was saved
         raise ConfigError(f"--name: {shown(name)} is {len(os.fsencode(name))} characters long; expected at most "

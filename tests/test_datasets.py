@@ -5,7 +5,7 @@ import torch
 
 from biapy.config.defaults import get_defaults
 from biapy.data.augmentation import Augmentor
-from biapy.data.datasets import PatchDataset, split_train_val
+from biapy.data.datasets import Band, PatchDataset, _BandView, band_split, banded, split_train_val
 from biapy.data.io import write_image
 from biapy.data.normalization import Normalizer
 from biapy.errors import ConfigError, DataError
@@ -180,3 +180,31 @@ def test_lazy_reading_says_once_which_images_it_holds_whole(tmp_path, caplog):
     assert lines == ["1 of 2 images cannot be read a region at a time (compressed TIFF without zarr installed, "
                      "PNG/JPEG, NIfTI): held in memory whole"]
     assert not [r for r in caplog.records if "memory-mapped" in r.getMessage()]
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_a_band_reads_as_an_image_of_its_own_lazy_or_in_memory(tmp_path, axis):
+    """`banded`: a band of rows 5..14 of one axis; a lazily opened image stays lazy and is sliced as the array."""
+    from biapy.data.io import open_image_lazy, read_image
+
+    path = _write(tmp_path, [(9, 20, 12)], 3, channels=2)[0]
+    band = Band(axis, 5, 15) if axis else Band(0, 3, 7)
+    whole = read_image(path, 3)
+    mem, lazy = banded(whole, band), banded(open_image_lazy(path, 3), band)
+    assert isinstance(lazy, _BandView) and lazy.shape == mem.shape and lazy.dtype == mem.dtype
+    assert mem.base is None  # a copy: the whole image is not kept alive by its band
+    for key in [..., (slice(1, 3), slice(None), slice(2, 9)), (slice(0, None, 2), ...), (1,), (-1, slice(2, 5)),
+                (slice(2, 100),), (slice(None), slice(None), slice(None), slice(1, 2))]:
+        assert np.array_equal(np.asarray(lazy[key]), mem[key]), key
+    with pytest.raises(IndexError):
+        lazy[mem.shape[0]]
+    assert banded(whole, None) is whole
+
+
+def test_band_split_takes_the_share_at_the_end_of_z_else_y(tmp_path):
+    assert band_split("v", (80, 64, 64), (8, 16, 16), 0.1) == (Band(0, 0, 72), Band(0, 72, 80))  # ceil(8.0) is 8...
+    assert band_split("v", (81, 64, 64), (8, 16, 16), 0.1) == (Band(0, 0, 72), Band(0, 72, 81))  # ...ceil(8.1) 9
+    assert band_split("v", (20, 200, 64), (8, 16, 16), 0.1) == (Band(1, 0, 180), Band(1, 180, 200))  # 2 z slices
+    assert band_split("i", (320, 64), (32, 32), 0.1) == (Band(0, 0, 288), Band(0, 288, 320))
+    with pytest.raises(DataError, match=r"^i: the only training image.* it has 300 along y \(needs 311\)\."):
+        band_split("i", (300, 64), (32, 32), 0.1)

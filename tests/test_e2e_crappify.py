@@ -135,10 +135,15 @@ def test_test_images_read_up_front_only_with_test_in_memory(in_memory, data2d, t
     import biapy.workflows.base as base
 
     events = []
-    read, predict = base.read_image, base.Workflow.predict_slabs
-    # Reads of the network's inputs (the degraded test copies), not of the originals read for scoring.
-    monkeypatch.setattr(base, "read_image", lambda path, ndim: (Path(path).parent.parent.name.endswith("_ssl_source")
-                                                                and events.append("read")) or read(path, ndim))
+    predict = base.Workflow.predict_slabs
+
+    def spy(opener):  # reads of the network's inputs (the degraded test copies), not of the originals scored
+        return lambda path, ndim: (Path(path).parent.parent.name.endswith("_ssl_source")
+                                   and events.append("read")) or opener(path, ndim)
+
+    # Up front: read whole; one at a time: opened (lazily where the format allows) when its turn comes.
+    monkeypatch.setattr(base, "read_image", spy(base.read_image))
+    monkeypatch.setattr(base, "open_image_rows", spy(base.open_image_rows))
     monkeypatch.setattr(base.Workflow, "predict_slabs",
                         lambda self, *args: events.append("predict") or predict(self, *args))
     cfg = tiny_config(data2d, 2, TRAIN={"EPOCHS": 1}, DATA={"TEST": {"IN_MEMORY": in_memory}})

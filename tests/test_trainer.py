@@ -479,6 +479,29 @@ def test_weights_whose_layouts_coincide_get_plain_strides():
     assert model[1].weight.grad.stride() == model[1].weight.stride()
 
 
+class WiderKernelNet(TinyNet):
+    """TinyNet whose first convolution is 5x5: a 3x3 checkpoint fills all but that kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder[0] = nn.Conv2d(1, 4, 5, padding=2)
+
+
+def test_freezing_encoder_tensors_the_checkpoint_did_not_fill_is_refused(tmp_path):
+    """A ViT of another token size (or a U-Net of another depth) kept its patch embedding random and frozen
+    while the log said 'Encoder frozen until epoch 2'."""
+    src = FakeWorkflow(make_cfg(EPOCHS=1), tmp_path / "src")
+    Trainer(src).fit()
+    cfg = make_cfg(EPOCHS=2, **{"MODEL.LOAD_CHECKPOINT": True, "MODEL.SKIP_UNMATCHED_LAYERS": True,
+                                "MODEL.FREEZE_ENCODER_EPOCHS": 1})
+    cfg.PATHS.CHECKPOINT_FILE = str(src.job.checkpoint("best"))
+    with pytest.raises(ConfigError, match=r"FREEZE_ENCODER_EPOCHS: 1 encoder tensor\(s\) were not loaded from "
+                                          r"job_1-checkpoint-best.pth .*\(encoder.0.weight\).*FREEZE_ENCODER_EPOCHS 0"):
+        Trainer(FakeWorkflow(cfg, tmp_path / "dst", model=WiderKernelNet())).fit()
+    cfg.MODEL.FREEZE_ENCODER_EPOCHS = 0  # not frozen: the random kernel trains
+    Trainer(FakeWorkflow(cfg, tmp_path / "dst2", model=WiderKernelNet())).fit()
+
+
 def test_freezing_an_encoder_that_no_checkpoint_filled_is_warned_about(tmp_path, caplog):
     Trainer(FakeWorkflow(make_cfg(EPOCHS=1, **{"MODEL.FREEZE_ENCODER_EPOCHS": 1}), tmp_path)).fit()
     assert "the frozen encoder keeps its random initial weights" in caplog.text

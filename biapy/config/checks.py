@@ -168,6 +168,15 @@ def _check_data(cfg):
                 raise ConfigError(f"DATA.NORMALIZATION.PERC_CLIP: LOWER_VALUE {shown(lower)} must be below UPPER_VALUE "
                                   f"{shown(upper)}, channel by channel (1 value, or one per channel)")
     _in_open_range("DATA.VAL.SPLIT_TRAIN", cfg.DATA.VAL.SPLIT_TRAIN, 0, 1)
+    val = cfg.DATA.VAL
+    if val.CROSS_VAL:
+        if not val.FROM_TRAIN:
+            raise ConfigError("DATA.VAL.CROSS_VAL: True needs DATA.VAL.FROM_TRAIN True (the folds are cut from the "
+                              "training images); expected FROM_TRAIN True or CROSS_VAL False")
+        _at_least("DATA.VAL.CROSS_VAL_NFOLD", val.CROSS_VAL_NFOLD, 2)
+        if not 1 <= val.CROSS_VAL_FOLD <= val.CROSS_VAL_NFOLD:
+            raise ConfigError(f"DATA.VAL.CROSS_VAL_FOLD: {val.CROSS_VAL_FOLD} is out of range; expected 1.."
+                              f"{val.CROSS_VAL_NFOLD} (DATA.VAL.CROSS_VAL_NFOLD; folds count from 1)")
     ppi = cfg.DATA.TRAIN.PATCHES_PER_IMAGE
     if ppi != -1 and ppi < 1:
         raise ConfigError(f"DATA.TRAIN.PATCHES_PER_IMAGE: {ppi} is out of range; expected -1 or at least 1")

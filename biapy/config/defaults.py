@@ -104,10 +104,16 @@ _C.DATA.TRAIN.PADDING = (0, 0)
 _C.DATA.VAL = CN()
 # Take the validation images out of the training folder (True) or read them from VAL.PATH (False).
 _C.DATA.VAL.FROM_TRAIN = True
-# Fraction of training images (whole images, at least one) moved to validation when FROM_TRAIN.
+# Share moved to validation when FROM_TRAIN: ceil(n * fraction) whole images (at least one); of a single image, that share of its rows, a band at its end.
 _C.DATA.VAL.SPLIT_TRAIN = 0.1
-# Choose the validation images at random (seeded by SYSTEM.SEED) rather than the last ones.
+# Choose the validation images at random (seeded by SYSTEM.SEED) rather than the last ones (folds too).
 _C.DATA.VAL.RANDOM = True
+# k-fold cross-validation of whole training images (FROM_TRAIN): fold CROSS_VAL_FOLD validates, SPLIT_TRAIN unused.
+_C.DATA.VAL.CROSS_VAL = False
+# Number of disjoint folds the training images are cut into with CROSS_VAL (at least 2).
+_C.DATA.VAL.CROSS_VAL_NFOLD = 5
+# The fold (1-based, 1..CROSS_VAL_NFOLD) used as validation with CROSS_VAL; a run per fold covers every image.
+_C.DATA.VAL.CROSS_VAL_FOLD = 1
 # Folder of validation images when FROM_TRAIN is False.
 _C.DATA.VAL.PATH = ""
 # Folder of validation label masks (SEMANTIC_SEG, FROM_TRAIN False).

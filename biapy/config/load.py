@@ -157,6 +157,8 @@ BIAPY_HINTS = {
                        "DATA.TEST.IN_MEMORY is False, the default)",
     "MODEL.": " (the network built here may differ from the one BiaPy builds with it)",
     "AUGMENTOR.": " (that augmentation is not applied)",
+    "DATA.TEST.USE_VAL_AS_TEST": " (the test phase predicts DATA.TEST.PATH; the log names the validation images "
+                                 "to place there)",
 }
 
 # Filled in at start from the command line (the results tree, --gpu); a value given for them is replaced.

@@ -7,6 +7,7 @@ them instead of silently training on stale data. The noise of each file is seede
 absolute path): rebuilding gives the same copies, whichever job builds them, and a test image named as a
 training image gets noise of its own.
 """
+import errno
 import functools
 import json
 import logging
@@ -302,16 +303,33 @@ def prepare_ssl_source(src_files, dst_dir, noise, resizing_factor, ndim, seed, k
             raise
         return [dst_dir / old_files[n]["output"] for n in names]
     with lock:
-        _lock(lock)
-        return _prepare_locked(src_files, names, dst_dir, params, noise, resizing_factor, ndim, seed)
+        locked = _lock(lock)
+        return _prepare_locked(src_files, names, dst_dir, params, noise, resizing_factor, ndim, seed, locked)
 
 
-def _lock(fh):
+def _lock(fh) -> bool:
+    """Wait for the folder's lock, held until `fh` is closed. False where no lock can be taken."""
     try:
         import fcntl
-    except ImportError:  # Windows: no advisory locks here; one job per folder at a time
-        return
-    fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file is closed
+    except ImportError:
+        fcntl = None
+    if fcntl is not None:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            return True
+        except OSError:  # a file system without locks (some network shares)
+            return False
+    try:
+        import msvcrt  # Windows
+    except ImportError:
+        return False
+    while True:  # LK_LOCK gives up after 10 s (EDEADLOCK); another job's build may take minutes
+        try:
+            msvcrt.locking(fh.fileno(), msvcrt.LK_LOCK, 1)  # byte 0 (beyond the end of file is allowed)
+            return True
+        except OSError as err:
+            if err.errno != errno.EDEADLOCK:
+                return False
 
 
 def _why_stale(src, entry, dst_dir):
@@ -341,8 +359,9 @@ def _stale_sources(src_files, dst_dir, params):
     return old, old_files, todo, reasons
 
 
-def _prepare_locked(src_files, names, dst_dir, params, noise, resizing_factor, ndim, seed):
-    remove_stale_temporaries_under(dst_dir, every=True)  # a killed build's: no one else writes here now
+def _prepare_locked(src_files, names, dst_dir, params, noise, resizing_factor, ndim, seed, locked):
+    # A killed build's temporaries. Unlocked, another job may be writing here: only those of ended processes.
+    remove_stale_temporaries_under(dst_dir, every=locked)
     old, old_files, todo, reasons = _stale_sources(src_files, dst_dir, params)
     same_params = old is not None and old.get("params") == params
     if old is not None and not same_params:

@@ -51,13 +51,16 @@ def image_stem(path) -> str:
 
 
 def check_unique_stems(paths, key: str) -> None:
-    """Outputs are named after their input's stem: 'cell.png' and 'cell.tif' would overwrite each other."""
+    """Outputs are named after their input's stem: 'cell.png' and 'cell.tif' would overwrite each other, and so
+    would 'Cell.tif' and 'cell.tif' where results go to a disk that ignores case (macOS and Windows, by default)."""
     seen = {}
     for path in paths:
-        other = seen.setdefault(image_stem(path), path)
+        other = seen.setdefault(image_stem(path).casefold(), path)
         if other is not path:
+            case = "" if image_stem(other) == image_stem(path) else ", names that differ only in case, one file on " \
+                "macOS and Windows"
             raise DataError(f"{key}: {Path(other).name} and {Path(path).name} would write the same output files "
-                            f"('{image_stem(path)}'); rename one of them")
+                            f"('{image_stem(path)}'{case}); rename one of them")
 
 
 def list_images(folder, key: str) -> list[Path]:
@@ -710,6 +713,11 @@ class LazyStore:
     def ndim(self):
         return len(self.shape)
 
+    def chunk_rows(self):
+        """Rows (first canonical axis) of one stored chunk: 1 for an unchunked (contiguous HDF5) array."""
+        chunks = getattr(self._opener(), "chunks", None)
+        return chunks[self._plan.keep[self._plan.order[0]]] if chunks else 1
+
     def __getitem__(self, key):
         key = _full_key(key, len(self.shape))
         if not all(isinstance(k, slice) for k in key):
@@ -737,19 +745,30 @@ def open_image_lazy(path, ndim: int):
             return LazyTiff(path, plan, stored, offset)
         if _has_zarr():
             try:
-                return LazyStore(path, plan, lambda: _tiff_zarr(path))
+                return LazyStore(path, plan, functools.partial(_tiff_zarr, path))
             except Exception as e:  # an unusual layout: reading whole still works
                 log.debug("%s: no Zarr view (%s)", path, e)
     elif ext in CHUNKED_EXTS:
         try:
             arr = _open_chunked(path)
             _check_pixel_type(path, arr.dtype)
-            return LazyStore(path, _plain_plan(arr.shape, ndim, path, guess=True), lambda: _open_chunked(path))
+            plan = _plain_plan(arr.shape, ndim, path, guess=True)
+            return LazyStore(path, plan, functools.partial(_open_chunked, path))
         except DataError:
             raise
         except Exception as e:
             raise DataError(f"{path}: cannot read image ({_reason(e)})") from None
     return read_image(path, ndim)
+
+
+def open_image_rows(path, ndim: int):
+    """`open_image_lazy` for reading a slab of the first axis at a time (the test phase), but a 2D image whose one
+    chunk spans all its rows (a single-strip compressed TIFF, say), which each slab read would decode whole, is
+    read whole once."""
+    img = open_image_lazy(path, ndim)
+    if ndim == 2 and isinstance(img, LazyStore) and img.chunk_rows() >= img.shape[0]:
+        return read_image(path, ndim)
+    return img
 
 
 def _tiff_zarr(path):
@@ -788,16 +807,10 @@ def write_image(path, array, ndim: int, calibration=None) -> Path:
     if arr.ndim != ndim + 1:
         raise ValueError(f"write_image: array of shape {arr.shape} is not a {ndim}D channel-last image")
     arr = arr.astype(_storable(arr.dtype), copy=False)
-    ext = _suffix(path)
-    if ext in PLAIN_EXTS:
-        path = path.with_name(path.name[: -len(ext)] + ".png")
-    plain = ext in PLAIN_EXTS and ndim == 2 and (  # what PIL writes to PNG: uint8 grey/RGB/RGBA, uint16 grey
-        (arr.dtype == np.uint8 and arr.shape[-1] in (1, 3, 4)) or (arr.dtype == np.uint16 and arr.shape[-1] == 1))
-    if plain:
+    png = _png_path(path, arr.shape, arr.dtype, ndim)
+    if png:
         def write(tmp):
-            from PIL import Image
-
-            Image.fromarray(np.ascontiguousarray(arr[..., 0] if arr.shape[-1] == 1 else arr)).save(tmp, format="PNG")
+            _write_png(tmp, arr)
     else:
         def write(tmp):
             pixels = _tiff_order(arr)
@@ -806,28 +819,116 @@ def write_image(path, array, ndim: int, calibration=None) -> Path:
                 _write_tiff(tmp, pages, arr.shape, arr.dtype, ndim, calibration)
             else:
                 _write_tiff(tmp, pixels, arr.shape, arr.dtype, ndim, calibration)
-    return _write_atomically(path if plain else _tiff_path(path), write)
+    return _write_atomically(png or _tiff_path(path), write)
 
 
 def write_image_slices(path, slices, shape, dtype, calibration=None) -> Path:
     """Write a 3D channel-last (Z, Y, X, C) image as a TIFF from an iterator of its (Y, X, C) z slices,
     so the whole image never has to be in memory; atomic, as write_image (`calibration` too)."""
-    shape, dtype = tuple(int(s) for s in shape), _storable(dtype)
+    shape = tuple(int(s) for s in shape)
     if len(shape) != 4:
         raise ValueError(f"write_image_slices: shape {shape} is not a 3D channel-last (Z, Y, X, C) shape")
-
-    def pages():
+    with image_rows_writer(path, shape, dtype, 3, calibration) as out:
         n = 0
         for sl in slices:
             if sl.shape != shape[1:]:
                 raise ValueError(f"write_image_slices: slice of shape {sl.shape}, expected {shape[1:]}")
             n += 1
-            yield _tiff_order(np.asarray(sl).astype(dtype, copy=False))
+            out.write(np.asarray(sl)[None])
         if n != shape[0]:
             raise ValueError(f"write_image_slices: {n} slices, expected {shape[0]}")
+    return out.path
 
-    return _write_atomically(_tiff_path(Path(path)),
-                             lambda tmp: _write_tiff(tmp, pages(), shape, dtype, 3, calibration))
+
+@contextmanager
+def image_rows_writer(path, shape, dtype, ndim: int, calibration=None):
+    """Write a channel-last image of `shape` band by band along its first axis (rows in 2D, z slices in 3D),
+    so that it is never whole in memory: yields a `_Rows` whose `write(band)` takes the next band, from the top.
+
+    The file is the one `write_image` writes (the same bytes): the TIFF's header is written first, its pixels
+    left as a hole that each band fills at its place. A PNG (small by nature) is assembled and written at the end.
+    The file replaces `path` (`.path`, as write_image names it) atomically, once every row was written."""
+    _check_ndim(ndim)
+    shape, dtype, path = tuple(int(s) for s in shape), _storable(dtype), Path(path)
+    if len(shape) != ndim + 1:
+        raise ValueError(f"image_rows_writer: shape {shape} is not a {ndim}D channel-last shape")
+    png = _png_path(path, shape, dtype, ndim)
+    rows = _Rows(png or _tiff_path(path), shape, dtype, ndim)
+    in_body = False  # an error of the caller's own (reading its input, say) passes through as it is
+    try:
+        with atomic_path(rows.path) as tmp:
+            if png:
+                rows.whole = np.empty(shape, dtype)
+            else:
+                rows.open(tmp, _write_tiff(tmp, None, shape, dtype, ndim, calibration)[0])
+            try:
+                in_body = True
+                yield rows
+                in_body = False
+            finally:
+                rows.close()
+            if rows.done != shape[0]:
+                raise ValueError(f"{rows.path}: {rows.done} of {shape[0]} rows written")
+            if png:
+                _write_png(tmp, rows.whole)
+    except OSError as err:
+        if in_body:
+            raise
+        raise _write_error(rows.path, err) from None
+
+
+class _Rows:
+    """What `image_rows_writer` yields: `write(band)` puts the next band of rows at its place in the file."""
+
+    def __init__(self, path, shape, dtype, ndim):
+        self.path, self.shape, self.dtype, self.ndim = path, shape, dtype, ndim
+        self.done, self.whole, self._fh, self._offset = 0, None, None, 0
+
+    def open(self, tmp, offset):
+        self._fh, self._offset = open(tmp, "r+b"), offset
+
+    def close(self):
+        if self._fh is not None:
+            self._fh.close()
+
+    def write(self, band):
+        band, n = np.asarray(band), len(band)
+        if band.shape[1:] != self.shape[1:] or self.done + n > self.shape[0]:
+            raise ValueError(f"{self.path}: rows {self.done}..{self.done + n - 1} of shape {band.shape[1:]} do not "
+                             f"fit an image of shape {self.shape}")
+        if self.whole is not None:
+            self.whole[self.done:self.done + n] = band
+            self.done += n
+            return
+        # The pixels are stored in _tiff_order: (Z, [C,] Y, X), a band one run of bytes; a 2D image with channels
+        # as one page per channel (C, Y, X), a band one run per page.
+        planar = self.ndim == 2 and self.shape[-1] > 1
+        row = int(np.prod(self.shape[1:])) * self.dtype.itemsize // (self.shape[-1] if planar else 1)
+        pixels = _tiff_order(band.astype(self.dtype, copy=False))
+        try:
+            for k, run in enumerate(pixels if planar else pixels[None]):
+                self._fh.seek(self._offset + (k * self.shape[0] + self.done) * row)
+                self._fh.write(np.ascontiguousarray(run).data)
+        except OSError as err:
+            raise _write_error(self.path, err) from None
+        self.done += n
+
+
+def _png_path(path, shape, dtype, ndim):
+    """Where write_image puts a channel-last image of `shape` and `dtype` as a PNG, or None (a TIFF): a .png/.jpg
+    path holding what PIL writes to PNG (2D uint8 grey/RGB/RGBA, uint16 grey)."""
+    ext = _suffix(path)
+    if ext not in PLAIN_EXTS or ndim != 2:
+        return None
+    if (dtype == np.uint8 and shape[-1] in (1, 3, 4)) or (dtype == np.uint16 and shape[-1] == 1):
+        return path.with_name(path.name[: -len(ext)] + ".png")
+    return None
+
+
+def _write_png(tmp, arr):
+    from PIL import Image
+
+    Image.fromarray(np.ascontiguousarray(arr[..., 0] if arr.shape[-1] == 1 else arr)).save(tmp, format="PNG")
 
 
 def _storable(dtype) -> np.dtype:
@@ -857,14 +958,19 @@ def _write_atomically(path, write) -> Path:
         with atomic_path(path) as tmp:
             write(tmp)
     except OSError as err:  # disk full, folder gone...
-        # numpy reports a full disk as a short write, without an errno: "589824 requested and 36528 written".
-        short = "; is the disk full?" if err.errno is None and "written" in str(err) else ""
-        raise BiapyError(f"{path}: cannot write ({err.strerror or err}){short}") from None
+        raise _write_error(path, err) from None
     return path
 
 
+def _write_error(path, err):
+    # numpy reports a full disk as a short write, without an errno: "589824 requested and 36528 written".
+    short = "; is the disk full?" if err.errno is None and "written" in str(err) else ""
+    return BiapyError(f"{path}: cannot write ({err.strerror or err}){short}")
+
+
 def _write_tiff(tmp, data, shape, dtype, ndim, calibration=None):
-    """`data`: pixels in _tiff_order, as one array or an iterator of parts in file order; `shape`
+    """`data`: pixels in _tiff_order, as one array, an iterator of parts in file order, or None (the header
+    alone, the pixels a hole to fill: returns their (offset, bytes) in the file); `shape`
     the channel-last shape; `calibration` as `tiff_calibration` gives it (X/YResolution and ResolutionUnit,
     the unit and z spacing in the ImageJ metadata). Above 4 GB an ImageJ file keeps one page header and
     contiguous pixels, as ImageJ itself writes them (tifffile says so with a warning, silenced here)."""
@@ -888,5 +994,5 @@ def _write_tiff(tmp, data, shape, dtype, ndim, calibration=None):
             metadata["spacing"] = float(calibration["spacing"])
     with open(tmp, "wb") as fh, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*truncating ImageJ file")
-        tifffile.imwrite(fh, data, shape=stored, dtype=dtype, imagej=np.dtype(dtype) in _IMAGEJ_DTYPES,
-                         metadata=metadata, photometric="minisblack", **resolution)
+        return tifffile.imwrite(fh, data, shape=stored, dtype=dtype, imagej=np.dtype(dtype) in _IMAGEJ_DTYPES,
+                                metadata=metadata, photometric="minisblack", returnoffset=data is None, **resolution)

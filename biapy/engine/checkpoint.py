@@ -108,7 +108,7 @@ def load_checkpoint(path, mmap=False) -> dict:
 
 # This tool's checkpoint fields and metadata entries, by the type it writes them with (resume.build_payload).
 _FIELD_TYPES = {"config": str, "metadata": dict, "extras": dict,
-                "optimizer": dict, "scheduler": dict, "scaler": dict, "rng": dict, "began": dict,
+                "optimizer": dict, "scheduler": dict, "scaler": dict, "rng": dict, "began": dict, "val_split": dict,
                 "epoch": int, "step_in_epoch": int, "bad_epochs": int,
                 "epoch_steps": int, "world_size": int, "batch_size": int, "accum_iter": int,
                 "best_val": float, "stopped_early": bool, "partial_loss": (list, tuple), "history": (list, tuple)}
@@ -193,14 +193,13 @@ _LAYOUT_KEYS = {"unet": ("MODEL.FEATURE_MAPS", "MODEL.KERNEL_SIZE", "MODEL.Z_DOW
                         "MODEL.VIT_MLP_RATIO")}
 
 
-# Settings that change what the weights expect without changing their shapes: told, not refused.
-INPUT_KEYS = ("DATA.NORMALIZATION.TYPE", "MODEL.NORMALIZATION")
-
-# What else build_model reads that changes what trained weights compute, by architecture: without changing
+# What build_model reads that changes what trained weights compute, by architecture: without changing
 # their shapes (a fine-tune is told), and shapes outside the family's shared layout (the run's own decoder).
-_FUNCTION_KEYS = {"unet": ("MODEL.ACTIVATION",), "resunet": ("MODEL.ACTIVATION",),
+# MODEL.NORMALIZATION only where read: the MAE has layer norms of its own, UNETR's convolutional decoder reads it.
+_FUNCTION_KEYS = {"unet": ("MODEL.ACTIVATION", "MODEL.NORMALIZATION"),
+                  "resunet": ("MODEL.ACTIVATION", "MODEL.NORMALIZATION"),
                   "mae": ("MODEL.VIT_NORM_EPS", "MODEL.MAE_DEC_NUM_HEADS"),
-                  "unetr": ("MODEL.ACTIVATION", "MODEL.VIT_NORM_EPS")}
+                  "unetr": ("MODEL.ACTIVATION", "MODEL.VIT_NORM_EPS", "MODEL.NORMALIZATION")}
 _OWN_LAYOUT_KEYS = {"mae": ("MODEL.MAE_DEC_HIDDEN_SIZE", "MODEL.MAE_DEC_NUM_LAYERS", "MODEL.MAE_DEC_MLP_DIMS"),
                     "unetr": ("MODEL.FEATURE_MAPS", "MODEL.KERNEL_SIZE")}
 
@@ -223,11 +222,66 @@ def layout_key_differences(saved: dict, cfg) -> list:
 
 
 def function_key_differences(saved: dict, meta: dict, cfg) -> list:
-    """`key_differences` of the settings a checkpoint's weights were trained under (INPUT_KEYS, and the
-    _FUNCTION_KEYS its architecture and this one both read): a fine-tune may change them, and is told."""
+    """`key_differences` of the settings a checkpoint's weights were trained under (its inputs' normalization, and
+    the _FUNCTION_KEYS its architecture and this one both read): a fine-tune may change them, and is told."""
     mine = str(cfg.MODEL.ARCHITECTURE)
     theirs = _FUNCTION_KEYS.get(str(meta.get("architecture", mine)), ())
-    return key_differences(saved, cfg, INPUT_KEYS + tuple(k for k in _FUNCTION_KEYS.get(mine, ()) if k in theirs))
+    shared = tuple(k for k in _FUNCTION_KEYS.get(mine, ()) if k in theirs)
+    return normalization_differences(saved, cfg) + key_differences(saved, cfg, shared)
+
+
+_NORM = "DATA.NORMALIZATION."
+_FIXED_STATS_TYPES = ("zero_mean_unit_variance", "custom")  # the types that read MEAN_VAL/STD_VAL
+
+
+def normalization_differences(saved: dict, cfg) -> list:
+    """'KEY value in the checkpoint, value here' for the DATA.NORMALIZATION settings that changed what the network
+    saw (what Normalizer.from_cfg reads, where it reads it: the clip bounds only with clipping on in both, a fixed
+    clip value only where its percentile is -1 in both, MEAN_VAL/STD_VAL only for the types that read them). A
+    checkpoint's config without a key predates it, so trained with its default; none without a TYPE (no config)."""
+    data = saved.get("DATA")
+    norm = data.get("NORMALIZATION") if isinstance(data, dict) else None
+    if not (isinstance(norm, dict) and isinstance(norm.get("TYPE"), str)):
+        return []
+    from biapy.config.defaults import get_defaults
+
+    default = get_defaults()
+    out = []
+
+    def compare(key):
+        theirs, mine = _value(saved, key, default), _value(cfg, key, default)
+        if theirs != mine:
+            out.append(f"{_NORM}{key} {theirs} in the checkpoint, {mine} here")
+        return theirs, mine
+
+    kinds = compare("TYPE")
+    if compare("PERC_CLIP.ENABLE") == (True, True):
+        for side in ("LOWER", "UPPER"):
+            if compare(f"PERC_CLIP.{side}_PERC") == (-1.0, -1.0):
+                compare(f"PERC_CLIP.{side}_VALUE")
+    if all(kind in _FIXED_STATS_TYPES for kind in kinds):
+        compare("ZERO_MEAN_UNIT_VAR.MEAN_VAL")
+        compare("ZERO_MEAN_UNIT_VAR.STD_VAL")
+    return out
+
+
+def _value(tree, key, default):
+    """DATA.NORMALIZATION.`key` of `tree` (nested dicts or a config), `default`'s where absent, in one form
+    (floats; a list of -1s is the one 'not set' marker) so that YAML's 1 and a config's 1.0 compare equal."""
+    node, fallback = tree["DATA"]["NORMALIZATION"], default.DATA.NORMALIZATION
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+        fallback = fallback[part]
+    value = fallback if node is None else node
+    if isinstance(value, (list, tuple)):
+        try:
+            value = [float(v) for v in value]
+        except (TypeError, ValueError):
+            return list(value)
+        return [-1.0] if all(v == -1 for v in value) else value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 def key_differences(saved: dict, cfg, keys) -> list:
@@ -293,12 +347,13 @@ def check_own_run(state: dict, cfg, path, run) -> None:
                                   "use a new --run_id or --name")
     saved = saved_config_tree(state.get("config"))
     arch = str(cfg.MODEL.ARCHITECTURE)
-    keys = INPUT_KEYS + _FUNCTION_KEYS.get(arch, ()) + _OWN_LAYOUT_KEYS.get(arch, ())
+    keys = _FUNCTION_KEYS.get(arch, ()) + _OWN_LAYOUT_KEYS.get(arch, ())
     if cfg.PROBLEM.TYPE == "SEMANTIC_SEG":
         keys += ("MODEL.N_CLASSES",)
     if cfg.TRAIN.ENABLE:  # a resume restores the optimizer's state, which only its own TRAIN.OPTIMIZER reads
         keys += ("TRAIN.OPTIMIZER",)
-    differ = key_differences(saved, cfg, keys) + layout_key_differences(saved, cfg)
+    differ = (normalization_differences(saved, cfg) + key_differences(saved, cfg, keys)
+              + layout_key_differences(saved, cfg))
     if differ:
         raise ConfigError(f"run {run} was trained with other settings than these ({'; '.join(differ)}): set them "
                           f"as in its training to go on with {Path(path).name}, or pass a new --run_id to train anew")

@@ -32,20 +32,34 @@ class EpochSampler(Sampler):
         return self.length
 
 
-def _init_worker(worker_id):
-    """numpy and random in each worker follow torch's per-worker seed (itself from the loader's generator).
+class _WorkerInit:
+    """worker_init_fn: numpy and random in each worker follow torch's per-worker seed (itself from the loader's
+    generator).
 
     Stopping is the main process's job: a terminal's Ctrl-C reaches every process of the job, and each
     worker reported it again. A SIGTERM sent to the whole job (Slurm at its time limit, `kill -- -PGID`)
     ended the workers under torch's own handler, and torch then raised in the main process mid-step
-    instead of the trainer's saving stop. While the trainer's handler is in place (inherited through the
-    fork) workers ignore both; the trainer ends them itself when it is done (`release_workers`)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if callable(signal.getsignal(signal.SIGTERM)):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    seed = torch.initial_seed() % 2 ** 32
-    np.random.seed(seed)
-    random.seed(seed)
+    instead of the trainer's saving stop. While the main process handles SIGTERM, workers ignore both; the
+    trainer ends them itself when it is done (`release_workers`)."""
+
+    def __init__(self, stop_handled=None):
+        self.stop_handled = stop_handled  # None: this process's own handler tells (a forked worker inherits it)
+
+    def __reduce__(self):
+        # Pickled in the main process as a worker starts (spawn, forkserver): such a worker starts with default
+        # handlers, and had been ended by a SIGTERM to the job where a forked one saw the handler and ignored it.
+        return _WorkerInit, (callable(signal.getsignal(signal.SIGTERM)),)
+
+    def __call__(self, worker_id):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        handled = self.stop_handled
+        if handled is None:
+            handled = callable(signal.getsignal(signal.SIGTERM))
+        if handled:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        seed = torch.initial_seed() % 2 ** 32
+        np.random.seed(seed)
+        random.seed(seed)
 
 
 class ShardSampler(Sampler):
@@ -81,7 +95,7 @@ def make_loader(dataset, batch_size, shuffle, dist, num_workers=0, seed=0, drop_
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=workers,
         pin_memory=bool(pin_memory), persistent_workers=workers > 0,
-        worker_init_fn=_init_worker if workers > 0 else None,
+        worker_init_fn=_WorkerInit() if workers > 0 else None,
         generator=torch.Generator().manual_seed(int(seed) + 7919 * rank),  # base worker seeds; keeps global RNG untouched
         prefetch_factor=2 if workers > 0 else None,
     )

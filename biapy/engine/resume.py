@@ -4,7 +4,8 @@ Payload keys: model, optimizer, scheduler, scaler, epoch (epochs completed, or t
 step_in_epoch > 0), step_in_epoch, partial_loss (sum, count of that partial epoch over all ranks),
 epoch_steps, world_size, batch_size and accum_iter (the layout step_in_epoch and the scheduler's update
 count refer to), best_val, bad_epochs, stopped_early, history, began (`start_record` of the checkpoint the run
-began from), rng (torch/numpy/python/cuda), config (YAML text), metadata, extras.
+began from), val_split (`split_record` of its validation images; absent before runs recorded it), rng
+(torch/numpy/python/cuda), config (YAML text), metadata, extras.
 """
 import hashlib
 import logging
@@ -12,10 +13,11 @@ import os
 import re
 from pathlib import Path
 
+from biapy.data.datasets import split_record, validation_names
 from biapy.engine.checkpoint import (check_compatible, check_own_run, checkpoint_metadata, function_key_differences,
-                                     is_step_counter, layout_key_differences, load_checkpoint, load_weights,
-                                     other_task, rng_states, save_checkpoint, saved_config_tree, set_rng_states,
-                                     task_name, to_plain)
+                                     is_step_counter, key_differences, layout_key_differences, load_checkpoint,
+                                     load_weights, other_task, rng_states, save_checkpoint, saved_config_tree,
+                                     set_rng_states, task_name, to_plain)
 from biapy.errors import CheckpointError, ConfigError, first_line
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,7 @@ def build_payload(t, epoch, step_in_epoch=0, partial_loss=(0.0, 0)) -> dict:
         "stopped_early": bool(t.stopped_early),
         "history": to_plain(list(t.history)),
         "began": t.began,  # the start this run began from, kept over its resumes (check_start compares it)
+        "val_split": getattr(t.wf, "val_split", None),  # its validation images (check_start compares them)
         "rng": rng_states(),
         "config": t.config_text,
         "metadata": checkpoint_metadata(t.cfg),
@@ -163,12 +166,26 @@ def load_model_from(t_model, cfg, path, skip_unmatched, own_run=None):
         log.warning("%s was trained with %s; the pretrained features may fit this run's inputs and layers less "
                     "well", path.name, "; ".join(inputs))
     if skipped:
-        more = f", ... {len(skipped) - 6} more (--verbose lists them)" if len(skipped) > 6 else ""
-        shown = ", ".join(skipped[:6]) + more
-        log.info("Skipped %d tensor(s): %s", len(skipped), shown)
-        if len(skipped) > 6:
-            log.debug("Skipped tensors: %s", ", ".join(skipped))
+        # Two lines: what stays at its initial values in the model is what a user needs to see, not hidden among
+        # the checkpoint's tensors it has no use for (an MAE's decoder). A tensor of another shape is in both.
+        entries = {entry.split(" (", 1)[0]: entry for entry in skipped}  # name -> 'name (reason)'
+        model_names = set(t_model.state_dict())
+        entries = {n: e for n, e in entries.items() if not is_step_counter(n)}  # fit any model; prove nothing
+        _log_tensors("Not used: %d tensor(s) of the checkpoint: %s",
+                     [e for e in entries.values() if not e.endswith("(not in the checkpoint)")])
+        _log_tensors("Left at their initial values: %d tensor(s) of the model: %s",
+                     [e for n, e in entries.items() if n in model_names])
     return state, loaded, skipped
+
+
+def _log_tensors(message, entries, shown=6):
+    """One INFO line naming the first `shown` of `entries`; all of them at DEBUG (--verbose)."""
+    if not entries:
+        return
+    more = f", ... {len(entries) - shown} more (--verbose lists them)" if len(entries) > shown else ""
+    log.info(message, len(entries), ", ".join(entries[:shown]) + more)
+    if len(entries) > shown:
+        log.debug(message, len(entries), ", ".join(entries))
 
 
 def starting_checkpoint(cfg, job):
@@ -200,6 +217,8 @@ def check_start(cfg, job) -> None:
         check_own_run(state, cfg, own, job.id)
         if resumes and start is not None:
             _check_same_start(state.get("began"), start, job, own)
+        if resumes:
+            _check_same_split(state, cfg, own, job.id)
     elif not cfg.TRAIN.ENABLE and foreign and (last.exists() or best.exists()):
         # A checkpoint of another task is refused under any run ID (load_for_test): no new --run_id to advise.
         meta = load_checkpoint(start, mmap=True).get("metadata") or {}
@@ -211,6 +230,31 @@ def check_start(cfg, job) -> None:
                           f"would replace its test outputs with another model's; pass a new --run_id to test it")
     if cfg.MODEL.LOAD_CHECKPOINT and not resumes:
         starting_checkpoint(cfg, job)
+
+
+# What decides which images validate (`validation_split`): named when a resumed run would validate on others.
+SPLIT_KEYS = ("DATA.TRAIN.PATH", "DATA.VAL.FROM_TRAIN", "DATA.VAL.PATH", "DATA.VAL.SPLIT_TRAIN", "DATA.VAL.RANDOM",
+              "DATA.VAL.CROSS_VAL", "DATA.VAL.CROSS_VAL_NFOLD", "DATA.VAL.CROSS_VAL_FOLD", "SYSTEM.SEED")
+
+
+def _check_same_split(state, cfg, own, run):
+    """A resumed run validates on the images it validated on: others would move former training images into
+    validation, and its best checkpoint would be chosen across different validation sets. Compared by file name
+    (a moved dataset still resumes); a checkpoint without the record (older runs) is taken as the same."""
+    saved = state.get("val_split")
+    finished = state.get("stopped_early") or (state.get("epoch", 0) >= cfg.TRAIN.EPOCHS
+                                              and not state.get("step_in_epoch"))
+    if not saved or "digest" not in saved or finished:  # a finished run trains no more: only tested
+        return
+    here = split_record(validation_names(cfg))
+    if here["digest"] == saved["digest"]:
+        return
+    changed = key_differences(saved_config_tree(state.get("config")), cfg, SPLIT_KEYS)
+    folder = "DATA.TRAIN.PATH" if cfg.DATA.VAL.FROM_TRAIN else "DATA.VAL.PATH"
+    why = "; ".join(changed) if changed else f"the images in {folder} changed"
+    raise ConfigError(f"run {run} validated on other images than these settings pick ({why}; {saved.get('count')} "
+                      f"validation image(s) then, {here['count']} now): set them as in its training to go on with "
+                      f"{Path(own).name}, or pass a new --run_id to train anew")
 
 
 def _same_file(a, b) -> bool:
@@ -288,6 +332,7 @@ def resume_or_start(t) -> bool:
     path = starting_checkpoint(cfg, job)
     t.began = start_record(path)
     state, loaded, skipped = load_model_from(t.model, cfg, path, cfg.MODEL.SKIP_UNMATCHED_LAYERS)
+    t.start_loaded = (path, set(loaded))  # MODEL.FREEZE_ENCODER_EPOCHS freezes only what this filled
     log.info("Loaded %d tensor(s) from %s", len(loaded), path)
     log.debug("Loaded tensors: %s", ", ".join(loaded))
     if not cfg.MODEL.LOAD_CHECKPOINT_ONLY_WEIGHTS and other_task(state.get("metadata") or {}, cfg):

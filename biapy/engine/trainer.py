@@ -25,20 +25,21 @@ import signal
 import threading
 import time
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from biapy.config import dump_config
 from biapy.engine import resume as R
-from biapy.engine.checkpoint import rng_states, set_rng_states
+from biapy.engine.checkpoint import is_step_counter, rng_states, set_rng_states
 from biapy.engine.distributed import all_reduce_sum, broadcast_buffers
 from biapy.engine.loaders import release_workers, start_epoch
 from biapy.engine.metrics import MetricAverager
 from biapy.engine.optim import build_optimizer, build_scheduler
 from biapy.engine.precision import autocast, resolve_amp
 from biapy.engine.reporting import EpochReporter, describe_model
-from biapy.errors import AgreedStop, TrainingError
+from biapy.errors import AgreedStop, ConfigError, TrainingError
 from biapy.utils.files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,7 @@ class Trainer:
         self.best_val, self.bad_epochs, self.stopped_early = math.inf, 0, False
         self.history = []
         self.began = None  # resume.start_record of what this run began from, set by resume_or_start
+        self.start_loaded = None  # (path, names of the tensors it filled) of a MODEL.LOAD_CHECKPOINT start
         self.config_text = dump_config(self.cfg)  # stored in every checkpoint; dumping takes ~6 ms
         under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ  # with one process too: its agent forwards signals
         self.stop = StopRequest(duplicate_window_s=2.0 if under_torchrun else 0.0)
@@ -177,6 +179,8 @@ class Trainer:
         if frozen and self._frozen is None and not self.cfg.MODEL.LOAD_CHECKPOINT:
             log.warning("MODEL.FREEZE_ENCODER_EPOCHS: no pretrained weights are loaded (MODEL.LOAD_CHECKPOINT "
                         "False), so the frozen encoder keeps its random initial weights")
+        if frozen and self._frozen is None and encoder is not None:
+            self._check_encoder_loaded(encoder)
         if frozen != self._frozen and encoder is not None and n > 0:
             for p in encoder.parameters():
                 p.requires_grad_(not frozen)
@@ -185,6 +189,24 @@ class Trainer:
         self._frozen = frozen
         if self.train_model is None:
             self._wrap()
+
+    def _check_encoder_loaded(self, encoder):
+        """ConfigError when the start checkpoint left encoder tensors at their initial values (another token size,
+        an extra U-Net level): frozen, a random patch embedding feeds every pretrained block noise for the whole
+        freeze. Refused rather than freezing the loaded part only: what trains would then hang on which shapes
+        happened to match, and the loaded blocks after a random one compute nothing pretrained either."""
+        if self.start_loaded is None:  # from scratch (warned above), or resumed from this run's own checkpoint
+            return
+        path, loaded = self.start_loaded
+        mine = {id(v) for v in encoder.state_dict(keep_vars=True).values()}
+        random = [n for n, v in self.model.state_dict(keep_vars=True).items()
+                  if id(v) in mine and n not in loaded and not is_step_counter(n)]
+        if random:
+            shown = ", ".join(random[:3]) + (f", ... {len(random) - 3} more" if len(random) > 3 else "")
+            raise ConfigError(f"MODEL.FREEZE_ENCODER_EPOCHS: {len(random)} encoder tensor(s) were not loaded from "
+                              f"{Path(path).name} and keep their random initial values ({shown}), so freezing them "
+                              "would train the decoder on random features; set MODEL.FREEZE_ENCODER_EPOCHS 0, or "
+                              "start from a checkpoint whose encoder matches this model")
 
     # ------------------------------------------------------------------ loop
     def fit(self):

@@ -54,6 +54,8 @@ def _temporary(path, pid):
 
 
 def _running(pid) -> bool:
+    if os.name == "nt":
+        return _running_windows(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -63,6 +65,24 @@ def _running(pid) -> bool:
     return True
 
 
+_ERROR_INVALID_PARAMETER = 87  # OpenProcess's answer for a process ID that is not in use
+
+
+def _running_windows(pid) -> bool:
+    """os.kill(pid, 0) there sends CTRL_C_EVENT: it never looks `pid` up (every killed run's temporaries were
+    kept) and may interrupt the console's processes. Asks for the process itself instead."""
+    import _winapi
+
+    try:
+        handle = _winapi.OpenProcess(_winapi.SYNCHRONIZE, False, pid)
+    except OSError as err:  # access denied: another user's process, which runs
+        return getattr(err, "winerror", None) != _ERROR_INVALID_PARAMETER
+    try:
+        return _winapi.WaitForSingleObject(handle, 0) == _winapi.WAIT_TIMEOUT  # else it has exited
+    finally:
+        _winapi.CloseHandle(handle)
+
+
 def utf8_text(text) -> str:
     """`text` writable as UTF-8: a file name that is not UTF-8 (Latin-1 from an old share, held by Python as
     escapes) shows its odd bytes as U+FFFD; writing it as it was had stopped the run at its CSV or TensorBoard."""
@@ -70,8 +90,9 @@ def utf8_text(text) -> str:
 
 
 def atomic_write_text(path, text):
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(utf8_text(text), encoding="utf-8")
+    # newline="": written as given; Windows' text mode made the "\r\n" of a CSV "\r\r\n" (blank rows).
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
+        fh.write(utf8_text(text))
 
 
 def replace_folder(new, dst):

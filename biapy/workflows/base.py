@@ -16,9 +16,11 @@ from tqdm import tqdm
 
 from biapy.config import ndim_of
 from biapy.data.augmentation import Augmentor
-from biapy.data.datasets import PatchDataset, split_train_val
+from biapy.data.datasets import (PatchDataset, band_name, banded, describe_bands, named_few, shared_files,
+                                 split_record, validation_split)
 from biapy.data.io import (MANY_CHANNELS, NO_AXES, check_computable, check_consistent_channels, check_unique_stems,
-                           image_shape, list_images, open_image_lazy, read_image, write_image, write_image_slices)
+                           image_rows_writer, image_shape, list_images, open_image_lazy, open_image_rows, read_image,
+                           write_image)
 from biapy.data.normalization import Normalizer
 from biapy.data.patches import assemble, predict_augmented, predict_full, predict_slabs
 from biapy.engine.distributed import barrier
@@ -86,7 +88,7 @@ class Workflow(ABC):
                 raise DataError(f"{key}: every image is smaller than DATA.PATCH_SIZE {self.patch} along {name}; the "
                                 f"largest, {files[biggest]}, has {shapes[biggest][axis]}{hint}. Use a smaller patch")
 
-    def _dataset(self, inputs, targets, split, augment):
+    def _dataset(self, inputs, targets, split, augment, regions=None):
         d = self.cfg.DATA
         node = d.TRAIN if split == "train" else d.VAL
         random_patches = d.TRAIN.EXTRACT_RANDOM_PATCH if split == "train" else False
@@ -97,7 +99,7 @@ class Workflow(ABC):
             overlap=tuple(node.OVERLAP), padding=tuple(node.PADDING),
             augmentor=Augmentor(self.cfg.AUGMENTOR, self.ndim) if augment else None,
             seed=self.cfg.SYSTEM.SEED + self.dist.rank, reflect_to_complete=d.REFLECT_TO_COMPLETE_SHAPE,
-            progress=f"Reading {split} images" if self.dist.is_main else None)
+            progress=f"Reading {split} images" if self.dist.is_main else None, regions=regions)
 
     def prepare_training(self):
         cfg = self.cfg
@@ -106,20 +108,36 @@ class Workflow(ABC):
         given = list_images(cfg.DATA.TRAIN.PATH, "DATA.TRAIN.PATH")
         self._check_channels(given, "DATA.TRAIN.PATH")
         self._check_patch_fits_images(given, "DATA.TRAIN.PATH")
+        # The split of the user's files (in the order of `inputs`), refused here when there are too few of them
+        # (or, for a single image cut into a training and a validation band, when it is too short).
+        split = validation_split(cfg, given) if cfg.DATA.VAL.FROM_TRAIN else None
+        if split is None:
+            shared = shared_files(given, list_images(cfg.DATA.VAL.PATH, "DATA.VAL.PATH"))
+            if shared:  # validation on training images measures memory, not generalization
+                log.warning("DATA.VAL.PATH: %d validation image(s) are also training images (%s); the validation "
+                            "loss will not show overfitting", len(shared), named_few(shared))
         inputs, targets = self.input_target_files("train")
-        if cfg.DATA.VAL.FROM_TRAIN:
-            order = split_train_val(list(range(len(inputs))), cfg.DATA.VAL.SPLIT_TRAIN, cfg.DATA.VAL.RANDOM,
-                                    cfg.SYSTEM.SEED)
-            (train_idx, val_idx) = order
-            val_inputs, val_targets = [inputs[i] for i in val_idx], [targets[i] for i in val_idx]
-            inputs, targets = [inputs[i] for i in train_idx], [targets[i] for i in train_idx]
+        regions = val_regions = None  # one Band per image (input and target cut alike), or whole images
+        if split is not None:
+            val_inputs, val_targets = [inputs[i] for i in split.val], [targets[i] for i in split.val]
+            inputs, targets = [inputs[i] for i in split.train], [targets[i] for i in split.train]
+            val_names = [given[i] for i in split.val]
+            if split.bands is not None:  # one image: a band at its end validates, the rows before it train
+                regions, val_regions = [split.bands[0]], [split.bands[1]]
+                val_names = [band_name(given[0], split.bands[1], self.ndim)]
         else:
             val_inputs, val_targets = self.input_target_files("val")
             self._check_channels(val_inputs, "DATA.VAL.PATH")
+            val_names = val_targets if self.target_mode == "image" else val_inputs  # crappify: the originals
+        self.val_split = split_record([Path(p).name for p in val_names])  # checkpoints keep it (resume)
+        if val_regions is not None:
+            log.info("%s", describe_bands(given[0], split.bands, self.ndim))
+        else:
+            log.info("Validation images: %s", named_few(val_names))
         if cfg.DATA.NORMALIZATION.TYPE == "custom":
-            self._fit_custom_normalization(targets if self.target_mode == "image" else inputs)
-        self.train_dataset = self._dataset(inputs, targets, "train", cfg.AUGMENTOR.ENABLE)
-        self.val_dataset = self._dataset(val_inputs, val_targets, "val", False)
+            self._fit_custom_normalization(targets if self.target_mode == "image" else inputs, regions)
+        self.train_dataset = self._dataset(inputs, targets, "train", cfg.AUGMENTOR.ENABLE, regions)
+        self.val_dataset = self._dataset(val_inputs, val_targets, "val", False, val_regions)
         n_train = len(self.train_dataset)
         needed = cfg.TRAIN.BATCH_SIZE * self.dist.world_size  # each process takes a whole batch per step
         if n_train < needed:
@@ -135,11 +153,13 @@ class Workflow(ABC):
         log.info("Data: %d training image(s), %d patches/epoch; %d validation image(s), %d patches",
                  len(inputs), n_train, len(val_inputs), len(self.val_dataset))
 
-    def _fit_custom_normalization(self, files):
+    def _fit_custom_normalization(self, files, regions=None):
         """Dataset mean/std from the training images (lazily opened ones measured on a bounded sample, as
-        their per-image statistics are); saved beside the checkpoints for test time."""
+        their per-image statistics are; their training band only, where `regions` gives one); saved beside the
+        checkpoints for test time."""
         read = read_image if self.cfg.DATA.TRAIN.IN_MEMORY else open_image_lazy
-        self.normalizer.fit(read(f, self.ndim) for f in files)
+        regions = regions if regions is not None else [None] * len(files)
+        self.normalizer.fit(banded(read(f, self.ndim), band) for f, band in zip(files, regions))
         if self.dist.is_main:
             self.normalizer.save(self.job.checkpoint_dir)
 
@@ -223,9 +243,9 @@ class Workflow(ABC):
 
     # ---------------------------------------------------------------- test
     def open_image(self, path):
-        """A test image or a saved prediction: a 3D one lazily (read a slab at a time where the format
-        allows, see `open_image_lazy`), a 2D one whole."""
-        return open_image_lazy(path, self.ndim) if self.ndim == 3 else read_image(path, self.ndim)
+        """A test image or a saved prediction, opened to be read a slab of rows (z slices in 3D) at a time where
+        the format allows (`open_image_rows`), else whole."""
+        return open_image_rows(path, self.ndim)
 
     @torch.no_grad()
     def predict_slabs(self, image, stats, path):
@@ -266,17 +286,13 @@ class Workflow(ABC):
         return self.model(batch)
 
     def write_slabs(self, path, slabs, shape, dtype, calibration=None):
-        """Write channel-last slabs (rows, *rest, C) as one image of `shape`; a 3D image z slice by z
-        slice, never whole. `calibration`: the source's (`tiff_calibration`). Returns the path written."""
-        if self.ndim == 3:
-            return write_image_slices(path, (s for slab in slabs for s in slab), shape, dtype, calibration)
-        whole, row = np.empty(shape, dtype), 0  # filled in place: no list of slabs beside the image
-        for slab in slabs:
-            whole[row:row + len(slab)] = slab
-            row += len(slab)
-        if row != shape[0]:
-            raise ValueError(f"write_slabs: {row} rows, expected {shape[0]}")
-        return write_image(path, whole, self.ndim, calibration)
+        """Write channel-last slabs (rows, *rest, C) as one image of `shape`, slab by slab into the file: never
+        whole in memory (`image_rows_writer`). `calibration`: the source's (`tiff_calibration`). Returns the path
+        written."""
+        with image_rows_writer(path, shape, dtype, self.ndim, calibration) as out:
+            for slab in slabs:
+                out.write(slab)
+        return out.path
 
     def test(self, files=None):
         """Predict, write and score every test image. Outputs go to a staging folder that replaces per_image/
@@ -312,7 +328,7 @@ class Workflow(ABC):
         mine = list(range(self.dist.rank, len(sources), self.dist.world_size))
         rows = []
         # DATA.TEST.IN_MEMORY: every test image of this rank read up front, as BiaPy does, or each when
-        # its turn comes (3D: opened lazily and predicted, written and scored a slab at a time).
+        # its turn comes (opened lazily where the format allows, and predicted, written and scored a slab at a time).
         loaded = {i: read_image(inputs[i], self.ndim) for i in mine} if cfg.DATA.TEST.IN_MEMORY else {}
         # disable=None: tqdm draws no bar when stderr is not a terminal, so log files stay clean.
         bar = tqdm(mine, desc="Test", unit="image", disable=None if self.dist.is_main else True, leave=False)

@@ -5,12 +5,13 @@ itself) and masked CNNs (`unet`/`resunet`, whose input blocks are zeroed here). 
 a reconstruction and a mask with the one convention of `biapy.models.masking`: 1 = hidden.
 """
 import logging
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from biapy.data.io import image_stem, list_images, tiff_calibration, write_image
+from biapy.data.io import image_rows_writer, image_stem, list_images, tiff_calibration, write_image
 from biapy.data.patches import full_image_input, grid_starts, reflect_indices
 from biapy.engine.losses import denormalize_tokens, masked_reconstruction_loss
 from biapy.models import required_divisor
@@ -173,9 +174,10 @@ class MaskingWorkflow(Workflow):
                 used &= (s + d <= t) & (t < s + p - d)
             self.seen_through_border[tuple(t[used] for t in targets)] = True
 
-    def _drop_seen_through_border(self, hidden):
-        """`hidden` (channel-last, of the image predict_slabs went over) without the pixels seen as mirror copies."""
-        hidden[..., 0][self.seen_through_border] = 0
+    def _drop_seen_through_border(self, hidden, row0=0):
+        """`hidden` (channel-last: the image predict_slabs went over, or its rows from `row0`) without the pixels
+        seen as mirror copies."""
+        hidden[..., 0][self.seen_through_border[row0:row0 + len(hidden)]] = 0
 
     def predict_patches(self, batch):
         pred, mask = self.masked_forward(batch, self._mask_generator)
@@ -195,27 +197,36 @@ class MaskingWorkflow(Workflow):
         return recon, hidden
 
     def finish_prediction(self, source, image, stats, slabs):
-        spatial = tuple(image.shape[:-1])
+        spatial, name = tuple(image.shape[:-1]), Path(source).name
         scored = self.cfg.DATA.TEST.LOAD_GT
-        hidden = np.zeros(spatial + (1,), dtype=bool) if scored else None  # 1 byte a pixel: scores need it whole
+        # The hidden mask, for the scores, goes to a file beside the outputs a slab at a time (not 1 byte a pixel
+        # held), removed once scored.
+        hidden_path = self.per_image / f".{image_stem(name)}_hidden.tif"
+        try:
+            with ExitStack() as stack:
+                hidden = stack.enter_context(image_rows_writer(hidden_path, spatial + (1,), np.uint8, self.ndim)) \
+                    if scored else None
 
-        def reconstruction():
-            for row0, slab in slabs:
-                recon, hid = self.split_output(slab, stats)
-                if scored:
-                    hidden[row0:row0 + len(hid)] = hid > 0.5
-                yield recon
+                def reconstruction():
+                    for row0, slab in slabs:
+                        recon, hid = self.split_output(slab, stats)
+                        if hidden is not None:  # final for these rows: later patches mark only rows they predict
+                            self._drop_seen_through_border(hid, row0)
+                            hidden.write(hid > 0.5)
+                        yield recon
 
-        written = self.write_slabs(self.per_image / Path(source).name, reconstruction(),
-                                   spatial + (self.channels,), np.float32, tiff_calibration(source))
-        if not scored:
-            return None
-        self._drop_seen_through_border(hidden)  # complete now: every patch was predicted
-        recon, original = self.open_image(written), image  # a reconstruction's ground truth is its input
-        row = {"file": Path(source).name}
-        row.update(image_scores(recon, original, self.cfg.TEST.METRICS, self.ndim))
-        row.update(image_scores(recon, original, self.cfg.TEST.METRICS, self.ndim, prefix="hidden_", mask=hidden))
-        return row
+                written = self.write_slabs(self.per_image / name, reconstruction(), spatial + (self.channels,),
+                                           np.float32, tiff_calibration(source))
+            if not scored:
+                return None
+            recon, original = self.open_image(written), image  # a reconstruction's ground truth is its input
+            row = {"file": name}
+            row.update(image_scores(recon, original, self.cfg.TEST.METRICS, self.ndim))
+            row.update(image_scores(recon, original, self.cfg.TEST.METRICS, self.ndim, prefix="hidden_",
+                                    mask=self.open_image(hidden_path)))
+            return row
+        finally:
+            hidden_path.unlink(missing_ok=True)
 
     def metric_table_title(self):
         return "Test reconstruction against the original images (mean)"

@@ -1,12 +1,13 @@
 """Semantic segmentation: the downstream task a pretrained encoder is meant to help."""
 import logging
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from biapy.data.datasets import is_integer_valued
-from biapy.data.io import image_shape, image_stem, list_images, tiff_calibration, write_image
+from biapy.data.io import image_rows_writer, image_shape, image_stem, list_images, tiff_calibration
 from biapy.data.normalization import _sample
 from biapy.engine import metrics as M
 from biapy.engine.losses import build_loss
@@ -121,36 +122,33 @@ class SegmentationWorkflow(Workflow):
 
     def finish_prediction(self, label_source, image, stats, slabs):
         spatial = tuple(image.shape[:-1])
-        labels = np.zeros(spatial, dtype=np.uint8 if self.n_classes < 256 else np.uint16)
         # `label_source` is the label file when ground truth is loaded, else the image itself.
         name = Path(label_source).name
         gt = self.open_image(label_source) if self.cfg.DATA.TEST.LOAD_GT else None  # shape: check_test_inputs
         # The test image (its label file has its name): the mask and probabilities keep its calibration.
         calibration = tiff_calibration(Path(self.cfg.DATA.TEST.PATH) / name)
         counts = None  # per-class (intersection, union, sizes), summed over the slabs
-
-        def probabilities():
-            nonlocal counts
+        with ExitStack() as outputs:  # the mask and probabilities written slab by slab, never whole
+            labels = outputs.enter_context(image_rows_writer(
+                self.per_image / name, spatial + (1,), np.uint8 if self.n_classes < 256 else np.uint16, self.ndim,
+                calibration))
+            probabilities = None
+            if self.cfg.TEST.SAVE_PROBABILITIES:
+                probabilities = outputs.enter_context(image_rows_writer(
+                    self.per_image / f"{image_stem(name)}{PROBABILITIES}.tif", spatial + (self.n_classes,), np.float32,
+                    self.ndim, calibration))
             for row0, slab in slabs:
                 probs = slab.float().cpu()
                 pred = probs.argmax(0)
-                labels[row0:row0 + pred.shape[0]] = pred.numpy()
+                labels.write(pred.numpy()[..., None])
+                if probabilities is not None:
+                    probabilities.write(np.moveaxis(probs.numpy(), 0, -1))
                 if gt is not None:
                     part = np.asarray(gt[row0:row0 + pred.shape[0]])[..., 0]
                     self._check_label_values(label_source, part)
                     truth = torch.from_numpy(part.astype(np.int64))
                     c = M.intersection_union(pred[None], truth[None], self.n_classes, self.ignore)
                     counts = c if counts is None else tuple(a + b for a, b in zip(counts, c))
-                yield np.moveaxis(probs.numpy(), 0, -1)
-
-        if self.cfg.TEST.SAVE_PROBABILITIES:
-            stem = image_stem(name)
-            self.write_slabs(self.per_image / f"{stem}{PROBABILITIES}.tif", probabilities(),
-                             spatial + (self.n_classes,), np.float32, calibration)
-        else:
-            for _ in probabilities():
-                pass
-        write_image(self.per_image / name, labels[..., None], self.ndim, calibration)
         if gt is None:
             return None
         inter, union, sizes = counts
