@@ -678,14 +678,24 @@ class LazyTiff:
         strides = [int(np.prod(shape[i + 1:], dtype=np.int64)) * self._stored.itemsize for i in range(len(shape))]
         k = next((i for i in range(len(shape)) if (box[i][1] - box[i][0]) * strides[i] <= self.MAP_BYTES),
                  len(shape) - 1)
+        chunk = box[k][1] - box[k][0]  # indices of axis k per map: the whole row
+        if k > 0 and all(box[i] == (0, shape[i]) for i in range(k, len(shape))):
+            # Whole along axis k and after (a band of full rows, say): consecutive rows of axis k - 1 lie end to
+            # end in the file, so one map takes as many as fit in MAP_BYTES (a map per image row had taken the
+            # 2D test phase's scoring 1.5x longer).
+            k -= 1
+            chunk = max(1, self.MAP_BYTES // strides[k])
         inner = tuple(slice(a, b) for a, b in box[k + 1:])
-        rows = (box[k][1] - box[k][0],) + tuple(shape[k + 1:])
         try:
             with open(self.path, "rb") as fh:
                 for index in itertools.product(*(range(a, b) for a, b in box[:k])):
-                    start = self._offset + sum(i * st for i, st in zip(index, strides)) + box[k][0] * strides[k]
+                    at = self._offset + sum(i * st for i, st in zip(index, strides))
                     target = tuple(i - a for i, (a, _) in zip(index, box))
-                    out[target] = _mapped_copy(fh, start, rows, self._stored, inner)
+                    for lo in range(box[k][0], box[k][1], chunk):
+                        hi = min(lo + chunk, box[k][1])
+                        rows = (hi - lo,) + tuple(shape[k + 1:])
+                        part = target + (slice(lo - box[k][0], hi - box[k][0]),)
+                        out[part] = _mapped_copy(fh, at + lo * strides[k], rows, self._stored, inner)
         except (OSError, ValueError) as e:  # replaced, truncated or removed since it was opened (mmap: ValueError)
             raise DataError(f"{self.path}: cannot read image ({_reason(e)}); was the file changed during the run?"
                             ) from None
