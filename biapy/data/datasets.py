@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from biapy.config.checks import ndim_of
-from biapy.data.io import check_finite, image_shape, list_images, open_image_lazy, read_image
+from biapy.data.io import _full_key, check_finite, image_shape, list_images, open_image_lazy, read_image
 from biapy.data.normalization import _sample
 from biapy.data.patches import axis_starts, extract_patch
 from biapy.errors import ConfigError, DataError
@@ -223,11 +223,7 @@ class _BandView:
         return len(self.shape)
 
     def __getitem__(self, key):
-        key = list(key) if isinstance(key, tuple) else [key]
-        if Ellipsis in key:
-            at = key.index(Ellipsis)
-            key[at:at + 1] = [slice(None)] * (len(self.shape) - len(key) + 1)
-        key += [slice(None)] * (len(self.shape) - len(key))
+        key = list(_full_key(key, len(self.shape)))
         axis, n, lo = self.band.axis, self.shape[self.band.axis], self.band.lo
         k = key[axis]
         if isinstance(k, slice):
