@@ -120,8 +120,9 @@ def seg_run(data2d, tmp_path_factory):
 
 
 @pytest.mark.parametrize("spoil, message", [
-    (lambda y: y * 255, "holds class id 255 but MODEL.N_CLASSES is 2 (ids must be 0..1; unlabelled pixels? Set "
-                        "LOSS.IGNORE_INDEX to their value. A binary mask saved as 0/255? Save it as 0/1)"),  # 0/255
+    (lambda y: np.concatenate([np.full_like(y[:4], 255), y[4:]]),  # 0/1 with 255s: not a 0/255 binary mask
+     "holds class id 255 but MODEL.N_CLASSES is 2 (ids must be 0..1; unlabelled pixels? Set LOSS.IGNORE_INDEX to "
+     "their value. A 0/255 binary mask reads as 0/1 only when it holds no other value)"),
     (lambda y: y.astype(np.float32) * 0.5, "labels must be integer class ids"),    # 0 / 0.5
     (lambda y: np.repeat(y, 2, axis=-1), "label shape"),                            # two channels
     (lambda y: y[:30, :30], "label shape (30, 30, 1) does not match its image"),   # another size

@@ -124,4 +124,7 @@ def test_an_mae_loaded_into_a_unetr_names_what_stays_random_apart_from_what_it_d
     assert f"{len(random)} tensor(s) of the model" in initial and "(not in the model)" not in initial
     assert f"{len(not_in_model) + 2} tensor(s) of the checkpoint" in unused  # + its head, made anew
     assert "(not in the checkpoint)" not in unused and "decoder.stem" in initial
+    # Six named, then counted; --verbose lists them all.
+    assert unused.endswith(f", +{len(not_in_model) + 2 - 6} more (--verbose lists them)")
+    assert initial.endswith(f", +{len(random) - 6} more (--verbose lists them)")
     assert not any("MODEL.NORMALIZATION" in r.getMessage() for r in caplog.records)  # nor any other warning

@@ -169,3 +169,36 @@ def test_attention_kernel_follows_the_step_and_gives_the_float32_numbers():
     # Many tokens: the plain path's N x N weights would cost more than the fused kernel's slow backward.
     model.encoder.blocks.PLAIN_MAX_TOKENS = model.decoder.blocks.PLAIN_MAX_TOKENS = 5  # encoder 6, decoder 24
     assert fused_after(True, True)[0] == {True}
+
+
+@pytest.mark.parametrize("spatial,channels,given", [((16, 24), 1, None), ((8, 12), 3, None), ((8, 12, 16), 2, None),
+                                                    ((8, 12), 1, (10, 12))])
+def test_visible_tokens_alone_are_embedded_as_the_convolution_embeds_them(spatial, channels, given):
+    """The encoder embeds only the tokens it keeps (a quarter at mask ratio 0.75), by a matrix product over their
+    pixels: the same tokens and weight gradients as the convolution over every token, in float32 under bf16
+    autocast as the convolution ran. (10, 12): a partial token at the border goes through the convolution."""
+    model = _mae(spatial, channels=channels)
+    embed = model.encoder.patch_embed
+    x = torch.randn(3, channels, *(given or spatial))
+    ids_keep = torch.stack([torch.randperm(math.prod(model.encoder.grid_of(x)))[:2] for _ in range(3)])
+
+    def kept(fn):
+        embed.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tokens = fn()
+        assert tokens.dtype == torch.float32
+        (tokens * torch.linspace(-1, 1, tokens.numel()).reshape(tokens.shape)).sum().backward()
+        return tokens.detach(), embed.proj.weight.grad.clone(), embed.proj.bias.grad.clone()
+
+    everyone = kept(lambda: torch.gather(embed(x), 1, ids_keep.unsqueeze(-1).expand(-1, -1, 24)))
+    alone = kept(lambda: embed.embed_kept(x, ids_keep))
+    for a, b in zip(alone, everyone):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # Through the encoder: its first block sees those tokens plus their positions, as before.
+    with torch.no_grad():
+        latent, _ = model.encoder(x, ids_keep=ids_keep)
+        positions = model.encoder.position_table(model.encoder.grid_of(x)).expand(3, -1, -1)
+        tokens = (embed(x) + positions).gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, 24))
+        for blk in model.encoder.blocks:
+            tokens = blk(tokens)
+        torch.testing.assert_close(latent, model.encoder.norm(tokens), rtol=1e-5, atol=1e-5)

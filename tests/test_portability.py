@@ -194,9 +194,26 @@ _SPAWN_MAIN = """import sys
 import torch.multiprocessing as mp
 if __name__ == "__main__":
     mp.set_start_method("spawn", force=True)  # as on macOS and Windows
+    if sys.argv[1].startswith("--sharing="):
+        mp.set_sharing_strategy(sys.argv.pop(1).partition("=")[2])
     from biapy.cli import exit_fast, main
     exit_fast(main())
 """
+
+
+def start_spawned_job(tmp_path, cfg, name, sharing=None):
+    """`main.py` on `cfg` in a process of its own, its loader workers started by spawn (torch's shared-memory
+    strategy `sharing` if given), in a session of its own; results under tmp_path/out. -> the Popen."""
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(plain_tree(cfg)))
+    script = tmp_path / "spawn_main.py"
+    script.write_text(_SPAWN_MAIN)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    args = [f"--sharing={sharing}"] if sharing else []
+    return subprocess.Popen([sys.executable, str(script), *args, "--config", str(config), "--result_dir",
+                             str(tmp_path / "out"), "--name", name, "--run_id", "1"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="a process group's signal: POSIX")
@@ -206,16 +223,8 @@ def test_a_sigterm_to_the_whole_job_stops_it_with_spawned_workers_too(data2d, tm
     of saving and exiting 130 as with forked workers."""
     cfg = tiny_config(data2d, 2, TRAIN={"EPOCHS": 50}, TEST={"ENABLE": False},
                       SYSTEM={"NUM_CPUS": 1, "NUM_WORKERS": 1}, LOG={"CHART_CREATION_FREQ": 100})
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(plain_tree(cfg)))
-    script = tmp_path / "spawn_main.py"
-    script.write_text(_SPAWN_MAIN)
-    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     last = Job(tmp_path / "out", "sp", 1).checkpoint("last")
-    proc = subprocess.Popen([sys.executable, str(script), "--config", str(config), "--result_dir",
-                             str(tmp_path / "out"), "--name", "sp", "--run_id", "1"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = start_spawned_job(tmp_path, cfg, "sp")
     try:
         from tests.test_interrupt import _wait_for
         _wait_for(last.exists, proc, timeout=120)  # an epoch done: the workers run

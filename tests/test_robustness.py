@@ -221,6 +221,18 @@ def test_ndim_3d_with_2d_images(world, intact, capsys):
     one_error_line(capsys, "DATA.TRAIN.PATH", "img_", "along z", "PROBLEM.NDIM is 3D")
 
 
+def test_ndim_3d_with_2d_colour_tiffs(world, intact, capsys):
+    """tifffile.imwrite of (Y, X, 3) colour images had read as volumes 3 pixels wide in a 3D job."""
+    x = world.root / "bad" / "rgb_in_3d"
+    x.mkdir(parents=True)
+    for i in range(2):
+        tifffile.imwrite(x / f"rgb_{i:02d}.tif", np.zeros((40, 40, 3), np.uint8))
+    cfg = tiny_config(world.data, 3, TRAIN={"EPOCHS": 1}, DATA={"TRAIN": {"PATH": str(x)}})
+    assert world.run(cfg, "rgb_in_3d") == 3
+    one_error_line(capsys, "rgb_00.tif", "looks like a 2D image with 3 channels", "PROBLEM.NDIM is 3D",
+                   "set PROBLEM.NDIM 2D and DATA.PATCH_SIZE (y, x, 3)")
+
+
 def test_patch_larger_than_every_image(world, intact, capsys):
     x, _ = world.bad_folder("big_patch")
     assert world.run(world.cfg(DATA={"PATCH_SIZE": (128, 128, 1), "TRAIN": {"PATH": str(x)}}), "big_patch") == 3

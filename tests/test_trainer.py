@@ -502,6 +502,33 @@ def test_freezing_encoder_tensors_the_checkpoint_did_not_fill_is_refused(tmp_pat
     Trainer(FakeWorkflow(cfg, tmp_path / "dst2", model=WiderKernelNet())).fit()
 
 
+class DeeperKernelNet(WiderKernelNet):
+    """WiderKernelNet with two more encoder convolutions: five encoder tensors no TinyNet checkpoint fills."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder.append(nn.Conv2d(4, 4, 3, padding=1))
+        self.encoder.append(nn.Conv2d(4, 4, 3, padding=1))
+
+
+def test_the_tensors_a_checkpoint_left_random_are_named_a_few_then_counted_on_one_line(tmp_path):
+    src = FakeWorkflow(make_cfg(EPOCHS=1), tmp_path / "src")
+    Trainer(src).fit()
+    cfg = make_cfg(EPOCHS=2, **{"MODEL.LOAD_CHECKPOINT": True, "MODEL.SKIP_UNMATCHED_LAYERS": True,
+                                "MODEL.FREEZE_ENCODER_EPOCHS": 1})
+    cfg.PATHS.CHECKPOINT_FILE = str(src.job.checkpoint("best"))
+    with pytest.raises(ConfigError) as err:
+        Trainer(FakeWorkflow(cfg, tmp_path / "dst", model=DeeperKernelNet())).fit()
+    assert "5 encoder tensor(s) were not loaded from job_1-checkpoint-best.pth and keep their random initial values " \
+           "(encoder.0.weight, encoder.4.weight, encoder.4.bias, +2 more), so freezing" in str(err.value)
+    assert "\n" not in str(err.value)
+    src.cfg.MODEL.SKIP_UNMATCHED_LAYERS = True  # loads what fits, then refuses to test the rest
+    with pytest.raises(CheckpointError) as err:
+        load_for_test(FakeWorkflow(src.cfg, tmp_path / "src", model=DeeperKernelNet()))
+    assert "5 tensor(s) of the model are not in it (encoder.0.weight, encoder.4.weight, encoder.4.bias, " \
+           "encoder.5.weight, +1 more), so the test would score untrained layers" in str(err.value)
+
+
 def test_freezing_an_encoder_that_no_checkpoint_filled_is_warned_about(tmp_path, caplog):
     Trainer(FakeWorkflow(make_cfg(EPOCHS=1, **{"MODEL.FREEZE_ENCODER_EPOCHS": 1}), tmp_path)).fit()
     assert "the frozen encoder keeps its random initial weights" in caplog.text

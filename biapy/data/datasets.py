@@ -10,6 +10,10 @@ and augmented; everything random about it comes from a numpy Generator seeded by
 The epoch lives in a shared-memory tensor: `set_epoch` in the main process reaches persistent
 DataLoader workers too. Per-image tables are numpy arrays fixed at construction (nothing grows).
 
+In-memory pixels reach DataLoader workers without a copy each: forked workers share them copy-on-write, and a
+worker started by spawn (macOS, Windows) or forkserver (Linux from Python 3.14), which gets the dataset pickled,
+maps them from shared memory (`SharedArrays`) where it had unpickled a whole copy of every image of its own.
+
 An item may stand for a band of its image (`Band`: rows lo..hi-1 of one spatial axis): the dataset then sees that
 band as the whole image (its shape, statistics, patch starts and reflections), so none of its patches reads a
 pixel outside it.
@@ -17,7 +21,9 @@ pixel outside it.
 import hashlib
 import logging
 import math
+import multiprocessing.context
 import operator
+import os
 from collections import namedtuple
 from pathlib import Path
 
@@ -239,6 +245,95 @@ class _BandView:
         return self._img[tuple(key)]
 
 
+# Where the shared-memory buffer of `SharedArrays` lives on Linux: a tmpfs that Docker makes 64 MB by default,
+# where a buffer larger than its free space would end the process with SIGBUS as its pages are written.
+SHM_DIR = "/dev/shm"
+SHM_SPARE = 1 << 28  # left free there for the workers' batches, which travel through it too (at most half of it)
+
+
+class SharedArrays:
+    """numpy arrays (None and non-array entries kept as they are) copied into one shared-memory buffer, each now a
+    numpy view of it. Pickled for a process being started (multiprocessing's pickler: torch's reductions), the
+    buffer travels as a handle that the child maps, not as its bytes. An array of Python objects cannot live in
+    raw bytes: it stays as it is (`layouts` None), pickled whole.
+
+    One buffer for all, where a tensor each would hold a file descriptor per image in every process (thousands of
+    2D images exceed the open-file limit). Torch's default Linux strategy unlinks the segment as it is made, and
+    its 'file_system' one (macOS's) has its manager remove it once no process holds it: nothing is left in
+    /dev/shm when the job ends, fails or is killed."""
+
+    ALIGN = 64
+
+    def __init__(self, lists):
+        layouts, total = [], 0
+        for arrays in lists:
+            layout = []
+            for a in arrays:
+                if _shareable(a):
+                    total = -(-total // self.ALIGN) * self.ALIGN
+                    # The dtype itself, not its .str: a structured dtype's string ('|V5') loses its fields.
+                    layout.append((a.dtype, tuple(a.shape), total))
+                    total += a.nbytes
+                else:
+                    layout.append(None)
+            layouts.append(layout)
+        self.layouts, self.nbytes = layouts, total
+        self.buffer = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(total, 1)))
+        for arrays, views in zip(lists, self.views()):
+            for i, view in enumerate(views):
+                if view is not None:
+                    view[...] = arrays[i]
+                    arrays[i] = view  # the original is freed here, one image at a time: no second copy at once
+
+    def views(self):
+        """Per list, its arrays as numpy views of the buffer (None where an entry was not shared)."""
+        base = self.buffer.numpy()
+        return [[None if entry is None else
+                 base[entry[2]:entry[2] + _nbytes(entry)].view(entry[0]).reshape(entry[1])
+                 for entry in layout] for layout in self.layouts]
+
+    def without_shared(self, lists):
+        """`lists` with None in place of each shared entry: what still travels by value."""
+        return [[None if entry is not None else a for a, entry in zip(arrays, layout)]
+                for arrays, layout in zip(lists, self.layouts)]
+
+
+def _shareable(a):
+    return isinstance(a, np.ndarray) and not a.dtype.hasobject
+
+
+def _nbytes(entry):
+    dtype, shape, _ = entry
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+def _array_bytes(lists):
+    return sum(a.nbytes for arrays in lists for a in arrays if _shareable(a))
+
+
+def _shm_free():
+    """Free bytes of the shared-memory filesystem, None where there is none to ask (not Linux)."""
+    if not os.path.isdir(SHM_DIR):
+        return None
+    st = os.statvfs(SHM_DIR)
+    return st.f_bavail * st.f_frsize
+
+
+def _shm_room(nbytes):
+    """Whether `nbytes` fit the shared-memory filesystem's free space with a spare left for batches: SHM_SPARE,
+    or half of it where it is small (Docker's 64 MB, where a spare larger than all of it refused every dataset)."""
+    free = _shm_free()
+    if free is None:
+        return True
+    return nbytes + min(SHM_SPARE, free // 2) <= free
+
+
+def being_sent_to_new_process():
+    """Whether an object is being pickled for a process being started (spawn, forkserver): its
+    pickler then takes torch's shared-memory handles. A forked worker pickles nothing."""
+    return multiprocessing.context.get_spawning_popen() is not None
+
+
 class PatchDataset(Dataset):
     """Patches of `inputs` (and `targets`); `regions`: one `Band` or None (the whole image) per input, its target
     cut the same way."""
@@ -266,6 +361,7 @@ class PatchDataset(Dataset):
         if self.random_patches:
             self.overlap, self.padding = zeros, zeros
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._shared = None  # the `SharedArrays` of the in-memory pixels once a worker needed them; False: refused
         self._images, self._targets, sources, counts, grids = [], [], [], [], []
         pairs = zip(inputs, targets, regions)
         if progress:  # a bar labelled so, on a terminal: thousands of images take a while to read and measure
@@ -325,6 +421,49 @@ class PatchDataset(Dataset):
                 raise DataError(f"{target}: shape {tuple(data.shape)} differs from its input {path} {tuple(img.shape)}")
             check_finite(_sample(data), target)
         return data
+
+    # ------------------------------------------------------------------ pickling (worker processes)
+    def __getstate__(self):
+        shared = being_sent_to_new_process() and self._share_arrays()
+        state = self.__dict__.copy()
+        if shared:
+            # The pixels go as the buffer's handle; the worker rebuilds its views of them (`__setstate__`).
+            state["_images"], state["_targets"] = self._shared.without_shared((self._images, self._targets))
+        else:
+            state["_shared"] = None  # a plain pickle carries the pixels themselves
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self._shared:
+            for arrays, views in zip((self._images, self._targets), self._shared.views()):
+                for i, view in enumerate(views):
+                    if view is not None:
+                        arrays[i] = view
+
+    def _share_arrays(self):
+        """Move the in-memory pixels into shared memory, once (later workers map the same buffer); False where
+        they stay where they are (none, no room in /dev/shm, or no shared memory here): each worker then
+        unpickles a copy, as before."""
+        if self._shared is not None:
+            return bool(self._shared)
+        self._shared = False  # said once, not again for every worker
+        lists = (self._images, self._targets)
+        nbytes = _array_bytes(lists)
+        if nbytes == 0:
+            return False
+        if not _shm_room(nbytes):
+            log.warning("%.0f MB of in-memory images do not fit the free space of %s (%.0f MB free, part of it kept "
+                        "for batches): each data-loading worker holds a copy of them instead (a container's "
+                        "--shm-size can make room)", nbytes / 1e6, SHM_DIR, (_shm_free() or 0) / 1e6)
+            return False
+        try:
+            self._shared = SharedArrays(lists)
+        except (RuntimeError, OSError) as exc:
+            log.warning("in-memory images could not be put in shared memory (%s): each data-loading worker holds "
+                        "a copy of them", exc)
+            return False
+        return True
 
     # ------------------------------------------------------------------ indexing
     def __len__(self):

@@ -5,7 +5,8 @@ serves full reads, header-only shape queries and lazy region reads alike:
 - ImageJ hyperstacks (TZCYXS) and tifffile files with an 'axes' entry: axes honoured by name;
 - tifffile 'shaped' files without axes (`tifffile.imwrite(array)`): the stored array is taken as
   channel-last, (y, x[, c]) / (z, y, x[, c]), except, as BiaPy reads them, when its first axis has at
-  most 3 values and its last more: then the first axis holds the channels (see `_plain_plan`);
+  most 3 values and its last more: then the first axis holds the channels (see `_plain_plan`); one
+  page of colour samples (Y, X, S) is a 2D image, refused in 3D (`_refuse_colour_image_as_volume`);
 - other TIFFs: tifffile's axes guess (pages I/Q become Z in 3D, C in 2D; samples S are channels).
 PNG/JPEG go through scikit-image; NIfTI (nibabel), HDF5 (h5py) and Zarr (zarr) are optional
 extras imported only when such a file is met (arrays in them are read as channel-last).
@@ -144,6 +145,26 @@ def _plain_plan(shape, ndim, path, guess=None) -> _AxesPlan:
     return _AxesPlan(shape, keep, order, n == ndim)
 
 
+def _two_d_image_in_3d(path, shape, channels, stored) -> DataError:
+    """The error for a 2D image with channels given to a 3D job, naming what to set either way."""
+    return DataError(f"{path}: looks like a 2D image with {channels} channels (Y, X, C: {stored}, shape "
+                     f"{tuple(shape)}) but PROBLEM.NDIM is 3D; for 2D images set PROBLEM.NDIM 2D and DATA.PATCH_SIZE "
+                     f"(y, x, {channels}); if it is a volume of {channels} slices, save it with its slices first, "
+                     f"({channels}, Y, X), or with ImageJ axes ZYX")
+
+
+def _refuse_colour_image_as_volume(shape, axes, path):
+    """A one-page TIFF of colour samples (Y, X, S: an RGB image that `tifffile.imwrite` saved without axis names)
+    in a 3D job: read as (z, y, x) its samples became 3 pixels of x, and the job stopped on a channel count or a
+    patch too wide for x (said of the wrong axis), or trained on that. A file whose axes are named Y, X and C (or S)
+    alone is refused so by `_named_plan` (ImageJ's name a Z of 1: a one-slice volume)."""
+    lead = 0
+    while lead < len(shape) - 3 and shape[lead] == 1:
+        lead += 1
+    if len(axes) == len(shape) and axes[lead:] == "YXS" and shape[-1] > 1:
+        raise _two_d_image_in_3d(path, shape[lead:], shape[-1], "colour samples without axis names")
+
+
 def _named_plan(shape, axes, ndim, path) -> _AxesPlan:
     shape, axes = tuple(int(s) for s in shape), axes.upper()
     _not_empty(shape, path)
@@ -167,6 +188,8 @@ def _named_plan(shape, axes, ndim, path) -> _AxesPlan:
         for letters, before in (("T", False), ("?", False), ("S", True)):  # unlabelled stacks
             z = take(letters, before) if z is None else z
         if z is None:
+            if len(rest) == 1 and axes[rest[0]] in "CS":  # Y, X and channels: a 2D image
+                raise _two_d_image_in_3d(path, shape, shape[rest[0]], f"stored axes '{axes}'")
             raise DataError(f"{path}: no Z axis (stored axes '{axes}', shape {shape}) but PROBLEM.NDIM is 3D")
         roles["Z"] = z
     else:
@@ -261,6 +284,8 @@ def _read_tiff_header(path, ndim, version):
         if kind == "generic" and ndim == 2 and axes.startswith("I") and len(shape) == 3 and shape[0] > 3:
             raise DataError(f"{path}: {shape[0]} pages of {shape[1]}x{shape[2]} pixels without axis names: a stack "
                             "of slices needs PROBLEM.NDIM 3D (up to 3 pages read as channels)")
+        if ndim == 3:
+            _refuse_colour_image_as_volume(shape, axes, path)
         plan = _plain_plan(shape, ndim, path, guess=axes)
     else:
         plan = _named_plan(shape, axes, ndim, path)
@@ -805,10 +830,11 @@ def write_image(path, array, ndim: int, calibration=None) -> Path:
 
     TIFF with ImageJ axes (YX/YXC/ZYX/ZYXC stored in Fiji's order, so Fiji shows channels and
     slices right); dtypes ImageJ lacks get tifffile's axes metadata instead. float64 -> float32,
-    bool -> uint8. A .png path holds 2D uint8 grey/RGB/RGBA or uint16 grey data; anything else asked of it is
-    written as a .tif beside it rather than silently losing values. JPEG is lossy (a label map read back
-    had gained a class), so a .jpg/.jpeg path is written as .png, or .tif, beside it. `calibration`
-    (`tiff_calibration` of the source image) is written into a TIFF: its pixel size, unit and z spacing.
+    bool -> uint8, any byte order -> the machine's. A .png path holds 2D uint8 grey/RGB/RGBA or uint16 grey data;
+    anything else asked of it is written as a .tif beside it rather than silently losing values. JPEG is lossy (a
+    label map read back had gained a class), so a .jpg/.jpeg path is written as .png, or .tif, beside it.
+    `calibration` (`tiff_calibration` of the source image) is written into a TIFF: its pixel size, unit and z
+    spacing. Written through `image_rows_writer`, so a whole image and one written band by band are the same file.
     """
     _check_ndim(ndim)
     path, arr = Path(path), np.asarray(array)
@@ -816,20 +842,9 @@ def write_image(path, array, ndim: int, calibration=None) -> Path:
         arr = arr[..., None]
     if arr.ndim != ndim + 1:
         raise ValueError(f"write_image: array of shape {arr.shape} is not a {ndim}D channel-last image")
-    arr = arr.astype(_storable(arr.dtype), copy=False)
-    png = _png_path(path, arr.shape, arr.dtype, ndim)
-    if png:
-        def write(tmp):
-            _write_png(tmp, arr)
-    else:
-        def write(tmp):
-            pixels = _tiff_order(arr)
-            if not pixels.flags.c_contiguous:  # channels moved before Y: page by page, or tifffile copies it whole
-                pages = (np.ascontiguousarray(pixels[i]) for i in np.ndindex(pixels.shape[:-2]))
-                _write_tiff(tmp, pages, arr.shape, arr.dtype, ndim, calibration)
-            else:
-                _write_tiff(tmp, pixels, arr.shape, arr.dtype, ndim, calibration)
-    return _write_atomically(png or _tiff_path(path), write)
+    with image_rows_writer(path, arr.shape, arr.dtype, ndim, calibration) as out:
+        out.write_all(arr)
+    return out.path
 
 
 def write_image_slices(path, slices, shape, dtype, calibration=None) -> Path:
@@ -863,13 +878,11 @@ def image_rows_writer(path, shape, dtype, ndim: int, calibration=None):
     if len(shape) != ndim + 1:
         raise ValueError(f"image_rows_writer: shape {shape} is not a {ndim}D channel-last shape")
     png = _png_path(path, shape, dtype, ndim)
-    rows = _Rows(png or _tiff_path(path), shape, dtype, ndim)
+    rows = _Rows(png or _tiff_path(path), shape, dtype, ndim, png=bool(png))
     in_body = False  # an error of the caller's own (reading its input, say) passes through as it is
     try:
         with atomic_path(rows.path) as tmp:
-            if png:
-                rows.whole = np.empty(shape, dtype)
-            else:
+            if not png:
                 rows.open(tmp, _write_tiff(tmp, None, shape, dtype, ndim, calibration)[0])
             try:
                 in_body = True
@@ -888,10 +901,13 @@ def image_rows_writer(path, shape, dtype, ndim: int, calibration=None):
 
 
 class _Rows:
-    """What `image_rows_writer` yields: `write(band)` puts the next band of rows at its place in the file."""
+    """What `image_rows_writer` yields: `write(band)` puts the next band of rows at its place in the file;
+    `write_all(image)` the whole image at once."""
 
-    def __init__(self, path, shape, dtype, ndim):
-        self.path, self.shape, self.dtype, self.ndim = path, shape, dtype, ndim
+    BAND_BYTES = 64 << 20  # `write_all` converts and reorders (3D channels) a band of about this much at a time
+
+    def __init__(self, path, shape, dtype, ndim, png=False):
+        self.path, self.shape, self.dtype, self.ndim, self.png = path, shape, dtype, ndim, png
         self.done, self.whole, self._fh, self._offset = 0, None, None, 0
 
     def open(self, tmp, offset):
@@ -901,12 +917,25 @@ class _Rows:
         if self._fh is not None:
             self._fh.close()
 
+    def write_all(self, image):
+        """The whole image (nothing written before): a PNG keeps it as given, no copy, until the file is written on
+        closing; a TIFF takes it a band at a time, so that a dtype conversion or the reordering of 3D channels
+        never copies all of it at once."""
+        image = np.asarray(image)
+        if self.png and self.done == 0 and image.shape == self.shape:
+            self.whole, self.done = image.astype(self.dtype, copy=False), self.shape[0]
+            return
+        for lo, hi in slab_ranges(image.shape, max(1, self.BAND_BYTES // self.dtype.itemsize)):
+            self.write(image[lo:hi])
+
     def write(self, band):
         band, n = np.asarray(band), len(band)
         if band.shape[1:] != self.shape[1:] or self.done + n > self.shape[0]:
             raise ValueError(f"{self.path}: rows {self.done}..{self.done + n - 1} of shape {band.shape[1:]} do not "
                              f"fit an image of shape {self.shape}")
-        if self.whole is not None:
+        if self.png:  # assembled here, written whole on closing
+            if self.whole is None:
+                self.whole = np.empty(self.shape, self.dtype)
             self.whole[self.done:self.done + n] = band
             self.done += n
             return
@@ -942,8 +971,9 @@ def _write_png(tmp, arr):
 
 
 def _storable(dtype) -> np.dtype:
-    """The dtype an image is written with: bool -> uint8, float64/float16 -> float32."""
-    dtype = np.dtype(dtype)
+    """The dtype an image is written with: bool -> uint8, float64/float16 -> float32, in the machine's byte order
+    (a big-endian uint16 array is an ImageJ file of uint16 as any other)."""
+    dtype = np.dtype(dtype).newbyteorder("=")
     if dtype == bool:
         return np.dtype(np.uint8)
     return np.dtype(np.float32) if dtype in (np.float64, np.float16) else dtype
@@ -959,17 +989,6 @@ def _tiff_path(path):
 def _tiff_order(arr):
     """Channel-last pixels in ImageJ's order (channels in front of Y), the channel axis dropped when single."""
     return arr[..., 0] if arr.shape[-1] == 1 else np.moveaxis(arr, -1, -3)
-
-
-def _write_atomically(path, write) -> Path:
-    """`write(tmp)` then rename onto `path` (`atomic_path`); a failure names the file and leaves any earlier one
-    intact."""
-    try:
-        with atomic_path(path) as tmp:
-            write(tmp)
-    except OSError as err:  # disk full, folder gone...
-        raise _write_error(path, err) from None
-    return path
 
 
 def _write_error(path, err):

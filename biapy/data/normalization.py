@@ -25,6 +25,7 @@ from biapy.utils.files import atomic_path
 log = logging.getLogger(__name__)
 
 TYPES = ("zero_mean_unit_variance", "div", "scale_range", "custom")
+FIXED_STATS_TYPES = ("zero_mean_unit_variance", "custom")  # the types that read ZERO_MEAN_UNIT_VAR.MEAN_VAL/STD_VAL
 SAMPLE_BUDGET = 1 << 23  # pixels measured on a lazily opened image (strided along every spatial axis)
 MEAN_FILE, STD_FILE = "normalization_mean_value.npy", "normalization_std_value.npy"
 
@@ -85,6 +86,11 @@ def _sample(img, budget=SAMPLE_BUDGET):
         rest = (slice(shift, None, step),) * (len(img.shape) - 2)
         parts.append(np.asarray(img[(slice(i + shift, i + shift + 1),) + rest]).reshape(-1, c))
     return np.concatenate(parts)
+
+
+def _listed(values):
+    """A `_given` value as plain floats, [-1.0] (the config's own 'not set' marker) for None."""
+    return [-1.0] if values is None else [float(v) for v in values]
 
 
 def _shown(values):
@@ -179,6 +185,24 @@ class Normalizer:
         pc, z = n.PERC_CLIP, n.ZERO_MEAN_UNIT_VAR
         return cls(n.TYPE, pc.ENABLE, pc.LOWER_PERC, pc.UPPER_PERC, pc.LOWER_VALUE, pc.UPPER_VALUE,
                    z.MEAN_VAL, z.STD_VAL)
+
+    def settings(self):
+        """{'TYPE': ..., 'PERC_CLIP.ENABLE': ..., ...}: the DATA.NORMALIZATION sub-keys this normalizer's output
+        depends on, in config order, as plain values that compare equal when they act alike (floats; [-1.0] for
+        'not set'). The clip bounds only with clipping on, a fixed clip value only where its percentile is -1,
+        MEAN_VAL/STD_VAL only for the types that read them: what `_clip_bounds` and `_affine` read, kept beside
+        them so that a checkpoint's settings are compared (checkpoint.normalization_differences) as they act."""
+        out = {"TYPE": self.kind, "PERC_CLIP.ENABLE": self.clip}
+        if self.clip:
+            for side, perc, value in (("LOWER", self.lower_perc, self.lower_value),
+                                      ("UPPER", self.upper_perc, self.upper_value)):
+                out[f"PERC_CLIP.{side}_PERC"] = perc
+                if perc == -1:
+                    out[f"PERC_CLIP.{side}_VALUE"] = _listed(value)
+        if self.kind in FIXED_STATS_TYPES:
+            out["ZERO_MEAN_UNIT_VAR.MEAN_VAL"] = _listed(self.given_mean)
+            out["ZERO_MEAN_UNIT_VAR.STD_VAL"] = _listed(self.given_std)
+        return out
 
     # ------------------------------------------------------------------ statistics
     def _clip_bounds(self, flat):

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from biapy.data.normalization import Normalizer
 from biapy.errors import BiapyError, CheckpointError, ConfigError, first_line
 from biapy.utils.files import atomic_path, remove_stale_temporaries
 
@@ -231,57 +232,45 @@ def function_key_differences(saved: dict, meta: dict, cfg) -> list:
 
 
 _NORM = "DATA.NORMALIZATION."
-_FIXED_STATS_TYPES = ("zero_mean_unit_variance", "custom")  # the types that read MEAN_VAL/STD_VAL
 
 
 def normalization_differences(saved: dict, cfg) -> list:
     """'KEY value in the checkpoint, value here' for the DATA.NORMALIZATION settings that changed what the network
-    saw (what Normalizer.from_cfg reads, where it reads it: the clip bounds only with clipping on in both, a fixed
-    clip value only where its percentile is -1 in both, MEAN_VAL/STD_VAL only for the types that read them). A
-    checkpoint's config without a key predates it, so trained with its default; none without a TYPE (no config)."""
+    saw: those of `Normalizer.settings` (what it reads, where it reads it) that both sides read, so a clip bound only
+    with clipping on in both (else ENABLE differs), MEAN_VAL only where both types read it. A checkpoint's config
+    without a key predates it, so trained with its default; none without a TYPE (no config)."""
     data = saved.get("DATA")
     norm = data.get("NORMALIZATION") if isinstance(data, dict) else None
     if not (isinstance(norm, dict) and isinstance(norm.get("TYPE"), str)):
         return []
+    try:
+        theirs = _saved_normalizer(norm).settings()
+    except (BiapyError, TypeError, ValueError) as err:  # a value this version refuses: trained otherwise for sure
+        return [f"{_NORM[:-1]} in the checkpoint, not readable here ({first_line(err)})"]
+    mine = Normalizer.from_cfg(cfg).settings()
+    return [f"{_NORM}{key} {theirs[key]} in the checkpoint, {mine[key]} here"
+            for key in theirs if key in mine and theirs[key] != mine[key]]
+
+
+def _saved_normalizer(norm: dict):
+    """The Normalizer a checkpoint's DATA.NORMALIZATION tree (nested dicts) describes, its absent keys at their
+    defaults."""
     from biapy.config.defaults import get_defaults
 
-    default = get_defaults()
-    out = []
-
-    def compare(key):
-        theirs, mine = _value(saved, key, default), _value(cfg, key, default)
-        if theirs != mine:
-            out.append(f"{_NORM}{key} {theirs} in the checkpoint, {mine} here")
-        return theirs, mine
-
-    kinds = compare("TYPE")
-    if compare("PERC_CLIP.ENABLE") == (True, True):
-        for side in ("LOWER", "UPPER"):
-            if compare(f"PERC_CLIP.{side}_PERC") == (-1.0, -1.0):
-                compare(f"PERC_CLIP.{side}_VALUE")
-    if all(kind in _FIXED_STATS_TYPES for kind in kinds):
-        compare("ZERO_MEAN_UNIT_VAR.MEAN_VAL")
-        compare("ZERO_MEAN_UNIT_VAR.STD_VAL")
-    return out
+    cfg = get_defaults()
+    _overlay(cfg.DATA.NORMALIZATION, norm)
+    return Normalizer.from_cfg(cfg)
 
 
-def _value(tree, key, default):
-    """DATA.NORMALIZATION.`key` of `tree` (nested dicts or a config), `default`'s where absent, in one form
-    (floats; a list of -1s is the one 'not set' marker) so that YAML's 1 and a config's 1.0 compare equal."""
-    node, fallback = tree["DATA"]["NORMALIZATION"], default.DATA.NORMALIZATION
-    for part in key.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-        fallback = fallback[part]
-    value = fallback if node is None else node
-    if isinstance(value, (list, tuple)):
-        try:
-            value = [float(v) for v in value]
-        except (TypeError, ValueError):
-            return list(value)
-        return [-1.0] if all(v == -1 for v in value) else value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    return value
+def _overlay(node, tree: dict) -> None:
+    """Set `node`'s keys (a config node) to `tree`'s values where it holds them (not None), recursively."""
+    for key, default in node.items():
+        given = tree.get(key)
+        if isinstance(default, dict):
+            if isinstance(given, dict):
+                _overlay(default, given)
+        elif given is not None:
+            node[key] = given
 
 
 def key_differences(saved: dict, cfg, keys) -> list:

@@ -81,7 +81,8 @@ def make_loader(dataset, batch_size, shuffle, dist, num_workers=0, seed=0, drop_
     """A DataLoader for `dataset`: across ranks a DistributedSampler (training: shuffled, even shards) or a
     `ShardSampler` (in order, no sample twice), else a seeded `EpochSampler`.
 
-    Persistent workers when num_workers > 0; pinned memory when asked (SYSTEM.PIN_MEM, on a GPU).
+    Persistent workers when num_workers > 0; pinned memory when asked (SYSTEM.PIN_MEM, on a GPU). Workers started
+    by spawn or forkserver map a `PatchDataset`'s in-memory pixels from shared memory rather than copy them.
     """
     if dist is not None and dist.enabled and (shuffle or drop_last):
         sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=shuffle,

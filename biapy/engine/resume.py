@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from biapy.data.datasets import split_record, validation_names
+from biapy.data.datasets import named_few, split_record, validation_names
 from biapy.engine.checkpoint import (check_compatible, check_own_run, checkpoint_metadata, function_key_differences,
                                      is_step_counter, key_differences, layout_key_differences, load_checkpoint,
                                      load_weights, other_task, rng_states, save_checkpoint, saved_config_tree,
@@ -182,8 +182,9 @@ def _log_tensors(message, entries, shown=6):
     """One INFO line naming the first `shown` of `entries`; all of them at DEBUG (--verbose)."""
     if not entries:
         return
-    more = f", ... {len(entries) - shown} more (--verbose lists them)" if len(entries) > shown else ""
-    log.info(message, len(entries), ", ".join(entries[:shown]) + more)
+    hint = " (--verbose lists them)" if len(entries) > shown else ""
+    # named_few keeps what follows a last '/' (file names): neither tensor names nor load_weights' reasons hold one.
+    log.info(message, len(entries), named_few(entries, shown) + hint)
     if len(entries) > shown:
         log.debug(message, len(entries), ", ".join(entries))
 
@@ -392,9 +393,9 @@ def load_for_test(wf) -> Path:
     kept = set(loaded)
     untrained = [n for n in model.state_dict() if n not in kept and not is_step_counter(n)]
     if untrained:  # SKIP_UNMATCHED_LAYERS suits a start, not a test: those layers would score as initialized
-        shown = ", ".join(untrained[:4]) + (f", ... {len(untrained) - 4} more" if len(untrained) > 4 else "")
-        raise CheckpointError(f"{path}: {len(untrained)} tensor(s) of the model are not in it ({shown}), so the test "
-                              f"would score untrained layers; {_TEST_THIS_TASK}")
+        raise CheckpointError(f"{path}: {len(untrained)} tensor(s) of the model are not in it "
+                              f"({named_few(untrained, 4)}), so the test would score untrained layers; "
+                              f"{_TEST_THIS_TASK}")
     if hasattr(wf, "restore_extras"):
         wf.restore_extras(state.get("extras"), path)
     epoch = state.get("epoch")

@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from biapy.config import dump_config
+from biapy.data.datasets import named_few
 from biapy.engine import resume as R
 from biapy.engine.checkpoint import is_step_counter, rng_states, set_rng_states
 from biapy.engine.distributed import all_reduce_sum, broadcast_buffers
@@ -202,11 +203,11 @@ class Trainer:
         random = [n for n, v in self.model.state_dict(keep_vars=True).items()
                   if id(v) in mine and n not in loaded and not is_step_counter(n)]
         if random:
-            shown = ", ".join(random[:3]) + (f", ... {len(random) - 3} more" if len(random) > 3 else "")
             raise ConfigError(f"MODEL.FREEZE_ENCODER_EPOCHS: {len(random)} encoder tensor(s) were not loaded from "
-                              f"{Path(path).name} and keep their random initial values ({shown}), so freezing them "
-                              "would train the decoder on random features; set MODEL.FREEZE_ENCODER_EPOCHS 0, or "
-                              "start from a checkpoint whose encoder matches this model")
+                              f"{Path(path).name} and keep their random initial values ({named_few(random, 3)}), so "
+                              "freezing them would train the decoder on random features; set "
+                              "MODEL.FREEZE_ENCODER_EPOCHS 0, or start from a checkpoint whose encoder matches this "
+                              "model")
 
     # ------------------------------------------------------------------ loop
     def fit(self):

@@ -17,7 +17,8 @@ from biapy.errors import ConfigError
 from biapy.models import recompute
 from biapy.models.float32 import keep_float32
 from biapy.models.masking import grid_token_mask, random_token_mask, token_mask_to_image
-from biapy.models.vit import TransformerBlocks, ViTEncoder, init_vit_weights, sincos_pos_embed
+from biapy.models.vit import (TransformerBlocks, ViTEncoder, init_vit_weights, sincos_pos_embed, take_tokens,
+                              token_pixels)
 
 
 def fixed_width_mlp(hidden: int):
@@ -48,7 +49,7 @@ class MAEDecoder(nn.Module):
         B, L = ids_restore.shape
         fill = self.mask_token.to(x.dtype).expand(B, L - x.shape[1], -1)
         x = torch.cat([x, fill], dim=1)
-        x = torch.gather(x, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        x = take_tokens(x, ids_restore)
         x = x + pos_embed.to(x.dtype)
         self.blocks.pick_attention(x)
         for blk in self.blocks:
@@ -86,18 +87,7 @@ class MaskedAutoencoderViT(nn.Module):
     # ------------------------------------------------------------------ tokens <-> pixels
     def patchify(self, imgs):
         """(B, C, *spatial) -> (B, L, t^ndim * C), each token's pixels ordered (t.., C) as MAE."""
-        B, C = imgs.shape[:2]
-        t = self.token_size
-        grid = [s // t for s in imgs.shape[2:]]
-        shape = [B, C]
-        for g in grid:
-            shape += [g, t]
-        x = imgs.reshape(shape)
-        n = len(grid)
-        grid_axes = [2 + 2 * i for i in range(n)]
-        tok_axes = [3 + 2 * i for i in range(n)]
-        x = x.permute(0, *grid_axes, *tok_axes, 1)
-        return x.reshape(B, math.prod(grid), t ** n * C)
+        return token_pixels(imgs, self.token_size)
 
     def unpatchify(self, x, grid=None):
         """(B, L, t^ndim * C) -> (B, C, *spatial); `grid` defaults to the configured patch's."""

@@ -42,6 +42,24 @@ def sincos_pos_embed(grid, dim: int) -> torch.Tensor:
     return torch.cat(parts, dim=1).float()
 
 
+def take_tokens(tokens, ids):
+    """tokens (B, L, D) at `ids` (B, L'), per sample -> (B, L', D)."""
+    return torch.gather(tokens, 1, ids.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+def token_pixels(imgs, t):
+    """(B, C, *spatial) -> (B, L, t^ndim * C): the pixels of each t^ndim token, ordered (t.., C) as MAE's, tokens in
+    grid order (spatial sides divisible by t)."""
+    B, C = imgs.shape[:2]
+    grid = [s // t for s in imgs.shape[2:]]
+    shape = [B, C]
+    for g in grid:
+        shape += [g, t]
+    n = len(grid)
+    x = imgs.reshape(shape).permute(0, *(2 + 2 * i for i in range(n)), *(3 + 2 * i for i in range(n)), 1)
+    return x.reshape(B, math.prod(grid), t ** n * C)
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping token_size^ndim patches -> (B, L, dim) tokens, by a strided convolution."""
 
@@ -52,6 +70,18 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x):
         return self.proj(x).flatten(2).transpose(1, 2)
+
+    def embed_kept(self, x, ids_keep):
+        """The tokens `ids_keep` (B, L_keep) of `forward(x)` alone: the convolution as one matrix product over the
+        pixels of just those tokens, in float32 as the convolution runs (MAE's encoder sees a quarter of them, so
+        embedding every token cost 4x the work; its backward too)."""
+        t = self.proj.kernel_size[0]
+        if any(s % t for s in x.shape[2:]):  # a partial token at the border, which the convolution drops
+            return take_tokens(self.forward(x), ids_keep)
+        pixels = take_tokens(token_pixels(x, t), ids_keep)
+        weight, bias = self.proj.weight.movedim(1, -1).flatten(1), self.proj.bias  # its input in the (t.., C) order
+        with torch.autocast(x.device.type, enabled=False):
+            return nn.functional.linear(pixels.float(), weight, bias)
 
 
 class TransformerBlocks(nn.ModuleList):
@@ -113,10 +143,13 @@ class ViTEncoder(nn.Module):
 
         With `ids_keep` (B, L_keep) only those tokens enter the transformer (MAE's encoder).
         """
-        tokens = self.patch_embed(x)
-        tokens = tokens + self.position_table(self.grid_of(x)).to(tokens.dtype)
-        if ids_keep is not None:
-            tokens = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        positions = self.position_table(self.grid_of(x))
+        if ids_keep is None:
+            tokens = self.patch_embed(x)
+        else:
+            tokens = self.patch_embed.embed_kept(x, ids_keep)
+            positions = take_tokens(positions.expand(x.shape[0], -1, -1), ids_keep)
+        tokens = tokens + positions.to(tokens.dtype)
         self.last_input_len = tokens.shape[1]
         self.blocks.pick_attention(tokens)
         feats = []

@@ -149,6 +149,9 @@ class Workflow(ABC):
                   "pin_memory": bool(cfg.SYSTEM.PIN_MEM) and str(self.device).startswith("cuda")}
         batch = cfg.TRAIN.BATCH_SIZE
         self.train_loader = make_loader(self.train_dataset, batch, shuffle=True, drop_last=True, **common)
+        # As many persistent workers as training: with the in-memory pixels shared (`SharedArrays`), a worker's own
+        # memory is the interpreter and torch (~285 MB spawned, ~10 MB forked, measured), while fewer workers risk a
+        # slower validation and non-persistent ones a spawn's seconds every epoch.
         self.val_loader = make_loader(self.val_dataset, batch, shuffle=False, drop_last=False, **common)
         log.info("Data: %d training image(s), %d patches/epoch; %d validation image(s), %d patches",
                  len(inputs), n_train, len(val_inputs), len(self.val_dataset))
