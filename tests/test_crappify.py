@@ -377,3 +377,15 @@ def test_an_original_beyond_float32_is_refused_by_its_own_name(tmp_path):
     with pytest.raises(DataError, match=r"src/huge.tif: pixel values up to 9.95e\+305 in magnitude are too large"):
         prepare_ssl_source([src], tmp_path / "ssl", 0.1, 4, 2, seed=0)
     assert not list((tmp_path / "ssl").rglob("huge.tif"))
+
+
+def test_the_same_data_moved_elsewhere_gets_the_same_copies(tmp_path):
+    """Noise had been seeded by the absolute path: the same data in another folder (a cluster's scratch, a
+    temporary folder) pretrained on other noise, with the same config and seed."""
+    img = _smooth((32, 40))
+    copies = []
+    for root in ("home/me/data", "scratch/job7/data"):
+        src = write_image(tmp_path / root / "train" / "x" / "img.tif", img, 2)
+        copies.append(read_image(prepare_ssl_source([src], tmp_path / root / "ssl", 0.2, 1, 2, seed=0)[0], 2))
+    np.testing.assert_array_equal(copies[0], copies[1])
+    assert not np.array_equal(copies[0], img)

@@ -29,7 +29,8 @@ from biapy.utils.files import atomic_write_text, remove_stale_temporaries_under
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-_VERSION = 6  # bump when the degradation changes, so old copies are rebuilt (5: noise per path; 6: 2D in bands)
+_VERSION = 7  # bump when the degradation changes, so old copies are rebuilt (5: noise per path; 6: 2D in bands;
+# 7: noise by the path's last three parts)
 _SLAB_VOXELS = 1 << 23  # voxels read from a lazy source per access (~16 MB of uint16)
 _BAND_VALUES = 1 << 18  # values of a 2D image degraded at a time (1 MB per float32 temporary)
 
@@ -260,9 +261,12 @@ def _resample(x, taps, axis):
 
 
 def _file_seed(seed, path):
-    """The noise generator of one source file, by its absolute path: by its name alone, test/x/img.tif had had
-    the noise of train/x/img.tif, which training had learnt to remove (correlation 0.86)."""
-    return np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(os.fsencode(Path(path).resolve()))])
+    """The noise generator of one source file, by the last three parts of its path (folder/folder/name): by its
+    name alone, test/x/img.tif had had the noise of train/x/img.tif, which training had learnt to remove
+    (correlation 0.86); by its absolute path, the same data moved or copied elsewhere (a cluster's scratch, a
+    temporary folder) pretrained on other noise, so the same config and seed gave another model."""
+    where = Path(path).resolve().parts[-3:]
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(os.fsencode(os.path.join(*where)))])
 
 
 def _file_stamp(path):
