@@ -82,7 +82,7 @@ CASES = {
                    "MODEL": {"ARCHITECTURE": "mae", "MAE_MASK_RATIO": 0.75, "MAE_MASK_TYPE": "random"},
                    "AUGMENTOR": {"ENABLE": True, "VFLIP": True, "HFLIP": True}},
         "cpu": {"patch": (128, 128), "batch": 16, "image": (1024, 1024),
-                "vit": {"VIT_TOKEN_SIZE": 16, "VIT_EMBED_DIM": 256, "VIT_NUM_LAYERS": 6, "VIT_NUM_HEADS": 8,
+                "vit": {"VIT_TOKEN_SIZE": 8, "VIT_EMBED_DIM": 256, "VIT_NUM_LAYERS": 6, "VIT_NUM_HEADS": 8,
                         "MAE_DEC_HIDDEN_SIZE": 128, "MAE_DEC_NUM_LAYERS": 2, "MAE_DEC_NUM_HEADS": 4,
                         "MAE_DEC_MLP_DIMS": 512}},
         "gpu": {"patch": (224, 224), "batch": 64, "image": (2048, 2048),
