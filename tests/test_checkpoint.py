@@ -413,3 +413,24 @@ def test_a_checkpoint_that_cannot_be_written_asks_about_the_disk_only_when_it_ma
             save_checkpoint(tmp_path / "c.pth", {"model": {}})
         assert os.strerror(code) in str(caught.value)
         assert str(caught.value).endswith("; is the disk full?") == asks, caught.value
+
+
+def test_a_segmentation_run_resumes_only_with_its_own_ignore_index():
+    """LOSS.IGNORE_INDEX says which pixels are unlabelled, and whether a 0/255 mask's 255 is class 1: a resume with
+    another one had gone on with other labels, with a warning at most. A test-only run may score with another."""
+    from biapy.engine.checkpoint import check_own_run
+    from biapy.errors import ConfigError
+
+    def seg(ignore):
+        cfg = get_defaults()
+        cfg.PROBLEM.TYPE, cfg.MODEL.N_CLASSES, cfg.LOSS.IGNORE_INDEX = "SEMANTIC_SEG", 2, ignore
+        return cfg
+
+    saved = seg(-1)
+    state = {"config": saved.dump(), "metadata": checkpoint_metadata(saved)}
+    check_own_run(state, seg(-1), "r_1-checkpoint-last.pth", "r_1")
+    with pytest.raises(ConfigError, match="LOSS.IGNORE_INDEX -1 in the checkpoint, 255 here.*new --run_id"):
+        check_own_run(state, seg(255), "r_1-checkpoint-last.pth", "r_1")
+    test_only = seg(255)
+    test_only.TRAIN.ENABLE = False
+    check_own_run(state, test_only, "r_1-checkpoint-last.pth", "r_1")

@@ -341,6 +341,8 @@ def check_own_run(state: dict, cfg, path, run) -> None:
         keys += ("MODEL.N_CLASSES",)
     if cfg.TRAIN.ENABLE:  # a resume restores the optimizer's state, which only its own TRAIN.OPTIMIZER reads
         keys += ("TRAIN.OPTIMIZER",)
+        if cfg.PROBLEM.TYPE == "SEMANTIC_SEG":  # which pixels are unlabelled, and whether 0/255 masks' 255 is class 1
+            keys += ("LOSS.IGNORE_INDEX",)  # (a test may score with another: it trains nothing)
     differ = (normalization_differences(saved, cfg) + key_differences(saved, cfg, keys)
               + layout_key_differences(saved, cfg))
     if differ:
