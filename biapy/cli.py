@@ -114,13 +114,12 @@ def main(argv=None):
         killed = _WORKER_KILLED.search(str(err))
         if killed:
             _traceback_if(args.verbose)
-            if killed[2] == "Killed":  # SIGKILL: the kernel's out-of-memory killer, mostly
-                _error(f"a data-loading worker (pid {killed[1]}) was killed ({killed[2]}), as the system does when "
-                       "memory runs out; lower SYSTEM.NUM_WORKERS or TRAIN.BATCH_SIZE, then run the same command "
-                       "again to resume")
-            else:  # another signal (Terminated: sent by a user or scheduler), not a lack of memory
-                _error(f"a data-loading worker (pid {killed[1]}) was killed ({killed[2]}); run the same command "
-                       "again to resume")
+            # SIGKILL is the kernel's out-of-memory killer, mostly; another signal (Terminated: sent by a user or a
+            # scheduler) is not a lack of memory.
+            advice = (", as the system does when memory runs out; lower SYSTEM.NUM_WORKERS or TRAIN.BATCH_SIZE, then"
+                      if killed[2] == "Killed" else ";")
+            _error(f"a data-loading worker (pid {killed[1]}) was killed ({killed[2]}){advice} run the same command "
+                   "again to resume")
             return 1
         peer_gone = _rank_tag() and any(text in str(err) for text in _PEER_GONE)
         no_memory = (isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"

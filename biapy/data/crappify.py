@@ -3,9 +3,9 @@
 The copies live in SSL_SOURCE_DIR, one folder per (NOISE, RESIZING_FACTOR, SYSTEM.SEED), each with a
 `manifest.json` recording the parameters and each source file's size and modification time; they are
 reused only while all of these match, so editing an image (or a new version of the degradation) rebuilds
-them instead of silently training on stale data. The noise of each file is seeded by (SYSTEM.SEED, the file's
-absolute path): rebuilding gives the same copies, whichever job builds them, and a test image named as a
-training image gets noise of its own.
+them instead of silently training on stale data. The noise of each file is seeded by (SYSTEM.SEED, the last
+three parts of the file's path): rebuilding gives the same copies, whichever job builds them and wherever the
+data is, and a test image named as a training image gets noise of its own.
 """
 import errno
 import functools

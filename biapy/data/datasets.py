@@ -162,10 +162,14 @@ def validation_names(cfg, train_files=None) -> list:
     if not cfg.DATA.VAL.FROM_TRAIN:
         return sorted(p.name for p in list_images(cfg.DATA.VAL.PATH, "DATA.VAL.PATH"))
     files = train_files if train_files is not None else list_images(cfg.DATA.TRAIN.PATH, "DATA.TRAIN.PATH")
-    split = validation_split(cfg, files)
+    return sorted(split_names(files, validation_split(cfg, files), ndim_of(cfg)))
+
+
+def split_names(files, split, ndim) -> list:
+    """The file names of `split`'s validation images among `files`, or the `band_name` of the validation band."""
     if split.bands is not None:
-        return [band_name(files[0], split.bands[1], ndim_of(cfg))]
-    return sorted(Path(files[i]).name for i in split.val)
+        return [band_name(files[0], split.bands[1], ndim)]
+    return [Path(files[i]).name for i in split.val]
 
 
 def split_record(names) -> dict:

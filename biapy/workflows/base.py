@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from biapy.config import ndim_of
 from biapy.data.augmentation import Augmentor
-from biapy.data.datasets import (PatchDataset, band_name, banded, describe_bands, named_few, shared_files,
+from biapy.data.datasets import (PatchDataset, banded, describe_bands, named_few, shared_files, split_names,
                                  split_record, validation_split)
 from biapy.data.io import (MANY_CHANNELS, NO_AXES, check_computable, check_consistent_channels, check_unique_stems,
                            image_rows_writer, image_shape, list_images, open_image_lazy, open_image_rows, read_image,
@@ -121,10 +121,9 @@ class Workflow(ABC):
         if split is not None:
             val_inputs, val_targets = [inputs[i] for i in split.val], [targets[i] for i in split.val]
             inputs, targets = [inputs[i] for i in split.train], [targets[i] for i in split.train]
-            val_names = [given[i] for i in split.val]
+            val_names = split_names(given, split, self.ndim)
             if split.bands is not None:  # one image: a band at its end validates, the rows before it train
                 regions, val_regions = [split.bands[0]], [split.bands[1]]
-                val_names = [band_name(given[0], split.bands[1], self.ndim)]
         else:
             val_inputs, val_targets = self.input_target_files("val")
             self._check_channels(val_inputs, "DATA.VAL.PATH")
