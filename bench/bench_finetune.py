@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from biapy import BiaPy  # noqa: E402
-from biapy.data.datasets import split_train_val  # noqa: E402
-from biapy.data.io import write_image  # noqa: E402
+from biapy.data.image_writing import write_image  # noqa: E402
+from biapy.data.splits import split_train_val  # noqa: E402
 from biapy.data.synthetic import nuclei_image  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))

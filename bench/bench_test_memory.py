@@ -39,7 +39,7 @@ def worker(task, ndim, size):
     """One job; prints the test phase's peak above its starting resident memory."""
     import biapy.workflows.base as base
     from biapy import BiaPy
-    from biapy.data.io import write_image
+    from biapy.data.image_writing import write_image
 
     root = Path(tempfile.mkdtemp(prefix="bench_test_memory_"))
     test_shape = (size, 256, 256) if ndim == 3 else (size, size)

@@ -136,7 +136,7 @@ def machine(device):
 
 def write_images(folder, shape, count, ndim, seed):
     """Synthetic nuclei images; big ones are tiled from a smaller draw (drawing nuclei is slow)."""
-    from biapy.data.io import write_image
+    from biapy.data.image_writing import write_image
     from biapy.data.synthetic import nuclei_image
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -216,7 +216,7 @@ def case_trainer(case, size, data, steps, device, workers=-1, overrides=None):
     import torch
 
     from biapy.config import check_config, finalize, load_config
-    from biapy.config.checks import cores_per_process
+    from biapy.config.derived import cores_per_process
     from biapy.config.load import merge_values
     from biapy.engine.distributed import init_distributed
     from biapy.engine.trainer import Trainer

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from biapy.config import check_config, dump_config, finalize, load_config
-from biapy.config.checks import cores_per_process
+from biapy.config.derived import cores_per_process
 from biapy.config.load import plain_tree
 from biapy.engine.resume import check_start
 from biapy.engine.precision import describe_amp
@@ -43,7 +43,7 @@ def setup_logging(is_main=True, verbose=False):
     root.setLevel(level)
     root.propagate = False
     # tifffile logs its own complaints about a damaged file; the read that fails names the file in one line
-    # (biapy.data.io turns its ERROR records into that failure, so they must still be made, not shown).
+    # (biapy.data.image_axes turns its ERROR records into that failure, so they must still be made, not shown).
     tiff_log = logging.getLogger("tifffile")
     tiff_log.setLevel(logging.DEBUG if verbose else logging.ERROR)
     tiff_log.propagate = verbose

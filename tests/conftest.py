@@ -1,4 +1,5 @@
-"""Shared fixtures: small synthetic image folders and tiny-model config overrides."""
+"""Shared fixtures: small synthetic image folders, tiny-model config overrides, configs loaded and checked, and
+one torch thread for the tiny-model tests."""
 import logging
 import os
 
@@ -6,7 +7,8 @@ import pytest
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-from biapy.data.io import write_image  # noqa: E402
+from biapy.config import check_config, load_config  # noqa: E402
+from biapy.data.image_writing import write_image  # noqa: E402
 from biapy.data.synthetic import nuclei_image  # noqa: E402
 
 SHAPES = {
@@ -72,3 +74,30 @@ def tiny_config(data, ndim, **sections):
             else:
                 merged[key] = value
     return cfg
+
+
+@pytest.fixture
+def config_folders(tmp_path):
+    """Empty train and test folders: the path checks pass, nothing reads them."""
+    train, test = tmp_path / "train", tmp_path / "test"
+    train.mkdir()
+    test.mkdir()
+    return train, test
+
+
+def checked(overrides, folders=None):
+    """The config of `overrides`, loaded and checked; its paths too when `folders` (config_folders) is given."""
+    cfg = load_config(overrides)
+    check_config(cfg, check_paths=folders is not None)
+    return cfg
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors run fastest on one thread (and do not fight other test processes for cores)."""
+    import torch  # late: the tests that do not ask for this fixture need not import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -9,7 +9,8 @@ import tifffile
 
 import biapy.data.crappify as crappify_module
 from biapy.data.crappify import MANIFEST, copies_folder, crappify, prepare_ssl_source
-from biapy.data.io import open_image_lazy, read_image, write_image, write_image_slices
+from biapy.data.image_writing import write_image, write_image_slices
+from biapy.data.io import open_image_lazy, read_image
 from biapy.errors import DataError
 
 

@@ -1,14 +1,15 @@
-"""biapy.data.datasets: split, item layout, lazy == in-memory, epochs, grid mode, bad inputs."""
+"""biapy.data.datasets: item layout, lazy == in-memory, epochs, grid mode, bad inputs."""
 import numpy as np
 import pytest
 import torch
 
 from biapy.config.defaults import get_defaults
 from biapy.data.augmentation import Augmentor
-from biapy.data.datasets import Band, PatchDataset, _BandView, band_split, banded, split_train_val
-from biapy.data.io import write_image
+from biapy.data.datasets import PatchDataset, _BandView, banded
+from biapy.data.image_writing import write_image
 from biapy.data.normalization import Normalizer
-from biapy.errors import ConfigError, DataError
+from biapy.data.splits import Band
+from biapy.errors import DataError
 
 
 def _write(folder, shapes, ndim, channels=1, dtype=np.uint16, seed=0):
@@ -21,18 +22,6 @@ def _labels(folder, shapes, ndim, dtype=np.uint8):
     rng = np.random.default_rng(9)
     return [write_image(folder / f"im{i}.tif", rng.integers(0, 3, tuple(s) + (1,)).astype(dtype), ndim)
             for i, s in enumerate(shapes)]
-
-
-def test_split_train_val():
-    files = [f"f{i}" for i in range(10)]
-    train, val = split_train_val(files, 0.2, random=False)
-    assert val == ["f8", "f9"] and train == files[:8]
-    a = split_train_val(files, 0.3, random=True, seed=1)
-    assert a == split_train_val(files, 0.3, random=True, seed=1)
-    assert len(a[1]) == 3 and sorted(a[0] + a[1]) == sorted(files)
-    assert [len(x) for x in split_train_val(files[:2], 0.01)] == [1, 1]
-    with pytest.raises(ConfigError, match="SPLIT_TRAIN"):
-        split_train_val(["only"], 0.1)
 
 
 @pytest.mark.parametrize("ndim,shapes,patch", [
@@ -201,10 +190,3 @@ def test_a_band_reads_as_an_image_of_its_own_lazy_or_in_memory(tmp_path, axis):
     assert banded(whole, None) is whole
 
 
-def test_band_split_takes_the_share_at_the_end_of_z_else_y(tmp_path):
-    assert band_split("v", (80, 64, 64), (8, 16, 16), 0.1) == (Band(0, 0, 72), Band(0, 72, 80))  # ceil(8.0) is 8...
-    assert band_split("v", (81, 64, 64), (8, 16, 16), 0.1) == (Band(0, 0, 72), Band(0, 72, 81))  # ...ceil(8.1) 9
-    assert band_split("v", (20, 200, 64), (8, 16, 16), 0.1) == (Band(1, 0, 180), Band(1, 180, 200))  # 2 z slices
-    assert band_split("i", (320, 64), (32, 32), 0.1) == (Band(0, 0, 288), Band(0, 288, 320))
-    with pytest.raises(DataError, match=r"^i: the only training image.* it has 300 along y \(needs 311\)\."):
-        band_split("i", (300, 64), (32, 32), 0.1)

@@ -54,7 +54,8 @@ def test_torchrun_two_processes_on_cpu(data2d, tmp_path):
 def test_a_failure_on_one_process_stops_the_job_with_its_error_and_no_hang(data2d, tmp_path):
     """The second test image (rank 1's share) holds a NaN: rank 1 fails alone while rank 0 waits to gather
     the metrics. Rank 1 must exit at once with its error (no barrier at cleanup), and rank 0 stop too."""
-    from biapy.data.io import read_image, write_image
+    from biapy.data.image_writing import write_image
+    from biapy.data.io import read_image
 
     test_dir = tmp_path / "test"
     test_dir.mkdir()
@@ -119,7 +120,7 @@ def test_world_size_without_torchrun_is_refused_in_one_line(monkeypatch):
 def test_a_validation_set_smaller_than_the_job_leaves_a_rank_without_patches_and_no_hang(data2d, tmp_path):
     """One validation patch for two processes: rank 1's share is empty (no sample is repeated to fill it, so
     none counts twice), yet it takes part in the sums over ranks, and the job ends."""
-    from biapy.data.io import write_image
+    from biapy.data.image_writing import write_image
     from biapy.data.synthetic import nuclei_image
 
     val = tmp_path / "val"

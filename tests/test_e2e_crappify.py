@@ -10,7 +10,8 @@ import torch
 
 from biapy import BiaPy
 from biapy.cli import main
-from biapy.data.io import open_image_lazy, read_image, write_image
+from biapy.data.image_writing import write_image
+from biapy.data.io import open_image_lazy, read_image
 from biapy.engine.checkpoint import load_checkpoint
 from tests.conftest import tiny_config
 
@@ -185,7 +186,7 @@ def test_3d_test_volumes_are_streamed_and_give_the_in_memory_results(task, data3
 
     import biapy.data.normalization as normalization
     import biapy.workflows.scoring as scoring
-    from biapy.data.io import LazyTiff
+    from biapy.data.lazy_images import LazyTiff
 
     ssl = {"SELF_SUPERVISED": {"PRETEXT_TASK": task, "MASK_BLOCK_SIZE": 4}}
     trained = run(tiny_config(data3d, 3, PROBLEM=ssl, TRAIN={"EPOCHS": 1}, DATA={"TEST": {"IN_MEMORY": True}}),
@@ -338,7 +339,7 @@ def test_outputs_and_degraded_copies_keep_the_calibration_of_their_input(task, n
     copies of crappify have its pixel size, unit and z spacing: ImageJ inputs, and an OME-TIFF one (whose output
     keeps its .ome.tif name, as an ImageJ file)."""
     from biapy.data.synthetic import nuclei_image
-    from tests.test_data_io import _written_calibration, expected_calibration, write_calibrated
+    from tests.test_image_writing import expected_calibration, write_calibrated, written_calibration
 
     shapes = {2: [(48, 56), (52, 48), (48, 48), (60, 50)], 3: [(12, 40, 40), (13, 36, 44), (12, 40, 36)]}[ndim]
     data, kinds = {}, {}
@@ -370,4 +371,4 @@ def test_outputs_and_degraded_copies_keep_the_calibration_of_their_input(task, n
     for name, files in outputs.items():
         for out in files:
             assert tifffile.TiffFile(out).is_imagej, out
-            assert _written_calibration(out) == expected_calibration(kinds[name], ndim), out
+            assert written_calibration(out) == expected_calibration(kinds[name], ndim), out

@@ -54,7 +54,7 @@ def test_mae_checks_region_is_a_centred_crop_within_budget(spatial, patch, budge
 def test_mae_checks_of_a_large_lazily_read_volume_show_a_crop(data3d, tmp_path, monkeypatch):
     """A validation volume above the budget is shown as a centred crop read alone, never whole."""
     import biapy.workflows.masking as masking
-    from biapy.data.io import LazyTiff
+    from biapy.data.lazy_images import LazyTiff
 
     monkeypatch.setattr(masking, "_CHECK_VOXELS", 8 * 16 * 16)
     spans = []

@@ -130,7 +130,7 @@ def seg_run(data2d, tmp_path_factory):
 def test_bad_test_labels_are_named_not_scored(seg_run, data2d, tmp_path, spoil, message):
     """Test labels get the checks training labels get; before, ids out of range were dropped from the scores
     and other layouts truncated or cut, with exit 0."""
-    from biapy.data.io import write_image
+    from biapy.data.image_writing import write_image
     from biapy.errors import DataError
 
     out, job = seg_run
@@ -158,7 +158,7 @@ def test_out_of_range_ids_that_a_sampled_check_missed_stop_training_with_one_lin
 
 
 def test_test_labels_out_of_range_stop_the_job_before_training(seg_run, data2d, tmp_path):
-    from biapy.data.io import write_image
+    from biapy.data.image_writing import write_image
     from biapy.errors import DataError
     from biapy.job import Job
 
@@ -178,7 +178,7 @@ def test_test_labels_out_of_range_stop_the_job_before_training(seg_run, data2d, 
 def test_partly_labelled_masks_train_and_score_with_ignore_index(data2d, tmp_path):
     """Unlabelled pixels (255) with LOSS.IGNORE_INDEX 255 and class weights: training runs, and the scores leave
     those pixels out (they had stopped the run as class id 255)."""
-    from biapy.data.io import write_image
+    from biapy.data.image_writing import write_image
 
     partial = {}
     for split in ("train", "test"):

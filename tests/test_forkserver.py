@@ -12,9 +12,11 @@ import torch
 import yaml
 
 from biapy.config.load import plain_tree
-from biapy.data.datasets import Band, PatchDataset, SharedArrays
-from biapy.data.io import LazyTiff, write_image
+from biapy.data.datasets import PatchDataset, SharedArrays
+from biapy.data.image_writing import write_image
+from biapy.data.lazy_images import LazyTiff
 from biapy.data.normalization import Normalizer
+from biapy.data.splits import Band
 from biapy.engine.loaders import make_loader
 from biapy.job import Job
 from tests.conftest import tiny_config

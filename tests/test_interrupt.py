@@ -1,6 +1,6 @@
 """A real `python main.py` process stopped by SIGINT, then SIGTERM, resumes to the end.
 
-(tests/test_trainer.py covers the signal handling in-process; this is the whole program: exit code 130,
+(tests/test_trainer.py and tests/test_resume.py cover the signal handling in-process; this is the whole program: exit code 130,
 no traceback, a loadable last checkpoint, and the same command finishing the run.)
 """
 import json

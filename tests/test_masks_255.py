@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from biapy import BiaPy
-from biapy.data.io import read_image, write_image
+from biapy.data.image_writing import write_image
+from biapy.data.io import read_image
 from biapy.errors import DataError
 from biapy.workflows import segmentation
 from biapy.workflows.segmentation import SegmentationWorkflow

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from biapy.config.defaults import get_defaults
-from biapy.data.io import open_image_lazy, write_image
+from biapy.data.image_writing import write_image
+from biapy.data.io import open_image_lazy
 from biapy.data.normalization import MEAN_FILE, STD_FILE, Normalizer
 from biapy.errors import CheckpointError, ConfigError, DataError
 
@@ -161,7 +162,8 @@ def test_custom_fit_on_lazy_images_reads_a_sample_weighted_by_image_size(tmp_pat
     """A lazily opened volume is measured on its strided sample, never read whole, and weighs in the pooled
     mean by its own pixel count, not by the sample's."""
     import biapy.data.normalization as normalization
-    from biapy.data.io import open_image_lazy, write_image
+    from biapy.data.image_writing import write_image
+    from biapy.data.io import open_image_lazy
 
     rng = np.random.default_rng(0)
     big = rng.normal(100, 5, (16, 32, 32, 1)).astype(np.float32)  # 16384 voxels
@@ -361,3 +363,9 @@ def test_a_pixel_beyond_float32_that_the_sample_missed_is_refused_where_it_is_pr
     with pytest.raises(DataError, match=r"^image.tif \(rows 64..95\): pixel values up to 1e\+300 in magnitude are "
                                         r"too large to normalize"):
         wf.predict_image(image, stats, "image.tif")
+
+
+def test_fixed_clip_values_for_more_channels_than_the_image_has():
+    norm = Normalizer("zero_mean_unit_variance", clip=True, lower_value=(10.0, 20.0))
+    with pytest.raises(DataError, match=r"PERC_CLIP.LOWER_VALUE holds 2 channel value\(s\) but the image has 1"):
+        norm.stats(np.zeros((8, 8, 1), np.float32))

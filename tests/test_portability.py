@@ -21,7 +21,7 @@ import yaml
 from biapy.cli import main
 from biapy.config.load import plain_tree
 from biapy.data.crappify import MANIFEST, copies_folder, prepare_ssl_source
-from biapy.data.io import write_image
+from biapy.data.image_writing import write_image
 from biapy.job import Job
 from biapy.utils import files
 from biapy.utils.files import _temporary, atomic_write_text
@@ -252,12 +252,13 @@ def test_a_lazily_read_chunked_image_reaches_spawned_workers(monkeypatch, tmp_pa
     import pickle
 
     import biapy.data.io as bio
+    from biapy.data.lazy_images import LazyStore
     monkeypatch.setattr(bio, "_open_chunked", stored_volume)
     path = tmp_path / "vol.h5"
     path.write_bytes(b"")
     store = bio.open_image_lazy(path, 3)
     copy = pickle.loads(pickle.dumps(store))
-    assert isinstance(copy, bio.LazyStore)
+    assert isinstance(copy, LazyStore)
     np.testing.assert_array_equal(copy[1:3], stored_volume(path)[1:3, ..., None])
 
 

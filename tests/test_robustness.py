@@ -21,7 +21,8 @@ import yaml
 
 from biapy.cli import main
 from biapy.config.load import plain_tree
-from biapy.data.io import read_image, write_image
+from biapy.data.image_writing import write_image
+from biapy.data.io import read_image
 from biapy.errors import BiapyError, ConfigError, DataError
 from biapy.job import Job
 from biapy.runner import resolve_device
@@ -781,7 +782,7 @@ def test_temporaries_of_a_run_killed_outright_are_removed_by_the_next(world, cap
     import subprocess
     import sys
 
-    from biapy.config.checks import _ssl_copy_dir
+    from biapy.config.derived import ssl_copy_dir
     from biapy.config.load import load_config
     from biapy.data.crappify import copies_folder
 
@@ -791,7 +792,7 @@ def test_temporaries_of_a_run_killed_outright_are_removed_by_the_next(world, cap
     cfg = world.cfg(DATA={"TRAIN": {"PATH": str(x)}})
     assert world.run(cfg, "killed", name="killed", run_id=1) == 0
     job = Job(world.out, "killed", 1)
-    copies = copies_folder(_ssl_copy_dir(load_config(cfg).DATA, "TRAIN"), 0.2, 4, 0)
+    copies = copies_folder(ssl_copy_dir(load_config(cfg).DATA, "TRAIN"), 0.2, 4, 0)
     left = [job.charts / f".{job.id}_loss.png.tmp{gone}", job.train_logs / f".{job.id}_log.txt.tmp{gone}",
             copies / f".{sorted(x.iterdir())[0].name}.tmp{gone}", copies / f".manifest.json.tmp{os.getppid()}"]
     for path in left:

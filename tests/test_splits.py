@@ -10,8 +10,10 @@ import torch
 
 from biapy import BiaPy
 from biapy.config import check_config, finalize, load_config
-from biapy.data.datasets import _BandView, split_fold, split_record, split_train_val, validation_names
-from biapy.data.io import read_image, write_image
+from biapy.data.datasets import _BandView
+from biapy.data.image_writing import write_image
+from biapy.data.io import read_image
+from biapy.data.splits import Band, band_split, split_fold, split_record, split_train_val, validation_names
 from biapy.engine.checkpoint import load_checkpoint, save_checkpoint
 from biapy.engine.distributed import init_distributed
 from biapy.errors import ConfigError, DataError
@@ -269,3 +271,24 @@ def test_a_resume_with_another_split_is_refused_before_any_work(data2d, tmp_path
     save_checkpoint(last, state)
     run(SYSTEM__SEED=2)
     assert load_checkpoint(last)["epoch"] == 2
+
+
+def test_split_train_val():
+    files = [f"f{i}" for i in range(10)]
+    train, val = split_train_val(files, 0.2, random=False)
+    assert val == ["f8", "f9"] and train == files[:8]
+    a = split_train_val(files, 0.3, random=True, seed=1)
+    assert a == split_train_val(files, 0.3, random=True, seed=1)
+    assert len(a[1]) == 3 and sorted(a[0] + a[1]) == sorted(files)
+    assert [len(x) for x in split_train_val(files[:2], 0.01)] == [1, 1]
+    with pytest.raises(ConfigError, match="SPLIT_TRAIN"):
+        split_train_val(["only"], 0.1)
+
+
+def test_band_split_takes_the_share_at_the_end_of_z_else_y(tmp_path):
+    assert band_split("v", (80, 64, 64), (8, 16, 16), 0.1) == (Band(0, 0, 72), Band(0, 72, 80))  # ceil(8.0) is 8...
+    assert band_split("v", (81, 64, 64), (8, 16, 16), 0.1) == (Band(0, 0, 72), Band(0, 72, 81))  # ...ceil(8.1) 9
+    assert band_split("v", (20, 200, 64), (8, 16, 16), 0.1) == (Band(1, 0, 180), Band(1, 180, 200))  # 2 z slices
+    assert band_split("i", (320, 64), (32, 32), 0.1) == (Band(0, 0, 288), Band(0, 288, 320))
+    with pytest.raises(DataError, match=r"^i: the only training image.* it has 300 along y \(needs 311\)\."):
+        band_split("i", (300, 64), (32, 32), 0.1)

@@ -9,7 +9,10 @@ import pytest
 import tifffile
 
 from biapy import BiaPy
-from biapy.data.io import LazyStore, _plain_plan, read_image, tiff_calibration, write_image
+from biapy.data.image_axes import plain_plan, tiff_calibration
+from biapy.data.image_writing import write_image
+from biapy.data.io import read_image
+from biapy.data.lazy_images import LazyStore
 from biapy.data.synthetic import nuclei_image
 from tests.conftest import tiny_config
 
@@ -154,7 +157,7 @@ def test_the_2d_test_phase_never_holds_a_whole_image(task, data2d, tmp_path, mon
 @pytest.mark.parametrize("ndim, shape", [(2, (37, 53, 1)), (2, (37, 53, 3)), (3, (5, 9, 7, 1)), (3, (5, 9, 7, 2))])
 @pytest.mark.parametrize("dtype", [np.float32, np.uint16, np.int64, bool])
 def test_a_file_written_band_by_band_has_the_bytes_write_image_writes(ndim, shape, dtype, tmp_path):
-    from biapy.data.io import image_rows_writer
+    from biapy.data.image_writing import image_rows_writer
 
     arr = (np.random.default_rng(0).random(shape) * 1000).astype(dtype)
     calibration = {"resolution": ((40, 13), (40, 13)), "resolutionunit": 1, "unit": "µm",
@@ -167,7 +170,7 @@ def test_a_file_written_band_by_band_has_the_bytes_write_image_writes(ndim, shap
 
 
 def test_a_band_writer_refuses_missing_rows_and_leaves_no_file(tmp_path):
-    from biapy.data.io import image_rows_writer
+    from biapy.data.image_writing import image_rows_writer
 
     with pytest.raises(ValueError, match=r"part\.tif: 3 of 4 rows written"):
         with image_rows_writer(tmp_path / "part.tif", (4, 5, 1), np.uint8, 2) as out:
@@ -179,7 +182,7 @@ def test_a_band_writer_refuses_missing_rows_and_leaves_no_file(tmp_path):
 
 
 def test_a_png_path_is_written_as_write_image_writes_it(tmp_path):
-    from biapy.data.io import image_rows_writer
+    from biapy.data.image_writing import image_rows_writer
 
     arr = np.random.default_rng(1).integers(0, 3, (9, 8, 1)).astype(np.uint8)
     with image_rows_writer(tmp_path / "labels.png", arr.shape, arr.dtype, 2) as out:
@@ -201,7 +204,7 @@ def test_a_2d_store_in_one_chunk_of_all_rows_is_read_whole_for_the_test_phase(tm
     def store(chunk_rows):
         arr = np.arange(120, dtype=np.uint16).reshape(12, 10).view(Chunked)
         arr.chunks = (chunk_rows, 10)
-        return LazyStore(path, _plain_plan(arr.shape, 2, path, guess=True), lambda: arr)
+        return LazyStore(path, plain_plan(arr.shape, 2, path, guess=True), lambda: arr)
 
     monkeypatch.setattr(io, "open_image_lazy", lambda p, ndim: store(12))
     assert isinstance(io.open_image_rows(path, 2), np.ndarray)
@@ -214,13 +217,14 @@ def test_a_band_of_whole_rows_is_read_through_few_maps(tmp_path, monkeypatch):
     end there, so they are copied through maps of up to MAP_BYTES, not one map per image row (1.5x the scoring
     time on a 4096² image)."""
     import biapy.data.io as bio
+    import biapy.data.lazy_images as lazy_images
     image = np.arange(600 * 500, dtype=np.float32).reshape(600, 500, 1)
-    lazy = bio.open_image_lazy(bio.write_image(tmp_path / "x.tif", image, 2), 2)
-    assert isinstance(lazy, bio.LazyTiff)
+    lazy = bio.open_image_lazy(write_image(tmp_path / "x.tif", image, 2), 2)
+    assert isinstance(lazy, lazy_images.LazyTiff)
     maps = []
-    copy = bio._mapped_copy
-    monkeypatch.setattr(bio, "_mapped_copy", lambda *args: maps.append(args[2]) or copy(*args))
-    monkeypatch.setattr(bio.LazyTiff, "MAP_BYTES", 100 * 500 * 4)  # 100 rows a map
+    copy = lazy_images._mapped_copy
+    monkeypatch.setattr(lazy_images, "_mapped_copy", lambda *args: maps.append(args[2]) or copy(*args))
+    monkeypatch.setattr(lazy_images.LazyTiff, "MAP_BYTES", 100 * 500 * 4)  # 100 rows a map
     np.testing.assert_array_equal(lazy[50:450], image[50:450])
     assert [m[0] for m in maps] == [100, 100, 100, 100]
     maps.clear()

@@ -17,7 +17,7 @@ import torch.multiprocessing as tmp
 
 import biapy.data.datasets as datasets
 from biapy.data.datasets import PatchDataset, SharedArrays
-from biapy.data.io import write_image
+from biapy.data.image_writing import write_image
 from biapy.data.normalization import Normalizer
 from biapy.engine.loaders import make_loader, release_workers, set_epoch
 from biapy.job import Job

@@ -1,26 +1,21 @@
-"""Check a merged config and fill in its derived values, before any work is done.
+"""Check a merged config before any work is done.
 
 Each problem stops the run with one ConfigError line that names the key, the value and what
-was expected. `finalize` is the one place where "-1 = automatic" and paths are resolved.
+was expected. The folders and files it names are checked in `folders`; its derived values are
+filled in afterwards by `derived.finalize`.
 """
 import math
 import os
-from pathlib import Path
 
-from biapy.errors import CheckpointError, ConfigError, shown
+from biapy.config.derived import METRICS
+from biapy.config.folders import check_folders
+from biapy.errors import ConfigError, shown
 from biapy.models import ARCHITECTURES  # torch-free import: the table only
 
 LOSSES = {
     "SELF_SUPERVISED": ("MAE", "MSE", "SSIM", "W_MAE_SSIM", "W_MSE_SSIM"),
     "SEMANTIC_SEG": ("CE", "DICE", "CE_DICE"),
 }
-METRICS = {
-    "SELF_SUPERVISED": ("psnr", "ssim", "mae", "mse"),
-    "SEMANTIC_SEG": ("iou", "dice"),
-}
-DEFAULT_LOSS = {"SELF_SUPERVISED": "MAE", "SEMANTIC_SEG": "CE"}
-# Training metrics are cheap ones; SSIM is left to the test phase by default.
-DEFAULT_TRAIN_METRICS = {"SELF_SUPERVISED": ["psnr"], "SEMANTIC_SEG": ["iou"]}
 
 
 def _named_choice(value, choices):
@@ -202,90 +197,6 @@ def _check_class_loss(cfg):
     if loss.CLASS_REBALANCE == "manual" and (len(weights) != n or not _weights(weights) or not sum(weights) > 0):
         raise ConfigError(f"LOSS.CLASS_WEIGHTS: {shown(weights)} must hold {n} non-negative weights (one per class of "
                           "MODEL.N_CLASSES), not all 0, with LOSS.CLASS_REBALANCE 'manual'")
-
-
-def _kind(key, path) -> str:
-    """'folder', 'file', 'other' or 'missing': what `path` names; ConfigError naming `key` where the system cannot
-    look it up (a name longer than 255 bytes, a path longer than PATH_MAX: pathlib raises, not False)."""
-    try:
-        p = Path(path)
-        if not p.exists():
-            return "missing"
-        return "folder" if p.is_dir() else "file" if p.is_file() else "other"
-    except OSError as err:
-        raise ConfigError(f"{key}: cannot look up {path} ({err.strerror or err}); expected a path the file system "
-                          "can hold (each name in it at most 255 bytes, the whole at most 4096)") from None
-
-
-def _check_folder(key, path):
-    what = "label images" if key.endswith("GT_PATH") else "images"
-    if not path:
-        raise ConfigError(f"{key} is empty; expected the folder that holds the {what}")
-    # Images are read from a folder (an HDF5 file or Zarr store is one image in it, as any other format).
-    kind = _kind(key, path)
-    if kind == "missing":
-        raise ConfigError(f"{key}: folder {path} does not exist")
-    if kind == "file":
-        raise ConfigError(f"{key}: {path} is a file; expected a folder of {what} (put {Path(path).name} in a "
-                          "folder of its own)")
-    if kind == "other":
-        raise ConfigError(f"{key}: {path} is not a folder; expected a folder of {what}")
-
-
-def _check_folders(cfg):
-    seg = cfg.PROBLEM.TYPE == "SEMANTIC_SEG"
-    if cfg.TRAIN.ENABLE:
-        _check_folder("DATA.TRAIN.PATH", cfg.DATA.TRAIN.PATH)
-        if seg:
-            _check_folder("DATA.TRAIN.GT_PATH", cfg.DATA.TRAIN.GT_PATH)
-        if not cfg.DATA.VAL.FROM_TRAIN:
-            _check_folder("DATA.VAL.PATH", cfg.DATA.VAL.PATH)
-            if seg:
-                _check_folder("DATA.VAL.GT_PATH", cfg.DATA.VAL.GT_PATH)
-    ckpt = cfg.PATHS.CHECKPOINT_FILE
-    kind = _kind("PATHS.CHECKPOINT_FILE", ckpt) if cfg.MODEL.LOAD_CHECKPOINT and ckpt else None
-    if kind == "folder":
-        raise CheckpointError(f"PATHS.CHECKPOINT_FILE: {ckpt} is a folder; expected a checkpoint file (.pth)")
-    if kind in ("missing", "other"):
-        raise CheckpointError(f"{ckpt}: checkpoint file not found (PATHS.CHECKPOINT_FILE)")
-    if cfg.TEST.ENABLE:
-        _check_folder("DATA.TEST.PATH", cfg.DATA.TEST.PATH)
-        if seg and cfg.DATA.TEST.LOAD_GT:
-            _check_folder("DATA.TEST.GT_PATH", cfg.DATA.TEST.GT_PATH)
-    if cfg.PROBLEM.TYPE == "SELF_SUPERVISED" and cfg.PROBLEM.SELF_SUPERVISED.PRETEXT_TASK == "crappify":
-        _check_ssl_sources(cfg)
-
-
-def _ssl_sources(cfg) -> dict:
-    """{split: (copy folder, source folder)} of the splits this run degrades, with finalize's defaults."""
-    splits = []
-    if cfg.TRAIN.ENABLE:
-        splits += ["TRAIN"] if cfg.DATA.VAL.FROM_TRAIN else ["TRAIN", "VAL"]
-    if cfg.TEST.ENABLE:
-        splits.append("TEST")
-    return {split: (_ssl_copy_dir(cfg.DATA, split), cfg.DATA[split].PATH) for split in splits}
-
-
-def _check_ssl_sources(cfg):
-    """Degraded copies are written under their source's file names: a copy folder that is an image folder
-    would replace the user's images, and one shared by two source folders would mix their copies."""
-    inputs = {f"DATA.{split}.{name}": cfg.DATA[split][name] for split in ("TRAIN", "VAL", "TEST")
-              for name in ("PATH", "GT_PATH") if cfg.DATA[split][name]}
-    seen = {}
-    for split, (copies, source) in _ssl_sources(cfg).items():
-        key, where = f"DATA.{split}.SSL_SOURCE_DIR", Path(copies).resolve()
-        if _kind(key, where) in ("file", "other"):
-            raise ConfigError(f"{key}: {copies} is a file; expected a folder for the degraded copies")
-        for input_key, folder in inputs.items():
-            if Path(folder).resolve() == where:
-                raise ConfigError(f"{key}: {copies} is the image folder of {input_key}; the degraded copies would "
-                                  "replace its images. Expected a folder of their own (or leave it empty)")
-        other = seen.get(where)
-        if other is not None and Path(other[1]).resolve() != Path(source).resolve():
-            raise ConfigError(f"{key}: {copies} is also {other[0]}, which degrades another image folder; copies "
-                              "of files with the same name would replace each other. Expected a folder per "
-                              "image folder")
-        seen[where] = (key, source)
 
 
 def _check_model(cfg):
@@ -512,79 +423,5 @@ def check_config(cfg, check_paths=True):
     from biapy.models import check_patch_fits
     check_patch_fits(cfg)
     if check_paths:
-        _check_folders(cfg)
+        check_folders(cfg)
 
-
-def _ssl_copy_dir(data, split):
-    """Crappify's copy folder of a split: its SSL_SOURCE_DIR, else '<PATH>_ssl_source' beside the images
-    (validation split off the training images: the training one)."""
-    if data[split].SSL_SOURCE_DIR:
-        return data[split].SSL_SOURCE_DIR
-    if split == "VAL" and data.VAL.FROM_TRAIN:
-        return _ssl_copy_dir(data, "TRAIN")
-    if not data[split].PATH:
-        return ""
-    path = Path(data[split].PATH)
-    if path.name in ("", ".."):  # '.' or '..': named after the folder itself, not put inside it as '_ssl_source'
-        path = Path(os.path.abspath(path))
-    return str(path.parent / f"{path.name}_ssl_source")
-
-
-def env_process_count(name):
-    """A process count torchrun puts in the environment; unset or empty = None."""
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return None
-    if not value.isdigit():
-        raise ConfigError(f"environment variable {name}={shown(value)} is not a process count (expected a whole "
-                          "number, as torchrun sets it)")
-    return int(value)
-
-
-def cores_per_process(num_cpus: int) -> int:
-    """SYSTEM.NUM_CPUS shared among the job's processes on this machine: torchrun's LOCAL_WORLD_SIZE (its
-    WORLD_SIZE counts every machine's processes); a launcher that sets only WORLD_SIZE is taken to run them
-    all here (too few threads rather than too many). A single process (no WORLD_SIZE above 1) keeps them all."""
-    world = env_process_count("WORLD_SIZE") or 1
-    if world <= 1:
-        return max(1, num_cpus)
-    return max(1, num_cpus // max(1, env_process_count("LOCAL_WORLD_SIZE") or world))
-
-
-def finalize(cfg, job):
-    """Fill in derived values: paths of the results tree, automatic counts, default metrics."""
-    cfg.defrost()
-    # The cores this process may run on: a Slurm or taskset allotment, not the whole machine's count.
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if cfg.SYSTEM.NUM_CPUS == -1 or cfg.SYSTEM.NUM_CPUS > cpus:
-        cfg.SYSTEM.NUM_CPUS = cpus
-    share = cores_per_process(cfg.SYSTEM.NUM_CPUS)
-    if cfg.SYSTEM.NUM_WORKERS == -1:
-        # With 1-2 cores a process's worker processes only compete with its model for them.
-        cfg.SYSTEM.NUM_WORKERS = 0 if share <= 2 else min(share - 1, 4)
-    cfg.SYSTEM.NUM_WORKERS = min(cfg.SYSTEM.NUM_WORKERS, cpus)  # more only adds processes (BiaPy templates ask 5)
-    problem = cfg.PROBLEM.TYPE
-    if not cfg.LOSS.TYPE:
-        masking = problem == "SELF_SUPERVISED" and cfg.PROBLEM.SELF_SUPERVISED.PRETEXT_TASK == "masking"
-        cfg.LOSS.TYPE = "MSE" if masking else DEFAULT_LOSS[problem]  # MSE as in the MAE paper
-    if not cfg.LOSS.WEIGHTS:
-        cfg.LOSS.WEIGHTS = [0.5, 0.5]
-    cfg.TRAIN.METRICS = [m.lower() for m in cfg.TRAIN.METRICS] or list(DEFAULT_TRAIN_METRICS[problem])
-    cfg.TEST.METRICS = [m.lower() for m in cfg.TEST.METRICS] or list(METRICS[problem])
-    if cfg.TEST.BATCH_SIZE == -1:
-        cfg.TEST.BATCH_SIZE = cfg.TRAIN.BATCH_SIZE
-    if problem == "SELF_SUPERVISED" and cfg.PROBLEM.SELF_SUPERVISED.PRETEXT_TASK == "crappify":
-        for split in ("TRAIN", "VAL", "TEST"):
-            cfg.DATA[split].SSL_SOURCE_DIR = _ssl_copy_dir(cfg.DATA, split)
-    p = cfg.PATHS
-    p.CHECKPOINT = str(job.checkpoint_dir)
-    p.RESULT_DIR = str(job.results)
-    p.PER_IMAGE = str(job.per_image)
-    p.CHARTS = str(job.charts)
-    p.DA_SAMPLES = str(job.aug)
-    p.MAE_OUT_DIR = str(job.mae_checks)
-    p.TRAIN_LOGS = str(job.train_logs)
-    p.TEST_METRICS_FILE = str(job.metrics_csv)
-    cfg.LOG.TENSORBOARD_LOG_DIR = str(job.tensorboard)
-    cfg.freeze()
-    return cfg

@@ -2,7 +2,7 @@
 
 Key names follow BiaPy's so that a BiaPy YAML runs unchanged. Keys marked (new) are ours.
 Derived values (paths of the results tree, "-1 = automatic" choices) are filled in by
-`biapy.config.checks.finalize`, SYSTEM.DEVICE by the runner from --gpu; a YAML file leaves them alone.
+`biapy.config.derived.finalize`, SYSTEM.DEVICE by the runner from --gpu; a YAML file leaves them alone.
 They are written to the run's config.yaml so that it tells what the run used.
 """
 from yacs.config import CfgNode as CN

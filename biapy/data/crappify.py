@@ -21,9 +21,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from biapy.data.io import (FLOAT32_MAX, beyond_float32_error, check_unique_stems, count_non_finite, iter_slabs,
-                           non_finite_error, open_image_lazy, slab_depth, tiff_calibration, write_image,
-                           write_image_slices)
+from biapy.data.image_axes import tiff_calibration
+from biapy.data.image_writing import write_image, write_image_slices
+from biapy.data.io import (FLOAT32_MAX, beyond_float32_error, check_unique_stems, count_non_finite, non_finite_error,
+                           open_image_lazy)
+from biapy.data.lazy_images import iter_slabs, slab_depth
 from biapy.utils.files import atomic_write_text, remove_stale_temporaries_under
 
 log = logging.getLogger(__name__)

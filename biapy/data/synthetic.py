@@ -40,7 +40,7 @@ def nuclei_image(shape, n_nuclei, radius=(4, 9), channels=1, seed=0, photons=60.
 
 def make_example_data(root, seed=0):
     """Write the example data the templates use under `root` (2D and 3D, train/test, images and labels)."""
-    from biapy.data.io import write_image
+    from biapy.data.image_writing import write_image
     from pathlib import Path
 
     root = Path(root)

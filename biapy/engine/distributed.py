@@ -11,7 +11,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as tdist
 
-from biapy.config.checks import env_process_count
+from biapy.config.derived import env_process_count
 from biapy.errors import ConfigError
 
 log = logging.getLogger(__name__)

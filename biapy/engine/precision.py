@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 def cpu_has_amx():
     """Whether this CPU multiplies bf16 matrices on AMX tiles (Xeon Sapphire Rapids and later), with the
     kernel's leave to use them. There bf16 autocast took a U-Net's training step 1.6x (2D) to 2.3x (3D) faster
-    than float32; on a CPU with AVX-512 BF16 alone it was 1.27x slower (bench/README.md)."""
+    than float32; on a CPU with AVX-512 BF16 alone it was 1.27x slower (bench/HISTORY.md)."""
     init_amx = getattr(torch._C._cpu, "_init_amx", None)  # torch's own check: CPU flag and kernel permission
     return bool(init_amx and init_amx())
 

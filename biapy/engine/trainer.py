@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from biapy.config import dump_config
-from biapy.data.datasets import named_few
+from biapy.data.splits import named_few
 from biapy.engine import resume as R
 from biapy.engine.checkpoint import is_step_counter, rng_states, set_rng_states
 from biapy.engine.distributed import all_reduce_sum, broadcast_buffers

@@ -91,7 +91,7 @@ class TransformerBlocks(nn.ModuleList):
     0.4 ms a block of the run_all ViT), so a CPU training step under bf16 autocast has the blocks compute
     attention as two matmuls and a softmax instead (timm's plain path): the ViT's step then ran 1.5x (width
     256) to 2x (ViT-B) faster than in float32, where with the fused kernel it was 1.05-1.15x slower at width
-    256 (bench/README.md).
+    256 (bench/HISTORY.md, eighth session).
     """
 
     def __init__(self, blocks):

@@ -16,13 +16,13 @@ from tqdm import tqdm
 
 from biapy.config import ndim_of
 from biapy.data.augmentation import Augmentor
-from biapy.data.datasets import (PatchDataset, banded, describe_bands, named_few, shared_files, split_names,
-                                 split_record, validation_split)
+from biapy.data.datasets import PatchDataset, banded
+from biapy.data.image_writing import image_rows_writer, write_image
 from biapy.data.io import (MANY_CHANNELS, NO_AXES, check_computable, check_consistent_channels, check_unique_stems,
-                           image_rows_writer, image_shape, list_images, open_image_lazy, open_image_rows, read_image,
-                           write_image)
+                           image_shape, list_images, open_image_lazy, open_image_rows, read_image)
 from biapy.data.normalization import Normalizer
 from biapy.data.patches import assemble, predict_augmented, predict_full, predict_slabs
+from biapy.data.splits import describe_bands, named_few, shared_files, split_names, split_record, validation_split
 from biapy.engine.distributed import barrier
 from biapy.engine.loaders import make_loader
 from biapy.engine.precision import autocast, resolve_amp

@@ -5,7 +5,8 @@ from pathlib import Path
 import numpy as np
 
 from biapy.data.crappify import prepare_ssl_source
-from biapy.data.io import list_images, tiff_calibration
+from biapy.data.image_axes import tiff_calibration
+from biapy.data.io import list_images
 from biapy.engine.distributed import main_first
 from biapy.engine.losses import build_loss
 from biapy.errors import DataError

@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from biapy.data.io import image_rows_writer, image_stem, list_images, tiff_calibration, write_image
+from biapy.data.image_axes import tiff_calibration
+from biapy.data.image_writing import image_rows_writer, write_image
+from biapy.data.io import image_stem, list_images
 from biapy.data.patches import full_image_input, grid_starts, reflect_indices
 from biapy.engine.losses import denormalize_tokens, masked_reconstruction_loss
 from biapy.models import required_divisor

@@ -3,7 +3,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from biapy.data.io import iter_slabs, slab_ranges
+from biapy.data.lazy_images import iter_slabs, slab_ranges
 from biapy.data.patches import extract_patch
 from biapy.engine import metrics as M
 

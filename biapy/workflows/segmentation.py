@@ -7,7 +7,9 @@ import numpy as np
 import torch
 
 from biapy.data.datasets import is_integer_valued
-from biapy.data.io import image_rows_writer, image_shape, image_stem, list_images, tiff_calibration
+from biapy.data.image_axes import tiff_calibration
+from biapy.data.image_writing import image_rows_writer
+from biapy.data.io import image_shape, image_stem, list_images
 from biapy.data.normalization import _sample
 from biapy.engine import metrics as M
 from biapy.engine.losses import build_loss
