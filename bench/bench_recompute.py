@@ -26,7 +26,7 @@ from biapy.engine.trainer import CNN_ARCHS  # noqa: E402
 from biapy.models import build_model  # noqa: E402
 from biapy.models.recompute import set_recompute  # noqa: E402
 from biapy.utils.memory import keep_freed_memory  # noqa: E402
-from run_all import CASES, case_config  # noqa: E402
+from _cases import CASES, case_config  # noqa: E402
 
 
 def case_model(name, device):

@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(1, str(HERE))
 
-import run_all  # noqa: E402  (the cases' sizes)
+import _cases  # noqa: E402  (run_all's cases)
 from biapy.config import load_config  # noqa: E402
 from biapy.engine.losses import masked_reconstruction_loss  # noqa: E402
 from biapy.engine.optimizers import AdamW  # noqa: E402
@@ -62,9 +62,9 @@ def main():
     args = ap.parse_args()
     device = torch.device(f"cuda:{args.gpu}" if args.gpu is not None else "cpu")
     cuda = device.type == "cuda"
-    size = dict(run_all.CASES["2d_mae"][args.size or ("gpu" if cuda else "cpu")])
+    size = dict(_cases.CASES["2d_mae"][args.size or ("gpu" if cuda else "cpu")])
     size["batch"] = args.batch or size["batch"]
-    cfg = load_config(run_all.case_config("2d_mae", size, Path("unused"), 1, str(device)))
+    cfg = load_config(_cases.case_config("2d_mae", size, Path("unused"), 1, str(device)))
     torch.manual_seed(0)
     vit = build_model(cfg).to(device).train()
     model = torch.compile(vit) if args.compile else vit
@@ -126,7 +126,7 @@ def through_trainer(args, size, device, alone_vit, alone, block):
 
     setup_logging(is_main=False)
     tmp = Path(tempfile.mkdtemp(prefix="profile_mae_"))
-    cfg, wf, trainer = run_all.case_trainer("2d_mae", size, tmp / "data", args.steps * 4, str(device),
+    cfg, wf, trainer = _cases.case_trainer("2d_mae", size, tmp / "data", args.steps * 4, str(device),
                                             overrides={"TRAIN.AMP": args.amp})  # the precision of `alone`
     vits = (alone_vit, _unwrap(trainer.model))
     batch = tuple(t.to(device) for t in next(iter(wf.train_loader)))

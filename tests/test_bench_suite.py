@@ -1,4 +1,4 @@
-"""bench/: run_all.py's case configs stay valid as the config evolves, its loader timer is exact, bench_recompute.py runs."""
+"""bench/: the suite's case configs (_cases.py) stay valid as the config evolves, its loader timer is exact, bench_recompute.py runs."""
 import importlib.util
 import os
 import re
@@ -14,8 +14,9 @@ from biapy.models import build_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _suite():
-    spec = importlib.util.spec_from_file_location("run_all", ROOT / "bench" / "run_all.py")
+def _bench_module(name="run_all"):
+    """A module of bench/ (run_all.py puts bench/ on sys.path for its own imports, as its siblings do)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -24,9 +25,9 @@ def _suite():
 @pytest.mark.parametrize("device", ["cpu", "cuda:0"])
 @pytest.mark.parametrize("case", ["2d_crappify", "3d_crappify", "2d_mae", "3d_masked_unet"])
 def test_every_case_config_is_valid_and_builds(tmp_path, case, device):
-    suite = _suite()
-    size = dict(suite.CASES[case]["gpu" if device.startswith("cuda") else "cpu"])
-    cfg_dict = suite.case_config(case, size, tmp_path, steps=4, device=device)
+    cases = _bench_module("_cases")
+    size = dict(cases.CASES[case]["gpu" if device.startswith("cuda") else "cpu"])
+    cfg_dict = cases.case_config(case, size, tmp_path, steps=4, device=device)
     cfg = load_config(cfg_dict)
     check_config(cfg, check_paths=False)
     assert tuple(cfg.DATA.PATCH_SIZE) == tuple(size["patch"]) + (1,)
@@ -35,7 +36,7 @@ def test_every_case_config_is_valid_and_builds(tmp_path, case, device):
 
 
 def test_timed_loader_counts_waiting_and_forwards_the_loader():
-    suite = _suite()
+    suite = _bench_module()
 
     class Slow:
         sampler, dataset = "s", "d"
@@ -56,7 +57,7 @@ def test_timed_loader_counts_waiting_and_forwards_the_loader():
 
 
 def test_out_of_core_lines_name_the_peak_and_torch_share_per_build(capsys):
-    suite = _suite()
+    suite = _bench_module()
 
     def run(peak, cuda, torch_mb):
         return {"big": {"steps": 8, "size_gb": 4.29, "shape": [2048, 1024, 1024], "rss_mb": peak,
@@ -171,7 +172,7 @@ def test_mae_profile_through_the_trainer_times_both_paths_fresh_and_after_real_e
 
 
 def test_machine_line_names_the_malloc_settings_the_jobs_keep(monkeypatch):
-    suite = _suite()
+    suite = _bench_module()
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     for name in [k for k in os.environ if k.startswith("MALLOC_")]:
         monkeypatch.delenv(name)

@@ -220,7 +220,7 @@ def test_3d_test_volumes_are_streamed_and_give_the_in_memory_results(task, data3
         return out
 
     monkeypatch.setattr(LazyTiff, "__getitem__", recording)
-    monkeypatch.setattr(normalization, "_sample", functools.partial(normalization._sample, budget=2000))
+    monkeypatch.setattr(normalization, "pixel_sample", functools.partial(normalization.pixel_sample, budget=2000))
     monkeypatch.setattr(scoring, "_SLAB_VOXELS", 4000)
     job = test_only("sliced", METRICS=["psnr", "mae", "mse"])
     assert spans and max(spans) < depth
@@ -241,7 +241,7 @@ def test_nan_voxels_missed_by_the_statistics_sample_stop_the_streamed_test(data3
     img = read_image(src, 3).astype(np.float32)
     img[1, 1, 1, 0] = np.nan
     write_image(spoilt / src.name, img, 3)
-    monkeypatch.setattr(normalization, "_sample", functools.partial(normalization._sample, budget=2000))
+    monkeypatch.setattr(normalization, "pixel_sample", functools.partial(normalization.pixel_sample, budget=2000))
     assert np.isfinite(normalization._sample(open_image_lazy(spoilt / src.name, 3))).all()  # the sample misses it
     ssl = {"SELF_SUPERVISED": {"PRETEXT_TASK": "masking", "MASK_BLOCK_SIZE": 4}}
     cfg = tiny_config(data3d, 3, PROBLEM=ssl, TRAIN={"EPOCHS": 1}, DATA={"TEST": {"PATH": str(spoilt)}})

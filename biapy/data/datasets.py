@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from biapy.data.io import check_finite, open_image_lazy, read_image
 from biapy.data.lazy_images import full_key
-from biapy.data.normalization import _sample
+from biapy.data.normalization import pixel_sample
 from biapy.data.patches import axis_starts, extract_patch
 from biapy.errors import DataError
 
@@ -227,7 +227,7 @@ class PatchDataset(Dataset):
             target_data = self._open_target(target, img, path) if target is not None else None
             # From here on the band is the image: its statistics, its patches, reflected at its own borders.
             img, target_data = banded(img, band), banded(target_data, band) if target_data is not None else None
-            sample = _sample(img)
+            sample = pixel_sample(img)
             check_finite(sample, path)
             try:
                 stats = normalizer.stats(sample)
@@ -269,12 +269,12 @@ class PatchDataset(Dataset):
             if tuple(data.shape[:-1]) != tuple(img.shape[:-1]) or data.shape[-1] != 1:
                 raise DataError(f"{target}: label shape {tuple(data.shape)} does not match its image {path} "
                                 f"{tuple(img.shape[:-1]) + (1,)}")
-            if not is_integer_valued(_sample(data)):
+            if not is_integer_valued(pixel_sample(data)):
                 raise DataError(f"{target}: labels must be integer class ids, found non-integer values")
         else:
             if tuple(data.shape) != tuple(img.shape):
                 raise DataError(f"{target}: shape {tuple(data.shape)} differs from its input {path} {tuple(img.shape)}")
-            check_finite(_sample(data), target)
+            check_finite(pixel_sample(data), target)
         return data
 
     # ------------------------------------------------------------------ pickling (worker processes)
@@ -371,7 +371,7 @@ class PatchDataset(Dataset):
 
     def label_samples(self):
         """[(label file, its pixels)] of the targets in 'label' mode (a lazily opened one: a bounded sample)."""
-        return [(src.target, _sample(labels)) for src, labels in zip(self.sources, self._targets)
+        return [(src.target, pixel_sample(labels)) for src, labels in zip(self.sources, self._targets)
                 if labels is not None]
 
     # ------------------------------------------------------------------ whole images

@@ -66,7 +66,7 @@ def _steps(shape, budget):
     return step
 
 
-def _sample(img, budget=SAMPLE_BUDGET):
+def pixel_sample(img, budget=SAMPLE_BUDGET):
     """(n, c) pixels to measure an image on: all of them, or above `budget` pixels a sample of about that many,
     taken the same way from an array in memory and from a lazily read file (so IN_MEMORY changes nothing).
 
@@ -240,7 +240,7 @@ class Normalizer:
 
         Holds the raw moments and the affine map `scale`/`offset` (plus clip bounds `lo`/`hi`).
         """
-        flat = _sample(img)
+        flat = pixel_sample(img)
         with np.errstate(over="ignore", invalid="ignore"):  # percentiles of values near 1e308: `_measured` says
             lo, hi = self._clip_bounds(flat)
         binary = _binary_channels(flat) if self.kind != "custom" else np.zeros(flat.shape[1], dtype=bool)
@@ -320,7 +320,7 @@ class Normalizer:
             return
         total = sums = squares = None
         for img in images:
-            flat = _sample(img)
+            flat = pixel_sample(img)
             with np.errstate(over="ignore", invalid="ignore"):
                 bounds = self._clip_bounds(flat)
             try:

@@ -10,7 +10,7 @@ from biapy.data.datasets import is_integer_valued
 from biapy.data.image_axes import tiff_calibration
 from biapy.data.image_writing import image_rows_writer
 from biapy.data.io import image_shape, image_stem, list_images
-from biapy.data.normalization import _sample
+from biapy.data.normalization import pixel_sample
 from biapy.engine import metrics as M
 from biapy.engine.losses import build_loss
 from biapy.errors import DataError
@@ -148,7 +148,7 @@ class SegmentationWorkflow(Workflow):
             shape, want = image_shape(label, self.ndim), image_shape(image, self.ndim)[:-1] + (1,)
             if tuple(shape) != tuple(want):
                 raise DataError(f"{label}: label shape {tuple(shape)} does not match its image {image} {want}")
-            sample = _sample(self.open_image(label))
+            sample = pixel_sample(self.open_image(label))
             self._check_integer_valued(label, sample)
             yield label, sample
 
