@@ -1,5 +1,6 @@
-"""Shared fixtures: small synthetic image folders, tiny-model config overrides, configs loaded and checked, and
-one torch thread for the tiny-model tests."""
+"""Shared fixtures: small synthetic image folders, tiny-model config overrides, configs loaded and checked, one
+torch thread for the tiny-model tests, and the good run the bad-input tests run beside (`world`, `intact`; its
+helpers are in tests/bad_input_world.py)."""
 import logging
 import os
 
@@ -10,6 +11,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 from biapy.config import check_config, load_config  # noqa: E402
 from biapy.data.image_writing import write_image  # noqa: E402
 from biapy.data.synthetic import nuclei_image  # noqa: E402
+from biapy.job import Job  # noqa: E402
 
 SHAPES = {
     2: dict(train=[(48, 56), (52, 48), (48, 48), (60, 50)], test=[(50, 45), (47, 61)]),
@@ -101,3 +103,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """One good tiny run per test module, every file it wrote hashed: the bad cases run beside it."""
+    from tests.bad_input_world import GOOD, World, hashes  # late: that module imports this one's helpers
+
+    w = World(tmp_path_factory.mktemp("robust"))
+    assert w.run(w.cfg(TEST={"ENABLE": True}), GOOD, run_id=1) == 0
+    w.good_job = Job(w.out, GOOD, 1)
+    assert w.good_job.checkpoint("last").is_file() and any(w.good_job.per_image.iterdir())
+    w.hashes = hashes(w.out)
+    return w
+
+
+@pytest.fixture
+def intact(world):
+    """After the test: every file of the good run is still there, byte-identical."""
+    from tests.bad_input_world import hashes
+
+    yield
+    now = hashes(world.out)
+    changed = [k for k, v in world.hashes.items() if now.get(k) != v]
+    assert not changed, f"the earlier run's files changed: {changed}"

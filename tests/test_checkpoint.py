@@ -192,14 +192,18 @@ def test_checkpoints_skip_the_crc_and_leave_torch_s_setting_as_it_was(tmp_path):
     """torch.save spent 22 of 30 ms of a 23 MB epoch checkpoint on CRC-32s; a truncated file is still refused."""
     import zipfile
 
-    from torch.utils.serialization import config
-
     from biapy.engine.checkpoint import save_checkpoint
 
+    try:  # the setting came with torch 2.6; before it, torch.save always computes them (nothing to skip)
+        from torch.utils.serialization import config
+    except ImportError:
+        assert torch.__version__ < (2, 6)
+        config = None
     path = tmp_path / "c.pth"
     save_checkpoint(path, {"model": {"w": torch.arange(1000.0)}})
-    assert config.save.compute_crc32  # torch's own saves are as before
-    assert {info.CRC for info in zipfile.ZipFile(path).infolist()} == {0}
+    if config is not None:
+        assert config.save.compute_crc32  # torch's own saves are as before
+        assert {info.CRC for info in zipfile.ZipFile(path).infolist()} == {0}
     assert torch.equal(load_checkpoint(path)["model"]["w"], torch.arange(1000.0))
     path.write_bytes(path.read_bytes()[:300])
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):

@@ -242,7 +242,7 @@ def test_nan_voxels_missed_by_the_statistics_sample_stop_the_streamed_test(data3
     img[1, 1, 1, 0] = np.nan
     write_image(spoilt / src.name, img, 3)
     monkeypatch.setattr(normalization, "pixel_sample", functools.partial(normalization.pixel_sample, budget=2000))
-    assert np.isfinite(normalization._sample(open_image_lazy(spoilt / src.name, 3))).all()  # the sample misses it
+    assert np.isfinite(normalization.pixel_sample(open_image_lazy(spoilt / src.name, 3))).all()  # the sample misses it
     ssl = {"SELF_SUPERVISED": {"PRETEXT_TASK": "masking", "MASK_BLOCK_SIZE": 4}}
     cfg = tiny_config(data3d, 3, PROBLEM=ssl, TRAIN={"EPOCHS": 1}, DATA={"TEST": {"PATH": str(spoilt)}})
     with pytest.raises(DataError, match=rf"{src.name} \(rows 0\.\.\d+\): 1 pixel\(s\) are NaN or Inf"):

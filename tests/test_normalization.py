@@ -171,7 +171,7 @@ def test_custom_fit_on_lazy_images_reads_a_sample_weighted_by_image_size(tmp_pat
     write_image(tmp_path / "big.tif", big, 3)
     write_image(tmp_path / "small.tif", small, 3)
     monkeypatch.setattr(normalization, "SAMPLE_BUDGET", 1024)
-    monkeypatch.setattr(normalization._sample, "__defaults__", (1024,))
+    monkeypatch.setattr(normalization.pixel_sample, "__defaults__", (1024,))
     lazy = [open_image_lazy(tmp_path / name, 3) for name in ("big.tif", "small.tif")]
     n = Normalizer("custom")
     n.fit(lazy)
@@ -202,11 +202,11 @@ def test_lazy_stats_use_a_bounded_sample(tmp_path):
     np.testing.assert_allclose(lazy["mean"], full["mean"])  # small: the sample is the whole image
     import biapy.data.normalization as norm
 
-    sampled = norm._sample(open_image_lazy(path, 3), budget=500)
+    sampled = norm.pixel_sample(open_image_lazy(path, 3), budget=500)
     step = norm._steps(img.shape[:-1], 500)
     assert step > 1 and sampled.shape[1] == 1 and 100 < len(sampled) <= 500
     # The same pixels from the array in memory: IN_MEMORY True and False measure an image alike.
-    np.testing.assert_array_equal(sampled, norm._sample(img, budget=500))
+    np.testing.assert_array_equal(sampled, norm.pixel_sample(img, budget=500))
     # Slices 0, step + 1, 2 * step + 2, ... (offset cycling), each strided from that offset on the other axes.
     k = 1
     np.testing.assert_array_equal(sampled[len(img[0, ::step, ::step].reshape(-1)):][:len(img[0, k::step, k::step].reshape(-1))],
@@ -249,12 +249,12 @@ def test_a_sample_measured_again_is_kept_whole(monkeypatch):
     import biapy.data.normalization as norm
 
     budget = 2 ** 23 // 1024  # the same proportions, 1024 times smaller
-    monkeypatch.setattr(norm._sample, "__defaults__", (budget,))
+    monkeypatch.setattr(norm.pixel_sample, "__defaults__", (budget,))
     img = np.random.default_rng(0).gamma(2, 500, (129, 254, 1)).astype(np.uint16)  # 65 x 127 > budget at step 2
     img[::2, ::2] += 1  # pixels a coarser sample than needed misses
-    sample = norm._sample(img)
+    sample = norm.pixel_sample(img)
     assert budget // 4 < len(sample) <= budget
-    assert len(norm._sample(sample)) == len(sample)
+    assert len(norm.pixel_sample(sample)) == len(sample)
     n = Normalizer("zero_mean_unit_variance", True, 1, 99.8)
     training, test = n.stats(sample), n.stats(img)
     for key in ("mean", "std", "lo", "hi", "scale", "offset"):
@@ -266,7 +266,7 @@ def test_images_above_the_sample_budget_are_measured_alike_in_memory_and_lazily(
     """An interlaced image (odd rows 300 brighter): a sample of even rows only had put its mean 150 off."""
     import biapy.data.normalization as norm
 
-    monkeypatch.setattr(norm._sample, "__defaults__", (4096,))
+    monkeypatch.setattr(norm.pixel_sample, "__defaults__", (4096,))
     rng = np.random.default_rng(0)
     img = (rng.normal(1000, 20, (160, 200, 1)) + 300 * (np.arange(160) % 2)[:, None, None]).astype(np.uint16)
     path = write_image(tmp_path / "interlaced.tif", img, 2)

@@ -162,7 +162,7 @@ def test_a_loaded_state_keeps_this_optimizer_s_hyperparameters(ours, before, aft
 def test_a_resumed_run_trains_with_the_config_s_weight_decay_and_betas(tmp_path):
     from biapy.engine.checkpoint import load_checkpoint
     from biapy.job import Job
-    from tests.test_robustness import World
+    from tests.bad_input_world import World
 
     world = World(tmp_path)
     assert world.run(world.cfg(TRAIN={"EPOCHS": 1}), "first", name="wd", run_id=1) == 0

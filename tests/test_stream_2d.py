@@ -126,7 +126,7 @@ def test_the_2d_test_phase_never_holds_a_whole_image(task, data2d, tmp_path, mon
     sections = _task(task, data2d)
     trained = _train(data2d, tmp_path, **sections)
     monkeypatch.setattr(scoring, "_SLAB_VOXELS", 3000)
-    monkeypatch.setattr(normalization, "_sample", functools.partial(normalization._sample, budget=2000))
+    monkeypatch.setattr(normalization, "pixel_sample", functools.partial(normalization.pixel_sample, budget=2000))
     # numpy's allocations while each image is predicted, written and scored (all in finish_prediction, which
     # consumes the prediction stream); the second image's: the first also pays one-off costs (imports, caches).
     peaks, tests, finish = [], base.Workflow._test_images, WORKFLOWS[task].finish_prediction

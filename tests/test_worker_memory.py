@@ -194,8 +194,14 @@ def test_without_room_in_shared_memory_workers_get_a_copy_and_a_warning(tmp_path
     assert caplog.text == ""
 
 
+# Before torch 2.14 a worker's Process object kept the dataset until the worker exited, so the worker never let go
+# of a 'file_system' segment and its manager removed it when the job ended, not once the loader was gone.
+_WORKERS_KEEP_THE_DATASET = pytest.mark.xfail(torch.__version__ < (2, 14),
+                                              reason="torch < 2.14: removed when the job ends, not before")
+
+
 @linux_only
-@pytest.mark.parametrize("strategy", ["file_descriptor", "file_system"])
+@pytest.mark.parametrize("strategy", ["file_descriptor", pytest.param("file_system", marks=_WORKERS_KEEP_THE_DATASET)])
 def test_nothing_is_left_in_dev_shm_once_loader_and_dataset_are_gone(strategy, tmp_path):
     """Torch's default Linux strategy unlinks its segment at once; 'file_system' (macOS's) names one, which its
     manager removes once the last process lets go of it."""

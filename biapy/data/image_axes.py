@@ -180,9 +180,10 @@ class _Records(logging.Handler):
 
 @contextmanager
 def refusing_damage(path):
-    """Refuse a TIFF that tifffile reads only in part. Since 2026.11 it zero-fills truncated or empty segments
-    and missing pages instead of raising, and says so only in an ERROR record of its logger (its
-    convention: the data may be wrong or incomplete); training on it would pass silently."""
+    """Refuse a TIFF that tifffile reads only in part. It zero-fills truncated or empty segments and missing
+    pages instead of raising, and says so only in an ERROR record of its logger (its convention: the data may
+    be wrong or incomplete; releases before 2023.8.12, below requirements.txt's floor, logged a warning);
+    training on it would pass silently."""
     tiff_log, seen = logging.getLogger("tifffile"), _Records()
     tiff_log.addHandler(seen)
     try:
