@@ -3,6 +3,7 @@
 Anything else that escapes is a bug: it is shown with a traceback.
 """
 import reprlib
+from pathlib import Path
 
 # Values as error messages show them: cut short, so that a long list or string keeps the message one short line.
 _SHORT = reprlib.Repr()
@@ -14,6 +15,14 @@ _SHORT.maxlong = 20
 def shown(value) -> str:
     """repr(value), cut short for an error message (a list or tuple keeps its brackets)."""
     return _SHORT.repr(value)
+
+
+def named_few(names, limit=5) -> str:
+    """'a.tif, b.tif, +3 more': a message's or log line's share of a long list of file names (or of other names
+    without a '/', such as tensor names)."""
+    names = [Path(n).name for n in names]
+    more = f", +{len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def first_line(err, limit=200) -> str:

@@ -147,13 +147,6 @@ def split_record(names) -> dict:
     return {"count": len(names), "digest": digest}
 
 
-def named_few(names, limit=5) -> str:
-    """'a.tif, b.tif, +3 more': a log line's share of a long list of file names."""
-    names = [Path(n).name for n in names]
-    more = f", +{len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
 def shared_files(train_files, val_files) -> list:
     """The validation files that are also training files (the same file by its resolved path)."""
     train = {Path(f).resolve() for f in train_files}

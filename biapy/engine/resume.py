@@ -13,12 +13,12 @@ import os
 import re
 from pathlib import Path
 
-from biapy.data.splits import named_few, split_record, validation_names
+from biapy.data.splits import split_record, validation_names
 from biapy.engine.checkpoint import (check_compatible, check_own_run, checkpoint_metadata, function_key_differences,
                                      is_step_counter, key_differences, layout_key_differences, load_checkpoint,
                                      load_weights, other_task, rng_states, save_checkpoint, saved_config_tree,
                                      set_rng_states, task_name, to_plain)
-from biapy.errors import CheckpointError, ConfigError, first_line
+from biapy.errors import CheckpointError, ConfigError, first_line, named_few
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,6 @@ import torch
 from tqdm import tqdm
 
 from biapy.config import dump_config
-from biapy.data.splits import named_few
 from biapy.engine import resume as R
 from biapy.engine.checkpoint import is_step_counter, rng_states, set_rng_states
 from biapy.engine.distributed import all_reduce_sum, broadcast_buffers
@@ -40,7 +39,7 @@ from biapy.engine.metrics import MetricAverager
 from biapy.engine.optim import build_optimizer, build_scheduler
 from biapy.engine.precision import autocast, resolve_amp
 from biapy.engine.reporting import EpochReporter, describe_model
-from biapy.errors import AgreedStop, ConfigError, TrainingError
+from biapy.errors import AgreedStop, ConfigError, TrainingError, named_few
 from biapy.utils.files import atomic_path
 
 log = logging.getLogger(__name__)

@@ -22,11 +22,11 @@ from biapy.data.io import (MANY_CHANNELS, NO_AXES, check_computable, check_consi
                            image_shape, list_images, open_image_lazy, open_image_rows, read_image)
 from biapy.data.normalization import Normalizer
 from biapy.data.patches import assemble, predict_augmented, predict_full, predict_slabs
-from biapy.data.splits import describe_bands, named_few, shared_files, split_names, split_record, validation_split
+from biapy.data.splits import describe_bands, shared_files, split_names, split_record, validation_split
 from biapy.engine.distributed import barrier
 from biapy.engine.loaders import make_loader
 from biapy.engine.precision import autocast, resolve_amp
-from biapy.errors import DataError
+from biapy.errors import DataError, named_few
 from biapy.models import build_model, required_divisor
 from biapy.utils.files import replace_folder
 from biapy.utils.transfer import queue_to_device
