@@ -64,3 +64,8 @@ class Job:
     @property
     def train_logs(self) -> Path:
         return self.results / "train_logs"
+
+    @property
+    def lock_file(self) -> Path:
+        """Locked by the process that runs NAME_ID (biapy.runner.lock_run); hidden, empty once the run ended."""
+        return self.job_dir / f".{self.id}.lock"

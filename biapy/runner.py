@@ -23,6 +23,7 @@ from biapy.engine.precision import describe_amp
 from biapy.errors import AgreedStop, ConfigError, shown
 from biapy.job import Job
 from biapy.utils.files import atomic_path, atomic_write_text, remove_stale_temporaries_under
+from biapy.utils.locks import LockBusy, try_lock_path
 from biapy.utils.memory import tune_process_memory
 
 log = logging.getLogger("biapy")
@@ -131,6 +132,40 @@ def release_claim(folders):
             return  # not empty (or gone): it and the folders above it stay
 
 
+def lock_run(job, made):
+    """The lock of run NAME_ID (rank 0 takes it, at once): two processes of one run had written the same results
+    tree, the second resuming mid-run from the first's last checkpoint. The job folder it makes is added to `made`
+    (see `release_claim`). Raises LockBusy while another process runs NAME_ID."""
+    try:
+        if not job.job_dir.exists():
+            job.job_dir.mkdir(parents=True)
+            made.append(job.job_dir)
+        held = try_lock_path(job.lock_file)
+    except OSError:
+        _check_writable(job.result_dir, job.name)  # names the folder at fault, as for any run
+        raise
+    if not held.locked:
+        log.debug("%s: this file system takes no locks; a second run of %s would not be refused", held.path, job.id)
+    return held
+
+
+def in_use_message(job, holder) -> str:
+    """The refusal of a run that another process runs; `holder`: its details as try_lock_path wrote them."""
+    return (f"--run_id: run {job.id} is in use by another process{_holder_text(holder)}; wait for it to end or pass "
+            "another --run_id")
+
+
+def _holder_text(holder) -> str:
+    """' (pid 1234 on host xyz, since 14:02:11)', the date too when not today; '' before the holder wrote them."""
+    parts = []
+    if "pid" in holder:
+        parts.append(f"pid {holder['pid']}" + (f" on host {holder['host']}" if "host" in holder else ""))
+    since = str(holder.get("since", ""))
+    if since:
+        parts.append(f"since {since.removeprefix(time.strftime('%Y-%m-%d '))}")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def resolve_device(gpu, local_rank=0):
     """'0', '0,1' or None -> a torch.device; a missing GPU index is an error, no GPU at all means CPU."""
     if gpu is None or str(gpu).strip() in ("", "cpu"):
@@ -185,6 +220,8 @@ class BiaPy:
         self.cfg = None
         self.job = None
         self._claimed = []  # folders made to claim a run ID, removed if the run does not start
+        self._run_lock = None  # rank 0's lock of the run (lock_run)
+        self._started = False  # the run has described itself (`_write_configs`): its files are its own
 
     def _prepare(self):
         check_name(self.name)
@@ -220,14 +257,12 @@ class BiaPy:
             torch.backends.cudnn.benchmark = True
         dist = init_distributed(backend)
         finished = False
+        self._claimed, self._run_lock, self._started = [], None, False
         try:
-            if dist.is_main:
-                _check_writable(self.result_dir, self.name)
-            run_id = self.run_id
-            if run_id is None:  # every rank takes rank 0's
-                if dist.is_main:
-                    run_id, self._claimed = claim_run_id(self.result_dir, self.name)
-                run_id = broadcast_object(run_id)
+            run_id, refusal = self._claim_and_lock() if dist.is_main else (self.run_id, None)
+            run_id, refusal = broadcast_object((run_id, refusal))  # every rank takes rank 0's
+            if refusal is not None:
+                raise ConfigError(refusal)
             self.job = Job(self.result_dir, self.name, run_id)
             self.cfg = finalize(cfg, self.job)
             check_start(self.cfg, self.job)
@@ -253,13 +288,38 @@ class BiaPy:
             finished = True  # wait for every rank: rank 0 may still be writing the checkpoint of the stop
             raise
         finally:
-            release_claim(self._claimed)
+            self._release_run()
             cleanup(wait=finished)
         return self.job
 
+    def _claim_and_lock(self):
+        """Rank 0: (the run ID, None), the ID claimed when none was given and the run locked; (ID, the message that
+        refuses the run) while another process runs it, the results tree left as it was."""
+        run_id = self.run_id
+        if run_id is None:
+            _check_writable(self.result_dir, self.name)
+            run_id, self._claimed = claim_run_id(self.result_dir, self.name)
+        job = Job(self.result_dir, self.name, run_id)
+        try:
+            self._run_lock = lock_run(job, self._claimed)
+        except LockBusy as busy:
+            return run_id, in_use_message(job, busy.holder)
+        if self.run_id is not None:
+            _check_writable(self.result_dir, self.name)  # once locked: a refused run had written its probe
+        return run_id, None
+
+    def _release_run(self):
+        """Rank 0's hold on the run, let go whatever the outcome: its lock, and when the run never started the lock
+        file and folders it made (a run that fails before it starts leaves no new folder)."""
+        if self._run_lock is not None:
+            self._run_lock.release(remove=self._run_lock.made and not self._started)
+            self._run_lock = None
+        if not self._started:
+            release_claim(self._claimed)
+
     def _write_configs(self):
         job = self.job
-        self._claimed = []  # the run has started: its folder is its own now
+        self._started = True
         for folder in (job.results, job.config_files):  # what a run killed outright (kill -9, out of memory) left
             remove_stale_temporaries_under(folder)
         job.config_files.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,6 @@ them instead of silently training on stale data. The noise of each file is seede
 three parts of the file's path): rebuilding gives the same copies, whichever job builds them and wherever the
 data is, and a test image named as a training image gets noise of its own.
 """
-import errno
 import functools
 import json
 import logging
@@ -27,6 +26,7 @@ from biapy.data.io import (FLOAT32_MAX, beyond_float32_error, check_unique_stems
                            open_image_lazy)
 from biapy.data.lazy_images import iter_slabs, slab_depth
 from biapy.utils.files import atomic_write_text, remove_stale_temporaries_under
+from biapy.utils.locks import lock
 
 log = logging.getLogger(__name__)
 
@@ -301,41 +301,16 @@ def prepare_ssl_source(src_files, dst_dir, noise, resizing_factor, ndim, seed, k
     # beside the copies of the other, and later jobs trusted it.
     try:
         dst_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(dst_dir / ".lock", "w")
+        lock_fh = open(dst_dir / ".lock", "w")
     except OSError:
         # A folder this job cannot write (a read-only share, another user's): its copies serve while current.
         old, old_files, todo, _ = _stale_sources(src_files, dst_dir, params)
         if old is None or todo:
             raise
         return [dst_dir / old_files[n]["output"] for n in names]
-    with lock:
-        locked = _lock(lock)
+    with lock_fh:
+        locked = lock(lock_fh)  # waits while another job builds here
         return _prepare_locked(src_files, names, dst_dir, params, noise, resizing_factor, ndim, seed, locked)
-
-
-def _lock(fh) -> bool:
-    """Wait for the folder's lock, held until `fh` is closed. False where no lock can be taken."""
-    try:
-        import fcntl
-    except ImportError:
-        fcntl = None
-    if fcntl is not None:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            return True
-        except OSError:  # a file system without locks (some network shares)
-            return False
-    try:
-        import msvcrt  # Windows
-    except ImportError:
-        return False
-    while True:  # LK_LOCK gives up after 10 s (EDEADLOCK); another job's build may take minutes
-        try:
-            msvcrt.locking(fh.fileno(), msvcrt.LK_LOCK, 1)  # byte 0 (beyond the end of file is allowed)
-            return True
-        except OSError as err:
-            if err.errno != errno.EDEADLOCK:
-                return False
 
 
 def _why_stale(src, entry, dst_dir):
