@@ -317,8 +317,8 @@ _C.TRAIN.METRICS = []
 # Clip the gradient norm to this value; 0 = no clipping.
 _C.TRAIN.GRADIENT_CLIP_NORM = 0.0
 # (new) Mixed precision of training and test inference: 'auto' (bf16 on a GPU with native bfloat16,
-# compute capability 8.0+, else fp16 with a scaler; on a CPU bf16 where it has AMX, else off), 'bf16'
-# (fp16 on older GPUs), 'fp16' or 'off' (YAML's bare off too).
+# compute capability 8.0+, else fp16 with a scaler; on a CPU bf16 where it has AMX or is an AMD CPU with
+# AVX-512 BF16, else off), 'bf16' (fp16 on older GPUs), 'fp16' or 'off' (YAML's bare off too).
 _C.TRAIN.AMP = "auto"
 # (new) Run CNNs in channels-last memory layout (faster convolutions on CPU and recent GPUs).
 _C.TRAIN.CHANNELS_LAST = True
