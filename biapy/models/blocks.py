@@ -7,11 +7,12 @@ import torch
 from torch import nn
 
 from . import recompute
+from .elu import ELU
 from .float32 import keep_float32
 from .instance_norm import InstanceNorm
 
 ACTIVATIONS = {
-    "elu": lambda: nn.ELU(inplace=True),
+    "elu": ELU,
     "relu": lambda: nn.ReLU(inplace=True),
     "leaky_relu": lambda: nn.LeakyReLU(0.01, inplace=True),
     "gelu": nn.GELU,
