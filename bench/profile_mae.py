@@ -129,7 +129,10 @@ def through_trainer(args, size, device, alone_vit, alone, block):
     cfg, wf, trainer = _cases.case_trainer("2d_mae", size, tmp / "data", args.steps * 4, str(device),
                                             overrides={"TRAIN.AMP": args.amp})  # the precision of `alone`
     vits = (alone_vit, _unwrap(trainer.model))
-    batch = tuple(t.to(device) for t in next(iter(wf.train_loader)))
+    # The images on the device as in `alone`; the sample indices stay on the host, as the loader gives them:
+    # compute_loss reads one to seed the masks, and from the device that read would wait for the GPU each step.
+    x, indices = next(iter(wf.train_loader))
+    batch = (x.to(device), indices)
 
     def through():
         with trainer._autocast():
