@@ -71,7 +71,7 @@ def main():
     opt = AdamW(vit.parameters(), lr=1e-4)
     x = torch.randn(size["batch"], 1, *size["patch"], device=device)
     ssl = cfg.PROBLEM.SELF_SUPERVISED
-    amp = resolve_amp(args.amp, device)[0]  # auto: bf16 on a recent GPU or an AMX CPU, as a run's
+    amp = resolve_amp(args.amp, device)[0]  # auto: bf16 on a recent GPU, an AMX or a Zen 4+ CPU, as a run's
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def step():
