@@ -122,6 +122,36 @@ def _standard_strides_where_equivalent(model):
             p.data = plain
 
 
+def _channels_last_strides(shape):
+    """The strides of a channels-last tensor of `shape` (N, C, *spatial): channels vary fastest."""
+    strides, inner = [], shape[1]
+    for size in reversed(shape[2:]):
+        strides.insert(0, inner)
+        inner *= size
+    return (inner, 1, *strides)
+
+
+def _inputs_channels_last(module, args):
+    """Forward pre-hook: the model's image inputs in channels-last strides. torch deems a one-channel image's plain
+    strides channels-last too (`contiguous(memory_format=...)` leaves them), but a convolution follows the strides
+    it is given: with the first weight plain (`_standard_strides_where_equivalent`), the first level had run plain
+    and its gradients met the channels-last ones in slow mixed-layout copies and sums (2D and 3D U-Net steps on a
+    CPU took 5-8% longer)."""
+    def restrided(x):
+        if not (torch.is_tensor(x) and x.dim() in (4, 5) and x.is_floating_point()):
+            return x
+        want = _channels_last_strides(x.shape)
+        return x if x.stride() == want else torch.empty_strided(x.shape, want, dtype=x.dtype,
+                                                                 device=x.device).copy_(x)
+    return tuple(restrided(a) for a in args)
+
+
+def _feed_channels_last(model):
+    """Give `model` its inputs in channels-last strides, once (a model trained again keeps its one hook)."""
+    if _inputs_channels_last not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(_inputs_channels_last)
+
+
 class Trainer:
     def __init__(self, wf):
         self.wf, self.cfg, self.job, self.dist = wf, wf.cfg, wf.job, wf.dist
@@ -136,6 +166,7 @@ class Trainer:
             is3d = str(self.cfg.PROBLEM.NDIM).upper() == "3D"
             self.model.to(memory_format=torch.channels_last_3d if is3d else torch.channels_last)
             _standard_strides_where_equivalent(self.model)
+            _feed_channels_last(self.model)
         self.optimizer = build_optimizer(self.model, self.cfg)
         self.steps_per_epoch = math.ceil(len(wf.train_loader) / self.accum)
         self.scheduler = build_scheduler(self.optimizer, self.cfg, self.steps_per_epoch)
