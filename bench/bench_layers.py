@@ -22,6 +22,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import biapy.models.blocks as blocks  # noqa: E402
 from biapy.engine.optimizers import AdamW  # noqa: E402
+from biapy.models.layout import to_channels_last  # noqa: E402
 from biapy.models.unet import UNet  # noqa: E402
 
 CASES = {2: {"batch": (8, 1, 64, 64), "maps": [16, 32, 64, 128, 256], "fmt": torch.channels_last},
@@ -38,7 +39,7 @@ def build(ndim, norm, device, torch_instance_norm=False):
         model = UNet(ndim, 1, 1, CASES[ndim]["maps"], norm=norm)
     finally:
         blocks.InstanceNorm = saved
-    return model.to(device, memory_format=CASES[ndim]["fmt"])
+    return to_channels_last(model.to(device), ndim)  # as a job runs it (TRAIN.CHANNELS_LAST)
 
 
 def run(ndim, device, rounds, steps):

@@ -22,8 +22,8 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(1, str(HERE))
 from biapy.config import load_config  # noqa: E402
 from biapy.engine.optimizers import AdamW  # noqa: E402
-from biapy.engine.trainer import CNN_ARCHS  # noqa: E402
 from biapy.models import build_model  # noqa: E402
+from biapy.models.layout import apply_layout  # noqa: E402
 from biapy.models.recompute import set_recompute  # noqa: E402
 from biapy.utils.memory import keep_freed_memory  # noqa: E402
 from _cases import CASES, case_config  # noqa: E402
@@ -33,12 +33,8 @@ def case_model(name, device):
     sizes = CASES[name]["cpu" if device.type == "cpu" else "gpu"]
     cfg = load_config(case_config(name, sizes, Path("unused"), 1, str(device)))
     torch.manual_seed(0)
-    model = build_model(cfg).to(device)
-    x = torch.randn(sizes["batch"], 1, *sizes["patch"], device=device)
-    if cfg.MODEL.ARCHITECTURE in CNN_ARCHS:  # as the trainer runs CNNs (TRAIN.CHANNELS_LAST)
-        layout = torch.channels_last_3d if x.ndim == 5 else torch.channels_last
-        model, x = model.to(memory_format=layout), x.contiguous(memory_format=layout)
-    return model, x
+    model = apply_layout(build_model(cfg).to(device), cfg)  # channels-last CNNs, as a job runs them
+    return model, torch.randn(sizes["batch"], 1, *sizes["patch"], device=device)
 
 
 def loss_of(model, x):

@@ -146,11 +146,13 @@ def test_test_masks_do_not_depend_on_the_test_batch_size(data2d, tmp_path):
     import csv
 
     cfg = tiny_config(data2d, 2, PROBLEM={"SELF_SUPERVISED": {"PRETEXT_TASK": "masking", "MASK_BLOCK_SIZE": 4}},
-                      MODEL={"MAE_MASK_RATIO": 0.5}, TRAIN={"EPOCHS": 1})
+                      MODEL={"MAE_MASK_RATIO": 0.5}, TRAIN={"EPOCHS": 1, "AMP": "off"})
     BiaPy(cfg, result_dir=tmp_path / "out", name="bs", run_id=1).run_job()
     results = {}
     for batch in (1, 5):
-        cfg["TRAIN"] = {"ENABLE": False}
+        # float32: in bf16 the channels-last kernels of other batch sizes round a few outputs differently (3e-5),
+        # which moves this untrained model's SSIM of ~0.03 by 1e-3 of itself
+        cfg["TRAIN"] = {"ENABLE": False, "AMP": "off"}
         cfg["TEST"] = {"BATCH_SIZE": batch}
         job = BiaPy(cfg, result_dir=tmp_path / "out", name="bs", run_id=1).run_job()
         with open(job.metrics_csv) as fh:

@@ -1,5 +1,4 @@
 """The training loop with a tiny model and a minimal workflow that follows the hooks."""
-import copy
 import json
 import os
 import signal
@@ -125,43 +124,6 @@ def test_accumulation_equals_big_batch_for_sgd(tmp_path):
     big, small = run(6, 1, "big"), run(3, 2, "small")
     for k in big:
         torch.testing.assert_close(big[k], small[k], rtol=1e-5, atol=1e-6)
-
-
-def test_weights_whose_layouts_coincide_get_plain_strides():
-    """A 1x1x1 head after channels_last_3d has strides DDP compares literally against its plain gradient."""
-    from biapy.engine.trainer import _standard_strides_where_equivalent
-
-    model = nn.Sequential(nn.Conv3d(2, 8, 3), nn.Conv3d(8, 1, 1)).to(memory_format=torch.channels_last_3d)
-    big_before = model[0].weight.stride()
-    _standard_strides_where_equivalent(model)
-    assert model[1].weight.stride() == (8, 1, 1, 1, 1)
-    assert model[0].weight.stride() == big_before  # a real channels-last weight keeps its layout
-    out = model(torch.rand(1, 2, 4, 4, 4).contiguous(memory_format=torch.channels_last_3d))
-    out.sum().backward()
-    assert model[1].weight.grad.stride() == model[1].weight.stride()
-
-
-@pytest.mark.parametrize("ndim", [2, 3])
-def test_a_one_channel_image_runs_channels_last_from_the_first_convolution(tmp_path, ndim):
-    """torch deems a one-channel image's plain strides channels-last too, but a convolution follows the strides it
-    is given: the first level had run plain, its gradients meeting the channels-last ones in slow mixed copies."""
-    from biapy.models.unet import UNet
-
-    unet = UNet(ndim, 1, 1, feature_maps=(4, 8)).eval()
-    plain = copy.deepcopy(unet)
-    cfg = make_cfg(**{"PROBLEM.NDIM": f"{ndim}D"})
-    for _ in range(2):  # a model trained again keeps one hook
-        Trainer(FakeWorkflow(cfg, tmp_path, model=unet))
-    assert len(unet._forward_pre_hooks) == 1
-    first = next(m for m in unet.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d)))
-    seen = []
-    first.register_forward_hook(lambda module, args, out: seen.append(out))
-    x = torch.randn(2, 1, *[8] * ndim)
-    out = unet(x)
-    layout = torch.channels_last if ndim == 2 else torch.channels_last_3d
-    assert seen[0].is_contiguous(memory_format=layout) and not seen[0].is_contiguous()
-    assert out.is_contiguous(memory_format=layout)
-    torch.testing.assert_close(out, plain(x))  # the same numbers, in another layout
 
 
 def test_the_epoch_record_shows_the_learning_rate_its_last_update_used(tmp_path):

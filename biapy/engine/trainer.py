@@ -45,7 +45,7 @@ from biapy.utils.files import atomic_path
 log = logging.getLogger(__name__)
 
 SYNC_EVERY = 20  # steps between host reads of the loss
-CNN_ARCHS = ("unet", "resunet")
+
 
 def _unwrap(model):
     model = getattr(model, "_orig_mod", model)
@@ -112,46 +112,6 @@ class StopRequest:
         return False
 
 
-def _standard_strides_where_equivalent(model):
-    """Weights whose channels-last and contiguous layouts hold the same bytes (a 1x1 head [1, C, 1, 1, 1])
-    get plain strides back: their gradients come out plain, and DDP warns on every step when a gradient's
-    strides differ from its parameter's."""
-    for p in model.parameters():
-        plain = p.data.clone(memory_format=torch.contiguous_format)
-        if p.is_contiguous() and p.stride() != plain.stride():
-            p.data = plain
-
-
-def _channels_last_strides(shape):
-    """The strides of a channels-last tensor of `shape` (N, C, *spatial): channels vary fastest."""
-    strides, inner = [], shape[1]
-    for size in reversed(shape[2:]):
-        strides.insert(0, inner)
-        inner *= size
-    return (inner, 1, *strides)
-
-
-def _inputs_channels_last(module, args):
-    """Forward pre-hook: the model's image inputs in channels-last strides. torch deems a one-channel image's plain
-    strides channels-last too (`contiguous(memory_format=...)` leaves them), but a convolution follows the strides
-    it is given: with the first weight plain (`_standard_strides_where_equivalent`), the first level had run plain
-    and its gradients met the channels-last ones in slow mixed-layout copies and sums (U-Net training steps on a
-    CPU, 2D and 3D, took 3-11% longer)."""
-    def restrided(x):
-        if not (torch.is_tensor(x) and x.dim() in (4, 5) and x.is_floating_point()):
-            return x
-        want = _channels_last_strides(x.shape)
-        return x if x.stride() == want else torch.empty_strided(x.shape, want, dtype=x.dtype,
-                                                                 device=x.device).copy_(x)
-    return tuple(restrided(a) for a in args)
-
-
-def _feed_channels_last(model):
-    """Give `model` its inputs in channels-last strides, once (a model trained again keeps its one hook)."""
-    if _inputs_channels_last not in model._forward_pre_hooks.values():
-        model.register_forward_pre_hook(_inputs_channels_last)
-
-
 class Trainer:
     def __init__(self, wf):
         self.wf, self.cfg, self.job, self.dist = wf, wf.cfg, wf.job, wf.dist
@@ -162,11 +122,6 @@ class Trainer:
         self.clip = float(t.GRADIENT_CLIP_NORM)
         self.amp_dtype, use_scaler = resolve_amp(t.AMP, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-        if t.CHANNELS_LAST and self.cfg.MODEL.ARCHITECTURE in CNN_ARCHS:
-            is3d = str(self.cfg.PROBLEM.NDIM).upper() == "3D"
-            self.model.to(memory_format=torch.channels_last_3d if is3d else torch.channels_last)
-            _standard_strides_where_equivalent(self.model)
-            _feed_channels_last(self.model)
         self.optimizer = build_optimizer(self.model, self.cfg)
         self.steps_per_epoch = math.ceil(len(wf.train_loader) / self.accum)
         self.scheduler = build_scheduler(self.optimizer, self.cfg, self.steps_per_epoch)

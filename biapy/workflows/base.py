@@ -28,6 +28,7 @@ from biapy.engine.loaders import make_loader
 from biapy.engine.precision import autocast, resolve_amp
 from biapy.errors import DataError, named_few
 from biapy.models import build_model, required_divisor
+from biapy.models.layout import apply_layout
 from biapy.utils.files import replace_folder
 from biapy.utils.transfer import queue_to_device
 from biapy.workflows.report import gather_rows, print_metrics_table, write_metrics_csv
@@ -47,7 +48,7 @@ class Workflow(ABC):
         self.channels = cfg.DATA.PATCH_SIZE[-1]
         self.normalizer = Normalizer.from_cfg(cfg)
         torch.manual_seed(cfg.SYSTEM.SEED)  # the model starts identical on every rank
-        self.model = build_model(cfg).to(device)
+        self.model = apply_layout(build_model(cfg).to(device), cfg)
         self.train_loader = self.val_loader = None
         self.train_dataset = self.val_dataset = None
         self.on_ready = None  # called once by `ready()` (the runner's config copies, on a re-run)
