@@ -9,8 +9,7 @@ from torch import nn
 from biapy.config import finalize, load_config
 from biapy.engine.distributed import init_distributed
 from biapy.job import Job
-from biapy.models.layout import apply_layout, channels_last_strides, standard_strides_where_equivalent, \
-    to_channels_last
+from biapy.models.layout import apply_layout, channels_last_strides, to_channels_last
 from biapy.models.unet import UNet
 from biapy.workflows import get_workflow
 from tests.conftest import tiny_config
@@ -55,16 +54,32 @@ def test_channels_last_strides_are_torchs(shape):
     assert channels_last_strides(shape) == torch.empty(shape, memory_format=layout).stride()
 
 
-def test_weights_whose_layouts_coincide_get_plain_strides():
-    """A 1x1x1 head after channels_last_3d has strides DDP compares literally against its plain gradient."""
-    model = nn.Sequential(nn.Conv3d(2, 8, 3), nn.Conv3d(8, 1, 1)).to(memory_format=torch.channels_last_3d)
-    big_before = model[0].weight.stride()
-    standard_strides_where_equivalent(model)
-    assert model[1].weight.stride() == (8, 1, 1, 1, 1)
-    assert model[0].weight.stride() == big_before  # a real channels-last weight keeps its layout
-    out = model(torch.rand(1, 2, 4, 4, 4).contiguous(memory_format=torch.channels_last_3d))
-    out.sum().backward()
-    assert model[1].weight.grad.stride() == model[1].weight.stride()
+@pytest.mark.parametrize("ndim, residual, amp", [(2, False, False), (2, True, True), (3, False, True),
+                                                 (3, True, False)])
+def test_every_gradient_comes_out_in_its_weights_strides(ndim, residual, amp):
+    """DDP copies a gradient whose strides differ from its weight's and warns: the first convolution's [C, 1, 3, 3]
+    and 1x1 heads' and shortcuts' had (tests/test_distributed.py runs the job under torchrun)."""
+    unet = to_channels_last(UNet(ndim, 1, 1, feature_maps=(4, 8, 16), residual=residual), ndim)
+    with torch.autocast("cpu", torch.bfloat16, enabled=amp):
+        out = unet(torch.randn(2, 1, *[8] * ndim))
+    out.float().sum().backward()
+    differ = [(name, p.stride(), p.grad.stride()) for name, p in unet.named_parameters()
+              if p.grad.stride() != p.stride()]
+    assert not differ
+
+
+def test_a_gradient_takes_its_weights_strides_only_where_its_addresses_are_the_same():
+    from biapy.models.layout import _grad_in_weight_strides
+
+    weight = nn.Parameter(torch.randn(4, 3, 1, 1).contiguous(memory_format=torch.channels_last))  # (3, 1, 3, 3)
+    plain = torch.randn(4, 3, 1, 1)  # (3, 1, 1, 1): the same addresses
+    weight.grad = plain.clone()
+    _grad_in_weight_strides(weight)
+    assert weight.grad.stride() == weight.stride() and torch.equal(weight.grad, plain)
+    other = torch.randn(3, 4, 1, 1).transpose(0, 1)  # output channels fastest: another order, left alone
+    weight.grad = other
+    _grad_in_weight_strides(weight)
+    assert weight.grad.stride() == other.stride() and torch.equal(weight.grad, other)
 
 
 def _workflow(data, tmp_path, **sections):
