@@ -11,6 +11,7 @@ from biapy.engine.distributed import init_distributed
 from biapy.job import Job
 from biapy.models.layout import apply_layout, channels_last_strides, to_channels_last
 from biapy.models.unet import UNet
+from biapy.models.unetr import UNETR
 from biapy.workflows import get_workflow
 from tests.conftest import tiny_config
 
@@ -46,6 +47,34 @@ def test_a_one_channel_image_runs_channels_last_from_the_first_convolution(ndim)
     assert out.is_contiguous(memory_format=LAYOUT[ndim])
     torch.testing.assert_close(out, plain(x))  # the same numbers, in another layout
     assert x.stride() == torch.randn(2, 1, *[8] * ndim).stride()  # the caller's tensor is left as it was
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_unetr_runs_channels_last_with_the_same_numbers_and_gradient_strides(ndim):
+    """UNETR's decoder convolves maps made from the ViT's tokens and the image: channels-last through and through."""
+    patch = (32, 32) if ndim == 2 else (16, 32, 32)
+    torch.manual_seed(0)
+    unetr = UNETR(ndim, 1, 2, patch, token_size=8, embed_dim=32, depth=2, heads=2, feature_maps=(8, 16, 32))
+    plain = copy.deepcopy(unetr).eval()
+    to_channels_last(unetr, ndim).eval()
+    x = torch.randn(2, 1, *patch)
+    first, out = _first_conv_output(unetr, x)
+    assert first.is_contiguous(memory_format=LAYOUT[ndim]) and not first.is_contiguous()
+    # (Not the output's layout: a 1x1x1 head may return either, as torch's kernel heuristics pick.)
+    torch.testing.assert_close(out, plain(x), rtol=1e-4, atol=1e-5)
+    unetr.train()(x).sum().backward()
+    assert not [name for name, p in unetr.named_parameters() if p.grad is not None and p.grad.stride() != p.stride()]
+
+
+@pytest.mark.parametrize("arch, on, expected", [("unet", True, True), ("resunet", True, True), ("unetr", True, True),
+                                                ("mae", True, False), ("unet", False, False)])
+def test_which_models_run_channels_last(arch, on, expected):
+    from biapy.config import get_defaults
+    from biapy.models.layout import wants_channels_last
+
+    cfg = get_defaults()
+    cfg.MODEL.ARCHITECTURE, cfg.TRAIN.CHANNELS_LAST = arch, on
+    assert wants_channels_last(cfg) is expected
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 5, 7), (2, 3, 5, 7), (1, 2, 3, 4, 5)])

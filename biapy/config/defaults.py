@@ -320,7 +320,7 @@ _C.TRAIN.GRADIENT_CLIP_NORM = 0.0
 # compute capability 8.0+, else fp16 with a scaler; on a CPU bf16 where it has AMX or is an AMD CPU with
 # AVX-512 BF16, else off), 'bf16' (fp16 on older GPUs), 'fp16' or 'off' (YAML's bare off too).
 _C.TRAIN.AMP = "auto"
-# (new) Train and predict with CNNs in channels-last memory layout (faster convolutions on CPU and recent GPUs).
+# (new) Train and predict with U-Nets and UNETR in channels-last memory layout (faster convolutions on CPU and GPU).
 _C.TRAIN.CHANNELS_LAST = True
 # (new) Compile the model with torch.compile (slow start, faster steps on long GPU runs).
 _C.TRAIN.COMPILE = False
