@@ -90,6 +90,37 @@ def test_random_mask_reproducible_with_generator():
     assert not torch.equal(m1[0], m1[1])
 
 
+
+@pytest.mark.parametrize("mask_type", ["random", "grid"])
+def test_the_workflow_calls_the_mae_as_one_compiled_graph_with_the_generators_masks(mask_type):
+    """TRAIN.COMPILE: the workflow draws a random mask's noise outside the model, so the compiled model is one
+    graph (a generator handed to it split the graph in three at the draw), and the masks are those the same
+    generator gives the model directly: resumed and earlier runs keep their masks."""
+    import torch._dynamo
+
+    from biapy.workflows.masking import MaskingWorkflow
+
+    cfg = tiny_vit_cfg(mask_type=mask_type)
+    model = build_model(cfg).eval()
+    wf = object.__new__(MaskingWorkflow)
+    wf.cfg, wf.is_vit, wf.token_size = cfg, True, cfg.MODEL.VIT_TOKEN_SIZE
+    explained = []
+
+    def compiled(*args, **kwargs):
+        torch._dynamo.reset()
+        explained.append(torch._dynamo.explain(model)(*args, **kwargs))
+        return model(*args, **kwargs)
+
+    wf.model = compiled
+    x = torch.randn(3, 1, 16, 24)
+    pred, mask = wf.masked_forward(x, torch.Generator().manual_seed(4))
+    torch._dynamo.reset()
+    assert (explained[0].graph_count, explained[0].graph_break_count) == (1, 0)
+    direct_pred, direct_mask = model(x, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(mask, direct_mask) and torch.allclose(pred, direct_pred)
+    if mask_type == "random":
+        assert not torch.equal(mask[0], mask[1])
+
 def test_grid_3d_reported_mask_is_the_hidden_set():
     model = _mae((8, 8, 8), token=2, mask_type="grid", ratio=0.875)  # 4x4x4 tokens
     x = torch.randn(2, 1, 8, 8, 8)

@@ -104,16 +104,17 @@ class MaskedAutoencoderViT(nn.Module):
         return x.reshape(B, C, *[g * t for g in grid])
 
     # ------------------------------------------------------------------ model
-    def make_mask(self, B, grid, generator=None, device=None):
-        """(mask (B, L) 1 = hidden, ids_keep, ids_restore) for this model's MAE_MASK_TYPE/RATIO."""
+    def make_mask(self, B, grid, generator=None, device=None, noise=None):
+        """(mask (B, L) 1 = hidden, ids_keep, ids_restore) for this model's MAE_MASK_TYPE/RATIO; a random mask
+        from `noise` (B, L) when given (`masking.token_noise`), else drawn from `generator`."""
         if self.mask_type == "grid":
             return grid_token_mask(grid, self.mask_ratio, B, device)
-        return random_token_mask(B, math.prod(grid), self.mask_ratio, generator, device)
+        return random_token_mask(B, math.prod(grid), self.mask_ratio, generator, device, noise)
 
-    def encode(self, x, generator=None):
+    def encode(self, x, generator=None, noise=None):
         """-> (latent (B, L_visible, dim), mask (B, L), ids_restore (B, L), ids_keep (B, L_visible))."""
         grid = self.encoder.grid_of(x)
-        mask, ids_keep, ids_restore = self.make_mask(x.shape[0], grid, generator, x.device)
+        mask, ids_keep, ids_restore = self.make_mask(x.shape[0], grid, generator, x.device, noise)
         latent, _ = self.encoder(x, ids_keep=ids_keep)
         return latent, mask, ids_restore, ids_keep
 
@@ -123,10 +124,13 @@ class MaskedAutoencoderViT(nn.Module):
             sincos_pos_embed(grid, self.decoder.pos_embed.shape[-1]).unsqueeze(0).to(latent.device)
         return self.head(self.decoder(latent, ids_restore, pos))
 
-    def forward(self, x, generator=None):
-        """x (B, C, *spatial) -> (pred (B, C, *spatial), mask (B, 1, *spatial) float, 1 = hidden)."""
+    def forward(self, x, generator=None, noise=None):
+        """x (B, C, *spatial) -> (pred (B, C, *spatial), mask (B, 1, *spatial) float, 1 = hidden).
+
+        A random mask comes from `noise` (B, L) when given, else from `generator`. Under torch.compile pass
+        the noise: a generator cannot enter the graph, which then broke in three at the draw."""
         grid = self.encoder.grid_of(x)
-        latent, mask, ids_restore, _ = self.encode(x, generator)
+        latent, mask, ids_restore, _ = self.encode(x, generator, noise)
         pred = self.unpatchify(self.decode(latent, ids_restore, grid), grid)
         return pred, token_mask_to_image(mask.to(pred.dtype), grid, self.token_size)
 

@@ -51,10 +51,9 @@ def _masks_from_order(order: torch.Tensor, n_keep: int):
     return mask, order[:, :n_keep], ids_restore
 
 
-def random_token_mask(B: int, L: int, ratio: float, generator=None, device=None):
-    """Exactly `hidden_count(L, ratio)` hidden tokens per sample, chosen independently per sample
-    (argsort of uniform noise, as MAE); reproducible with a torch.Generator (on any device), or with a list
-    of B CPU generators, one per sample, whose masks then depend on their own generator alone."""
+def token_noise(B: int, L: int, generator=None, device=None) -> torch.Tensor:
+    """(B, L) uniform draws that decide a random token mask: from a torch.Generator (on any device), or from a
+    list of B CPU generators, one per sample, whose masks then depend on their own generator alone."""
     if isinstance(generator, (list, tuple)):
         noise = torch.stack([torch.rand(L, generator=g) for g in generator])
     else:
@@ -62,6 +61,14 @@ def random_token_mask(B: int, L: int, ratio: float, generator=None, device=None)
         noise = torch.rand(B, L, generator=generator, device=noise_device)
     if device is not None:
         noise = queue_to_device(noise, device)  # test and validation masks come from CPU generators
+    return noise
+
+
+def random_token_mask(B: int, L: int, ratio: float, generator=None, device=None, noise=None):
+    """Exactly `hidden_count(L, ratio)` hidden tokens per sample, chosen independently per sample
+    (argsort of uniform noise, as MAE); the noise is `token_noise(B, L, generator, device)` unless given."""
+    if noise is None:
+        noise = token_noise(B, L, generator, device)
     order = torch.argsort(noise, dim=1)
     return _masks_from_order(order, L - hidden_count(L, ratio))
 

@@ -5,6 +5,7 @@ itself) and masked CNNs (`unet`/`resunet`, whose input blocks are zeroed here). 
 a reconstruction and a mask with the one convention of `biapy.models.masking`: 1 = hidden.
 """
 import logging
+import math
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from biapy.data.io import image_stem, list_images
 from biapy.data.patches import full_image_input, grid_starts, reflect_indices
 from biapy.engine.losses import denormalize_tokens, masked_reconstruction_loss
 from biapy.models import required_divisor
-from biapy.models.masking import block_mask
+from biapy.models.masking import block_mask, token_noise
 from biapy.workflows.base import Workflow
 from biapy.workflows.scoring import batch_image_metrics, image_scores
 
@@ -79,7 +80,11 @@ class MaskingWorkflow(Workflow):
     def masked_forward(self, x, generator=None):
         """(reconstruction, mask) of a normalized batch; mask is (B, 1, *spatial), 1 = hidden."""
         if self.is_vit:
-            return self.model(x, generator=generator)
+            if self.cfg.MODEL.MAE_MASK_TYPE == "grid":
+                return self.model(x)
+            # Drawn here, outside the model: TRAIN.COMPILE's graph cannot take a generator.
+            tokens = math.prod(s // self.token_size for s in x.shape[2:])
+            return self.model(x, noise=token_noise(x.shape[0], tokens, generator, x.device))
         mask = block_mask(x.shape[0], tuple(x.shape[2:]), self.token_size, self.ratio, generator, x.device)
         return self.model(x * (1 - mask)), mask
 
