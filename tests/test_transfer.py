@@ -9,7 +9,7 @@ import torch
 from biapy.config import get_defaults
 from biapy.data.normalization import Normalizer
 from biapy.data.patches import predict_whole
-from biapy.models.masking import _grid_order, grid_token_mask, random_token_mask
+from biapy.models.masking import _grid_order, grid_token_mask, hidden_count, random_token_mask
 from biapy.utils.transfer import queue_to_device
 from biapy.workflows.crappify import CrappifyWorkflow
 
@@ -90,6 +90,31 @@ def test_a_workflow_predicts_a_host_image_without_waiting(device):
     want = np.moveaxis(wf.normalizer.normalize(image, stats), -1, 0)
     np.testing.assert_allclose(out.cpu().numpy(), want, rtol=1e-6, atol=1e-6)
 
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_masking_training_step_leaves_the_indices_on_the_host_and_never_waits(device):
+    """The ViT MAE's step is bound by the host on a GPU: the batch's sample indices, which seed its masks, stay on
+    the host (read back from the device, the seed would wait for the GPU every step), and nothing else waits."""
+    from types import SimpleNamespace
+
+    from biapy.models import build_model
+    from biapy.workflows.masking import MaskingWorkflow
+    from tests.test_mae import tiny_vit_cfg
+
+    wf = object.__new__(MaskingWorkflow)
+    wf.cfg = tiny_vit_cfg()
+    wf.device, wf.is_vit, wf.token_size = torch.device(device), True, wf.cfg.MODEL.VIT_TOKEN_SIZE
+    wf.train_dataset = SimpleNamespace(epoch=3)
+    torch.manual_seed(0)
+    wf.model = build_model(wf.cfg).to(device).train()
+    x, indices = torch.rand(2, 1, 16, 24), torch.tensor([5, 9])
+    with _NoWait(device):
+        loss, (pred, _, mask) = wf.compute_loss((x.to(device), indices), train=True)
+        loss.backward()
+    assert indices.device.type == "cpu" and torch.isfinite(loss)
+    same = wf.model(x.to(device), generator=wf.training_generator(indices, torch.device(device)))[1]
+    assert torch.equal(mask, same) and int(mask[0].sum()) == hidden_count(24, 0.75) * 16
 
 @cuda
 def test_queue_to_device_does_not_synchronize():
