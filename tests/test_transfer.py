@@ -116,6 +116,27 @@ def test_a_masking_training_step_leaves_the_indices_on_the_host_and_never_waits(
     same = wf.model(x.to(device), generator=wf.training_generator(indices, torch.device(device)))[1]
     assert torch.equal(mask, same) and int(mask[0].sum()) == hidden_count(24, 0.75) * 16
 
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_class_weighted_losses_make_their_weights_once_per_device_and_never_wait(device):
+    """LOSS.CLASS_WEIGHTS go to the device once, not at every step (a copy from ordinary memory waits for the GPU)."""
+    from biapy.engine.losses import _weights, cross_entropy, soft_dice_loss
+
+    _weights.cache_clear()
+    logits = torch.randn(2, 3, 8, 8, device=device)
+    labels = torch.randint(0, 3, (2, 8, 8), device=device)
+    with _NoWait(device):
+        for _ in range(2):
+            ce = cross_entropy(logits, labels, class_weights=[0.2, 1.0, 3.0])
+            dice = soft_dice_loss(logits, labels, class_weights=[0.2, 1.0, 3.0])
+        other = cross_entropy(logits, labels, class_weights=[1.0, 1.0, 1.0])
+    assert (_weights.cache_info().hits, _weights.cache_info().misses) == (3, 2)
+    w = torch.tensor([0.2, 1.0, 3.0], device=device)[labels]
+    per_pixel = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    torch.testing.assert_close(ce, (per_pixel * w).sum() / w.sum())
+    torch.testing.assert_close(other, per_pixel.mean())
+    assert 0 < float(dice) < 1
+
 @cuda
 def test_queue_to_device_does_not_synchronize():
     t = torch.from_numpy(np.random.default_rng(0).random((64, 64), dtype=np.float32))

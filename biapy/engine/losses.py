@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from biapy.engine.metrics import ssim
 from biapy.errors import ConfigError
+from biapy.utils.transfer import made_once_per_device, queue_to_device
 
 
 def _labels(target: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
@@ -40,13 +41,19 @@ def _valid_labels(target, logits, ignore_index):
     return torch.where(valid, labels, torch.zeros_like(labels)), valid
 
 
+@made_once_per_device
+def _weights(values, dtype, device):
+    """LOSS.CLASS_WEIGHTS as a tensor on the loss's device, made once (not copied to a GPU every step)."""
+    return queue_to_device(torch.tensor(values, dtype=dtype), device)
+
+
 def cross_entropy(logits, target, ignore_index=-1, class_weights=None):
     """Mean cross-entropy over labelled pixels, each weighted by its class's weight when given (torch's weighted
     mean); 0 for a batch without a labelled pixel (torch's would be NaN, 0/0)."""
     labels, valid = _valid_labels(target, logits, ignore_index)
     per_pixel = F.cross_entropy(logits.float(), labels, reduction="none")
     share = torch.ones_like(per_pixel) if class_weights is None else \
-        torch.as_tensor(class_weights, dtype=per_pixel.dtype, device=per_pixel.device)[labels]
+        _weights(tuple(class_weights), per_pixel.dtype, device=per_pixel.device)[labels]
     if valid is not None:
         share = share * valid
     return (per_pixel * share).sum() / share.sum().clamp_min(1e-12)
@@ -67,7 +74,7 @@ def soft_dice_loss(logits, target, eps=1.0, ignore_index=-1, class_weights=None)
     dice = (2 * inter + eps) / (sizes + eps)
     if class_weights is None:
         return 1.0 - dice.mean()
-    w = torch.as_tensor(class_weights, dtype=dice.dtype, device=dice.device)
+    w = _weights(tuple(class_weights), dice.dtype, device=dice.device)
     return 1.0 - (dice * w).sum() / w.sum()
 
 

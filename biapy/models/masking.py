@@ -18,12 +18,11 @@ other ratios fill in between by the same strided order (e.g. 0.9375 in 2D keeps 
 4x4 cell). On odd sides the pattern is cropped from the next power-of-two grid, so it stays
 regular and the count is still exactly hidden_count(L, ratio).
 """
-import functools
 import math
 
 import torch
 
-from biapy.utils.transfer import cache_key, queue_to_device
+from biapy.utils.transfer import made_once_per_device, queue_to_device
 
 # Order in which the 2^ndim offsets of one cell become visible (first = visible first).
 # Even-parity offsets come first (checkerboard at half), and the first quarter is a lattice.
@@ -93,23 +92,17 @@ def grid_rank(grid_shape, device=None) -> torch.Tensor:
     return rank.to(device)
 
 
-def _make_grid_order(grid_shape, device):
+@made_once_per_device
+def _grid_order(grid_shape, device):
     return queue_to_device(torch.argsort(grid_rank(grid_shape)), device)
-
-
-# Made once per grid and device: a copy to the GPU every step would wait for the step before it.
-_grid_order = functools.lru_cache(maxsize=16)(_make_grid_order)
 
 
 def grid_token_mask(grid_shape, ratio: float, B: int, device=None):
     """The regular dither pattern (see the module docstring), the same for all B samples."""
     L = math.prod(grid_shape)
     grid_shape = tuple(int(g) for g in grid_shape)
-    if torch.compiler.is_compiling():  # the compiler ignores the cache: the order is a constant of the graph
-        order = _make_grid_order(grid_shape, device)
-    else:
-        order = _grid_order(grid_shape, cache_key(device or "cpu"))
-    order = order.unsqueeze(0).repeat(B, 1)  # a copy, also for B == 1: the cached order is never handed out
+    # A copy, also for B == 1: the cached order is never handed out.
+    order = _grid_order(grid_shape, device=device).unsqueeze(0).repeat(B, 1)
     return _masks_from_order(order, L - hidden_count(L, ratio))
 
 

@@ -6,6 +6,8 @@ of forward passes the GPU drains and then idles while the host prepares the next
 prediction made one per row of patches and one per mirrored border patch (an index array), which cost it a
 third of its time on an H200. A copy from pinned memory is queued like a kernel.
 """
+import functools
+
 import torch
 
 
@@ -29,3 +31,19 @@ def cache_key(device) -> torch.device:
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def made_once_per_device(make):
+    """Decorator for `make(*args, device)` -> a constant tensor on `device`: made once per arguments and device,
+    as a copy to a GPU at every call (a loss's class weights each step) would wait for the work queued before it.
+    The cached tensor is shared: callers must not write to it. Under torch.compile `make` is called as it is (the
+    compiler does not see the cache; the graph keeps the tensor as a constant)."""
+    cached = functools.lru_cache(maxsize=16)(make)
+
+    @functools.wraps(make)
+    def get(*args, device=None):
+        if torch.compiler.is_compiling():
+            return make(*args, device)
+        return cached(*args, cache_key(device or "cpu"))
+    get.cache_clear, get.cache_info = cached.cache_clear, cached.cache_info
+    return get
