@@ -91,6 +91,19 @@ def test_random_mask_reproducible_with_generator():
 
 
 
+
+@pytest.mark.parametrize("spatial, channels", [((16, 24), 1), ((16, 24), 3), ((8, 8, 8), 1), ((8, 8, 8), 2)])
+def test_every_mae_gradient_comes_out_in_its_weights_strides(spatial, channels):
+    """DDP compares a gradient's strides with its weight's literally: the one-channel patch embedding's gradient,
+    channels-last strides for the same bytes, had it warn under torchrun ("Grad strides do not match bucket view
+    strides") and copy it every step."""
+    model = _mae(spatial, channels=channels)
+    pred, _ = model(torch.randn(2, channels, *spatial), generator=torch.Generator().manual_seed(0))
+    pred.square().mean().backward()
+    differ = [(name, p.stride(), p.grad.stride()) for name, p in model.named_parameters()
+              if p.grad is not None and p.grad.stride() != p.stride()]
+    assert not differ and model.encoder.patch_embed.proj.weight.grad.abs().sum() > 0
+
 @pytest.mark.parametrize("mask_type", ["random", "grid"])
 def test_the_workflow_calls_the_mae_as_one_compiled_graph_with_the_generators_masks(mask_type):
     """TRAIN.COMPILE: the workflow draws a random mask's noise outside the model, so the compiled model is one

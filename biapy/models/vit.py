@@ -79,9 +79,13 @@ class PatchEmbed(nn.Module):
         if any(s % t for s in x.shape[2:]):  # a partial token at the border, which the convolution drops
             return take_tokens(self.forward(x), ids_keep)
         pixels = take_tokens(token_pixels(x, t), ids_keep)
-        weight, bias = self.proj.weight.movedim(1, -1).flatten(1), self.proj.bias  # its input in the (t.., C) order
+        w = self.proj.weight
+        # The weight in its pixels' (t.., C) order. With one channel that is its own order, and a view of it gives
+        # the gradient back in its strides: through movedim that came out channels-last (the same bytes), which DDP
+        # compares literally, warning under torchrun and copying every step.
+        weight = w.flatten(1) if w.shape[1] == 1 else w.movedim(1, -1).flatten(1)
         with torch.autocast(x.device.type, enabled=False):
-            return nn.functional.linear(pixels.float(), weight, bias)
+            return nn.functional.linear(pixels.float(), weight, self.proj.bias)
 
 
 class TransformerBlocks(nn.ModuleList):
