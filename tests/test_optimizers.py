@@ -55,6 +55,38 @@ def test_same_updates_as_torch_optim(ours, theirs, hyper, wd):
     assert moved > 1e-3  # the frozen conv trained after it was released
 
 
+
+@pytest.mark.parametrize("ours,theirs,hyper", PAIRS[1:])
+@pytest.mark.parametrize("clip", [False, True])
+def test_adam_under_a_grad_scaler_updates_as_torch_without_reading_the_inf_flag_back(ours, theirs, hyper, clip,
+                                                                                        monkeypatch):
+    """TRAIN.AMP fp16: GradScaler hands the scale and the inf flag to the fused kernel, which unscales and skips a
+    step with an inf gradient on the device. Its other path reads the flag back (.item(): a wait for the GPU every
+    step); it must not be taken. A step with an inf gradient is skipped and not counted, as torch's."""
+    monkeypatch.setattr(torch.amp.GradScaler, "_maybe_opt_step", lambda *a, **k: pytest.fail("read the flag back"))
+    models, opts, scalers = [], [], []
+    for cls, extra in ((ours, {}), (theirs, IMPLEMENTATION[theirs])):
+        model = net()
+        models.append(model)
+        opts.append(cls(groups(model, 0.05), **hyper, **extra))
+        scalers.append(torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=2))
+    g = torch.Generator().manual_seed(1)
+    for i in range(6):
+        x = torch.randn(4, 2, 8, 8, generator=g)
+        for model, opt, scaler in zip(models, opts, scalers):
+            loss = (model(x) - x[:, :1, 1:-1, 1:-1]).abs().mean() * (float("inf") if i == 2 else 1.0)
+            scaler.scale(loss).backward()
+            if clip:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+    for pa, pb in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
+    assert [float(s.get_scale()) for s in scalers] == [float(scalers[1].get_scale())] * 2
+    assert all(float(st["step"]) == 5 for st in opts[0].state.values())
+
 @pytest.mark.parametrize("ours,theirs,hyper", PAIRS)
 def test_state_dict_round_trip_and_torch_layout(ours, theirs, hyper):
     a, b = net(), net()

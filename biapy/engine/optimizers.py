@@ -123,6 +123,10 @@ class Adam(BaseOptimizer):
     defaults = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
     state_keys = frozenset({"step", "exp_avg", "exp_avg_sq"})
     decoupled = False
+    # GradScaler (TRAIN.AMP fp16) then sets `grad_scale` and `found_inf` on the optimizer for the fused kernel, which
+    # unscales and skips a step with an inf or NaN gradient on the device; otherwise it reads the flag back with
+    # .item() before every step, a wait for the GPU.
+    _step_supports_amp_scaling = True
 
     def _update(self, group, params, grads):
         (beta1, beta2) = group["betas"]
@@ -137,10 +141,16 @@ class Adam(BaseOptimizer):
             for column, t in zip(lists[p.device, p.dtype], (p, g, s["exp_avg"], s["exp_avg_sq"], s["step"])):
                 column.append(t)
         kernel = torch._fused_adamw_ if self.decoupled else torch._fused_adam_
-        for ps, gs, exp_avgs, exp_avg_sqs, steps in lists.values():
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        for (device, _), (ps, gs, exp_avgs, exp_avg_sqs, steps) in lists.items():
+            scale = None if grad_scale is None else grad_scale.to(device, non_blocking=True)
+            inf = None if found_inf is None else found_inf.to(device, non_blocking=True)
             torch._foreach_add_(steps, 1)
             kernel(ps, gs, exp_avgs, exp_avg_sqs, [], steps, lr=group["lr"], beta1=beta1, beta2=beta2,
-                   weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False, maximize=False)
+                   weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False, maximize=False,
+                   grad_scale=scale, found_inf=inf)
+            if inf is not None:  # a skipped step is not counted
+                torch._foreach_sub_(steps, [inf] * len(steps))
 
 
 class AdamW(Adam):
