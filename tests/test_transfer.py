@@ -137,6 +137,27 @@ def test_class_weighted_losses_make_their_weights_once_per_device_and_never_wait
     torch.testing.assert_close(other, per_pixel.mean())
     assert 0 < float(dice) < 1
 
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_segmentation_step_on_binary_masks_never_waits(device):
+    """0/255 masks read as classes 0 and 1: the ids are a new host tensor each step, sent through pinned memory
+    (from ordinary memory the copy waits for the GPU's queue)."""
+    from biapy.engine.losses import build_loss
+    from biapy.workflows.segmentation import SegmentationWorkflow
+
+    wf = object.__new__(SegmentationWorkflow)
+    wf.cfg = get_defaults()
+    wf.cfg.LOSS.TYPE = "CE"
+    wf.device, wf.n_classes, wf.ignore, wf.binary_masks = torch.device(device), 2, -1, {"training"}
+    wf.loss_fn = build_loss(wf.cfg)
+    wf.model = torch.nn.Conv2d(1, 2, 3, padding=1).to(device)
+    x = torch.rand(2, 1, 16, 16)
+    masks = (torch.rand(2, 1, 16, 16) > 0.5).long() * 255
+    with _NoWait(device):
+        loss, (logits, y) = wf.compute_loss((x.to(device), masks), train=True)
+        loss.backward()
+    assert torch.equal(y.cpu(), masks // 255) and torch.isfinite(loss)
+
 @cuda
 def test_queue_to_device_does_not_synchronize():
     t = torch.from_numpy(np.random.default_rng(0).random((64, 64), dtype=np.float32))

@@ -14,6 +14,7 @@ from biapy.data.normalization import pixel_sample
 from biapy.engine import metrics as M
 from biapy.engine.losses import build_loss
 from biapy.errors import DataError
+from biapy.utils.transfer import queue_to_device
 from biapy.workflows.base import Workflow
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,11 @@ class SegmentationWorkflow(Workflow):
         # Exact on every patch used, on the CPU batch (no device sync): lazily read labels were checked on a
         # sample only when opened.
         where = "a training patch of DATA.TRAIN.GT_PATH" if train else "a validation patch of DATA.VAL.GT_PATH"
-        x, y = self.to_device((batch[0], self._class_ids(where, batch[1], "training")))
+        labels = self._class_ids(where, batch[1], "training")
+        x = batch[0].to(self.device, non_blocking=True)
+        # Through pinned memory: a 0/255 mask's class ids are a new tensor in ordinary memory, and a copy from there
+        # to a GPU waits for the work queued before it, every step.
+        y = queue_to_device(labels, self.device)
         logits = self.model(x)
         return self.loss_fn(logits, y), (logits, y)
 
