@@ -52,7 +52,6 @@ def test_torchrun_two_processes_on_cpu(data2d, tmp_path):
     assert "Grad strides do not match" not in done.stderr  # DDP's warning: a gradient's layout is its weight's
 
 
-
 def test_a_vit_mae_under_torchrun_reduces_its_gradients_without_copies(data2d, tmp_path):
     """The MAE's masks come in as noise drawn by the workflow (DDP passes it through), and every gradient has its
     weight's strides: DDP had warned about the one-channel patch embedding's and copied it every step."""
@@ -65,6 +64,7 @@ def test_a_vit_mae_under_torchrun_reduces_its_gradients_without_copies(data2d, t
     assert "Grad strides do not match" not in done.stderr
     log = next(Job(tmp_path / "out", "mae", 1).train_logs.glob("*.jsonl")).read_text().splitlines()
     assert len(log) == 1 and json.loads(log[0])["train_loss"] > 0
+
 
 def test_a_failure_on_one_process_stops_the_job_with_its_error_and_no_hang(data2d, tmp_path):
     """The second test image (rank 1's share) holds a NaN: rank 1 fails alone while rank 0 waits to gather

@@ -90,8 +90,6 @@ def test_random_mask_reproducible_with_generator():
     assert not torch.equal(m1[0], m1[1])
 
 
-
-
 @pytest.mark.parametrize("spatial, channels", [((16, 24), 1), ((16, 24), 3), ((8, 8, 8), 1), ((8, 8, 8), 2)])
 def test_every_mae_gradient_comes_out_in_its_weights_strides(spatial, channels):
     """DDP compares a gradient's strides with its weight's literally: the one-channel patch embedding's gradient,
@@ -103,6 +101,7 @@ def test_every_mae_gradient_comes_out_in_its_weights_strides(spatial, channels):
     differ = [(name, p.stride(), p.grad.stride()) for name, p in model.named_parameters()
               if p.grad is not None and p.grad.stride() != p.stride()]
     assert not differ and model.encoder.patch_embed.proj.weight.grad.abs().sum() > 0
+
 
 @pytest.mark.parametrize("mask_type", ["random", "grid"])
 def test_the_workflow_calls_the_mae_as_one_compiled_graph_with_the_generators_masks(mask_type):
@@ -133,6 +132,7 @@ def test_the_workflow_calls_the_mae_as_one_compiled_graph_with_the_generators_ma
     assert torch.equal(mask, direct_mask) and torch.allclose(pred, direct_pred)
     if mask_type == "random":
         assert not torch.equal(mask[0], mask[1])
+
 
 def test_grid_3d_reported_mask_is_the_hidden_set():
     model = _mae((8, 8, 8), token=2, mask_type="grid", ratio=0.875)  # 4x4x4 tokens

@@ -55,7 +55,6 @@ def test_same_updates_as_torch_optim(ours, theirs, hyper, wd):
     assert moved > 1e-3  # the frozen conv trained after it was released
 
 
-
 @pytest.mark.parametrize("ours,theirs,hyper", PAIRS[1:])
 @pytest.mark.parametrize("clip", [False, True])
 def test_adam_under_a_grad_scaler_updates_as_torch_without_reading_the_inf_flag_back(ours, theirs, hyper, clip,
@@ -86,6 +85,7 @@ def test_adam_under_a_grad_scaler_updates_as_torch_without_reading_the_inf_flag_
         torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
     assert [float(s.get_scale()) for s in scalers] == [float(scalers[1].get_scale())] * 2
     assert all(float(st["step"]) == 5 for st in opts[0].state.values())
+
 
 @pytest.mark.parametrize("ours,theirs,hyper", PAIRS)
 def test_state_dict_round_trip_and_torch_layout(ours, theirs, hyper):

@@ -91,7 +91,6 @@ def test_a_workflow_predicts_a_host_image_without_waiting(device):
     np.testing.assert_allclose(out.cpu().numpy(), want, rtol=1e-6, atol=1e-6)
 
 
-
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_masking_training_step_leaves_the_indices_on_the_host_and_never_waits(device):
     """The ViT MAE's step is bound by the host on a GPU: the batch's sample indices, which seed its masks, stay on
@@ -157,6 +156,7 @@ def test_a_segmentation_step_on_binary_masks_never_waits(device):
         loss, (logits, y) = wf.compute_loss((x.to(device), masks), train=True)
         loss.backward()
     assert torch.equal(y.cpu(), masks // 255) and torch.isfinite(loss)
+
 
 @cuda
 def test_queue_to_device_does_not_synchronize():
