@@ -140,9 +140,9 @@ def run_case(args):
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     x, y = next(iter(loader.loader))
-    # On the device as the workflow puts them; a masking batch's sample indices stay on the host (they seed its
-    # masks: read back from a GPU, they made the bare step wait for it every step).
-    batch = (x.to(device), y if wf.target_mode == "same" else y.to(device))
+    # Where the workflow puts them: a masking batch's sample indices stay on the host (they seed its masks; read
+    # back from a GPU, they had made the bare step wait for it every step).
+    batch = wf.to_device((x, y))
 
     def bare(n):
         model = trainer.model

@@ -182,8 +182,12 @@ class Workflow(ABC):
 
     # ---------------------------------------------------------------- training hooks
     def to_device(self, batch):
+        """(images, targets) on the device. In 'same' mode the targets are the batch's sample indices, which stay on
+        the host: they seed masking's masks, and read back from a GPU they would wait for it every step."""
         x, y = batch
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if self.target_mode != "same":
+            y = y.to(self.device, non_blocking=True)
+        return x.to(self.device, non_blocking=True), y
 
     @abstractmethod
     def compute_loss(self, batch, train):

@@ -104,9 +104,7 @@ class MaskingWorkflow(Workflow):
         return torch.Generator(device).manual_seed(int(state.generate_state(1, np.uint64)[0]) >> 1)
 
     def compute_loss(self, batch, train):
-        # 'same' mode: the second item is the batch's sample indices. They stay on the host: they seed the masks,
-        # and read back from a GPU they would wait for it every step.
-        x, indices = batch[0].to(self.device, non_blocking=True), batch[1]
+        x, indices = self.to_device(batch)  # 'same' mode: the sample indices, on the host
         generator = self.training_generator(indices, x.device) if train else \
             self.validation_generators(indices.tolist())
         pred, mask = self.masked_forward(x, generator)
