@@ -8,7 +8,7 @@ import torch
 
 from biapy.config import get_defaults
 from biapy.data.normalization import Normalizer
-from biapy.data.patches import predict_whole
+from biapy.data.patches import grid_starts, predict_whole
 from biapy.models.masking import _grid_order, grid_token_mask, hidden_count, random_token_mask
 from biapy.utils.transfer import queue_to_device
 from biapy.workflows.crappify import CrappifyWorkflow
@@ -89,6 +89,35 @@ def test_a_workflow_predicts_a_host_image_without_waiting(device):
         out = wf.predict_image(image, stats, "image.tif")
     want = np.moveaxis(wf.normalizer.normalize(image, stats), -1, 0)
     np.testing.assert_allclose(out.cpu().numpy(), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_stitching_notes_the_border_views_without_waiting(device):
+    """Masking's test phase reads each batch's mask for the inputs that leave the image (their mirror copies are
+    pixels the network saw): the read is queued and done when the slab is scored, so the stitching never waits."""
+    from biapy.workflows.masking import MaskingWorkflow
+    from tests.test_border_views import seen_pixel_by_pixel
+
+    wf = object.__new__(MaskingWorkflow)
+    wf.cfg, wf.device, wf.patch, wf.normalizer = get_defaults(), torch.device(device), (32, 32), Normalizer("div")
+    wf.cfg.DATA.TEST.OVERLAP, wf.cfg.DATA.TEST.PADDING, wf.cfg.TEST.BATCH_SIZE = (0.25, 0.25), (4, 4), 3
+    wf.model, wf.is_vit, wf.token_size, wf.ratio, wf.channels = torch.nn.Identity(), False, 8, 0.5, 1
+    masks, forward = [], wf.masked_forward
+
+    def masked_forward(x, generator):
+        pred, mask = forward(x, generator)
+        masks.extend(mask[:, 0])  # read after the block: on the device until then
+        return pred, mask
+
+    wf.masked_forward = masked_forward
+    image = np.random.default_rng(0).integers(0, 255, (150, 170, 1)).astype(np.uint8)
+    with _NoWait(device):
+        out = wf.predict_image(image, wf.normalizer.stats(image), "image.tif")
+    assert tuple(out.shape) == (2, 150, 170)
+    views = zip(grid_starts((150, 170), (32, 32), (0.25, 0.25), (4, 4)), [m.cpu().numpy() < 0.5 for m in masks])
+    want = seen_pixel_by_pixel((150, 170), (32, 32), (4, 4), views)
+    assert want.any()
+    np.testing.assert_array_equal(wf.seen_through_border, want)
 
 
 @pytest.mark.parametrize("device", DEVICES)

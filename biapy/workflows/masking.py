@@ -15,11 +15,12 @@ import torch
 from biapy.data.image_axes import tiff_calibration
 from biapy.data.image_writing import image_rows_writer, write_image
 from biapy.data.io import image_stem, list_images
-from biapy.data.patches import full_image_input, grid_starts, reflect_indices
+from biapy.data.patches import full_image_input, grid_starts
 from biapy.engine.losses import denormalize_tokens, masked_reconstruction_loss
 from biapy.models import required_divisor
 from biapy.models.masking import block_mask, token_noise
 from biapy.workflows.base import Workflow
+from biapy.workflows.border_views import BorderViews
 from biapy.workflows.scoring import batch_image_metrics, image_scores
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,7 @@ def _unique_names(stems):
 class MaskingWorkflow(Workflow):
     target_mode = "same"
     table_groups = {"all pixels": "", "hidden pixels": "hidden_"}
-    _views = None  # predict_slabs: (starts in the order predict_patches sees them, input shape, its padding)
-    seen_through_border = None  # predict_slabs: pixels a patch saw as its reflection beyond the image border
+    _border_views = None  # predict_slabs: the inputs of the image it goes over (BorderViews)
 
     def __init__(self, cfg, job, dist, device):
         super().__init__(cfg, job, dist, device)
@@ -143,42 +143,22 @@ class MaskingWorkflow(Workflow):
         self._mask_generator = torch.Generator().manual_seed(self.cfg.SYSTEM.SEED)
         spatial, t = tuple(image.shape[:-1]), self.cfg.DATA.TEST
         if self.cfg.TEST.FULL_IMG:  # one input: the image, mirrored at its ends up to the network's divisor
-            self._views = (iter([(0,) * len(spatial)]), full_image_input(spatial, required_divisor(self.cfg)),
-                           (0,) * len(spatial))
+            views = BorderViews([(0,) * len(spatial)], full_image_input(spatial, required_divisor(self.cfg)),
+                                (0,) * len(spatial), spatial)
         else:
-            self._views = (iter(grid_starts(spatial, self.patch, tuple(t.OVERLAP), tuple(t.PADDING))), self.patch,
-                           tuple(t.PADDING))
-        self.seen_through_border = np.zeros(spatial, dtype=bool)
+            views = BorderViews(grid_starts(spatial, self.patch, tuple(t.OVERLAP), tuple(t.PADDING)), self.patch,
+                                tuple(t.PADDING), spatial)
+        self._border_views = views
         try:
             yield from super().predict_slabs(image, stats, path)
         finally:
-            self._views = None  # later batches are not from this image
+            views.closed = True  # later batches are not from this image
 
-    def _note_reflected_views(self, mask):
-        """Pixels an input saw in its reflected part beyond the image border (predict_slabs' patches in grid
-        order, or TEST.FULL_IMG's one input): the stitched 'seen' channel holds each input's part inside the
-        image only, so such a pixel had been scored as hidden while the network saw its mirror copy."""
-        if self._views is None:  # inputs not from predict_slabs
-            return
-        starts, patch, padding = self._views
-        visible = (mask[:, 0] < 0.5).cpu().numpy()
-        spatial = self.seen_through_border.shape
-        for seen in visible:
-            start = next(starts)
-            if all(0 <= s and s + p <= n for s, p, n in zip(start, patch, spatial)):
-                continue
-            outside = np.zeros(seen.shape, dtype=bool)
-            for axis, (s, p, n) in enumerate(zip(start, patch, spatial)):
-                span = np.arange(s, s + p)
-                outside |= ((span < 0) | (span >= n)).reshape([-1 if a == axis else 1 for a in range(len(spatial))])
-            where = np.nonzero(seen & outside)
-            targets = [reflect_indices(s, p, n)[w] for s, p, n, w in zip(start, patch, spatial, where)]
-            # Only where this input's output counts (its centre, inside the padding): elsewhere it reconstructs
-            # nothing, and the patches that do had their own view of the pixel, in the stitched channel.
-            used = np.ones(len(targets[0]), dtype=bool)
-            for t, s, p, d in zip(targets, start, patch, padding):
-                used &= (s + d <= t) & (t < s + p - d)
-            self.seen_through_border[tuple(t[used] for t in targets)] = True
+    @property
+    def seen_through_border(self):
+        """Pixels of the last image predict_slabs went over that an input saw as a visible mirror copy beyond the
+        border (`BorderViews`): the stitched 'seen' channel holds each input's part inside the image only."""
+        return self._border_views.marked()
 
     def _drop_seen_through_border(self, hidden, row0=0):
         """`hidden` (channel-last: the image predict_slabs went over, or its rows from `row0`) without the pixels
@@ -187,7 +167,8 @@ class MaskingWorkflow(Workflow):
 
     def predict_patches(self, batch):
         pred, mask = self.masked_forward(batch, self._mask_generator)
-        self._note_reflected_views(mask)
+        if self._border_views is not None:
+            self._border_views.note(mask)
         # The extra channel is 1 where the patch saw the pixel: blended, it stays exactly 0 only where no
         # patch that weighs on the pixel saw it (a sum of zeros), whatever the weights.
         return torch.cat([self.in_image_units(pred, batch, mask).float(), 1 - mask.float()], dim=1)
