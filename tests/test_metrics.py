@@ -116,13 +116,31 @@ def test_iou_dice_per_class_with_absent_class():
     assert torch.equal(M.iou_per_class(gt[:, None], gt, 2), torch.ones(2))  # (B,1,...) labels accepted
 
 
+def test_intersection_union_counts_every_labelled_pixel_once():
+    """Against a count pixel by pixel: labels and predictions out of range, and unlabelled pixels, are left out."""
+    rng = np.random.default_rng(0)
+    t = torch.from_numpy(rng.integers(-1, 5, (3, 17, 19)))  # -1 and 4 outside 4 classes; 3 unlabelled below
+    p = torch.from_numpy(rng.integers(0, 5, (3, 17, 19)))
+    conf = np.zeros((4, 4))
+    for a, b in zip(t.reshape(-1).tolist(), p.reshape(-1).tolist()):
+        if 0 <= a < 4 and 0 <= b < 4 and a != 3:
+            conf[a, b] += 1
+    inter, union, sizes = M.intersection_union(p, t, 4, ignore_index=3)
+    np.testing.assert_array_equal(inter.numpy(), np.diag(conf))
+    np.testing.assert_array_equal(sizes.numpy(), conf.sum(0) + conf.sum(1))
+    np.testing.assert_array_equal(union.numpy(), conf.sum(0) + conf.sum(1) - np.diag(conf))
+    assert inter.dtype == torch.float64 and inter[3] == 0 and sizes[3] > 0  # 3: unlabelled, still predicted
+
+
 def test_metric_averager_weights_by_count():
     avg = M.MetricAverager()
     avg.update("psnr", 30.0 * 2, 2)
     avg.update("psnr", torch.tensor(20.0), 1)
     avg.update_many({"mae": (1.0, 4), "skip": (float("nan"), 1)})
+    # Counts may stay on the device too; a name whose counts are all 0 (nothing scored) is left out.
+    avg.update_many({"mae": (torch.tensor(3.0), torch.tensor(4.0)), "empty": (torch.tensor(0.0), torch.tensor(0.0))})
     avg.all_reduce()  # no process group: no-op
-    assert avg.result() == pytest.approx({"psnr": 80 / 3, "mae": 0.25})
+    assert avg.result() == pytest.approx({"psnr": 80 / 3, "mae": 0.5})
 
 
 def _whole_image_scores(pred, target, data_range, mask=None):

@@ -9,6 +9,7 @@ import torch
 from biapy.config import get_defaults
 from biapy.data.normalization import Normalizer
 from biapy.data.patches import grid_starts, predict_whole
+from biapy.engine import metrics as M
 from biapy.models.masking import _grid_order, grid_token_mask, hidden_count, random_token_mask
 from biapy.utils.transfer import queue_to_device
 from biapy.workflows.crappify import CrappifyWorkflow
@@ -143,6 +144,40 @@ def test_a_masking_training_step_leaves_the_indices_on_the_host_and_never_waits(
     assert indices.device.type == "cpu" and torch.isfinite(loss)
     same = wf.model(x.to(device), generator=wf.training_generator(indices, torch.device(device)))[1]
     assert torch.equal(mask, same) and int(mask[0].sum()) == hidden_count(24, 0.75) * 16
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_validation_scores_stay_on_the_device_until_the_epoch_ends(device):
+    """Segmentation's IoU/Dice and masking's hidden-pixel MSE of a validation batch are summed on the device (a
+    count read back, or the pixels selected first, had waited for the GPU at every batch), and a batch with
+    nothing to score counts for nothing."""
+    from biapy.engine.metrics import MetricAverager
+    from biapy.workflows.masking import MaskingWorkflow
+    from biapy.workflows.segmentation import SegmentationWorkflow
+
+    seg = object.__new__(SegmentationWorkflow)
+    seg.cfg, seg.n_classes, seg.ignore = get_defaults(), 3, 255
+    seg.cfg.TRAIN.METRICS = ["iou", "dice"]
+    gen = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(2, 3, 8, 8, generator=gen), torch.randint(0, 3, (2, 8, 8), generator=gen)
+    unlabelled = torch.full_like(y, 255)
+    mae = object.__new__(MaskingWorkflow)
+    mae.cfg = get_defaults()
+    mae.cfg.TRAIN.METRICS = ["psnr"]
+    x, pred = torch.rand(2, 1, 8, 8, generator=gen), torch.rand(2, 1, 8, 8, generator=gen)
+    mask = (torch.rand(2, 1, 8, 8, generator=gen) < 0.5).float()
+    averager = MetricAverager()
+    with _NoWait(device):
+        for labels in (y, unlabelled):
+            averager.update_many(seg.batch_metrics(None, (logits.to(device), labels.to(device))))
+        for m in (mask, torch.zeros_like(mask)):
+            averager.update_many(mae.batch_metrics(None, (pred.to(device), x.to(device), m.to(device))))
+    got = averager.result()
+    pred_labels = logits.argmax(1)
+    for name, fn in (("iou", M.iou_per_class), ("dice", M.dice_per_class)):
+        per_class = fn(pred_labels, y, 3)[1:]  # IGNORE_CLASS_ID 0 left out of the mean
+        assert got[name] == pytest.approx(float(per_class.nanmean()))
+    assert got["hidden_mse"] == pytest.approx(float(((pred - x) ** 2)[mask > 0.5].mean()))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -172,8 +172,11 @@ def intersection_union(pred_labels, labels, n_classes, ignore_index=-1):
     if p.numel() != t.numel():
         raise ValueError(f"label shapes differ: {tuple(pred_labels.shape)} vs {tuple(labels.shape)}")
     valid = (t >= 0) & (t < n_classes) & (p >= 0) & (p < n_classes) & (t != ignore_index)
-    conf = torch.bincount(t[valid] * n_classes + p[valid], minlength=n_classes * n_classes)
-    conf = conf.reshape(n_classes, n_classes).double()
+    # Counted by adding 1 per valid pixel at its (label, prediction) cell: selecting the valid pixels first, or
+    # bincount's output size, would read a count back from a GPU (a wait at every validation batch).
+    cell = torch.where(valid, t * n_classes + p, torch.zeros_like(t))
+    conf = torch.zeros(n_classes * n_classes, dtype=torch.float64, device=t.device).index_add_(0, cell, valid.double())
+    conf = conf.reshape(n_classes, n_classes)
     inter = conf.diagonal()
     sizes = conf.sum(0) + conf.sum(1)
     return inter, sizes - inter, sizes
@@ -204,7 +207,7 @@ def dice_from_counts(inter, sizes):
 class MetricAverager:
     """Running count-weighted means of named values, reducible across ranks.
 
-    Totals may be tensors: they are kept on their device (no host sync per batch) until result().
+    Totals and counts may be tensors: they are kept on their device (no host sync per batch) until result().
     """
 
     def __init__(self):
@@ -212,11 +215,10 @@ class MetricAverager:
         self.counts: dict = {}
 
     def update(self, name: str, total, count) -> None:
-        """Add `total` (a sum over `count` items, float or tensor) to `name`."""
-        if torch.is_tensor(total):
-            total = total.detach().double()
+        """Add `total` (a sum over `count` items; each a float or a tensor) to `name`."""
+        total, count = (v.detach().double() if torch.is_tensor(v) else float(v) for v in (total, count))
         self.sums[name] = self.sums.get(name, 0.0) + total
-        self.counts[name] = self.counts.get(name, 0.0) + float(count)
+        self.counts[name] = self.counts.get(name, 0.0) + count
 
     def update_many(self, values: dict) -> None:
         """`{name: (sum, count)}` as returned by a workflow's batch_metrics; NaN values are skipped."""
@@ -227,6 +229,7 @@ class MetricAverager:
 
     def _plain(self) -> None:
         self.sums = {n: float(s) for n, s in self.sums.items()}
+        self.counts = {n: float(c) for n, c in self.counts.items()}
 
     def all_reduce(self, device="cpu") -> None:
         """Sum every value over ranks (no-op without an initialized process group).

@@ -127,12 +127,14 @@ class MaskingWorkflow(Workflow):
     def batch_metrics(self, batch, outputs):
         pred, x, mask = outputs
         pred = self.in_image_units(pred.detach(), x, mask)
-        # Hidden pixels are what the network had to invent; score them (visible ones are near-copies).
+        # Hidden pixels are what the network had to invent; score them (visible ones are near-copies). Summed
+        # under the mask on the device: selecting them, or reading the sum back, would wait for a GPU each batch.
         hidden = mask.expand_as(pred) > 0.5
         out = batch_image_metrics(pred, x, self.cfg.TRAIN.METRICS)
-        diff = (pred.detach().float() - x.float())[hidden]
-        if diff.numel():
-            out["hidden_mse"] = (float((diff ** 2).mean()) * x.shape[0], x.shape[0])
+        squares = torch.where(hidden, (pred.detach().float() - x.float()) ** 2, 0.0).sum(dtype=torch.float64)
+        count = hidden.sum(dtype=torch.float64)
+        scored = (count > 0).double()  # a batch with nothing hidden counts for nothing
+        out["hidden_mse"] = (squares / count.clamp_min(1) * x.shape[0], scored * x.shape[0])
         return out
 
     # ------------------------------------------------------------ whole images

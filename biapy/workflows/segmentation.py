@@ -177,17 +177,20 @@ class SegmentationWorkflow(Workflow):
         n = y.shape[0]
         for name in self.cfg.TRAIN.METRICS:
             fn = M.iou_per_class if name == "iou" else M.dice_per_class
-            out[name] = (float(self._foreground_mean(fn(pred, y, self.n_classes, self.ignore))) * n, n)
+            mean = self._foreground_mean(fn(pred, y, self.n_classes, self.ignore))
+            scored = ~torch.isnan(mean)  # a batch with no class to score counts for nothing; kept on the device
+            out[name] = (torch.where(scored, mean, 0.0) * n, scored.double() * n)
         return out
 
     def _foreground_mean(self, per_class):
-        """Mean over classes, leaving out PROBLEM.SEMANTIC_SEG.IGNORE_CLASS_ID; NaN (absent) classes skipped."""
+        """Mean over classes, leaving out PROBLEM.SEMANTIC_SEG.IGNORE_CLASS_ID; NaN (absent) classes skipped, NaN
+        when none is left. A float64 scalar tensor where `per_class` is."""
         values = torch.as_tensor(per_class, dtype=torch.float64)
         ignore = self.cfg.PROBLEM.SEMANTIC_SEG.IGNORE_CLASS_ID
         if 0 <= ignore < len(values):
             values = torch.cat([values[:ignore], values[ignore + 1:]])
-        values = values[~torch.isnan(values)]
-        return float(values.mean()) if len(values) else float("nan")
+        present = ~torch.isnan(values)
+        return torch.where(present, values, 0.0).sum() / present.sum()  # 0 / 0: NaN
 
     def predict_patches(self, batch):
         return torch.softmax(self.model(batch).float(), dim=1)
@@ -227,7 +230,7 @@ class SegmentationWorkflow(Workflow):
         row = {"file": name}
         for metric in self.cfg.TEST.METRICS:
             per_class = M.iou_from_counts(inter, union) if metric == "iou" else M.dice_from_counts(inter, sizes)
-            row[metric] = self._foreground_mean(per_class)
+            row[metric] = float(self._foreground_mean(per_class))
             for c, value in enumerate(per_class):
                 row[f"{metric}_class{c}"] = float(value)
         return row
