@@ -1,7 +1,8 @@
-"""biapy.utils.transfer: copies to a GPU that the host does not wait for.
+"""Steps that never make the host wait for a GPU: copies through biapy.utils.transfer, and no value read back.
 
-The CUDA checks (no synchronizing call in whole-image stitching) run only where a GPU is present; on a
-CPU the same code paths are checked for their values and their caching."""
+On a GPU the checks run under torch.cuda.set_sync_debug_mode("error"); on a CPU, under `HostReads`
+(tests/host_reads.py), which fails on the operators that read a value back (what would wait on a GPU, but for
+`.cpu()`, `.numpy()` and `.tolist()`), and the same paths are checked for their values and their caching."""
 import numpy as np
 import pytest
 import torch
@@ -13,25 +14,32 @@ from biapy.engine import metrics as M
 from biapy.models.masking import _grid_order, grid_token_mask, hidden_count, random_token_mask
 from biapy.utils.transfer import queue_to_device
 from biapy.workflows.crappify import CrappifyWorkflow
+from tests.host_reads import HostReads
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICES = ["cpu"] + (["cuda:0"] if torch.cuda.is_available() else [])
 
 
 class _NoWait:
-    """On a CUDA device, any call that makes the host wait for the GPU raises inside this block."""
+    """On a CUDA device, any call that makes the host wait for the GPU raises inside this block. On a CPU, where
+    nothing waits, the operators that would wait there raise instead (`HostReads`)."""
 
     def __init__(self, device):
         self.cuda = torch.device(device).type == "cuda"
+        self.reads = None if self.cuda else HostReads()
 
     def __enter__(self):
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
+        else:
+            self.reads.__enter__()
 
     def __exit__(self, *exc):
         if self.cuda:
             torch.cuda.set_sync_debug_mode("default")
+        else:
+            self.reads.__exit__(*exc)
 
 
 def test_queue_to_device_leaves_cpu_tensors_alone():
@@ -228,3 +236,49 @@ def test_queue_to_device_does_not_synchronize():
     with _NoWait("cuda:0"):
         moved = queue_to_device(t, "cuda:0")
     assert torch.equal(moved.cpu(), t)
+
+
+
+@pytest.mark.parametrize("job", ["crappify", "masked_unet_3d", "mae", "segmentation"])
+def test_no_training_or_validation_step_reads_a_value_back(job, data2d, data3d, tmp_path, monkeypatch):
+    """Every training step (data, forward, loss, backward, optimizer, the loss kept for the bar) and every
+    validation batch (loss and scores) of a real job, under `HostReads`: none reads a tensor's value back, which
+    on a GPU would make the host wait for it at every step. Only the epoch's end reads (its loss, its scores)."""
+    from biapy import BiaPy
+    from biapy.engine.trainer import Trainer
+    from tests.conftest import tiny_config
+    from tests.test_e2e_masking import MAE_MODEL
+
+    def guarded(method):
+        def call(*args, **kwargs):
+            with HostReads():
+                return method(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(Trainer, "_steps", guarded(Trainer._steps))
+    validate = Trainer._validate
+
+    def guarded_batches(self, epoch):  # each batch's loss and scores guarded; the epoch's totals are read after
+        monkeypatch.setattr(self.wf, "compute_loss", guarded(self.wf.compute_loss))
+        monkeypatch.setattr(self.wf, "batch_metrics", guarded(self.wf.batch_metrics))
+        return validate(self, epoch)
+
+    monkeypatch.setattr(Trainer, "_validate", guarded_batches)
+    masking = {"SELF_SUPERVISED": {"PRETEXT_TASK": "masking", "MASK_BLOCK_SIZE": 4}}
+    metrics = ["iou", "dice"] if job == "segmentation" else ["psnr", "ssim"]
+    common = dict(TRAIN={"EPOCHS": 1, "METRICS": metrics}, TEST={"ENABLE": False},
+                  SYSTEM={"NUM_WORKERS": 1})  # the loader in its own process: its host work is no step's
+    if job == "masked_unet_3d":
+        cfg = tiny_config(data3d, 3, PROBLEM=masking, MODEL={"MAE_MASK_RATIO": 0.5}, **common)
+    elif job == "mae":
+        cfg = tiny_config(data2d, 2, PROBLEM=masking, MODEL=dict(MAE_MODEL), **common)
+    elif job == "segmentation":  # with unlabelled pixels and class weights: the paths with the most checks
+        cfg = tiny_config(data2d, 2, MODEL={"N_CLASSES": 2}, LOSS={"TYPE": "CE_DICE", "IGNORE_INDEX": 255,
+                                                                   "CLASS_REBALANCE": "manual",
+                                                                   "CLASS_WEIGHTS": [0.3, 1.0]}, **common)
+        cfg["PROBLEM"]["TYPE"] = "SEMANTIC_SEG"
+        cfg["DATA"]["TRAIN"]["GT_PATH"] = str(data2d["train"][1])
+    else:
+        cfg = tiny_config(data2d, 2, **common)
+    done = BiaPy(cfg, result_dir=tmp_path / "out", name=job, run_id=1).run_job()
+    assert done.checkpoint("last").is_file()
