@@ -240,12 +240,14 @@ def test_queue_to_device_does_not_synchronize():
 
 
 @pytest.mark.parametrize("job", ["crappify", "masked_unet_3d", "mae", "segmentation"])
-def test_no_training_or_validation_step_reads_a_value_back(job, data2d, data3d, tmp_path, monkeypatch):
-    """Every training step (data, forward, loss, backward, optimizer, the loss kept for the bar) and every
-    validation batch (loss and scores) of a real job, under `HostReads`: none reads a tensor's value back, which
-    on a GPU would make the host wait for it at every step. Only the epoch's end reads (its loss, its scores)."""
+def test_no_training_validation_or_test_batch_reads_a_value_back(job, data2d, data3d, tmp_path, monkeypatch):
+    """Every training step (data, forward, loss, backward, optimizer, the loss kept for the bar), every validation
+    batch (loss and scores) and every batch of the test phase's stitched prediction of a real job, under
+    `HostReads`: none reads a tensor's value back, which on a GPU would make the host wait for it at every step.
+    Only the epoch's end (its loss, its scores) and each finished slab of a test image are read."""
     from biapy import BiaPy
     from biapy.engine.trainer import Trainer
+    from biapy.workflows.base import Workflow
     from tests.conftest import tiny_config
     from tests.test_e2e_masking import MAE_MODEL
 
@@ -264,9 +266,10 @@ def test_no_training_or_validation_step_reads_a_value_back(job, data2d, data3d, 
         return validate(self, epoch)
 
     monkeypatch.setattr(Trainer, "_validate", guarded_batches)
+    monkeypatch.setattr(Workflow, "predict_batch", guarded(Workflow.predict_batch))
     masking = {"SELF_SUPERVISED": {"PRETEXT_TASK": "masking", "MASK_BLOCK_SIZE": 4}}
     metrics = ["iou", "dice"] if job == "segmentation" else ["psnr", "ssim"]
-    common = dict(TRAIN={"EPOCHS": 1, "METRICS": metrics}, TEST={"ENABLE": False},
+    common = dict(TRAIN={"EPOCHS": 1, "METRICS": metrics},
                   SYSTEM={"NUM_WORKERS": 1})  # the loader in its own process: its host work is no step's
     if job == "masked_unet_3d":
         cfg = tiny_config(data3d, 3, PROBLEM=masking, MODEL={"MAE_MASK_RATIO": 0.5}, **common)
@@ -278,7 +281,8 @@ def test_no_training_or_validation_step_reads_a_value_back(job, data2d, data3d, 
                                                                    "CLASS_WEIGHTS": [0.3, 1.0]}, **common)
         cfg["PROBLEM"]["TYPE"] = "SEMANTIC_SEG"
         cfg["DATA"]["TRAIN"]["GT_PATH"] = str(data2d["train"][1])
+        cfg["DATA"]["TEST"]["GT_PATH"] = str(data2d["test"][1])
     else:
         cfg = tiny_config(data2d, 2, **common)
     done = BiaPy(cfg, result_dir=tmp_path / "out", name=job, run_id=1).run_job()
-    assert done.checkpoint("last").is_file()
+    assert done.checkpoint("last").is_file() and done.metrics_csv.is_file()
