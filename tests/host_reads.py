@@ -3,9 +3,10 @@ tensor's values back to the host raise, since on a GPU each of them makes the ho
 before it: a value read (`.item()`, `float()`, `bool()`), `nonzero` and indexing with a boolean mask (the
 output's size), `bincount` (its size from the maximum), `unique`, `masked_select`, `equal`.
 
-Not seen: `.tolist()`, `.numpy()` and `.cpu()` of a CPU tensor call no operator (the CUDA tests see them where a
-GPU is present). Allowed: reads of data on the host by design, from the functions named in `HOST_DATA`, and the
-range checks that torch makes on a CPU only (`CPU_ONLY_CHECKS`; on a GPU, device-side asserts)."""
+`Tensor.cpu()`, `.numpy()` and `.tolist()` call no operator on a CPU tensor: they are refused inside the block
+too. Allowed: the reads by design, from the functions named in `HOST_DATA`, and the range checks that torch makes
+on a CPU only (`CPU_ONLY_CHECKS`; on a GPU, device-side asserts). Other ways to a tensor's memory (`np.asarray`,
+the buffer protocol) are not seen: the CUDA tests see them where a GPU is present."""
 import sys
 
 import torch
@@ -18,19 +19,21 @@ READS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_sel
          aten.unique_dim.default, aten.repeat_interleave.Tensor}
 INDEXING = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
 
-# This project's functions that read host data by design: a masking batch's sample indices (its masks' seed), and
-# segmentation labels, checked on the host before they are copied.
-HOST_DATA = {"training_generator", "validation_generators", "_class_ids", "_check_ids"}
+# This project's functions whose reads are by design: of host data (a masking batch's sample indices, its masks'
+# seed; segmentation labels, checked on the host before they are copied), or the few reads the loop makes on
+# purpose (the trainer's loss window every SYNC_EVERY steps; a HostCopy, read a batch after it was queued).
+HOST_DATA = {"training_generator", "validation_generators", "_class_ids", "_check_ids", "_flush", "numpy"}
 # torch.nn.functional's functions that check their input's range with a read on a CPU only.
 CPU_ONLY_CHECKS = ("one_hot",)
+TO_HOST = ("cpu", "numpy", "tolist")
 
 
 def _boolean_index(func, args):
     return func in INDEXING and any(i is not None and i.dtype == torch.bool for i in args[1])
 
 
-def _from_host_data():
-    frame = sys._getframe(2)
+def _from_host_data(depth=2):
+    frame = sys._getframe(depth)
     while frame is not None and frame.f_code.co_name not in HOST_DATA:
         frame = frame.f_back
     return frame is not None
@@ -40,18 +43,30 @@ class HostReads(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.checking = 0  # inside a CPU_ONLY_CHECKS function
-        self._saved = {}
+        self._saved, self._saved_methods = {}, {}
 
     def __enter__(self):
         for name in CPU_ONLY_CHECKS:
             self._saved[name] = fn = getattr(F, name)
             setattr(F, name, self._unchecked(fn))
+        for name in TO_HOST:
+            self._saved_methods[name] = fn = getattr(torch.Tensor, name)
+            setattr(torch.Tensor, name, self._refused(name, fn))
         return super().__enter__()
 
     def __exit__(self, *exc):
         for name, fn in self._saved.items():
             setattr(F, name, fn)
+        for name, fn in self._saved_methods.items():
+            setattr(torch.Tensor, name, fn)
         return super().__exit__(*exc)
+
+    def _refused(self, name, fn):
+        def call(t, *args, **kwargs):
+            if not _from_host_data(1):
+                raise AssertionError(f"Tensor.{name}() reads tensor values back to the host: on a GPU, a wait for it")
+            return fn(t, *args, **kwargs)
+        return call
 
     def _unchecked(self, fn):
         def call(*args, **kwargs):

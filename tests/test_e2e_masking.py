@@ -350,7 +350,7 @@ def test_validation_masks_depend_on_the_patch_alone_not_on_batches_or_processes(
     wf.cfg = get_defaults()
 
     def masks(indices):
-        return random_token_mask(len(indices), 64, 0.75, wf.validation_generators(indices))[0]
+        return random_token_mask(len(indices), 64, 0.75, wf.validation_generators(torch.tensor(indices)))[0]
 
     whole = masks(list(range(6)))
     by_rank = {i: m for r in range(2) for i, m in zip(range(r, 6, 2), masks(list(range(r, 6, 2))))}

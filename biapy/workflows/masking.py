@@ -89,11 +89,12 @@ class MaskingWorkflow(Workflow):
         return self.model(x * (1 - mask)), mask
 
     def validation_generators(self, indices):
-        """One CPU generator per validation patch, seeded by SYSTEM.SEED and the patch's index: the same masks
-        every epoch, whatever the batch size or number of processes. With fresh masks, the validation loss had
-        moved with the masks' luck more than with the model, and so had the best checkpoint and early stopping."""
+        """One CPU generator per validation patch (`indices`: the batch's sample indices, a host tensor), seeded by
+        SYSTEM.SEED and the patch's index: the same masks every epoch, whatever the batch size or number of
+        processes. With fresh masks, the validation loss had moved with the masks' luck more than with the model,
+        and so had the best checkpoint and early stopping."""
         seed = int(self.cfg.SYSTEM.SEED) * 1_000_003
-        return [torch.Generator().manual_seed((seed + int(i)) % 2 ** 63) for i in indices]
+        return [torch.Generator().manual_seed((seed + int(i)) % 2 ** 63) for i in indices.tolist()]
 
     def training_generator(self, indices, device):
         """The training masks of one batch: a generator seeded by SYSTEM.SEED, the epoch and the batch's first
@@ -106,7 +107,7 @@ class MaskingWorkflow(Workflow):
     def compute_loss(self, batch, train):
         x, indices = self.to_device(batch)  # 'same' mode: the sample indices, on the host
         generator = self.training_generator(indices, x.device) if train else \
-            self.validation_generators(indices.tolist())
+            self.validation_generators(indices)
         pred, mask = self.masked_forward(x, generator)
         ssl = self.cfg.PROBLEM.SELF_SUPERVISED
         loss = masked_reconstruction_loss(pred, x, mask, self.token_size, ssl.NORM_PIX_LOSS,
