@@ -40,6 +40,8 @@ def _from_host_data(depth=2):
 
 
 class HostReads(TorchDispatchMode):
+    """`with HostReads():` the block fails at the first read of a tensor's values outside the named places."""
+
     def __init__(self):
         super().__init__()
         self.checking = 0  # inside a CPU_ONLY_CHECKS function
