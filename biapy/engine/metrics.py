@@ -204,6 +204,13 @@ def dice_from_counts(inter, sizes):
     return torch.where(sizes > 0, 2 * inter / sizes.clamp_min(1), torch.full_like(inter, float("nan"))).float()
 
 
+def scored_mean(mean, n, scored):
+    """A batch's `(sum, count)` for MetricAverager from its `mean` over `n` samples, as device tensors: where
+    `scored` (a bool tensor) is False, nothing in the batch was to be scored and it counts for nothing, decided
+    on the device rather than by reading the count back (a wait for a GPU at every batch)."""
+    return torch.where(scored, mean, 0.0) * n, scored.double() * n
+
+
 class MetricAverager:
     """Running count-weighted means of named values, reducible across ranks.
 

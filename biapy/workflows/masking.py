@@ -17,6 +17,7 @@ from biapy.data.image_writing import image_rows_writer, write_image
 from biapy.data.io import image_stem, list_images
 from biapy.data.patches import full_image_input, grid_starts
 from biapy.engine.losses import denormalize_tokens, masked_reconstruction_loss
+from biapy.engine.metrics import scored_mean
 from biapy.models import required_divisor
 from biapy.models.masking import block_mask, token_noise
 from biapy.workflows.base import Workflow
@@ -134,8 +135,7 @@ class MaskingWorkflow(Workflow):
         out = batch_image_metrics(pred, x, self.cfg.TRAIN.METRICS)
         squares = torch.where(hidden, (pred.detach().float() - x.float()) ** 2, 0.0).sum(dtype=torch.float64)
         count = hidden.sum(dtype=torch.float64)
-        scored = (count > 0).double()  # a batch with nothing hidden counts for nothing
-        out["hidden_mse"] = (squares / count.clamp_min(1) * x.shape[0], scored * x.shape[0])
+        out["hidden_mse"] = scored_mean(squares / count.clamp_min(1), x.shape[0], count > 0)
         return out
 
     # ------------------------------------------------------------ whole images

@@ -178,8 +178,7 @@ class SegmentationWorkflow(Workflow):
         for name in self.cfg.TRAIN.METRICS:
             fn = M.iou_per_class if name == "iou" else M.dice_per_class
             mean = self._foreground_mean(fn(pred, y, self.n_classes, self.ignore))
-            scored = ~torch.isnan(mean)  # a batch with no class to score counts for nothing; kept on the device
-            out[name] = (torch.where(scored, mean, 0.0) * n, scored.double() * n)
+            out[name] = M.scored_mean(mean, n, ~torch.isnan(mean))  # NaN: no class to score in this batch
         return out
 
     def _foreground_mean(self, per_class):
